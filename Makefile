@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= config/gateway.yaml
+
+.PHONY: run test lint bench venv test-deps system-deps clean
+
+$(BIN)/variations-gateway: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+venv: $(BIN)/variations-gateway
+
+run: venv
+	$(BIN)/variations-gateway serve --config $(CONFIG)
+
+$(VENV)/.test-deps: pyproject.toml $(BIN)/variations-gateway
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+# System packages the tests use for real (Redis, Prometheus, nginx, wrk, debootstrap).
+system-deps:
+	bash scripts/install-system-deps.sh
+
+test-deps: $(VENV)/.test-deps system-deps
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check gateway tests plugins scripts
+
+test: test-deps lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: test-deps
+	$(BIN)/python -m tests.perf.bench
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

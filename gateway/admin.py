@@ -1,0 +1,104 @@
+"""``GET /v1/usage`` for members and the ``/admin/`` API for the gateway admin."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from aiohttp import web
+
+from gateway.errors import ApiError, invalid
+from gateway.keys import AUDIT, AUDIT_RECORD, AUTH, CONFIG, QUOTA
+
+MAX_AUDIT_PAGE = 1000
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The caller's own usage and what remains of each limit (the GIMP plug-in shows it)."""
+    principal = request.app[AUTH].member(request)
+    request[AUDIT_RECORD].member = principal.name
+    quota = request.app[QUOTA]
+    statuses = await quota.usage(principal)
+    blocked = principal.quota.blocked or await quota.is_blocked(principal.name)
+    return web.json_response({
+        "user": principal.name,
+        "blocked": blocked,
+        "limits": {s.name: s.as_json() for s in statuses},
+    })
+
+
+def _admin(request: web.Request) -> None:
+    request.app[AUTH].admin(request)
+    request[AUDIT_RECORD].member = "admin"
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """Per user: images today and this month, requests, cache hits, spend."""
+    _admin(request)
+    config = request.app[CONFIG]
+    rows = await request.app[QUOTA].all_usage()
+    for name in config.users:
+        rows.setdefault(name, {"images_today": 0, "images_this_month": 0, "requests_today": 0,
+                               "cache_hits_today": 0, "spend_usd_this_month": 0.0})
+    for name, row in rows.items():
+        row["blocked"] = await request.app[QUOTA].is_blocked(name) or (
+            name in config.users and config.users[name].quota.blocked)
+    return web.json_response({"users": dict(sorted(rows.items()))})
+
+
+def _time(value: str | None, param: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise invalid(f"Invalid '{param}': expected unix seconds or an ISO 8601 time.",
+                      param) from None
+
+
+def _int(value: str | None, param: str, default: int | None) -> int | None:
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise invalid(f"Invalid '{param}': expected an integer.", param, "invalid_type"
+                      ) from None
+
+
+async def admin_audit(request: web.Request) -> web.Response:
+    """Audit records, newest first. Page with ``before`` = the last ``id`` of a page."""
+    _admin(request)
+    q = request.query
+    limit = _int(q.get("limit"), "limit", 100) or 100
+    if not 1 <= limit <= MAX_AUDIT_PAGE:
+        raise invalid(f"Invalid 'limit': expected 1 to {MAX_AUDIT_PAGE}.", "limit")
+    rows = request.app[AUDIT].query(
+        member=q.get("user") or None, end_user=q.get("end_user") or None,
+        since=_time(q.get("since"), "since"), until=_time(q.get("until"), "until"),
+        before_id=_int(q.get("before"), "before", None), limit=limit)
+    body: dict[str, object] = {"data": rows, "has_more": len(rows) == limit}
+    if rows and len(rows) == limit:
+        body["next_before"] = rows[-1]["id"]
+    return web.json_response(body)
+
+
+async def _set_block(request: web.Request, blocked: bool) -> web.Response:
+    _admin(request)
+    name = request.match_info["name"]
+    if name not in request.app[CONFIG].users:
+        raise ApiError(404, f"No user named '{name[:64]}' in the gateway config.",
+                       code="user_not_found")
+    await request.app[QUOTA].set_blocked(name, blocked)
+    return web.json_response({"user": name, "blocked": blocked})
+
+
+async def block(request: web.Request) -> web.Response:
+    return await _set_block(request, True)
+
+
+async def unblock(request: web.Request) -> web.Response:
+    return await _set_block(request, False)

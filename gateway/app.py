@@ -1,0 +1,213 @@
+"""Building the aiohttp application: parts, routes, the request middleware, lifecycle.
+
+The middleware is where every request is finished the same way: a request id on every
+response, errors rendered in the OpenAI envelope (never a bare 500 page), one log line,
+one audit record for API routes, and the request metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from gateway import admin, health, variations
+from gateway.abuse import AbuseMonitor
+from gateway.audit import AuditLog, AuditRecord
+from gateway.auth import Authenticator
+from gateway.cache import BlobStore, ResultCache, SqliteCacheIndex
+from gateway.config import Config
+from gateway.errors import ApiError
+from gateway.keys import (
+    ABUSE,
+    AUDIT,
+    AUDIT_RECORD,
+    AUTH,
+    BACKEND_SECONDS,
+    CACHE,
+    CONFIG,
+    IMAGES,
+    METRICS,
+    QUOTA,
+    ROUTER,
+    USER_KEY,
+)
+from gateway.metrics import Metrics
+from gateway.quota import QuotaRejected, SqliteQuota
+from gateway.router import Router
+from gateway.storage import ImageStore, load_signing_key
+
+log = structlog.get_logger("gateway.request")
+
+AUDITED_PREFIXES = ("/v1/images/variations", "/v1/usage", "/admin/")
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route_label(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> ApiError:
+    if exc.status == 404:
+        path = request.path[:100].encode("unicode_escape").decode("ascii")
+        return ApiError(404, f"Invalid URL ({request.method} {path}).", code="not_found")
+    if exc.status == 405:
+        return ApiError(405, "Method not allowed on this route.", code="method_not_allowed")
+    if exc.status == 413:
+        return ApiError(413, "Request body too large.", code="request_too_large")
+    return ApiError(exc.status, exc.reason or "HTTP error", code=None)
+
+
+@web.middleware
+async def finish_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    app = request.app
+    metrics = app[METRICS]
+    request_id = "req_" + secrets.token_hex(12)
+    started = time.perf_counter()
+    record = AuditRecord(request_id, time.time(), request.path[:200], client=request.remote)
+    request[AUDIT_RECORD] = record
+    request[BACKEND_SECONDS] = 0.0
+    error: ApiError | None = None
+    metrics.in_flight.inc()
+    try:
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            error = exc
+        except web.HTTPException as exc:
+            error = _http_error(request, exc)
+        except asyncio.CancelledError:
+            record.status, record.error_code = 499, "client_closed_request"
+            _finish(request, record, started, None, None)
+            raise
+        except Exception:
+            log.exception("unhandled_error", request_id=request_id, path=request.path)
+            error = ApiError(500, "The gateway hit an internal error; the request id names it "
+                             "in the gateway's logs.", code="internal_error", should_retry=True)
+        if error is not None:
+            response = error.response()
+    finally:
+        metrics.in_flight.dec()
+    response.headers["x-request-id"] = request_id
+    record.status = response.status
+    if error is not None:
+        record.error_code = error.code
+    _finish(request, record, started, error, response.content_length)
+    return response
+
+
+def _finish(request: web.Request, record: AuditRecord, started: float,
+            error: ApiError | None, bytes_out: int | None) -> None:
+    app = request.app
+    metrics = app[METRICS]
+    elapsed = time.perf_counter() - started
+    record.latency_ms = round(elapsed * 1000, 3)
+    route = _route_label(request)
+    metrics.requests.labels(route, f"{record.status // 100}xx", record.error_code or "").inc()
+    metrics.request_seconds.labels(route).observe(elapsed)
+    metrics.overhead_seconds.labels(route).observe(max(0.0, elapsed - request[BACKEND_SECONDS]))
+    user_label = metrics.user_label(record.member)
+    if isinstance(error, QuotaRejected):
+        metrics.quota_rejections.labels(error.limit, user_label).inc()
+    if request.path.startswith(AUDITED_PREFIXES):
+        if record.member is not None:
+            metrics.user_requests.labels(user_label).inc()
+        if record.member is None and record.status == 401:
+            record.auth_error = "missing_token" if record.error_code is None else "bad_token"
+        try:
+            app[AUDIT].write(record)
+            metrics.audit_events.inc()
+        except Exception:  # the audit must never take the request down with it
+            metrics.audit_errors.inc()
+            log.exception("audit_write_failed", request_id=record.request_id)
+        for s in app[ABUSE].observe(record.member, record.end_user,
+                                    isinstance(error, QuotaRejected)):
+            metrics.abuse_suspected.labels(s.reason, user_label).inc()
+            log.warning("abuse_suspected", member=s.member, reason=s.reason, count=s.count,
+                        window_seconds=s.window_seconds)
+    if request.path in QUIET_PATHS and record.status < 400:
+        return
+    log.info("request", request_id=record.request_id, method=request.method,
+             path=record.route, status=record.status, member=record.member,
+             user=record.end_user, latency_ms=record.latency_ms, backend=record.backend,
+             cache=record.cache, n=record.n, size=record.size, error_code=record.error_code,
+             bytes_in=record.upload_bytes, bytes_out=bytes_out)
+
+
+def user_hash_key(signing_key: bytes) -> bytes:
+    """A key for end-user HMACs, derived so it differs from the URL-signing key."""
+    return hmac.new(signing_key, b"end-user-hash", hashlib.sha256).digest()
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    await app[ROUTER].start()
+    app[AUDIT].purge()
+    sweeper = asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds))
+    refresher = asyncio.create_task(_refresh_gauges(app))
+    try:
+        yield
+    finally:
+        for task in (sweeper, refresher):
+            task.cancel()
+        await asyncio.gather(sweeper, refresher, return_exceptions=True)
+        await app[ROUTER].close()
+        await app[CACHE].close()
+        await app[QUOTA].close()
+        app[AUDIT].close()
+
+
+async def _refresh_gauges(app: web.Application, interval: float = 5.0) -> None:
+    """Keep cache size gauges current without querying the index on every scrape."""
+    while True:
+        with contextlib.suppress(Exception):
+            app[METRICS].set_cache_stats(*await app[CACHE].stats())
+        await asyncio.sleep(interval)
+
+
+def build_app(config: Config) -> web.Application:
+    """The whole gateway for ``config``; parts start and stop with the app."""
+    app = web.Application(middlewares=[finish_request], client_max_size=5 * 1024 * 1024)
+    state_dir = Path(config.state.path).parent
+    signing_key = load_signing_key(config.images.signing_key, state_dir)
+    app[CONFIG] = config
+    app[AUTH] = Authenticator(config)
+    app[ROUTER] = Router(config)
+    app[IMAGES] = ImageStore(Path(config.images.dir), signing_key, config.images.url_ttl_seconds)
+    app[USER_KEY] = user_hash_key(signing_key)
+    app[QUOTA] = SqliteQuota(config.state.path)
+    app[CACHE] = ResultCache(
+        SqliteCacheIndex(Path(config.cache.dir) / "index.sqlite3"),
+        BlobStore(Path(config.cache.dir) / "blobs"),
+        enabled=config.cache.enabled, max_bytes=config.cache.max_bytes,
+        ttl_seconds=config.cache.ttl_seconds)
+    app[AUDIT] = AuditLog(config.audit.path, config.audit.retention_days,
+                          stdout=config.audit.stdout)
+    app[ABUSE] = AbuseMonitor(config.abuse)
+    app[METRICS] = Metrics(config.users)
+    app.cleanup_ctx.append(_lifecycle)
+
+    app.router.add_post("/v1/images/variations", variations.create_variation)
+    app.router.add_get(r"/v1/images/files/{image_id}.png", variations.get_image)
+    app.router.add_get("/v1/usage", admin.usage)
+    app.router.add_get("/admin/usage", admin.admin_usage)
+    app.router.add_get("/admin/audit", admin.admin_audit)
+    app.router.add_post("/admin/users/{name}/block", admin.block)
+    app.router.add_post("/admin/users/{name}/unblock", admin.unblock)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/openapi.json", health.openapi)
+    if config.metrics.enabled and config.metrics.port is None:
+        app.router.add_get("/metrics", health.metrics)
+    return app

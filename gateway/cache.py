@@ -1,0 +1,257 @@
+"""The result cache: pools of variations keyed on decoded pixels plus parameters.
+
+A key (SHA-256 of pixels, size, model, backend identity) holds an ordered *pool* of
+generated PNGs. A request for ``n`` takes the first ``n``; a short pool is topped up by
+generating only what is missing. Identical misses in flight are coalesced into one
+backend call. Bytes live content-addressed under ``cache.dir`` (written atomically);
+the index (pools, sizes, last use) lives in SQLite, or in Redis when replicas share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from gateway.quota import QuotaRejected, open_db
+from gateway.storage import atomic_write
+
+Status = Literal["HIT", "MISS", "PARTIAL", "BYPASS"]
+Policy = Literal["default", "no-cache", "no-store"]
+# generate(count, offset): ``count`` new images; ``offset`` is their pool position,
+# -1 for images that must not repeat earlier ones (``no-cache``, ``no-store``).
+Generate = Callable[[int, int], Awaitable[list[bytes]]]
+
+
+def cache_key(pixels_sha256: str, size: int, model: str, identity: str) -> str:
+    return hashlib.sha256(f"v1\n{pixels_sha256}\n{size}\n{model}\n{identity}".encode()
+                          ).hexdigest()
+
+
+def policy_from_header(value: str | None) -> Policy:
+    """``Cache-Control: no-store`` bypasses both ways, ``no-cache`` forces fresh images."""
+    directives = {d.strip().lower() for d in (value or "").split(",")}
+    if "no-store" in directives:
+        return "no-store"
+    if "no-cache" in directives:
+        return "no-cache"
+    return "default"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a response: its bytes when fresh, its cached file otherwise."""
+
+    sha256: str
+    size: int
+    data: bytes | None = None
+    path: Path | None = None
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        return self.path.read_bytes()
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    items: list[Item]
+    status: Status
+    generated: int  # images this request caused the backend to generate
+
+
+class CacheIndex(Protocol):
+    """Where pools are recorded: SQLite on one box, Redis across replicas."""
+
+    async def pool(self, key: str, now: float) -> list[tuple[str, int]]: ...
+
+    async def append(self, key: str, items: list[tuple[str, int]], now: float) -> None: ...
+
+    async def evict(self, max_bytes: int, ttl_seconds: int, now: float) -> list[str]:
+        """Drop expired and least-recently-used pools; return blob shas now unreferenced."""
+        ...
+
+    async def stats(self) -> tuple[int, int]:
+        """(entries, bytes)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SqliteCacheIndex:
+    def __init__(self, path: str | Path) -> None:
+        self._db = open_db(path)
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS entries (
+                key TEXT PRIMARY KEY, created REAL NOT NULL, last_used REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS items (
+                key TEXT NOT NULL, pos INTEGER NOT NULL, sha TEXT NOT NULL,
+                bytes INTEGER NOT NULL, PRIMARY KEY (key, pos));
+            CREATE INDEX IF NOT EXISTS items_sha ON items (sha);
+            CREATE INDEX IF NOT EXISTS entries_lru ON entries (last_used);
+            """)
+
+    async def pool(self, key: str, now: float) -> list[tuple[str, int]]:
+        rows = self._db.execute(
+            "SELECT sha, bytes FROM items WHERE key=? ORDER BY pos", (key,)).fetchall()
+        if rows:
+            self._db.execute("UPDATE entries SET last_used=? WHERE key=?", (now, key))
+        return rows
+
+    async def append(self, key: str, items: list[tuple[str, int]], now: float) -> None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO entries VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                "last_used=excluded.last_used", (key, now, now))
+            (start,) = self._db.execute(
+                "SELECT COALESCE(MAX(pos) + 1, 0) FROM items WHERE key=?", (key,)).fetchone()
+            self._db.executemany(
+                "INSERT INTO items VALUES (?, ?, ?, ?)",
+                [(key, start + i, sha, size) for i, (sha, size) in enumerate(items)])
+
+    def _drop(self, key: str) -> list[str]:
+        shas = [r[0] for r in self._db.execute("SELECT sha FROM items WHERE key=?", (key,))]
+        self._db.execute("DELETE FROM items WHERE key=?", (key,))
+        self._db.execute("DELETE FROM entries WHERE key=?", (key,))
+        return [s for s in shas
+                if self._db.execute("SELECT 1 FROM items WHERE sha=? LIMIT 1", (s,)).fetchone()
+                is None]
+
+    async def evict(self, max_bytes: int, ttl_seconds: int, now: float) -> list[str]:
+        orphans: list[str] = []
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for (key,) in self._db.execute(
+                    "SELECT key FROM entries WHERE created < ?", (now - ttl_seconds,)).fetchall():
+                orphans += self._drop(key)
+            (total,) = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
+            if total > max_bytes:
+                for key, size in self._db.execute(
+                        "SELECT e.key, (SELECT COALESCE(SUM(bytes), 0) FROM items i "
+                        "WHERE i.key = e.key) FROM entries e ORDER BY last_used").fetchall():
+                    if total <= max_bytes:
+                        break
+                    orphans += self._drop(key)
+                    total -= size
+        return orphans
+
+    async def stats(self) -> tuple[int, int]:
+        (entries,) = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
+        (total,) = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
+        return entries, total
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+class BlobStore:
+    """Content-addressed PNG files: ``<dir>/<sha[:2]>/<sha>.png``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        return self.dir / sha[:2] / f"{sha}.png"
+
+    def write(self, images: list[bytes]) -> list[Item]:
+        out = []
+        for data in images:
+            sha = hashlib.sha256(data).hexdigest()
+            path = self.path(sha)
+            if not path.exists():
+                atomic_write(path, data)
+            out.append(Item(sha, len(data), data=data, path=path))
+        return out
+
+    def delete(self, shas: list[str]) -> None:
+        for sha in shas:
+            self.path(sha).unlink(missing_ok=True)
+
+
+class _OwnerGone(Exception):
+    """The request generating for a key was cancelled (its client went away)."""
+
+
+class ResultCache:
+    """Pool logic and single-flight, over an index and a blob store."""
+
+    def __init__(self, index: CacheIndex, blobs: BlobStore, *, enabled: bool,
+                 max_bytes: int, ttl_seconds: int) -> None:
+        self.index = index
+        self.blobs = blobs
+        self.enabled = enabled
+        self.max_bytes = max_bytes
+        self.ttl = ttl_seconds
+        self._flights: dict[str, asyncio.Future[None]] = {}
+        self._evicting: asyncio.Task[None] | None = None
+
+    async def _pool_items(self, key: str) -> list[Item]:
+        rows = await self.index.pool(key, time.time())
+        return [Item(sha, size, path=self.blobs.path(sha)) for sha, size in rows]
+
+    async def _store(self, key: str, images: list[bytes]) -> list[Item]:
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(None, self.blobs.write, images)
+        await self.index.append(key, [(i.sha256, i.size) for i in items], time.time())
+        if self._evicting is None or self._evicting.done():
+            self._evicting = loop.create_task(self.evict())
+        return items
+
+    async def evict(self) -> None:
+        orphans = await self.index.evict(self.max_bytes, self.ttl, time.time())
+        if orphans:
+            await asyncio.get_running_loop().run_in_executor(None, self.blobs.delete, orphans)
+
+    async def serve(self, key: str, n: int, policy: Policy, generate: Generate) -> CacheResult:
+        """``n`` images for ``key`` per ``policy``, generating only what is missing."""
+        if not self.enabled or policy == "no-store":
+            images = await generate(n, -1)
+            return CacheResult([Item(_sha(d), len(d), data=d) for d in images], "BYPASS", n)
+        if policy == "no-cache":
+            return CacheResult(await self._store(key, await generate(n, -1)), "MISS", n)
+        while True:
+            pool = await self._pool_items(key)
+            if len(pool) >= n:
+                return CacheResult(pool[:n], "HIT", 0)
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            try:
+                await asyncio.shield(flight)
+            except (QuotaRejected, _OwnerGone):
+                continue  # the owner's quota or disconnect, not ours: try as the owner
+        # We own the flight for this key: waiters are answered from what we store.
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        missing = n - len(pool)
+        try:
+            fresh = await self._store(key, await generate(missing, len(pool)))
+        except BaseException as exc:
+            flight.set_exception(exc if isinstance(exc, Exception) else _OwnerGone())
+            flight.exception()  # retrieved here, so an unwaited flight logs nothing
+            raise
+        else:
+            flight.set_result(None)
+        finally:
+            self._flights.pop(key, None)
+        return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing)
+
+    async def stats(self) -> tuple[int, int]:
+        return await self.index.stats()
+
+    async def close(self) -> None:
+        if self._evicting is not None:
+            await asyncio.gather(self._evicting, return_exceptions=True)
+        await self.index.close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,201 @@
+"""The ``variations-gateway`` command: serve, check-config, add-user, vary, install-gimp-plugin."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import Config, ConfigError, dump_config, load_config
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
+
+
+def check_bind(config: Config, host: str) -> None:
+    """``auth.mode: none`` is for loopback only: refuse to expose an open gateway."""
+    if config.auth.mode == "none" and not _is_loopback(host):
+        raise ConfigError(
+            f"auth.mode is none, which is only allowed on a loopback address, but the server "
+            f"would listen on {host}. Add users with tokens (variations-gateway add-user NAME)"
+            " and set auth.mode: tokens, or bind to 127.0.0.1.", "auth.mode")
+
+
+def banner(config: Config, host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = (config.server.public_base_url or f"http://{shown}:{port}").rstrip("/")
+    route = " -> ".join(config.route)
+    kinds = ", ".join(f"{b.name} ({b.kind})" for b in config.backends)
+    auth = ("no auth (loopback only)" if config.auth.mode == "none"
+            else f"member tokens, {len(config.users)} user(s)")
+    return "\n".join([
+        f"variations-gateway {__version__} listening on http://{host}:{port}",
+        f"  backends: {kinds}; route: {route}",
+        f"  auth: {auth}; state: {config.state.kind}",
+        f"  GIMP plug-in settings -> Gateway URL: {base}",
+        f"  OpenAI SDK -> OpenAI(base_url=\"{base}/v1\", api_key=\"<your token>\")",
+    ])
+
+
+async def _serve(config: Config, host: str, port: int) -> int:
+    from aiohttp import web
+
+    from gateway.app import build_app
+
+    app = build_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=config.server.shutdown_timeout_seconds)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port,
+                       shutdown_timeout=config.server.shutdown_timeout_seconds)
+    await site.start()
+    metrics_runner = None
+    if config.metrics.enabled and config.metrics.port is not None:
+        from gateway import health
+        from gateway.keys import CONFIG, METRICS
+
+        mapp = web.Application()
+        mapp[CONFIG], mapp[METRICS] = app[CONFIG], app[METRICS]
+        mapp.router.add_get("/metrics", health.metrics)
+        metrics_runner = web.AppRunner(mapp, access_log=None)
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, host, config.metrics.port).start()
+    bound = port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        bound = server.sockets[0].getsockname()[1]
+    print(banner(config, host, bound), flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("variations-gateway: shutting down (finishing requests in flight)", flush=True)
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
+    await runner.cleanup()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway import logs
+
+    config = load_config(args.config)
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    check_bind(config, host)
+    logs.configure(config.logging.level, config.logging.format)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_serve(config, host, port))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.path)
+    check_bind(config, config.server.host)
+    sys.stdout.write(dump_config(config))
+    print(f"# {args.path}: OK", file=sys.stderr)
+    return 0
+
+
+def cmd_add_user(args: argparse.Namespace) -> int:
+    import re
+
+    from gateway.auth import new_token, token_sha256
+
+    name = args.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name):
+        print("add-user: names use letters, digits, '_', '.', '@', '-' (max 64)",
+              file=sys.stderr)
+        return 2
+    token = new_token()
+    print(f"Token for {name} (shown once; give it to {name}, it is not stored anywhere):")
+    print(f"  {token}")
+    print()
+    print("Add this under `users:` in the gateway config, then restart the gateway:")
+    print(f"  {name}:")
+    print(f"    token_sha256: {token_sha256(token)}")
+    return 0
+
+
+def cmd_vary(args: argparse.Namespace) -> int:
+    from gateway.client import vary
+
+    return vary(args)
+
+
+def cmd_install_gimp_plugin(args: argparse.Namespace) -> int:
+    from gateway import gimp_install
+
+    return gimp_install.run(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="variations-gateway", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--config", help="YAML config (default: $VARIATIONS_GATEWAY_CONFIG, "
+                   "else built-in defaults)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check-config", help="validate a config and print it, secrets masked")
+    c.add_argument("path")
+    c.set_defaults(func=cmd_check_config)
+
+    a = sub.add_parser("add-user", help="make a member token and its config snippet")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_add_user)
+
+    v = sub.add_parser("vary", help="call a gateway and write the variations as PNGs")
+    v.add_argument("image", type=Path)
+    v.add_argument("-n", type=int, default=1)
+    v.add_argument("--size", default="1024x1024", choices=["256x256", "512x512", "1024x1024"])
+    v.add_argument("-o", "--output", type=Path, default=Path("."))
+    v.add_argument("--url", default=None, help="gateway URL (default: $VARIATIONS_GATEWAY_URL "
+                   "or http://127.0.0.1:8080)")
+    v.add_argument("--token", default=None, help="member token (default: "
+                   "$VARIATIONS_GATEWAY_TOKEN)")
+    v.add_argument("--user", default=None, help="end-user id recorded for abuse monitoring")
+    v.add_argument("--fresh", action="store_true", help="bypass the gateway cache")
+    v.set_defaults(func=cmd_vary)
+
+    g = sub.add_parser("install-gimp-plugin", help="install the GIMP 3 plug-in for this user")
+    try:
+        from gateway import gimp_install
+
+        gimp_install.add_arguments(g)
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    g.set_defaults(func=cmd_install_gimp_plugin)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"variations-gateway: config error: {exc}", file=sys.stderr)
+        return 2

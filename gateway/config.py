@@ -1,0 +1,502 @@
+"""Configuration: YAML in, frozen dataclasses out.
+
+The YAML is composed into nodes first so every error can name the key's path *and* its
+line; ``${ENV}`` and ``${ENV:-default}`` are substituted in scalars before typing, so
+``port: ${PORT:-8080}`` is still an int. Unknown keys are errors: a typo in a quota must
+not silently mean "unlimited".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gateway import backends
+
+SIZES: tuple[str, ...] = ("256x256", "512x512", "1024x1024")
+DEFAULT_CONFIG_ENV = "VARIATIONS_GATEWAY_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and, when known, the YAML line."""
+
+    def __init__(self, message: str, path: str = "", line: int | None = None) -> None:
+        where = path or "config"
+        if line is not None:
+            where = f"line {line}: {where}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_url: str | None = None
+    shutdown_timeout_seconds: float = 30.0
+    # Whole-request deadline for reading an upload; a slowloris client is cut off.
+    read_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: Literal["tokens", "none"] = "tokens"
+    admin_token_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    """Per-user limits; ``None`` means unlimited."""
+
+    images_per_day: int | None = 100
+    images_per_month: int | None = None
+    requests_per_minute: int | None = 20
+    max_concurrent: int | None = 2
+    budget_usd_per_month: float | None = None
+    blocked: bool = False
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str
+    token_sha256: str | None
+    quota: QuotaLimits
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    kind: Literal["sqlite", "redis"] = "sqlite"
+    path: str = "var/state.sqlite3"
+    redis_url: str | None = None
+    # How long a request waits on the state store before answering 503 state_unavailable.
+    timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = True
+    dir: str = "var/cache"
+    max_bytes: int = 2 * 1024**3
+    ttl_seconds: int = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    dir: str = "var/images"
+    url_ttl_seconds: int = 3600
+    signing_key: str = ""
+    store: Literal["fs", "redis"] = "fs"
+    max_bytes: int | None = None
+    sweep_interval_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_attempts: int = 3
+    backoff_initial_seconds: float = 0.5
+    backoff_max_seconds: float = 8.0
+    retry_after_cap_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    cooldown_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One ``backends[]`` entry: common resilience settings plus kind-specific options."""
+
+    name: str
+    kind: str
+    options: backends.BackendOptions
+    timeout_seconds: float = 120.0
+    connect_timeout_seconds: float = 10.0
+    max_concurrent: int | None = None
+    queue_timeout_seconds: float = 30.0
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+_BACKEND_COMMON = {f.name for f in dataclasses.fields(BackendConfig)} - {"options"}
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: str = "var/audit.sqlite3"
+    retention_days: int = 90
+    stdout: bool = False
+
+
+@dataclass(frozen=True)
+class AbuseConfig:
+    """When to raise ``abuse_suspected``: many end-user ids or repeated limit hits."""
+
+    window_seconds: int = 600
+    distinct_end_users: int = 20
+    limit_hits: int = 10
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    port: int | None = None
+    token_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    users: Mapping[str, UserConfig] = field(default_factory=dict)
+    quota_defaults: QuotaLimits = field(default_factory=QuotaLimits)
+    pricing: Mapping[str, float] = field(
+        default_factory=lambda: {"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.020}
+    )
+    state: StateConfig = field(default_factory=StateConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    backends: tuple[BackendConfig, ...] = ()
+    route: tuple[str, ...] = ()
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    abuse: AbuseConfig = field(default_factory=AbuseConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def backend(self, name: str) -> BackendConfig:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def quota_for(self, user: str) -> QuotaLimits:
+        u = self.users.get(user)
+        return u.quota if u else self.quota_defaults
+
+
+# The built-in defaults: what `serve` runs with and no config file at all.
+DEFAULT_YAML = """
+server: {host: 127.0.0.1, port: 8080}
+auth: {mode: none}
+backends:
+  - {name: local, kind: procedural}
+route: [local]
+"""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _interpolate(value: str, env: Mapping[str, str], path: str, line: int | None) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and (env[name] != "" or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set", path, line)
+
+    return _ENV_RE.sub(sub, value)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader; interpolation happens on nodes before construction."""
+
+
+def _walk_nodes(
+    node: yaml.Node, path: str, lines: dict[str, int], env: Mapping[str, str], loader: _Loader
+) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            sub = f"{path}.{key}" if path else key
+            _walk_nodes(value_node, sub, lines, env, loader)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk_nodes(item, f"{path}[{i}]", lines, env, loader)
+    elif isinstance(node, yaml.ScalarNode) and "${" in str(node.value):
+        node.value = _interpolate(node.value, env, path, lines[path])
+        if node.style is None:  # plain scalar: re-resolve so "8080" becomes an int
+            node.tag = loader.resolve(yaml.ScalarNode, node.value, (True, False))
+
+
+def _load_yaml(text: str, env: Mapping[str, str]) -> tuple[Any, dict[str, int]]:
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}, {}
+        lines: dict[str, int] = {}
+        _walk_nodes(node, "", lines, env, loader)
+        return loader.construct_document(node), lines
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else None
+        raise ConfigError(f"invalid YAML: {exc.problem}", "", line) from None
+    finally:
+        loader.dispose()
+
+
+class _Builder:
+    """Types a plain YAML value into (frozen) dataclasses, with path-and-line errors."""
+
+    def __init__(self, lines: Mapping[str, int]) -> None:
+        self.lines = lines
+
+    def error(self, message: str, path: str) -> ConfigError:
+        line = self.lines.get(path)
+        probe = path
+        while line is None and probe:
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+            line = self.lines.get(probe)
+        return ConfigError(message, path, line)
+
+    def dataclass(self, cls: type, raw: Any, path: str, skip: frozenset[str] = frozenset()
+                  ) -> dict[str, Any]:
+        """Field values for ``cls`` from ``raw`` (only keys present in ``raw``)."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise self.error(f"expected a mapping, got {type(raw).__name__}", path)
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)} - skip
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in names:
+                known = ", ".join(sorted(names))
+                raise self.error(f"unknown key (known keys: {known})", sub)
+            out[key] = self.value(hints[key], value, sub)
+        return out
+
+    def make(self, cls: type, raw: Any, path: str) -> Any:
+        try:
+            return cls(**self.dataclass(cls, raw, path))
+        except TypeError as exc:  # a required field missing
+            raise self.error(str(exc).split(".__init__() ")[-1], path) from None
+
+    def value(self, tp: Any, raw: Any, path: str) -> Any:
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin in (typing.Union, types.UnionType):
+            if raw is None and type(None) in args:
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return self.value(inner[0], raw, path)
+        if origin is Literal:
+            if raw not in args:
+                allowed = ", ".join(repr(a) for a in args)
+                raise self.error(f"must be one of {allowed}, got {raw!r}", path)
+            return raw
+        if dataclasses.is_dataclass(tp):
+            return self.make(tp, raw, path)
+        if tp is bool:
+            if not isinstance(raw, bool):
+                raise self.error(f"expected true or false, got {raw!r}", path)
+            return raw
+        if tp is int:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise self.error(f"expected an integer, got {raw!r}", path)
+            if raw < 0:
+                raise self.error(f"must not be negative, got {raw}", path)
+            return raw
+        if tp is float:
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                raise self.error(f"expected a number, got {raw!r}", path)
+            if raw < 0:
+                raise self.error(f"must not be negative, got {raw}", path)
+            return float(raw)
+        if tp is str:
+            if isinstance(raw, bool) or raw is None or isinstance(raw, list | dict):
+                raise self.error(f"expected a string, got {raw!r}", path)
+            return str(raw)
+        if origin is tuple:
+            if not isinstance(raw, list):
+                raise self.error(f"expected a list, got {type(raw).__name__}", path)
+            return tuple(self.value(args[0], v, f"{path}[{i}]") for i, v in enumerate(raw))
+        if origin in (Mapping, dict):
+            if not isinstance(raw, Mapping):
+                raise self.error(f"expected a mapping, got {type(raw).__name__}", path)
+            return {str(k): self.value(args[1], v, f"{path}.{k}") for k, v in raw.items()}
+        raise self.error(f"unsupported type {tp!r}", path)  # pragma: no cover
+
+
+def _check_sha(b: _Builder, value: str | None, path: str) -> None:
+    if value is not None and not _HEX64.match(value):
+        raise b.error("must be 64 lowercase hex characters (a SHA-256 of the token)", path)
+
+
+def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
+    """Validate a plain mapping (parsed YAML) into a :class:`Config`."""
+    b = _Builder(lines or {})
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise b.error("the top level must be a mapping", "")
+    raw = dict(raw)
+    special = {"users", "quota_defaults", "backends", "pricing", "route"}
+    kwargs = b.dataclass(Config, {k: v for k, v in raw.items() if k not in special}, "",
+                         skip=frozenset())
+
+    qd_raw = raw.get("quota_defaults") or {}
+    defaults = b.make(QuotaLimits, qd_raw, "quota_defaults")
+    kwargs["quota_defaults"] = defaults
+
+    users: dict[str, UserConfig] = {}
+    users_raw = raw.get("users") or {}
+    if not isinstance(users_raw, Mapping):
+        raise b.error("expected a mapping of user name to settings", "users")
+    for name, u in users_raw.items():
+        path = f"users.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", str(name)):
+            raise b.error("user names use letters, digits, '_', '.', '@', '-'", path)
+        u = u or {}
+        if not isinstance(u, Mapping):
+            raise b.error("expected a mapping", path)
+        for key in u:
+            if key not in ("token_sha256", "quota"):
+                raise b.error("unknown key (known keys: quota, token_sha256)", f"{path}.{key}")
+        token = u.get("token_sha256")
+        if token is not None:
+            token = b.value(str, token, f"{path}.token_sha256").lower()
+            _check_sha(b, token, f"{path}.token_sha256")
+        override = b.dataclass(QuotaLimits, u.get("quota"), f"{path}.quota")
+        users[str(name)] = UserConfig(str(name), token, dataclasses.replace(defaults, **override))
+    kwargs["users"] = users
+
+    pricing = dict(Config().pricing)
+    pricing.update(b.value(Mapping[str, float], raw.get("pricing") or {}, "pricing"))
+    for size in pricing:
+        if size not in SIZES:
+            raise b.error(f"unknown size {size!r} (sizes: {', '.join(SIZES)})", f"pricing.{size}")
+    kwargs["pricing"] = pricing
+
+    backend_list = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw.get("backends") or []):
+        path = f"backends[{i}]"
+        if not isinstance(entry, Mapping):
+            raise b.error("expected a mapping with name and kind", path)
+        name, kind = entry.get("name"), entry.get("kind")
+        if not name or not isinstance(name, str):
+            raise b.error("every backend needs a name", path)
+        if name in seen:
+            raise b.error(f"duplicate backend name {name!r}", f"{path}.name")
+        seen.add(name)
+        if kind not in backends.KINDS:
+            raise b.error(f"unknown kind {kind!r} (kinds: {', '.join(backends.KINDS)})",
+                          f"{path}.kind")
+        common = {k: v for k, v in entry.items() if k in _BACKEND_COMMON}
+        specific = {k: v for k, v in entry.items() if k not in _BACKEND_COMMON}
+        common_kwargs = b.dataclass(BackendConfig, common, path, skip=frozenset({"options"}))
+        options = b.make(backends.options_class(kind), specific, path)
+        backend_list.append(BackendConfig(options=options, **common_kwargs))
+    if not backend_list:
+        backend_list.append(BackendConfig(name="local", kind="procedural",
+                                          options=backends.options_class("procedural")()))
+    kwargs["backends"] = tuple(backend_list)
+
+    route = b.value(tuple[str, ...], raw.get("route") or [], "route")
+    names = [x.name for x in backend_list]
+    for i, r in enumerate(route):
+        if r not in names:
+            raise b.error(f"no backend named {r!r} (backends: {', '.join(names)})",
+                          f"route[{i}]")
+    kwargs["route"] = route or (names[0],)
+
+    cfg = Config(**kwargs)
+    _check_sha(b, cfg.auth.admin_token_sha256, "auth.admin_token_sha256")
+    _check_sha(b, cfg.metrics.token_sha256, "metrics.token_sha256")
+    if cfg.auth.mode == "tokens":
+        for u in cfg.users.values():
+            if u.token_sha256 is None:
+                raise b.error("auth.mode is tokens: every user needs token_sha256",
+                              f"users.{u.name}")
+    if cfg.state.kind == "redis" and not cfg.state.redis_url:
+        raise b.error("state.kind redis needs state.redis_url", "state.redis_url")
+    if cfg.images.store == "redis" and cfg.state.kind != "redis":
+        raise b.error("images.store redis needs state.kind redis", "images.store")
+    if cfg.server.public_base_url and not re.match(r"^https?://", cfg.server.public_base_url):
+        raise b.error("must start with http:// or https://", "server.public_base_url")
+    return cfg
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
+    raw, lines = _load_yaml(text, os.environ if env is None else env)
+    return build_config(raw, lines)
+
+
+def load_config(path: str | os.PathLike[str] | None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Load ``path``, else ``$VARIATIONS_GATEWAY_CONFIG``, else the built-in defaults."""
+    env = os.environ if env is None else env
+    chosen = path or env.get(DEFAULT_CONFIG_ENV) or None
+    if chosen is None:
+        return parse_config(DEFAULT_YAML, env)
+    p = Path(chosen)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
+    return parse_config(text, env)
+
+
+# --------------------------------------------------------------------------- display
+
+_SECRET_KEYS = {"signing_key", "api_key", "password", "basic_auth", "token"}
+
+
+def _mask(key: str, value: Any) -> Any:
+    if value in (None, ""):
+        return value
+    if key in _SECRET_KEYS:
+        return "***"
+    if key.endswith("_url") and isinstance(value, str):
+        return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", value)
+    return value
+
+
+def to_plain(obj: Any, key: str = "") -> Any:
+    """A YAML-ready view of a config with secrets masked (for ``check-config``)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(obj, BackendConfig) and f.name == "options":
+                out.update(to_plain(value))
+                continue
+            if isinstance(obj, UserConfig) and f.name == "name":
+                continue
+            out[f.name] = to_plain(value, f.name)
+        return out
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return [to_plain(v, key) for v in obj]
+    return _mask(key, obj)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=False)

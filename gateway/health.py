@@ -1,0 +1,59 @@
+"""Health, readiness, the OpenAPI document and the metrics exposition."""
+
+from __future__ import annotations
+
+import hmac
+import importlib.resources
+import os
+
+from aiohttp import web
+
+from gateway.auth import bearer_token, token_sha256
+from gateway.errors import ApiError
+from gateway.keys import CONFIG, IMAGES, METRICS, QUOTA, ROUTER
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and its event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the state store answers, images can be written, a routed backend is up."""
+    app = request.app
+    checks: dict[str, object] = {}
+    ok = True
+    try:
+        await app[QUOTA].is_blocked("_readyz")
+        checks["state"] = "ok"
+    except Exception as exc:  # any failure of the store means not ready
+        checks["state"] = f"error: {type(exc).__name__}"
+        ok = False
+    images_dir = app[IMAGES].dir
+    writable = os.access(images_dir, os.W_OK)
+    checks["storage"] = "ok" if writable else f"not writable: {images_dir}"
+    ok = ok and writable
+    states = await app[ROUTER].check()
+    checks["backends"] = {s.name: {"kind": s.kind, "ready": s.ready, "detail": s.detail,
+                                   **s.extra} for s in states}
+    route = app[CONFIG].route
+    if not any(s.ready for s in states if s.name in route):
+        ok = False
+    return web.json_response({"status": "ready" if ok else "not_ready", "checks": checks},
+                             status=200 if ok else 503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    text = importlib.resources.files("gateway").joinpath("openapi.json").read_text("utf-8")
+    return web.Response(text=text, content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    expected = request.app[CONFIG].metrics.token_sha256
+    if expected is not None:
+        token = bearer_token(request)
+        if token is None or not hmac.compare_digest(token_sha256(token), expected):
+            raise ApiError(401, "The metrics endpoint needs its bearer token.",
+                           code="invalid_api_key")
+    return web.Response(body=request.app[METRICS].exposition(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

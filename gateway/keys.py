@@ -1,0 +1,34 @@
+"""The typed keys under which the app keeps its parts (passed explicitly, no globals)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.abuse import AbuseMonitor
+from gateway.audit import AuditLog, AuditRecord
+from gateway.auth import Authenticator
+from gateway.cache import ResultCache
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.quota import QuotaStore
+from gateway.router import Router
+from gateway.storage import ImageStore
+
+CONFIG = web.AppKey("config", Config)
+AUTH = web.AppKey("auth", Authenticator)
+ROUTER = web.AppKey("router", Router)
+IMAGES = web.AppKey("images", ImageStore)
+QUOTA = web.AppKey("quota", QuotaStore)
+CACHE = web.AppKey("cache", ResultCache)
+AUDIT = web.AppKey("audit", AuditLog)
+ABUSE = web.AppKey("abuse", AbuseMonitor)
+METRICS = web.AppKey("metrics", Metrics)
+USER_KEY = web.AppKey("user_hash_key", bytes)
+
+# Per request.
+AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
+BACKEND_SECONDS = web.RequestKey("backend_seconds", float)
+
+
+def audit_record(request: web.Request) -> AuditRecord:
+    return request[AUDIT_RECORD]

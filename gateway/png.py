@@ -1,0 +1,185 @@
+"""PNG inspection and normalisation.
+
+:func:`inspect` reads only the chunk structure (no inflate, no allocation of pixels), so
+a 1 KB file that claims 50000x50000 pixels, a truncated file or a JPEG renamed ``.png``
+is refused before Pillow sees it. :func:`decode` then decodes the pixels under that
+budget and hashes them, so two encodings of the same layer share one cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+
+from PIL import Image
+
+from gateway.backends.base import SourceImage
+from gateway.errors import ApiError, invalid
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_UPLOAD_BYTES = 4 * 1024 * 1024
+# 4096 x 4096 RGBA is 64 MiB decoded: the most one upload may cost in memory.
+MAX_PIXELS = 4096 * 4096
+MAX_CHUNKS = 10_000
+
+_COLOR_TYPES = {0: "grey", 2: "rgb", 3: "palette", 4: "grey+alpha", 6: "rgba"}
+_BIT_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+NOT_PNG = "Uploaded image must be a PNG and less than 4 MB."
+
+
+@dataclass(frozen=True)
+class PngInfo:
+    width: int
+    height: int
+    bit_depth: int
+    color_type: int
+    interlaced: bool
+    animated: bool
+
+
+def _bad(message: str = NOT_PNG, code: str = "invalid_image_format") -> ApiError:
+    return invalid(message, "image", code)
+
+
+def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> PngInfo:
+    """Validate the PNG container of ``data`` without decoding pixels.
+
+    Checks the signature, that IHDR comes first and is sane, that every chunk fits in
+    the file with a correct CRC, that IDAT is present and IEND ends the file, and that
+    the image is square and within the pixel budget.
+    """
+    if not data:
+        raise _bad("Uploaded image is empty. " + NOT_PNG, "invalid_image_format")
+    if len(data) >= MAX_UPLOAD_BYTES:
+        raise ApiError(413, NOT_PNG, code="image_too_large", param="image")
+    if not data.startswith(SIGNATURE):
+        raise _bad()
+    pos = len(SIGNATURE)
+    info: PngInfo | None = None
+    seen_idat = seen_iend = animated = False
+    chunks = 0
+    while pos < len(data):
+        if pos + 8 > len(data):
+            raise _bad("Uploaded image is truncated (incomplete PNG chunk). " + NOT_PNG,
+                       "invalid_image")
+        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 8 + length + 4
+        if length > 0x7FFFFFFF or end > len(data):
+            raise _bad("Uploaded image is truncated (incomplete PNG chunk). " + NOT_PNG,
+                       "invalid_image")
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[end - 4 : end])
+        if zlib.crc32(ctype + body) != crc:
+            raise _bad("Uploaded image is corrupt (PNG chunk checksum mismatch).",
+                       "invalid_image")
+        chunks += 1
+        if chunks > MAX_CHUNKS:
+            raise _bad("Uploaded image has too many PNG chunks.", "invalid_image")
+        if chunks == 1:
+            if ctype != b"IHDR" or length != 13:
+                raise _bad("Uploaded image is not a valid PNG (IHDR must come first).",
+                           "invalid_image")
+            w, h, depth, color, comp, filt, inter = struct.unpack(">IIBBBBB", body)
+            if w == 0 or h == 0 or color not in _COLOR_TYPES or depth not in _BIT_DEPTHS[
+                color
+            ] or comp != 0 or filt != 0 or inter not in (0, 1):
+                raise _bad("Uploaded image has an invalid PNG header.", "invalid_image")
+            info = PngInfo(w, h, depth, color, bool(inter), False)
+            if w != h:
+                raise invalid(
+                    "Invalid input image - expected an image with equal width and height, "
+                    f"got {w}x{h} instead.", "image", "invalid_image_dimensions")
+            if w * h > max_pixels:
+                raise invalid(
+                    f"Invalid input image - {w}x{h} is more than the "
+                    f"{max_pixels} pixels this gateway decodes.", "image",
+                    "image_too_many_pixels")
+        elif ctype == b"IDAT":
+            seen_idat = True
+        elif ctype == b"acTL":
+            animated = True
+        elif ctype == b"IEND":
+            seen_iend = True
+            pos = end
+            break
+        pos = end
+    if info is None or not seen_idat or not seen_iend:
+        raise _bad("Uploaded image is truncated or has no image data. " + NOT_PNG,
+                   "invalid_image")
+    if animated:
+        info = PngInfo(info.width, info.height, info.bit_depth, info.color_type,
+                       info.interlaced, True)
+    return info
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Decoded pixels (RGB or RGBA, 8-bit) and their identity."""
+
+    image: Image.Image
+    width: int
+    height: int
+    pixels_sha256: str
+    upload_sha256: str
+    upload: bytes
+    reusable: bool  # the upload itself is already a plain 8-bit RGB(A) PNG
+
+    def to_source(self) -> SourceImage:
+        """The image backends receive: the upload when it is plain, else re-encoded."""
+        if self.reusable:
+            png = self.upload
+        else:
+            buf = io.BytesIO()
+            self.image.save(buf, "PNG", compress_level=1)
+            png = buf.getvalue()
+        return SourceImage(png, self.width, self.height, self.pixels_sha256,
+                           self.upload_sha256)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGB", "RGBA"):
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: scale to 8 bits instead of clipping at 255.
+        return img.point(lambda v: v / 257).convert("L").convert("RGB")
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA")
+    if img.mode in ("LA", "La"):
+        return img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def decode(data: bytes, info: PngInfo) -> DecodedImage:
+    """Decode validated PNG bytes (CPU-bound: run in an executor).
+
+    RGB and opaque inputs hash as RGBA with alpha 255, so an RGB export and an RGBA
+    export of the same opaque layer share a cache key.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            if im.size != (info.width, info.height):
+                raise _bad("Uploaded image is not a valid PNG.", "invalid_image")
+            im.load()
+            img = _to_8bit(im)
+    except ApiError:
+        raise
+    except (OSError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError):
+        raise _bad("Uploaded image could not be decoded (corrupt PNG data).",
+                   "invalid_image") from None
+    rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+    h = hashlib.sha256(f"{img.width}x{img.height}:".encode())
+    h.update(rgba.tobytes())
+    reusable = info.bit_depth == 8 and info.color_type in (2, 6) and not info.animated
+    return DecodedImage(
+        image=img,
+        width=img.width,
+        height=img.height,
+        pixels_sha256=h.hexdigest(),
+        upload_sha256=hashlib.sha256(data).hexdigest(),
+        upload=data,
+        reusable=reusable,
+    )

@@ -1,0 +1,358 @@
+"""Per-user quotas: admission, image reservations, the durable ledger, blocks.
+
+Two steps, so cache hits cost no images: :meth:`QuotaStore.admit` takes a request slot
+(blocked users, the sliding requests-per-minute window, ``max_concurrent``) and
+:meth:`QuotaStore.reserve` reserves images (day, month, USD budget) only when a backend
+must generate. A reservation is committed for what was delivered, or refunded.
+
+This module holds the rules and the SQLite store for one process. Every check-and-take
+runs without an ``await`` between the check and the take on the single event-loop
+thread, so no interleaving of concurrent requests admits more than a limit; the ledger
+commit is one SQLite transaction (WAL), durable before the client sees its 200.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+from gateway.auth import Principal
+from gateway.errors import ApiError
+
+# A reset further away than this is "hours away": the SDK should not retry.
+NO_RETRY_AFTER_SECONDS = 120
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    """One limit as ``/v1/usage`` and the ``x-ratelimit-*`` headers show it."""
+
+    name: str
+    limit: float | None
+    used: float
+    remaining: float | None
+    reset_at: float | None  # unix seconds
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "limit": self.limit,
+            "used": self.used,
+            "remaining": self.remaining,
+            "resets_at": _iso(self.reset_at) if self.reset_at else None,
+        }
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: ``12ms``, ``1s``, ``6m0s``, ``5h3m0s``."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    s = int(seconds + 0.999)
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m}m{s}s"
+    if m:
+        return f"{m}m{s}s"
+    return f"{s}s"
+
+
+def day_bounds(now: float) -> tuple[str, float]:
+    d = datetime.fromtimestamp(now, UTC)
+    start = d.replace(hour=0, minute=0, second=0, microsecond=0)
+    return start.strftime("d:%Y-%m-%d"), (start + timedelta(days=1)).timestamp()
+
+
+def month_bounds(now: float) -> tuple[str, float]:
+    d = datetime.fromtimestamp(now, UTC)
+    start = d.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    nxt = (start + timedelta(days=32)).replace(day=1)
+    return start.strftime("m:%Y-%m"), nxt.timestamp()
+
+
+def image_headers(status: LimitStatus | None) -> dict[str, str]:
+    """``x-ratelimit-*-images`` for the tightest image limit (none when unlimited)."""
+    if status is None or status.limit is None:
+        return {}
+    now = time.time()
+    return {
+        "x-ratelimit-limit-images": str(int(status.limit)),
+        "x-ratelimit-remaining-images": str(max(0, int(status.remaining or 0))),
+        "x-ratelimit-reset-images": duration(max(0.0, (status.reset_at or now) - now)),
+    }
+
+
+class QuotaRejected(ApiError):
+    """A 429/403 from a limit; never shared with coalesced waiters."""
+
+    def __init__(self, status: int, message: str, code: str, limit: str,
+                 retry_after: float | None, headers: Mapping[str, str]) -> None:
+        hdrs = dict(headers)
+        should_retry: bool | None = None
+        if retry_after is not None:
+            hdrs["retry-after"] = str(max(1, int(retry_after + 0.999)))
+            if retry_after > NO_RETRY_AFTER_SECONDS:
+                should_retry = False
+        if status == 403:
+            should_retry = False
+        super().__init__(status, message, code=code, headers=hdrs, should_retry=should_retry)
+        self.limit = limit
+
+
+def blocked_error(name: str) -> QuotaRejected:
+    return QuotaRejected(403, f"Gateway user '{name}' is blocked; ask the gateway admin.",
+                         "user_blocked", "blocked", None, {})
+
+
+def _images_rejection(limit: str, status: LimitStatus, wanted: int) -> QuotaRejected:
+    wait = max(0.0, (status.reset_at or time.time()) - time.time())
+    what = {"images_per_day": "images per day (UTC)", "images_per_month":
+            "images per calendar month (UTC)"}.get(limit, limit)
+    message = (f"Quota exceeded: {int(status.limit or 0)} {what}. {int(status.remaining or 0)}"
+               f" remaining, {wanted} requested; resets in {duration(wait)} at "
+               f"{_iso(status.reset_at or time.time())}.")
+    return QuotaRejected(429, message, "quota_exceeded", limit, wait, image_headers(status))
+
+
+@dataclass
+class Reservation:
+    """Images (and USD) held for one request until commit or refund."""
+
+    user: str
+    images: int
+    cost: float
+    size: str
+    settled: bool = False
+
+
+class QuotaStore(Protocol):
+    """What the handler needs; SQLite here, Redis in ``gateway.state_redis``."""
+
+    def admit(self, principal: Principal) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+    async def reserve(self, principal: Principal, images: int, cost: float, size: str
+                      ) -> Reservation: ...
+
+    async def commit(self, reservation: Reservation, images: int, cost: float) -> None: ...
+
+    async def refund(self, reservation: Reservation) -> None: ...
+
+    async def count_request(self, principal: Principal, cache_hit: bool) -> None: ...
+
+    async def usage(self, principal: Principal) -> list[LimitStatus]: ...
+
+    async def all_usage(self) -> dict[str, dict[str, float]]: ...
+
+    async def is_blocked(self, name: str) -> bool: ...
+
+    async def set_blocked(self, name: str, blocked: bool) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def tightest(statuses: list[LimitStatus]) -> LimitStatus | None:
+    images = [s for s in statuses if s.name in ("images_per_day", "images_per_month")
+              and s.limit is not None]
+    return min(images, key=lambda s: s.remaining or 0, default=None)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (
+    user TEXT NOT NULL, period TEXT NOT NULL,
+    images INTEGER NOT NULL DEFAULT 0, requests INTEGER NOT NULL DEFAULT 0,
+    cache_hits INTEGER NOT NULL DEFAULT 0, spend REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (user, period)
+);
+CREATE TABLE IF NOT EXISTS blocks (user TEXT PRIMARY KEY, since REAL NOT NULL);
+"""
+
+
+def open_db(path: str | Path) -> sqlite3.Connection:
+    """A WAL-mode SQLite connection used from the event-loop thread only."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+class SqliteQuota:
+    """Quotas for a single gateway process: ledger in SQLite, in-flight state in memory.
+
+    Reservations, the minute window and the in-flight count live in memory because they
+    die with the process anyway: after a crash no reserved request can still deliver.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._db = open_db(path)
+        self._db.executescript(_SCHEMA)
+        self._reserved: dict[str, int] = defaultdict(int)
+        self._reserved_cost: dict[str, float] = defaultdict(float)
+        self._window: dict[str, deque[float]] = defaultdict(deque)
+        self._inflight: dict[str, int] = defaultdict(int)
+
+    # ---- reads
+    def _ledger(self, user: str, period: str) -> tuple[int, int, int, float]:
+        row = self._db.execute(
+            "SELECT images, requests, cache_hits, spend FROM ledger WHERE user=? AND period=?",
+            (user, period)).fetchone()
+        return row if row else (0, 0, 0, 0.0)
+
+    def _statuses(self, principal: Principal, now: float) -> list[LimitStatus]:
+        q, user = principal.quota, principal.name
+        day, day_reset = day_bounds(now)
+        month, month_reset = month_bounds(now)
+        d_images, _, _, _ = self._ledger(user, day)
+        m_images, _, _, m_spend = self._ledger(user, month)
+        held = self._reserved[user]
+        held_cost = self._reserved_cost[user]
+        window = self._prune(user, now)
+        out = []
+        for name, limit, used, reset in (
+            ("images_per_day", q.images_per_day, d_images + held, day_reset),
+            ("images_per_month", q.images_per_month, m_images + held, month_reset),
+            ("budget_usd_per_month", q.budget_usd_per_month, round(m_spend + held_cost, 6),
+             month_reset),
+            ("requests_per_minute", q.requests_per_minute, len(window),
+             (window[0] + 60) if window else now),
+            ("max_concurrent", q.max_concurrent, self._inflight[user], None),
+        ):
+            remaining = None if limit is None else max(0, limit - used)
+            out.append(LimitStatus(name, limit, used, remaining, reset))
+        return out
+
+    def _prune(self, user: str, now: float) -> deque[float]:
+        window = self._window[user]
+        while window and window[0] <= now - 60:
+            window.popleft()
+        return window
+
+    async def usage(self, principal: Principal) -> list[LimitStatus]:
+        return self._statuses(principal, time.time())
+
+    async def all_usage(self) -> dict[str, dict[str, float]]:
+        now = time.time()
+        day, _ = day_bounds(now)
+        month, _ = month_bounds(now)
+        out: dict[str, dict[str, float]] = {}
+        for user, period, images, requests, hits, spend in self._db.execute(
+            "SELECT user, period, images, requests, cache_hits, spend FROM ledger "
+            "WHERE period IN (?, ?)", (day, month)):
+            row = out.setdefault(user, {"images_today": 0, "images_this_month": 0,
+                                        "requests_today": 0, "cache_hits_today": 0,
+                                        "spend_usd_this_month": 0.0})
+            if period == day:
+                row.update(images_today=images, requests_today=requests,
+                           cache_hits_today=hits)
+            else:
+                row.update(images_this_month=images, spend_usd_this_month=round(spend, 6))
+        return out
+
+    # ---- blocks
+    async def is_blocked(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM blocks WHERE user=?", (name,)).fetchone() is not None
+
+    async def set_blocked(self, name: str, blocked: bool) -> None:
+        if blocked:
+            self._db.execute("INSERT OR REPLACE INTO blocks VALUES (?, ?)", (name, time.time()))
+        else:
+            self._db.execute("DELETE FROM blocks WHERE user=?", (name,))
+
+    # ---- admission
+    @contextlib.asynccontextmanager
+    async def admit(self, principal: Principal) -> AsyncIterator[None]:
+        """Hold a request slot: blocked -> 403, minute window or in-flight -> 429."""
+        user, q = principal.name, principal.quota
+        if q.blocked or await self.is_blocked(user):
+            raise blocked_error(user)
+        now = time.time()
+        window = self._prune(user, now)
+        if q.requests_per_minute is not None and len(window) >= q.requests_per_minute:
+            wait = window[0] + 60 - now
+            raise QuotaRejected(
+                429, f"Rate limit reached: {q.requests_per_minute} requests per minute; "
+                f"0 remaining, resets in {duration(wait)}.", "rate_limit_exceeded",
+                "requests_per_minute", wait,
+                image_headers(tightest(self._statuses(principal, now))))
+        if q.max_concurrent is not None and self._inflight[user] >= q.max_concurrent:
+            raise QuotaRejected(
+                429, f"Rate limit reached: at most {q.max_concurrent} requests in flight at "
+                "once; wait for one to finish.", "rate_limit_exceeded", "max_concurrent", 1,
+                image_headers(tightest(self._statuses(principal, now))))
+        window.append(now)
+        self._inflight[user] += 1
+        try:
+            yield
+        finally:
+            self._inflight[user] -= 1
+
+    async def reserve(self, principal: Principal, images: int, cost: float, size: str
+                      ) -> Reservation:
+        statuses = {s.name: s for s in self._statuses(principal, time.time())}
+        for name in ("images_per_day", "images_per_month"):
+            s = statuses[name]
+            if s.limit is not None and (s.remaining or 0) < images:
+                raise _images_rejection(name, s, images)
+        b = statuses["budget_usd_per_month"]
+        if b.limit is not None and (b.remaining or 0) < cost - 1e-9:
+            wait = (b.reset_at or time.time()) - time.time()
+            raise QuotaRejected(
+                429, f"Quota exceeded: monthly budget of {b.limit:.2f} USD; "
+                f"{b.remaining:.3f} USD remaining, this request needs {cost:.3f} USD; resets "
+                f"in {duration(wait)}.", "quota_exceeded", "budget_usd_per_month", wait,
+                image_headers(tightest(list(statuses.values()))))
+        self._reserved[principal.name] += images
+        self._reserved_cost[principal.name] += cost
+        return Reservation(principal.name, images, cost, size)
+
+    def _release(self, r: Reservation) -> None:
+        if not r.settled:
+            r.settled = True
+            self._reserved[r.user] -= r.images
+            self._reserved_cost[r.user] -= r.cost
+
+    async def commit(self, reservation: Reservation, images: int, cost: float) -> None:
+        if reservation.settled:
+            return
+        now = time.time()
+        day, _ = day_bounds(now)
+        month, _ = month_bounds(now)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for period in (day, month):
+                self._db.execute(
+                    "INSERT INTO ledger (user, period, images, spend) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(user, period) DO UPDATE SET images = images + excluded.images,"
+                    " spend = spend + excluded.spend",
+                    (reservation.user, period, images, cost))
+        self._release(reservation)
+
+    async def refund(self, reservation: Reservation) -> None:
+        self._release(reservation)
+
+    async def count_request(self, principal: Principal, cache_hit: bool) -> None:
+        now = time.time()
+        day, _ = day_bounds(now)
+        month, _ = month_bounds(now)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for period in (day, month):
+                self._db.execute(
+                    "INSERT INTO ledger (user, period, requests, cache_hits) VALUES (?, ?, 1, ?)"
+                    " ON CONFLICT(user, period) DO UPDATE SET requests = requests + 1, "
+                    "cache_hits = cache_hits + excluded.cache_hits",
+                    (principal.name, period, int(cache_hit)))
+
+    async def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,162 @@
+"""Hosting generated images behind signed, expiring URLs.
+
+Images are stored content-addressed (``<dir>/<sha[:2]>/<sha>.png``, written to a temp
+file and renamed, so a crash never leaves half an image under a real name). A URL
+carries ``expires`` and an HMAC over ``id.expires``; a file's mtime is refreshed each
+time a URL is minted for it, and a background sweeper deletes files whose newest URL
+has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+import structlog
+
+from gateway.errors import ApiError
+
+ID_RE = re.compile(r"^[0-9a-f]{64}$")
+log = structlog.get_logger("gateway.storage")
+
+
+def load_signing_key(configured: str, beside: Path) -> bytes:
+    """The configured key, else one generated on first start and kept beside the state."""
+    if configured:
+        return configured.encode("utf-8")
+    path = beside / "signing.key"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex())
+    return key
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class ImageStore:
+    """Stores PNGs, mints signed URLs and resolves them back to files."""
+
+    def __init__(self, directory: Path, signing_key: bytes, ttl_seconds: int) -> None:
+        self.dir = directory
+        self.ttl = ttl_seconds
+        self._key = signing_key
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, image_id: str) -> Path:
+        return self.dir / image_id[:2] / f"{image_id}.png"
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` (idempotent) and return its id. Blocking: small files only."""
+        image_id = hashlib.sha256(data).hexdigest()
+        path = self.path(image_id)
+        try:
+            os.utime(path)  # already stored: keep it alive for the new URL
+        except FileNotFoundError:
+            atomic_write(path, data)
+        return image_id
+
+    def put_file(self, source: Path, image_id: str) -> str:
+        """Expose an already stored file (a cache blob) under ``image_id``.
+
+        A hard link costs no copy and lets the sweeper and the cache evict
+        independently; a copy is the fallback across filesystems.
+        """
+        path = self.path(image_id)
+        try:
+            os.utime(path)
+            return image_id
+        except FileNotFoundError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, path)
+            os.utime(path)  # the link shares the blob's old mtime; the URL is new
+        except FileExistsError:
+            pass
+        except OSError:
+            atomic_write(path, source.read_bytes())
+        return image_id
+
+    def _sign(self, image_id: str, expires: int) -> str:
+        mac = hmac.new(self._key, f"{image_id}.{expires}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def url(self, base_url: str, image_id: str, now: float | None = None) -> str:
+        expires = int((now if now is not None else time.time()) + self.ttl)
+        sig = self._sign(image_id, expires)
+        return f"{base_url}/v1/images/files/{image_id}.png?expires={expires}&signature={sig}"
+
+    def resolve(self, image_id: str, expires: str, signature: str, now: float | None = None
+                ) -> Path:
+        """The file behind a URL, or an :class:`ApiError` (403 bad/expired, 404 unknown)."""
+        if not ID_RE.match(image_id):
+            raise ApiError(404, "No such image.", code="not_found")
+        try:
+            exp = int(expires)
+        except ValueError:
+            raise ApiError(403, "Invalid image URL signature.", code="invalid_signature"
+                           ) from None
+        if not hmac.compare_digest(self._sign(image_id, exp), signature):
+            raise ApiError(403, "Invalid image URL signature.", code="invalid_signature")
+        if exp < (now if now is not None else time.time()):
+            raise ApiError(403, "This image URL has expired (URLs are valid for "
+                           f"{self.ttl} seconds after generation).", code="url_expired")
+        path = self.path(image_id)
+        if not path.is_file():
+            raise ApiError(404, "No such image (it may have been removed).", code="not_found")
+        return path
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete images whose newest URL has expired; returns how many were deleted."""
+        cutoff = (now if now is not None else time.time()) - self.ttl
+        removed = 0
+        for sub in self.dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                try:
+                    if f.stat().st_mtime < cutoff:
+                        f.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
+
+    async def sweeper(self, interval: float) -> None:
+        """Background task: sweep every ``interval`` seconds until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                removed = await loop.run_in_executor(None, self.sweep)
+                if removed:
+                    log.info("images_swept", removed=removed)
+            except OSError as exc:
+                log.warning("image_sweep_failed", error=str(exc))
+            await asyncio.sleep(interval)

@@ -1,0 +1,171 @@
+"""Reading the ``/v1/images/variations`` multipart form, per the wire contract.
+
+Every field arrives as a string; missing fields mean their defaults. The body is read
+part by part with hard caps, so an oversized upload is refused with 413 before it is
+held in memory whole, and the request's read deadline bounds slow clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import BodyPartReader, web
+
+from gateway.errors import ApiError, invalid
+from gateway.png import MAX_UPLOAD_BYTES, NOT_PNG
+
+SIZES = {"256x256": 256, "512x512": 512, "1024x1024": 1024}
+RESPONSE_FORMATS = ("url", "b64_json")
+FIELDS = ("image", "model", "n", "response_format", "size", "user")
+MAX_FIELD_BYTES = 1024
+MAX_USER_CHARS = 256
+# The whole body: the image plus generous room for the text parts and boundaries.
+MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 64 * 1024
+DEFAULT_MODEL = "dall-e-2"
+
+
+@dataclass(frozen=True)
+class VariationForm:
+    image: bytes
+    model: str
+    n: int
+    response_format: str
+    size: int
+    size_label: str
+    user: str | None
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, NOT_PNG, code="image_too_large", param="image")
+
+
+async def _read_part(part: BodyPartReader, limit: int, on_overflow: ApiError) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = await part.read_chunk(64 * 1024)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise on_overflow
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _text(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(f"Invalid value for '{name}': expected UTF-8 text.", name) from None
+
+
+def _parse_n(value: str) -> int:
+    try:
+        n = int(value.strip())
+    except ValueError:
+        raise invalid(
+            "Invalid type for 'n': expected an integer, but got a string value that could "
+            "not be converted into an integer.", "n", "invalid_type") from None
+    if n < 1:
+        raise invalid(
+            "Invalid 'n': integer below minimum value. Expected a value >= 1, but got "
+            f"{n} instead.", "n", "integer_below_min_value")
+    if n > 10:
+        raise invalid(
+            "Invalid 'n': integer above maximum value. Expected a value <= 10, but got "
+            f"{n} instead.", "n", "integer_above_max_value")
+    return n
+
+
+def _printable(value: str, limit: int = 40) -> str:
+    shown = value[:limit].encode("unicode_escape").decode("ascii")
+    return shown + ("..." if len(value) > limit else "")
+
+
+async def read_form(request: web.Request, models: frozenset[str]) -> VariationForm:
+    """Parse and validate the form; raise :class:`ApiError` with the right ``param``."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise _too_large()
+    ctype = request.content_type
+    if ctype != "multipart/form-data":
+        raise invalid(
+            "Invalid Content-Type header ({}), expected multipart/form-data with an "
+            "'image' file part.".format(_printable(ctype or "none")), None,
+            "invalid_content_type")
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError, KeyError) as exc:
+        raise invalid(f"Malformed multipart body: {exc}.", None, "invalid_multipart") from None
+    values: dict[str, str] = {}
+    image: bytes | None = None
+    body_bytes = 0
+    try:
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise invalid("Nested multipart bodies are not supported.", None,
+                              "invalid_multipart")
+            name = part.name
+            if name is None:
+                raise invalid("A multipart part has no name.", None, "invalid_multipart")
+            if name not in FIELDS:
+                raise invalid(f"Unknown parameter: '{_printable(name)}'.", name,
+                              "unknown_parameter")
+            if name in values or (name == "image" and image is not None):
+                raise invalid(f"Duplicate parameter: '{name}' was sent more than once.",
+                              name, "duplicate_parameter")
+            if name == "image":
+                image = await _read_part(part, MAX_UPLOAD_BYTES - 1, _too_large())
+                body_bytes += len(image)
+            else:
+                too_long = invalid(
+                    f"Invalid '{name}': string too long. Expected a string with maximum "
+                    f"length {MAX_USER_CHARS if name == 'user' else MAX_FIELD_BYTES}.",
+                    name, "string_above_max_length")
+                values[name] = _text(await _read_part(part, MAX_FIELD_BYTES, too_long), name)
+                body_bytes += len(values[name])
+            if body_bytes > MAX_BODY_BYTES:
+                raise _too_large()
+    except ApiError:
+        raise
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise invalid(f"Malformed multipart body: {exc}.", None, "invalid_multipart") from None
+
+    if image is None:
+        raise invalid("'image' is a required property", "image", "missing_required_parameter")
+
+    model = values.get("model", DEFAULT_MODEL).strip() or DEFAULT_MODEL
+    if model not in models:
+        allowed = ", ".join(f"'{m}'" for m in sorted(models))
+        raise invalid(f"Invalid value: '{_printable(model)}'. Supported values are: {allowed}.",
+                      "model", "model_not_found")
+
+    n = _parse_n(values["n"]) if "n" in values else 1
+
+    size_label = values.get("size", "1024x1024").strip()
+    if size_label not in SIZES:
+        raise invalid(
+            f"Invalid value: '{_printable(size_label)}'. Supported values are: '256x256', "
+            "'512x512', and '1024x1024'.", "size", "invalid_value")
+
+    response_format = values.get("response_format", "url").strip()
+    if response_format not in RESPONSE_FORMATS:
+        raise invalid(
+            f"Invalid value: '{_printable(response_format)}'. Supported values are: 'url' "
+            "and 'b64_json'.", "response_format", "invalid_value")
+
+    user = values.get("user")
+    if user is not None:
+        if len(user) > MAX_USER_CHARS:
+            raise invalid(
+                "Invalid 'user': string too long. Expected a string with maximum length "
+                f"{MAX_USER_CHARS}, but got a string with length {len(user)} instead.",
+                "user", "string_above_max_length")
+        if any(ord(c) < 32 or ord(c) == 127 for c in user):
+            raise invalid("Invalid 'user': control characters are not allowed.", "user",
+                          "invalid_value")
+    return VariationForm(image, model, n, response_format, SIZES[size_label], size_label,
+                         user)

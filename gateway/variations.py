@@ -1,0 +1,172 @@
+"""``POST /v1/images/variations`` and the signed image URLs it hands out.
+
+The handler reads top to bottom in the order a request lives: authenticate, parse,
+admit, look up the cache, generate what is missing, store, answer. Every refusal is an
+:class:`ApiError` raised on the way; the middleware in :mod:`gateway.app` renders it,
+audits it and counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import time
+
+from aiohttp import web
+
+from gateway import png, upload
+from gateway.backends.base import VariationRequest
+from gateway.cache import CacheResult, Item, cache_key, policy_from_header
+from gateway.keys import (
+    AUDIT_RECORD,
+    AUTH,
+    BACKEND_SECONDS,
+    CACHE,
+    CONFIG,
+    IMAGES,
+    METRICS,
+    QUOTA,
+    ROUTER,
+    USER_KEY,
+)
+from gateway.metrics import Metrics
+from gateway.quota import LimitStatus, Reservation, image_headers, tightest
+from gateway.storage import ImageStore
+
+
+def end_user_hash(key: bytes, member: str, user: str | None) -> str | None:
+    """What upstream sees for ``user``: correlatable, but no member identity in it."""
+    if user is None:
+        return None
+    mac = hmac.new(key, f"{member}\0{user}".encode(), hashlib.sha256).hexdigest()
+    return "vgu-" + mac[:32]
+
+
+def seed_for(pixels_sha256: str, offset: int) -> int:
+    """Pool position ``offset`` of an image always gets the same seed; -1 means fresh."""
+    if offset < 0:
+        return int.from_bytes(hashlib.sha256(str(time.time_ns()).encode()).digest()[:4], "big")
+    return (int(pixels_sha256[:8], 16) + offset) & 0x7FFFFFFF
+
+
+def base_url(request: web.Request, configured: str | None) -> str:
+    if configured:
+        return configured.rstrip("/")
+    return f"{request.scheme}://{request.host}"
+
+
+def render_items(items: list[Item], response_format: str, store: ImageStore, base: str
+                 ) -> list[dict[str, str]]:
+    """The ``data`` array (blocking file I/O and base64: run in an executor)."""
+    if response_format == "b64_json":
+        return [{"b64_json": base64.b64encode(item.read()).decode("ascii")} for item in items]
+    out = []
+    now = time.time()
+    for item in items:
+        if item.path is not None and item.path.exists():
+            image_id = store.put_file(item.path, item.sha256)
+        else:
+            image_id = store.put(item.read())
+        out.append({"url": store.url(base, image_id, now)})
+    return out
+
+
+async def create_variation(request: web.Request) -> web.Response:
+    app = request.app
+    config, router, quota, metrics = app[CONFIG], app[ROUTER], app[QUOTA], app[METRICS]
+    record = request[AUDIT_RECORD]
+    loop = asyncio.get_running_loop()
+
+    # Authenticate first: a stranger's body is never read.
+    principal = app[AUTH].member(request)
+    record.member = principal.name
+
+    # Parse: the form, then the PNG container (no pixels decoded yet).
+    form = await upload.read_form(request, router.models)
+    record.n, record.size, record.model = form.n, form.size_label, form.model
+    record.end_user, record.upload_bytes = form.user, len(form.image)
+    metrics.upload_bytes.observe(len(form.image))
+    info = png.inspect(form.image)
+    policy = policy_from_header(request.headers.get("Cache-Control"))
+    hashed_user = end_user_hash(app[USER_KEY], principal.name, form.user)
+    record.end_user_hash = hashed_user
+
+    # Admit: blocked users, the minute window and the in-flight limit.
+    async with quota.admit(principal):
+        decoded = await loop.run_in_executor(None, png.decode, form.image, info)
+        record.image_sha256 = decoded.upload_sha256
+        key = cache_key(decoded.pixels_sha256, form.size, form.model,
+                        router.identity(form.model))
+        price = config.pricing[form.size_label]
+        reservation: Reservation | None = None
+
+        async def generate(count: int, offset: int) -> list[bytes]:
+            nonlocal reservation
+            reservation = await quota.reserve(principal, count, price * count,
+                                              form.size_label)
+            source = await loop.run_in_executor(None, decoded.to_source)
+            job = VariationRequest(source, count, form.size, hashed_user,
+                                   record.request_id, seed_for(decoded.pixels_sha256, offset))
+            result = await router.generate(form.model, job)
+            request[BACKEND_SECONDS] += result.seconds
+            record.backend = result.backend
+            metrics.images_generated.labels(result.backend, form.size_label).inc(count)
+            return result.images
+
+        # Look up the cache, generating only what is missing.
+        try:
+            result: CacheResult = await app[CACHE].serve(key, form.n, policy, generate)
+        except BaseException:
+            if reservation is not None:
+                await quota.refund(reservation)
+            raise
+
+        # Store (and sign) what we answer, then settle the quota before the client sees it.
+        data = await loop.run_in_executor(
+            None, render_items, result.items, form.response_format, app[IMAGES],
+            base_url(request, config.server.public_base_url))
+        cost = price * result.generated
+        if reservation is not None:
+            await quota.commit(reservation, result.generated, cost)
+        await quota.count_request(principal, cache_hit=result.generated == 0)
+        statuses = await quota.usage(principal)
+
+    record.cache = result.status
+    record.images_charged = result.generated
+    record.cost_usd = cost
+    user_label = metrics.user_label(principal.name)
+    metrics.cache_lookups.labels(result.status.lower()).inc()
+    served_from_cache = form.n - result.generated if result.status != "BYPASS" else 0
+    if served_from_cache:
+        metrics.images_from_cache.labels(form.size_label).inc(served_from_cache)
+        metrics.cache_saved_usd.inc(price * served_from_cache)
+    if result.generated:
+        metrics.images_by_user.labels(user_label).inc(result.generated)
+        metrics.spend_usd.labels(user_label).inc(cost)
+    _observe_budget(metrics, user_label, statuses)
+
+    # Answer.
+    headers = {"X-Cache": result.status, **image_headers(tightest(statuses))}
+    return web.json_response({"created": int(time.time()), "data": data}, headers=headers)
+
+
+def _observe_budget(metrics: Metrics, user_label: str, statuses: list[LimitStatus]) -> None:
+    ratios = [s.used / s.limit for s in statuses
+              if s.limit and s.name in ("images_per_day", "images_per_month",
+                                        "budget_usd_per_month")]
+    metrics.user_budget_ratio.labels(user_label).set(min(1.0, max(ratios, default=0.0)))
+
+
+async def get_image(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/images/files/{id}.png?expires=&signature=``: a signed, expiring URL."""
+    store = request.app[IMAGES]
+    image_id = request.match_info["image_id"]
+    path = store.resolve(image_id, request.query.get("expires", ""),
+                         request.query.get("signature", ""))
+    expires = int(request.query["expires"])
+    return web.FileResponse(path, headers={
+        "Content-Type": "image/png",
+        "Cache-Control": f"private, max-age={max(0, expires - int(time.time()))}",
+    })

@@ -1,0 +1,3 @@
+"""Fixtures for every test; the helpers themselves live in support.py."""
+
+from support import gateway_client, gateway_process, make_config  # noqa: F401

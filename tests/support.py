@@ -1,0 +1,182 @@
+"""Test support: configs, real gateway processes, in-process apps, test images.
+
+Plain helpers are imported as `from support import ...`; the fixtures are re-exported
+by conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from gateway.app import build_app
+from gateway.config import Config, build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI") == "true"
+TOKENS = {"alice": "vg-test-alice-token", "bob": "vg-test-bob-token"}
+ADMIN_TOKEN = "vg-test-admin-token"
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(size: int = 64, mode: str = "RGB", seed: int = 0, **save: Any) -> bytes:
+    """A recognisable square test image (gradient + shapes) in ``mode``."""
+    img = Image.new("RGB", (size, size))
+    px = img.load()
+    for y in range(size):
+        for x in range(size):
+            px[x, y] = ((x * 255 // max(1, size - 1) + seed * 40) % 256,
+                        (y * 255 // max(1, size - 1)) % 256, (x + y + seed * 7) % 256)
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def base_config(tmp: Path, **sections: Any) -> dict[str, Any]:
+    """A token-auth config in ``tmp`` with alice and bob; ``sections`` override keys."""
+    raw: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "auth": {"mode": "tokens", "admin_token_sha256": sha(ADMIN_TOKEN)},
+        "users": {
+            "alice": {"token_sha256": sha(TOKENS["alice"])},
+            "bob": {"token_sha256": sha(TOKENS["bob"])},
+        },
+        "quota_defaults": {"images_per_day": 1000, "images_per_month": None,
+                           "requests_per_minute": None, "max_concurrent": None},
+        "state": {"kind": "sqlite", "path": str(tmp / "state.sqlite3")},
+        "cache": {"enabled": True, "dir": str(tmp / "cache")},
+        "images": {"dir": str(tmp / "images"), "url_ttl_seconds": 3600},
+        "backends": [{"name": "local", "kind": "procedural"}],
+        "route": ["local"],
+        "audit": {"path": str(tmp / "audit.sqlite3")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    def make(**sections: Any) -> Config:
+        return build_config(base_config(tmp_path, **sections))
+    return make
+
+
+@pytest.fixture
+async def gateway_client(aiohttp_client, make_config):  # type: ignore[no-untyped-def]
+    """An in-process gateway: ``await gateway_client(**sections)`` -> aiohttp TestClient."""
+    async def start(**sections: Any):  # type: ignore[no-untyped-def]
+        return await aiohttp_client(build_app(make_config(**sections)))
+    return start
+
+
+def auth(user: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[user]}"}
+
+
+@dataclass
+class GatewayProcess:
+    """A real ``variations-gateway serve`` process on a free loopback port."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_http(url: str, deadline_s: float = 30, proc: subprocess.Popen[bytes] | None = None
+              ) -> None:
+    """Poll ``url`` until it answers 200 (no sleeps standing in for readiness)."""
+    deadline = time.monotonic() + deadline_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)  # poll interval, bounded by the deadline
+    raise TimeoutError(f"{url} did not answer within {deadline_s}s: {last}")
+
+
+def start_gateway(raw_config: dict[str, Any], workdir: Path, port: int | None = None,
+                  env: dict[str, str] | None = None) -> GatewayProcess:
+    port = port or free_port()
+    raw = {**raw_config, "server": {**raw_config.get("server", {}), "port": port}}
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / f"gateway-{port}.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    log_path = workdir / f"gateway-{port}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
+        cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", proc=proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError("gateway did not start:\n" + log_path.read_text()) from None
+    return GatewayProcess(url, proc, config_path, log_path)
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """``gateway_process(**sections)`` starts a real gateway; all are stopped at the end."""
+    started: list[GatewayProcess] = []
+
+    def start(workdir: Path | None = None, **sections: Any) -> GatewayProcess:
+        g = start_gateway(base_config(tmp_path, **sections), workdir or tmp_path)
+        started.append(g)
+        return g
+
+    yield start
+    for g in started:
+        with contextlib.suppress(Exception):
+            g.stop()
