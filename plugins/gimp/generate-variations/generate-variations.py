@@ -1,0 +1,419 @@
+#!/usr/bin/env python3
+"""GIMP 3 plug-in: Filters > Generate Variations.
+
+Sends the active layer (or the selected part of it), made square, to a variations gateway
+speaking OpenAI's ``POST /v1/images/variations`` and adds the results as layers of a group
+"Variations of <layer>" above the source layer. The gateway URL and token are set in
+Filters > Generate Variations Settings (or VARIATIONS_GATEWAY_URL / _TOKEN), never as
+procedure arguments, so they never end up inside a saved .xcf.
+
+This file is the thin GIMP glue; the logic lives in plain modules beside it:
+``vg_prepare`` (geometry), ``vg_client`` (HTTP), ``vg_settings`` (settings file).
+"""
+
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gi
+
+gi.require_version("Gimp", "3.0")
+import vg_client  # noqa: E402
+import vg_prepare  # noqa: E402
+import vg_settings  # noqa: E402
+from gi.repository import Gimp, Gio, GLib, GObject  # noqa: E402
+
+PROC = "python-fu-generate-variations"
+PROC_SETTINGS = "python-fu-generate-variations-settings"
+DEFAULT_N = 4
+DEFAULT_SIZE = "512x512"
+
+
+class Failure(Exception):
+    """A failure whose message is the sentence shown to the user."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fail(procedure, sentence, status=Gimp.PDBStatusType.EXECUTION_ERROR):
+    return procedure.new_return_values(status, GLib.Error(sentence))
+
+
+def _pair(result):
+    """GIMP 3 getters answer (ok, a, b) or (a, b) depending on the binding; keep (a, b)."""
+    t = tuple(result)
+    return t[-2], t[-1]
+
+
+def _settings():
+    try:
+        return vg_settings.load(Gimp.directory())
+    except vg_settings.SettingsError as e:
+        raise Failure(str(e)) from None
+
+
+def _progress(text, fraction=None):
+    Gimp.progress_set_text(text)
+    if fraction is not None:
+        Gimp.progress_update(fraction)
+
+
+def _in_thread(fn, text):
+    """Run ``fn`` (a blocking network call) in a thread while the progress bar pulses."""
+    box = {}
+
+    def work():
+        try:
+            box["value"] = fn()
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    Gimp.progress_set_text(text)
+    while t.is_alive():
+        t.join(0.15)
+        Gimp.progress_pulse()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# --------------------------------------------------------------------------- preparing
+
+
+def _save_png(image, path):
+    ok = Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(path), None)
+    if not ok:
+        raise Failure(f"GIMP could not write the temporary PNG {path}.")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _prepare_upload(layer, plan, tmpdir):
+    """Copy the planned part of ``layer`` into a scratch RGBA image, square it, scale it to
+    ``plan.upload`` and return the PNG bytes."""
+    side = plan.upload
+    while True:
+        tmp = Gimp.Image.new(plan.canvas, plan.canvas, Gimp.ImageBaseType.RGB)
+        try:
+            # new_from_drawable converts any layer type (grey, indexed, high bit depth)
+            # to the scratch image's RGB.
+            copy = Gimp.Layer.new_from_drawable(layer, tmp)
+            tmp.insert_layer(copy, None, 0)
+            if not copy.has_alpha():
+                copy.add_alpha()
+            c = plan.copy
+            # Cut the layer to the copied rectangle, then place it on the square canvas.
+            copy.resize(c.w, c.h, -c.x, -c.y)
+            copy.set_offsets(plan.paste_x, plan.paste_y)
+            if plan.mode == "stretch":
+                copy.scale(plan.canvas, plan.canvas, False)
+                copy.set_offsets(0, 0)
+            if side != plan.canvas:
+                tmp.scale(side, side)
+            tmp.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
+            png = _save_png(tmp, os.path.join(tmpdir, "upload.png"))
+        finally:
+            tmp.delete()
+        if len(png) < vg_client.MAX_UPLOAD - 64 * 1024 or side <= 64:
+            return png, side
+        side = vg_prepare.smaller_upload(side)
+
+
+# --------------------------------------------------------------------------- importing
+
+
+def _import_results(image, layer, plan, images, scale_to_source, tmpdir):
+    """All result layers in one group above ``layer``, in one undo step; on any failure
+    the group is removed again so nothing half-done stays in the image."""
+    n = len(images)
+    image.undo_group_start()
+    group = None
+    try:
+        group = Gimp.GroupLayer.new(image, f"Variations of {layer.get_name()}")
+        parent = layer.get_parent()
+        image.insert_layer(group, parent, image.get_item_position(layer))
+        for k, data in enumerate(images, start=1):
+            _progress(f"Importing variation {k} of {n}...", (k - 1) / n)
+            path = os.path.join(tmpdir, f"variation-{k}.png")
+            with open(path, "wb") as f:
+                f.write(data)
+            result = Gimp.file_load_layer(
+                Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(path))
+            if result is None:
+                raise Failure(f"GIMP could not read variation {k} returned by the gateway.")
+            result.set_name(f"Variation {k}")
+            image.insert_layer(result, group, k - 1)
+            p = vg_prepare.place(plan, result.get_width(), result.get_height(), scale_to_source)
+            if (p.scale_w, p.scale_h) != (result.get_width(), result.get_height()):
+                result.scale(p.scale_w, p.scale_h, False)
+            if p.crop is not None:
+                result.resize(p.crop.w, p.crop.h, -p.crop.x, -p.crop.y)
+            result.set_offsets(p.x, p.y)
+        _progress(f"Imported {n} variation{'s' if n != 1 else ''}.", 1.0)
+    except BaseException:
+        if group is not None:
+            with contextlib.suppress(Exception):  # already failing: keep the first error
+                image.remove_layer(group)
+        raise
+    finally:
+        image.undo_group_end()
+    return group
+
+
+# --------------------------------------------------------------------------- procedures
+
+
+def _interactive_dialog(procedure, config, settings):
+    gi.require_version("GimpUi", "3.0")
+    gi.require_version("Gtk", "3.0")
+    from gi.repository import GimpUi, Gtk
+
+    GimpUi.init(PROC)
+    dialog = GimpUi.ProcedureDialog.new(procedure, config, "Generate Variations")
+    dialog.fill(["n", "size", "square-mode", "scale-to-source", "fresh"])
+    who = "no token set" if not settings.token else f"token {settings.masked_token()}"
+    note = Gtk.Label(label=f"Gateway: {settings.url} ({who}).\n"
+                           "Change it in Filters > Generate Variations Settings.")
+    note.set_xalign(0.0)
+    note.get_style_context().add_class("dim-label")
+    note.set_margin_top(6)
+    dialog.get_content_area().pack_end(note, False, False, 0)
+    note.show()
+    ok = dialog.run()
+    dialog.destroy()
+    return ok
+
+
+def run_generate(procedure, run_mode, image, drawables, config, data):
+    if len(drawables) != 1 or not isinstance(drawables[0], Gimp.Layer) \
+            or isinstance(drawables[0], Gimp.GroupLayer):
+        return _fail(procedure, "Generate Variations works on one ordinary layer: select a "
+                                "single layer (not a group, mask or channel) and try again.",
+                     Gimp.PDBStatusType.CALLING_ERROR)
+    layer = drawables[0]
+    try:
+        settings = _settings()
+    except Failure as e:
+        return _fail(procedure, str(e))
+
+    if run_mode == Gimp.RunMode.INTERACTIVE and not _interactive_dialog(
+            procedure, config, settings):
+        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+
+    n = int(config.get_property("n"))
+    size = config.get_property("size")
+    fresh = bool(config.get_property("fresh"))
+    square_mode = config.get_property("square-mode")
+    scale_to_source = bool(config.get_property("scale-to-source"))
+
+    Gimp.progress_init(f"Generate Variations: preparing {layer.get_name()}...")
+    try:
+        with tempfile.TemporaryDirectory(prefix="generate-variations-") as tmpdir:
+            if not settings.token:
+                raise Failure(
+                    "No gateway token is set: enter your token in Filters > Generate "
+                    "Variations Settings (or set VARIATIONS_GATEWAY_TOKEN), then try again.")
+            lx, ly = _pair(layer.get_offsets())
+            b = Gimp.Selection.bounds(image)
+            non_empty = bool(b[1])
+            selection = (b[2], b[3], b[4], b[5]) if non_empty else None
+            try:
+                plan = vg_prepare.make_plan(lx, ly, layer.get_width(), layer.get_height(),
+                                            selection, square_mode, size)
+            except vg_prepare.PrepareError as e:
+                raise Failure(str(e)) from None
+            _progress("Preparing the square source image...", 0.0)
+            png, side = _prepare_upload(layer, plan, tmpdir)
+            dbg = vg_client.debug_dir()
+            if dbg:
+                os.makedirs(dbg, exist_ok=True)
+                with open(os.path.join(dbg, "upload.png"), "wb") as f:
+                    f.write(png)
+            _progress(f"Uploading {len(png) // 1024 + 1} KB ({side}x{side}) to "
+                      f"{settings.url}...", 0.05)
+            try:
+                result = _in_thread(
+                    lambda: vg_client.request_variations(
+                        settings.url, settings.token, png, n=n, size=size, fresh=fresh,
+                        timeout=settings.timeout),
+                    f"Waiting for the gateway to make {n} variation"
+                    f"{'s' if n != 1 else ''} ({size})...")
+            except vg_client.GatewayError as e:
+                raise Failure(str(e)) from None
+            _import_results(image, layer, plan, result.images, scale_to_source, tmpdir)
+    except Failure as e:
+        Gimp.progress_end()
+        return _fail(procedure, str(e))
+    except Exception as e:
+        Gimp.progress_end()
+        return _fail(procedure, f"Generate Variations failed unexpectedly: {e}")
+    Gimp.progress_end()
+    Gimp.displays_flush()
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+
+
+def _settings_dialog(settings):
+    """A plain GTK dialog: nothing typed here becomes a procedure argument, so GIMP never
+    stores the token in its profile or in an .xcf. Returns the summary shown last."""
+    gi.require_version("GimpUi", "3.0")
+    gi.require_version("Gtk", "3.0")
+    from gi.repository import GimpUi, Gtk
+
+    GimpUi.init(PROC_SETTINGS)
+    dialog = GimpUi.Dialog(title="Generate Variations Settings", role=PROC_SETTINGS)
+    dialog.add_button("_Cancel", Gtk.ResponseType.CANCEL)
+    dialog.add_button("_Test Connection", 1)
+    dialog.add_button("_Save", Gtk.ResponseType.OK)
+    grid = Gtk.Grid(row_spacing=6, column_spacing=12, border_width=12)
+    dialog.get_content_area().pack_start(grid, True, True, 0)
+
+    def row(y, text, widget):
+        label = Gtk.Label(label=text, xalign=0.0, use_underline=True)
+        label.set_mnemonic_widget(widget)
+        grid.attach(label, 0, y, 1, 1)
+        grid.attach(widget, 1, y, 1, 1)
+
+    url = Gtk.Entry(text=settings.url, hexpand=True, width_chars=40)
+    token = Gtk.Entry(text=settings.token, visibility=False, hexpand=True)
+    token.set_placeholder_text("the token your gateway admin gave you")
+    timeout = Gtk.SpinButton.new_with_range(1, 3600, 1)
+    timeout.set_value(settings.timeout)
+    row(0, "Gateway _URL", url)
+    row(1, "_Token", token)
+    row(2, "T_imeout (seconds)", timeout)
+    for key, widget in (("url", url), ("token", token), ("timeout", timeout)):
+        if key in settings.from_env:
+            widget.set_sensitive(False)
+            widget.set_tooltip_text("Set by an environment variable, which wins over this "
+                                    "dialog.")
+    status = Gtk.Label(xalign=0.0, wrap=True, max_width_chars=60, selectable=True)
+    status.set_text(f"Saved in {settings.path} (readable only by you).")
+    grid.attach(status, 0, 3, 2, 1)
+    dialog.show_all()
+    summary = ""
+    while True:
+        response = dialog.run()
+        if response == 1:
+            status.set_text("Testing...")
+            while Gtk.events_pending():
+                Gtk.main_iteration()
+            summary = _test_connection(url.get_text(), token.get_text(), timeout.get_value())
+            status.set_text(summary)
+            continue
+        if response == Gtk.ResponseType.OK:
+            try:
+                vg_settings.save(Gimp.directory(), url.get_text(), token.get_text(),
+                                 timeout.get_value())
+            except vg_settings.SettingsError as e:
+                status.set_text(str(e))
+                continue
+            dialog.destroy()
+            return True, summary
+        dialog.destroy()
+        return False, summary
+
+
+def _test_connection(url, token, timeout):
+    try:
+        usage = vg_client.get_usage(url, token, timeout=min(float(timeout), 15.0))
+    except vg_client.GatewayError as e:
+        return str(e)
+    return vg_client.describe_usage(usage)
+
+
+def run_settings(procedure, config, data):
+    run_mode = config.get_property("run-mode")
+    try:
+        settings = _settings()
+    except Failure as e:
+        return _fail(procedure, str(e))
+    if run_mode == Gimp.RunMode.INTERACTIVE:
+        saved, _ = _settings_dialog(settings)
+        if not saved:
+            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+        settings = _settings()
+    # Non-interactive (scripts, tests): test the connection with the settings in force
+    # and return what the gateway says about the user's quota.
+    try:
+        usage = vg_client.get_usage(settings.url, settings.token,
+                                    timeout=min(settings.timeout, 15.0))
+    except vg_client.GatewayError as e:
+        return _fail(procedure, str(e))
+    summary = vg_client.describe_usage(usage)
+    rv = procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+    value = GObject.Value(GObject.TYPE_STRING, summary)
+    rv.remove(1)
+    rv.insert(1, value)
+    return rv
+
+
+class GenerateVariations(Gimp.PlugIn):
+    def do_set_i18n(self, name):
+        return False
+
+    def do_query_procedures(self):
+        return [PROC, PROC_SETTINGS]
+
+    def do_create_procedure(self, name):
+        if name == PROC_SETTINGS:
+            p = Gimp.Procedure.new(self, name, Gimp.PDBProcType.PLUGIN, run_settings, None)
+            p.set_menu_label("Generate Variations _Settings...")
+            p.add_menu_path("<Image>/Filters")
+            p.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.ALWAYS)
+            p.set_documentation(
+                "Gateway URL and token for Generate Variations",
+                "Edits the gateway URL, token and timeout (kept in a file readable only by "
+                "you in GIMP's config folder, never in images), tests the connection and "
+                "shows the quota left. Non-interactively it tests the settings in force and "
+                "returns the quota summary.", name)
+            p.set_attribution("variations-gateway", "variations-gateway", "2025")
+            p.add_enum_argument("run-mode", "Run mode", "The run mode", Gimp.RunMode,
+                                Gimp.RunMode.INTERACTIVE, GObject.ParamFlags.READWRITE)
+            p.add_string_return_value("summary", "Summary",
+                                      "The user's quota as the gateway reports it", "",
+                                      GObject.ParamFlags.READWRITE)
+            return p
+
+        p = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run_generate, None)
+        p.set_image_types("*")
+        p.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
+        p.set_menu_label("Generate _Variations...")
+        p.add_menu_path("<Image>/Filters")
+        p.set_documentation(
+            "Image variations from a variations gateway",
+            "Sends the selected part of the active layer (or the whole layer), made square, "
+            "to the team's variations gateway (OpenAI /v1/images/variations) and adds the "
+            "results as layers in a group above the layer.", name)
+        p.set_attribution("variations-gateway", "variations-gateway", "2025")
+        p.add_int_argument("n", "_Number of variations", "How many variations (1-10)",
+                           1, 10, DEFAULT_N, GObject.ParamFlags.READWRITE)
+        sizes = Gimp.Choice.new()
+        for i, s in enumerate(vg_prepare.SIZES):
+            sizes.add(s, i, s.replace("x", " x "), "")
+        p.add_choice_argument("size", "_Size", "Size the gateway makes", sizes,
+                              DEFAULT_SIZE, GObject.ParamFlags.READWRITE)
+        p.add_boolean_argument("fresh", "_Fresh results (bypass the gateway cache)",
+                               "Ask for new images even when the gateway has some cached",
+                               False, GObject.ParamFlags.READWRITE)
+        modes = Gimp.Choice.new()
+        modes.add("selection-or-center-crop", 0, "Crop to a centred square",
+                  "The largest square in the middle of the selection or layer")
+        modes.add("pad", 1, "Pad to a square with transparency", "Keeps everything")
+        modes.add("stretch", 2, "Stretch to a square", "Distorts, then scales back")
+        p.add_choice_argument("square-mode", "S_quare mode",
+                              "How a non-square source is made square", modes,
+                              vg_prepare.DEFAULT_SQUARE_MODE, GObject.ParamFlags.READWRITE)
+        p.add_boolean_argument("scale-to-source", "Scale results to the source _region",
+                               "Scale each result back over the pixels it was made from",
+                               True, GObject.ParamFlags.READWRITE)
+        return p
+
+
+Gimp.main(GenerateVariations.__gtype__, sys.argv)

@@ -1,0 +1,122 @@
+"""Where Generate Variations finds the gateway URL and the user's token.
+
+Not procedure arguments on purpose: GIMP stores the last values of every argument in its
+profile and, for image procedures, inside every saved .xcf. The URL and token live in the
+environment (``VARIATIONS_GATEWAY_URL``, ``VARIATIONS_GATEWAY_TOKEN``,
+``VARIATIONS_GATEWAY_TIMEOUT``), else in a JSON file in GIMP's user config folder, written
+with mode 0600. The environment wins over the file, key by key.
+
+Standard library only, importable without GIMP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+FILE_NAME = "generate-variations.json"
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_TIMEOUT = 180.0
+ENV_URL = "VARIATIONS_GATEWAY_URL"
+ENV_TOKEN = "VARIATIONS_GATEWAY_TOKEN"
+ENV_TIMEOUT = "VARIATIONS_GATEWAY_TIMEOUT"
+
+
+class SettingsError(ValueError):
+    """A settings file that cannot be read or written; the message is for the user."""
+
+
+@dataclass
+class Settings:
+    url: str = DEFAULT_URL
+    token: str = ""
+    timeout: float = DEFAULT_TIMEOUT
+    # Which keys come from the environment (and so cannot be changed in the dialog).
+    from_env: set[str] = field(default_factory=set)
+    path: str = ""
+
+    def masked_token(self) -> str:
+        return mask(self.token)
+
+
+def mask(token: str) -> str:
+    """A token shown safely: its first 3 and last 4 characters."""
+    if not token:
+        return "(none)"
+    if len(token) <= 10:
+        return "*" * len(token)
+    return f"{token[:3]}...{token[-4:]}"
+
+
+def settings_path(config_dir: str) -> str:
+    return os.path.join(config_dir, FILE_NAME)
+
+
+def _timeout(value: object, where: str) -> float:
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SettingsError(f"The timeout in {where} is not a number: {value!r}.") from None
+    if not 1 <= t <= 3600:
+        raise SettingsError(f"The timeout in {where} must be between 1 and 3600 seconds.")
+    return t
+
+
+def load(config_dir: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings in force: the file in ``config_dir``, overridden by the environment."""
+    env = os.environ if environ is None else environ
+    path = settings_path(config_dir)
+    s = Settings(path=path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        data = {}
+    except (OSError, ValueError) as e:
+        raise SettingsError(
+            f"Could not read the Generate Variations settings file {path} ({e}); fix or "
+            "delete it, then set the gateway again in Filters > Generate Variations Settings."
+        ) from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"The settings file {path} does not hold a JSON object.")
+    if isinstance(data.get("url"), str) and data["url"].strip():
+        s.url = data["url"].strip()
+    if isinstance(data.get("token"), str):
+        s.token = data["token"].strip()
+    if data.get("timeout") is not None:
+        s.timeout = _timeout(data["timeout"], path)
+    if env.get(ENV_URL, "").strip():
+        s.url = env[ENV_URL].strip()
+        s.from_env.add("url")
+    if env.get(ENV_TOKEN, "").strip():
+        s.token = env[ENV_TOKEN].strip()
+        s.from_env.add("token")
+    if env.get(ENV_TIMEOUT, "").strip():
+        s.timeout = _timeout(env[ENV_TIMEOUT], ENV_TIMEOUT)
+        s.from_env.add("timeout")
+    return s
+
+
+def save(config_dir: str, url: str, token: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """Write the settings file with mode 0600 (atomically); returns its path."""
+    path = settings_path(config_dir)
+    data = {"url": url.strip(), "token": token.strip(), "timeout": _timeout(timeout, "the dialog")}
+    os.makedirs(config_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".generate-variations.", dir=config_dir)
+    try:
+        # mkstemp creates the file 0600 already; chmod again in case of an odd umask/FS.
+        os.chmod(tmp, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+        os.chmod(path, 0o600)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise SettingsError(f"Could not write the settings file {path}: {e}.") from None
+    return path

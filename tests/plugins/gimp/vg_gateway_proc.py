@@ -1,0 +1,146 @@
+"""Start the real gateway (``python -m gateway serve``) as a process for the plug-in tests.
+
+Used by tests/plugins/test_gimp_client.py and test_gimp_e2e.py (imported through
+``sys.path``: tests have no packages here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[3]
+READY_DEADLINE = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class Gateway:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+def write_config(
+    tmp: Path,
+    users: Mapping[str, Mapping[str, Any]],
+    backends: list[dict[str, Any]] | None = None,
+    auth_mode: str = "tokens",
+) -> Path:
+    """``users``: name -> {"token": ..., "quota": {...}} (quota optional)."""
+    cfg: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 8080, "public_base_url": None},
+        "auth": {"mode": auth_mode, "admin_token_sha256": None},
+        "users": {
+            name: {"token_sha256": sha256(u["token"]),
+                   **({"quota": dict(u["quota"])} if u.get("quota") else {})}
+            for name, u in users.items()
+        },
+        "quota_defaults": {"images_per_day": 100, "images_per_month": None,
+                           "requests_per_minute": 200, "max_concurrent": 4},
+        "state": {"kind": "sqlite", "path": str(tmp / "state.sqlite3")},
+        "cache": {"enabled": True, "dir": str(tmp / "cache")},
+        "images": {"dir": str(tmp / "images"), "url_ttl_seconds": 3600},
+        "backends": backends or [{"name": "local", "kind": "procedural"}],
+        "route": [b["name"] for b in (backends or [{"name": "local"}])],
+        "audit": {"path": str(tmp / "audit.sqlite3")},
+    }
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def running_gateway(tmp: Path, config: Path, host: str = "127.0.0.1") -> Iterator[Gateway]:
+    """The gateway on a free port, ready (``/healthz`` 200) or a failed test."""
+    port = free_port()
+    log = tmp / "gateway.log"
+    env = dict(os.environ)
+    env.pop("VARIATIONS_GATEWAY_CONFIG", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
+             "--host", host, "--port", str(port)],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    gw = Gateway(f"http://{host}:{port}", port, proc, log)
+    try:
+        deadline = time.monotonic() + READY_DEADLINE
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.log_text()}")
+            try:
+                with urllib.request.urlopen(gw.url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway not ready in {READY_DEADLINE} s:\n{gw.log_text()}")
+            # Poll, with a deadline, by waiting on the process instead of sleeping.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        yield gw
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def post_variations(
+    url: str, token: str, png: bytes, n: int, size: str, fresh: bool = False
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """A reference request made without the plug-in's client (for comparisons)."""
+    boundary = "----test-boundary-7d1c"
+    parts = []
+    for k, v in {"n": str(n), "size": size, "response_format": "b64_json"}.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
+                     f"{v}\r\n".encode())
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+                 f'filename="ref.png"\r\nContent-Type: image/png\r\n\r\n'.encode() + png
+                 + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    headers = {"Authorization": f"Bearer {token}",
+               "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if fresh:
+        headers["Cache-Control"] = "no-cache"
+    req = urllib.request.Request(url + "/v1/images/variations", data=b"".join(parts),
+                                 headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
