@@ -1,0 +1,224 @@
+# Runs INSIDE the Debian 13 root, in gimp-console-3.0's python-fu-eval interpreter:
+#   gimp-console-3.0 -i --batch-interpreter=python-fu-eval \
+#     -b "JOB='/tmp/x/job.json'; exec(open('/tmp/x/e2e_batch.py').read())" --quit
+# Creates test images, calls python-fu-generate-variations non-interactively on each case,
+# and writes what it saw (statuses, messages, layer tree, sizes, offsets, pixels) into the
+# job's output folder for tests/plugins/test_gimp_e2e.py to check on the host.
+# Not a pytest module (no test_ prefix); GIMP's Python, standard library + gi only.
+import json
+import os
+import shutil
+import sys
+import traceback
+
+import gi
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("Gegl", "0.4")
+from gi.repository import Gegl, Gimp, Gio  # noqa: E402
+
+with open(JOB) as _f:  # noqa: F821 - JOB is set by the -b command line
+    job = json.load(_f)
+OUT = job["out"]
+PLUGIN_DIR = job["plugin_dir"]
+sys.path.insert(0, PLUGIN_DIR)
+import vg_settings  # noqa: E402
+
+results = {"cases": {}}
+
+
+def pattern(w, h, channels):
+    """Deterministic pixels the host can recompute: R=x, G=y, B=x^y (scaled), A=255."""
+    rows = []
+    for y in range(h):
+        row = bytearray()
+        for x in range(w):
+            r, g, b = (x * 255) // max(1, w - 1), (y * 255) // max(1, h - 1), (x ^ y) & 255
+            if channels == 1:
+                row.append((r + g) // 2)
+            elif channels == 2:
+                row += bytes(((r + g) // 2, 255))
+            elif channels == 3:
+                row += bytes((r, g, b))
+            else:
+                row += bytes((r, g, b, 255))
+        rows.append(bytes(row))
+    return b"".join(rows)
+
+
+FORMATS = {1: "Y' u8", 2: "Y'A u8", 3: "R'G'B' u8", 4: "R'G'B'A u8"}
+
+
+def fill(layer, channels):
+    w, h = layer.get_width(), layer.get_height()
+    buf = layer.get_shadow_buffer()
+    buf.set(Gegl.Rectangle.new(0, 0, w, h), FORMATS[channels], pattern(w, h, channels))
+    buf.flush()
+    layer.merge_shadow(False)
+    layer.update(0, 0, w, h)
+
+
+def new_image(w, h, base=Gimp.ImageBaseType.RGB):
+    img = Gimp.Image.new(w, h, base)
+    img.undo_disable()
+    return img
+
+
+def add_layer(img, name, w, h, itype, channels, x=0, y=0):
+    layer = Gimp.Layer.new(img, name, w, h, itype, 100, Gimp.LayerMode.NORMAL)
+    img.insert_layer(layer, None, 0)
+    layer.set_offsets(x, y)
+    fill(layer, channels)
+    return layer
+
+
+def offsets(item):
+    t = tuple(item.get_offsets())
+    return [t[-2], t[-1]]
+
+
+def tree(img):
+    def node(item):
+        d = {"name": item.get_name(), "size": [item.get_width(), item.get_height()],
+             "offsets": offsets(item), "group": isinstance(item, Gimp.GroupLayer)}
+        if d["group"]:
+            d["children"] = [node(c) for c in item.get_children()]
+        return d
+    return [node(x) for x in img.get_layers()]
+
+
+def dump_pixels(case, img):
+    for top in img.get_layers():
+        if not isinstance(top, Gimp.GroupLayer):
+            continue
+        for k, child in enumerate(top.get_children(), start=1):
+            w, h = child.get_width(), child.get_height()
+            data = child.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0,
+                                          "R'G'B'A u8", Gegl.AbyssPolicy.NONE)
+            with open(os.path.join(OUT, f"{case}-layer{k}.rgba"), "wb") as f:
+                f.write(bytes(data))
+
+
+def set_settings(url, token):
+    vg_settings.save(Gimp.directory(), url, token, 60)
+
+
+def run(case, img, layer, **args):
+    upload = os.path.join(job["debug_dir"], "upload.png")
+    if os.path.exists(upload):
+        os.unlink(upload)
+    before = tree(img)
+    proc = Gimp.get_pdb().lookup_procedure("python-fu-generate-variations")
+    cfg = proc.create_config()
+    cfg.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    cfg.set_property("image", img)
+    cfg.set_core_object_array("drawables", [layer])
+    for k, v in args.items():
+        cfg.set_property(k, v)
+    res = proc.run(cfg)
+    status = res.index(0)
+    message = res.index(1) if res.length() > 1 and status != Gimp.PDBStatusType.SUCCESS \
+        else None
+    r = {
+        "status": status.value_nick if hasattr(status, "value_nick") else str(status),
+        "message": message,
+        "before": before,
+        "after": tree(img),
+        "layer_type": str(layer.type().value_nick),
+        "image_base": str(img.get_base_type().value_nick),
+    }
+    if os.path.exists(upload):
+        shutil.copy(upload, os.path.join(OUT, f"{case}-upload.png"))
+        r["upload"] = f"{case}-upload.png"
+    dump_pixels(case, img)
+    results["cases"][case] = r
+    return r
+
+
+def case(name):
+    def wrap(fn):
+        try:
+            fn()
+        except Exception:
+            results["cases"][name] = {"status": "batch-crash", "message": traceback.format_exc()}
+        return fn
+    return wrap
+
+
+set_settings(job["url"], job["tokens"]["alice"])
+results["settings_mode"] = oct(os.stat(vg_settings.settings_path(Gimp.directory())).st_mode
+                               & 0o777)
+
+
+@case("rgb")
+def _rgb():
+    img = new_image(300, 200)
+    layer = add_layer(img, "photo", 300, 200, Gimp.ImageType.RGB_IMAGE, 3)
+    run("rgb", img, layer, n=3, size="256x256", **{"square-mode": "selection-or-center-crop",
+                                                  "scale-to-source": False})
+    xcf = os.path.join(OUT, "rgb.xcf")
+    Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(xcf), None)
+    results["xcf"] = "rgb.xcf"
+
+
+@case("rgba-offset-selection")
+def _rgba():
+    img = new_image(400, 300)
+    add_layer(img, "background", 400, 300, Gimp.ImageType.RGB_IMAGE, 3)
+    layer = add_layer(img, "sprite", 240, 160, Gimp.ImageType.RGBA_IMAGE, 4, 30, 40)
+    img.select_rectangle(Gimp.ChannelOps.REPLACE, 50, 60, 200, 100)
+    run("rgba-offset-selection", img, layer, n=2, size="256x256",
+        **{"square-mode": "pad", "scale-to-source": True})
+
+
+@case("indexed")
+def _indexed():
+    img = new_image(120, 90)
+    layer = add_layer(img, "flat", 120, 90, Gimp.ImageType.RGB_IMAGE, 3)
+    img.convert_indexed(Gimp.ConvertDitherType.NONE, Gimp.ConvertPaletteType.GENERATE, 16,
+                        False, False, "")
+    run("indexed", img, layer, n=2, size="512x512",
+        **{"square-mode": "selection-or-center-crop", "scale-to-source": True})
+
+
+@case("grey-stretch")
+def _grey():
+    img = new_image(64, 48, Gimp.ImageBaseType.GRAY)
+    layer = add_layer(img, "grey", 64, 48, Gimp.ImageType.GRAY_IMAGE, 1)
+    run("grey-stretch", img, layer, n=1, size="256x256",
+        **{"square-mode": "stretch", "scale-to-source": True})
+
+
+def failing_case(name, url, token):
+    @case(name)
+    def _f():
+        set_settings(url, token)
+        img = new_image(300, 200)
+        layer = add_layer(img, "photo", 300, 200, Gimp.ImageType.RGB_IMAGE, 3)
+        run(name, img, layer, n=2, size="256x256")
+
+
+failing_case("quota", job["url"], job["tokens"]["carol"])
+failing_case("bad-token", job["url"], "not-a-valid-token-at-all")
+failing_case("unreachable", job["dead_url"], job["tokens"]["alice"])
+
+
+@case("settings-procedure")
+def _settings_proc():
+    set_settings(job["url"], job["tokens"]["alice"])
+    proc = Gimp.get_pdb().lookup_procedure("python-fu-generate-variations-settings")
+    cfg = proc.create_config()
+    cfg.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    res = proc.run(cfg)
+    results["cases"]["settings-procedure"] = {
+        "status": res.index(0).value_nick, "summary": res.index(1)}
+
+
+results["menu"] = {
+    name: {"label": p.get_menu_label(), "paths": list(p.get_menu_paths())}
+    for name in ("python-fu-generate-variations", "python-fu-generate-variations-settings")
+    for p in [Gimp.get_pdb().lookup_procedure(name)]
+}
+with open(os.path.join(OUT, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+print("E2E-BATCH-DONE", flush=True)
