@@ -1,17 +1,40 @@
 """Prometheus metrics, one registry per app (no module-level collectors).
 
-Cardinality is bounded by construction: the ``user`` label is only ever a member named
-in the config (unknown callers are ``_unknown``, the ``anonymous`` principal of
-``auth.mode: none`` is ``anonymous``); the free-form ``user`` form field and tokens are
-never labels. ``error_code`` values come from the gateway's own fixed set of codes.
+Cardinality is bounded by construction:
+
+* ``user`` is only ever a member named in the config, ``anonymous`` (``auth.mode:
+  none``) or ``_unknown``: :meth:`Metrics.user_label` maps everything else there. The
+  free-form ``user`` form field, tokens and their digests are never labels.
+* ``route`` is the canonical pattern of a registered route (``unmatched`` for 404s).
+* ``backend`` is a configured backend name; ``size``, ``limit``, ``result``, ``state``
+  and ``reason`` come from fixed sets in the code.
+* ``error_code`` and the backend error ``kind`` come from the code too, but a backend
+  may map upstream answers into them, so both pass a :class:`LabelGuard`: a fixed shape
+  and at most :data:`GUARD_LIMIT` distinct values, the rest counted as ``other``.
+
+The gateway is one process with one event loop (see docs/metrics.md), so there is no
+multiprocess mode: each instance is scraped on its own and dashboards sum instances.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
+
+# ``*_created`` series double every counter's series count for no dashboard use.
+disable_created_metrics()
 
 P = "variations_gateway_"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
@@ -21,83 +44,159 @@ OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.0
 UPLOAD_BUCKETS = (16e3, 64e3, 256e3, 512e3, 1e6, 2e6, 3e6, 4e6)
 BREAKER_STATES = ("closed", "half_open", "open")
 UNKNOWN_USER = "_unknown"
+ANONYMOUS_USER = "anonymous"
+OTHER = "other"
+GUARD_LIMIT = 64
+_LABEL_SHAPE = re.compile(r"[a-z0-9_]{0,48}")
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class LabelGuard:
+    """Caps one label: values of a fixed shape, at most ``limit`` distinct, else ``other``."""
+
+    def __init__(self, limit: int = GUARD_LIMIT) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        v = value or ""
+        if v in self._seen:
+            return v
+        if len(self._seen) >= self._limit or not _LABEL_SHAPE.fullmatch(v):
+            return OTHER
+        self._seen.add(v)
+        return v
+
+
+class Guarded(Generic[M]):
+    """A labelled family whose label ``guarded`` passes a :class:`LabelGuard`.
+
+    Call sites use it like the family itself: ``.labels(...)`` returns the child.
+    """
+
+    def __init__(self, metric: M, guarded: str) -> None:
+        self.metric = metric
+        self._names: tuple[str, ...] = tuple(metric._labelnames)
+        self._index = self._names.index(guarded)
+        self._guard = LabelGuard()
+
+    def labels(self, *values: str, **named: str) -> M:
+        if named:
+            values = tuple(named[n] for n in self._names)
+        fixed = list(values)
+        fixed[self._index] = self._guard(fixed[self._index])
+        return self.metric.labels(*fixed)
 
 
 class Metrics:
-    """All metric families of one gateway instance."""
+    """All metric families of one gateway instance.
 
-    def __init__(self, members: Iterable[str]) -> None:
+    ``members`` are the user names in the config (the only ``user`` label values besides
+    ``anonymous`` and ``_unknown``); ``backends`` are the configured backend names, whose
+    breaker series start as ``closed``.
+    """
+
+    def __init__(self, members: Iterable[str], backends: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._members = frozenset(members) | {"anonymous"}
-        self.requests = Counter(P + "requests_total", "HTTP requests answered.",
-                                ["route", "status_class", "error_code"], registry=r)
+        names = tuple(members)
+        self._members = frozenset(names) | {ANONYMOUS_USER}
+
+        # Requests (the middleware in gateway.app).
+        self.requests = Guarded(Counter(
+            P + "requests_total", "HTTP requests answered, by route pattern, status class "
+            "and the OpenAI error code ('' when none).",
+            ["route", "status_class", "error_code"], registry=r), "error_code")
         self.request_seconds = Histogram(
             P + "request_duration_seconds", "Whole request time, receipt to response.",
             ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.overhead_seconds = Histogram(
-            P + "overhead_seconds", "Request time minus backend time (the gateway's own cost).",
+            P + "request_overhead_seconds",
+            "Whole request time minus backend time: the gateway's own cost.",
             ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.in_flight = Gauge(P + "requests_in_flight", "Requests being handled now.",
                                registry=r)
-        self.upload_bytes = Histogram(P + "upload_bytes", "Size of uploaded images.",
+        self.upload_bytes = Histogram(P + "upload_bytes", "Size of uploaded images in bytes.",
                                       buckets=UPLOAD_BUCKETS, registry=r)
+
+        # Images and the cache (gateway.variations).
         self.images_generated = Counter(P + "images_generated_total",
                                         "Images generated by a backend.",
                                         ["backend", "size"], registry=r)
         self.images_from_cache = Counter(P + "images_served_from_cache_total",
                                          "Images answered from the cache (no backend call).",
                                          ["size"], registry=r)
-        self.cache_lookups = Counter(P + "cache_lookups_total", "Cache lookups by result.",
+        self.cache_lookups = Counter(P + "cache_lookups_total",
+                                     "Cache lookups by result: hit, partial, miss, bypass.",
                                      ["result"], registry=r)
         self.cache_saved_usd = Counter(P + "cache_saved_usd_total",
                                        "Estimated spend avoided by cache hits, in USD.",
                                        registry=r)
+
+        # Members: quotas, images, spend.
         self.quota_rejections = Counter(P + "quota_rejections_total",
-                                        "Requests refused by a quota or block.",
+                                        "Requests refused by a quota, rate limit or block.",
                                         ["limit", "user"], registry=r)
+        self.user_requests = Counter(P + "user_requests_total",
+                                     "Authenticated API requests by member.", ["user"],
+                                     registry=r)
         self.images_by_user = Counter(P + "user_images_total",
-                                      "Images charged to a member.", ["user"], registry=r)
+                                      "Generated images charged to a member.", ["user"],
+                                      registry=r)
         self.spend_usd = Counter(P + "user_spend_usd_total",
                                  "Estimated upstream spend charged to a member, in USD.",
                                  ["user"], registry=r)
-        self.user_requests = Counter(P + "user_requests_total", "Requests by member.",
-                                     ["user"], registry=r)
         self.user_budget_ratio = Gauge(
             P + "user_budget_used_ratio",
-            "Share of the member's tightest image or money budget used (0..1).",
-            ["user"], registry=r)
+            "Share of the member's tightest image or money budget used (0..1), as of the "
+            "member's last successful request.", ["user"], registry=r)
+
+        # Backends (gateway.router).
         self.backend_seconds = Histogram(P + "backend_request_duration_seconds",
                                          "Time of one backend call, retries included.",
                                          ["backend"], buckets=LATENCY_BUCKETS, registry=r)
-        self.backend_errors = Counter(P + "backend_errors_total",
-                                      "Backend failures by kind.", ["backend", "kind"],
-                                      registry=r)
+        self.backend_errors = Guarded(Counter(
+            P + "backend_errors_total", "Failed backend attempts by kind (timeout, connect, "
+            "http_5xx, ..., circuit_open).", ["backend", "kind"], registry=r), "kind")
         self.backend_retries = Counter(P + "backend_retries_total",
-                                       "Retries of backend calls.", ["backend"], registry=r)
+                                       "Retried backend attempts.", ["backend"], registry=r)
         self.breaker_state = Gauge(P + "backend_circuit_state",
-                                   "Circuit breaker state (1 for the current state).",
+                                   "Circuit breaker state: 1 for the current state, else 0.",
                                    ["backend", "state"], registry=r)
         self.backend_up = Gauge(P + "backend_up",
-                                "1 when the backend's circuit is not open.", ["backend"],
-                                registry=r)
+                                "1 when the backend's circuit is not open, else 0.",
+                                ["backend"], registry=r)
+
+        # Audit and abuse (gateway.app).
         self.audit_events = Counter(P + "audit_events_total", "Audit records written.",
                                     registry=r)
         self.audit_errors = Counter(P + "audit_write_errors_total",
                                     "Audit records that could not be written.", registry=r)
         self.abuse_suspected = Counter(P + "abuse_suspected_total",
-                                       "abuse_suspected events.", ["reason", "user"],
+                                       "abuse_suspected events (many_end_users, "
+                                       "repeated_limit_hits).", ["reason", "user"],
                                        registry=r)
+
         self._cache_stats: tuple[int, int] = (0, 0)
         r.register(_CacheCollector(self))
+        for name in names:  # members start at 0, so rate() sees their first request
+            for family in (self.user_requests, self.images_by_user, self.spend_usd):
+                family.labels(name)
+        for backend in backends:
+            self.set_breaker(backend, "closed")
 
     def user_label(self, member: str | None) -> str:
-        return member if member in self._members else UNKNOWN_USER
+        """``member`` if named in the config (or ``anonymous``), else ``_unknown``."""
+        return member if member is not None and member in self._members else UNKNOWN_USER
 
     def set_cache_stats(self, entries: int, total_bytes: int) -> None:
         self._cache_stats = (entries, total_bytes)
 
     def set_breaker(self, backend: str, state: str) -> None:
+        """Record the breaker state of ``backend`` (one of :data:`BREAKER_STATES`)."""
+        if state not in BREAKER_STATES:
+            raise ValueError(f"unknown breaker state {state!r}")
         for s in BREAKER_STATES:
             self.breaker_state.labels(backend, s).set(1 if s == state else 0)
         self.backend_up.labels(backend).set(0 if state == "open" else 1)
@@ -117,6 +216,7 @@ class _CacheCollector:
 
     def collect(self) -> list[GaugeMetricFamily]:
         entries, total = self._m._cache_stats
-        e = GaugeMetricFamily(P + "cache_entries", "Cache keys (pools) stored.", value=entries)
+        e = GaugeMetricFamily(P + "cache_entries", "Cache keys (image pools) stored.",
+                              value=entries)
         b = GaugeMetricFamily(P + "cache_bytes", "Bytes of cached images.", value=total)
         return [e, b]
