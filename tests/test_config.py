@@ -1,0 +1,89 @@
+"""Config loading: typing, env interpolation, line-numbered errors, masking, defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, dump_config, load_config, parse_config
+
+HEX = "a" * 64
+
+
+def test_builtin_defaults_run_procedural_without_auth() -> None:
+    cfg = load_config(None, env={})
+    assert cfg.auth.mode == "none"
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8080
+    assert [b.kind for b in cfg.backends] == ["procedural"] and cfg.route == ("local",)
+
+
+def test_env_var_chooses_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "g.yaml"
+    p.write_text("server: {port: 9999}\nauth: {mode: none}\n")
+    assert load_config(None, env={"VARIATIONS_GATEWAY_CONFIG": str(p)}).server.port == 9999
+
+
+def test_interpolation_keeps_types_and_defaults() -> None:
+    cfg = parse_config(
+        "server:\n  port: ${PORT:-8081}\n  public_base_url: ${BASE}\n"
+        "images: {signing_key: '${KEY:-}'}\nauth: {mode: none}\n",
+        env={"BASE": "https://vg.example"})
+    assert cfg.server.port == 8081 and isinstance(cfg.server.port, int)
+    assert cfg.server.public_base_url == "https://vg.example"
+    assert cfg.images.signing_key == ""
+
+
+def test_missing_env_var_is_an_error_with_its_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("auth: {mode: none}\nserver:\n  public_base_url: ${NOPE}\n", env={})
+    assert "line 3" in str(info.value) and "NOPE" in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "line", "fragment"), [
+    ("auth: {mode: none}\nquota_defaults:\n  images_per_dya: 3\n", 3,
+     "quota_defaults.images_per_dya: unknown key"),
+    ("auth: {mode: none}\nserver:\n  port: eighty\n", 3, "server.port: expected an integer"),
+    ("auth: {mode: maybe}\n", 1, "auth.mode: must be one of"),
+    ("auth: {mode: tokens}\nusers:\n  alice: {token_sha256: nothex}\n", 3,
+     "users.alice.token_sha256"),
+    ("auth: {mode: none}\nbackends:\n  - {name: a, kind: dalle}\n", 3, "unknown kind"),
+    ("auth: {mode: none}\nbackends:\n  - {name: a, kind: procedural}\nroute: [b]\n", 4,
+     "route[0]: no backend named 'b'"),
+    ("auth: {mode: none}\nstate: {kind: redis}\n", 2, "needs state.redis_url"),
+    ("server: [1, 2\n", 2, "invalid YAML"),
+])
+def test_errors_name_the_key_and_line(text: str, line: int, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env={})
+    assert f"line {line}" in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_user_quota_falls_back_to_defaults_per_key() -> None:
+    cfg = parse_config(
+        f"auth: {{mode: tokens}}\nquota_defaults: {{images_per_day: 10, max_concurrent: 3}}\n"
+        f"users:\n  alice: {{token_sha256: {HEX}, quota: {{images_per_day: null}}}}\n", env={})
+    q = cfg.users["alice"].quota
+    assert q.images_per_day is None and q.max_concurrent == 3
+    assert cfg.quota_for("stranger").images_per_day == 10
+
+
+def test_tokens_mode_requires_every_user_to_have_a_token() -> None:
+    with pytest.raises(ConfigError, match="needs token_sha256"):
+        parse_config("auth: {mode: tokens}\nusers:\n  alice: {}\n", env={})
+
+
+def test_dump_masks_secrets() -> None:
+    cfg = parse_config(
+        "auth: {mode: none}\nimages: {signing_key: supersecret}\n"
+        "state: {kind: redis, redis_url: 'redis://:hunter2@redis:6379/0'}\n", env={})
+    text = dump_config(cfg)
+    assert "supersecret" not in text and "hunter2" not in text
+    assert "redis://:***@redis:6379/0" in text
+
+
+def test_shipped_configs_validate() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for name in ("gateway.yaml", "gateway.example.yaml"):
+        load_config(root / "config" / name, env={"UPSTREAM_API_KEY": "x", "SD_PASSWORD": "x"})

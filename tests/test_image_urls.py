@@ -1,0 +1,78 @@
+"""Served image URLs end to end: lifetime, tampering, the sweeper, public_base_url."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+import aiohttp
+import pytest
+from support import auth, png_bytes
+
+
+async def _variation_url(client, **fields: str) -> str:
+    form = aiohttp.FormData()
+    form.add_field("image", png_bytes(64), filename="a.png")
+    form.add_field("size", "256x256")
+    for k, v in fields.items():
+        form.add_field(k, v)
+    resp = await client.post("/v1/images/variations", data=form, headers=auth())
+    assert resp.status == 200, await resp.text()
+    return (await resp.json())["data"][0]["url"]
+
+
+async def test_url_stops_working_after_its_lifetime(gateway_client) -> None:
+    client = await gateway_client(images={"url_ttl_seconds": 1})
+    url = await _variation_url(client)
+    path = url.split("://", 1)[1].split("/", 1)[1]
+    assert (await client.get("/" + path)).status == 200
+    expires = int(url.split("expires=")[1].split("&")[0])
+    deadline = time.monotonic() + 10
+    while time.time() <= expires and time.monotonic() < deadline:  # the clock, not a sleep
+        await client.get("/healthz")
+    resp = await client.get("/" + path)
+    assert resp.status == 403
+    assert (await resp.json())["error"]["code"] == "url_expired"
+
+
+async def test_one_character_changes_are_refused(gateway_client) -> None:
+    client = await gateway_client()
+    url = await _variation_url(client)
+    path = "/" + url.split("://", 1)[1].split("/", 1)[1]
+    assert (await client.get(path)).status == 200
+    prefix, _, rest = path.partition("/v1/images/files/")
+    image_id, _, query = rest.partition(".png?")
+    sig_at = query.index("signature=") + len("signature=")
+    swap = {"0": "1"}
+    tampered_sig = query[:sig_at] + ("A" if query[sig_at] != "A" else "B") + query[sig_at + 1:]
+    tampered_id = ("1" if image_id[0] != "1" else "2") + image_id[1:]
+    for bad in (f"/v1/images/files/{image_id}.png?{tampered_sig}",
+                f"/v1/images/files/{tampered_id}.png?{query}"):
+        resp = await client.get(bad)
+        assert resp.status == 403, bad
+        body = await resp.json()
+        assert body["error"]["code"] == "invalid_signature"
+    del swap, prefix
+    resp = await client.get("/v1/images/files/../../state.sqlite3.png?expires=1&signature=x")
+    assert resp.status in (403, 404)
+
+
+async def test_public_base_url_is_used(gateway_client) -> None:
+    client = await gateway_client(server={"public_base_url": "https://vg.example.com/"})
+    url = await _variation_url(client)
+    assert url.startswith("https://vg.example.com/v1/images/files/")
+
+
+def test_urls_from_a_real_process_download(gateway_process) -> None:
+    g = gateway_process()
+    import openai
+
+    client = openai.OpenAI(base_url=g.url + "/v1", api_key="vg-test-alice-token",
+                           max_retries=0)
+    resp = client.images.create_variation(image=("a.png", png_bytes(64)), size="256x256")
+    with urllib.request.urlopen(resp.data[0].url) as r:
+        assert r.status == 200 and r.read().startswith(b"\x89PNG")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(resp.data[0].url.replace("signature=", "signature=x"))
+    assert info.value.code == 403
