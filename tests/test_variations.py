@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 from PIL import Image
@@ -82,9 +83,9 @@ async def test_sdk_async_urls_and_b64(gateway: GatewayProcess) -> None:
             image=("a.png", source_png()), n=3, size="1024x1024")
         b64 = await client.images.create_variation(
             image=("a.png", source_png()), n=2, size="512x512", response_format="b64_json")
-    assert len(urls.data) == 3 and all(d.url for d in urls.data)
-        async with client._client.stream("GET", urls.data[0].url) as r:  # the SDK's httpx
-            body = await r.aread()
+        assert len(urls.data) == 3 and all(d.url for d in urls.data)
+        async with aiohttp.ClientSession() as http, http.get(urls.data[0].url) as r:
+            body = await r.read()
     assert Image.open(io.BytesIO(body)).size == (1024, 1024)
     sizes = {Image.open(io.BytesIO(base64.b64decode(d.b64_json))).size for d in b64.data}
     assert sizes == {(512, 512)}
