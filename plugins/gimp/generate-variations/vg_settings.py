@@ -108,9 +108,9 @@ def save(config_dir: str, url: str, token: str, timeout: float = DEFAULT_TIMEOUT
     os.makedirs(config_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".generate-variations.", dir=config_dir)
     try:
-        # mkstemp creates the file 0600 already; chmod again in case of an odd umask/FS.
-        os.chmod(tmp, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            # mkstemp creates the file 0600 already; chmod again in case of an odd FS.
+            os.chmod(tmp, 0o600)
             json.dump(data, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)

@@ -27,13 +27,14 @@ import vg_settings  # noqa: E402
 results = {"cases": {}}
 
 
-def pattern(w, h, channels):
-    """Deterministic pixels the host can recompute: R=x, G=y, B=x^y (scaled), A=255."""
+def pattern(w, h, channels, salt=0):
+    """Deterministic pixels the host can recompute: R=x, G=y, B=x^y (scaled), A=255.
+    ``salt`` changes B, so an image's pixels (and so the gateway's cache key) differ."""
     rows = []
     for y in range(h):
         row = bytearray()
         for x in range(w):
-            r, g, b = (x * 255) // max(1, w - 1), (y * 255) // max(1, h - 1), (x ^ y) & 255
+            r, g, b = (x * 255) // max(1, w - 1), (y * 255) // max(1, h - 1), (x ^ y ^ salt) & 255
             if channels == 1:
                 row.append((r + g) // 2)
             elif channels == 2:
@@ -49,10 +50,10 @@ def pattern(w, h, channels):
 FORMATS = {1: "Y' u8", 2: "Y'A u8", 3: "R'G'B' u8", 4: "R'G'B'A u8"}
 
 
-def fill(layer, channels):
+def fill(layer, channels, salt=0):
     w, h = layer.get_width(), layer.get_height()
     buf = layer.get_shadow_buffer()
-    buf.set(Gegl.Rectangle.new(0, 0, w, h), FORMATS[channels], pattern(w, h, channels))
+    buf.set(Gegl.Rectangle.new(0, 0, w, h), FORMATS[channels], pattern(w, h, channels, salt))
     buf.flush()
     layer.merge_shadow(False)
     layer.update(0, 0, w, h)
@@ -64,11 +65,11 @@ def new_image(w, h, base=Gimp.ImageBaseType.RGB):
     return img
 
 
-def add_layer(img, name, w, h, itype, channels, x=0, y=0):
+def add_layer(img, name, w, h, itype, channels, x=0, y=0, salt=0):
     layer = Gimp.Layer.new(img, name, w, h, itype, 100, Gimp.LayerMode.NORMAL)
     img.insert_layer(layer, None, 0)
     layer.set_offsets(x, y)
-    fill(layer, channels)
+    fill(layer, channels, salt)
     return layer
 
 
@@ -189,18 +190,19 @@ def _grey():
         **{"square-mode": "stretch", "scale-to-source": True})
 
 
-def failing_case(name, url, token):
+def failing_case(name, url, token, salt):
     @case(name)
     def _f():
         set_settings(url, token)
         img = new_image(300, 200)
-        layer = add_layer(img, "photo", 300, 200, Gimp.ImageType.RGB_IMAGE, 3)
+        # Pixels no earlier case sent: a cache hit must not hide the failure.
+        layer = add_layer(img, "photo", 300, 200, Gimp.ImageType.RGB_IMAGE, 3, salt=salt)
         run(name, img, layer, n=2, size="256x256")
 
 
-failing_case("quota", job["url"], job["tokens"]["carol"])
-failing_case("bad-token", job["url"], "not-a-valid-token-at-all")
-failing_case("unreachable", job["dead_url"], job["tokens"]["alice"])
+failing_case("quota", job["url"], job["tokens"]["carol"], 101)
+failing_case("bad-token", job["url"], "not-a-valid-token-at-all", 102)
+failing_case("unreachable", job["dead_url"], job["tokens"]["alice"], 103)
 
 
 @case("settings-procedure")

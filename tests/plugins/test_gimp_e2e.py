@@ -1,0 +1,317 @@
+"""Real GIMP 3 end to end: python-fu-generate-variations run non-interactively in
+gimp-console-3.0 (Debian 13 root built by tests/plugins/gimp/build_root.sh) against a real
+gateway process on the host.
+
+One GIMP run (tests/plugins/gimp/e2e_batch.py) covers every case; the tests below read
+what it recorded. Under CI=true nothing here skips: a root that cannot be built fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE / "gimp"))
+
+from vg_gateway_proc import (  # noqa: E402
+    free_port,
+    post_variations,
+    running_gateway,
+    write_config,
+)
+
+from gateway import gimp_install  # noqa: E402
+
+ALICE = "alice-e2e-token-5f1d9c0b7a2e4d6f"
+CAROL = "carol-e2e-token-0c3b8e1f2a9d7c4e"
+CI = os.environ.get("CI") == "true"
+BUILD_TIMEOUT = 1200
+GIMP_TIMEOUT = 420
+
+pytestmark = pytest.mark.slow
+
+
+def _missing_prerequisite() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (chroot)"
+    if not shutil.which("debootstrap"):
+        return "needs debootstrap (make system-deps installs it)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def gimp_root() -> Path:
+    why = _missing_prerequisite()
+    if why:
+        if CI:
+            pytest.fail(f"GIMP 3 e2e cannot run under CI: {why}")
+        pytest.skip(why)
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(HERE / "gimp" / "build_root.sh")], capture_output=True,
+                          text=True, timeout=BUILD_TIMEOUT)
+    if proc.returncode != 0:
+        pytest.fail(f"building the GIMP 3 root failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    root = Path(proc.stdout.strip().splitlines()[-1])
+    print(f"GIMP root ready in {time.monotonic() - t0:.1f} s: {root}")
+    assert (root / "usr/bin/gimp-console-3.0").exists()
+    return root
+
+
+@dataclass
+class Run:
+    results: dict[str, Any]
+    out: Path
+    profile: Path
+    gateway_url: str
+    dead_url: str
+    stderr: str
+
+    def case(self, name: str) -> dict[str, Any]:
+        c = self.results["cases"].get(name)
+        assert c is not None, f"case {name} did not run:\n{self.stderr[-3000:]}"
+        assert c["status"] != "batch-crash", c["message"]
+        return c
+
+
+@pytest.fixture(scope="module")
+def gimp_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    tmp = tmp_path_factory.mktemp("gimp-e2e")
+    cfg = write_config(tmp, {
+        "alice": {"token": ALICE, "quota": {"images_per_day": 200, "requests_per_minute": 100,
+                                            "max_concurrent": 4}},
+        "carol": {"token": CAROL, "quota": {"images_per_day": 0}},
+    })
+    inner = f"/tmp/vg-e2e-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    host = gimp_root / inner.lstrip("/")
+    host.mkdir(parents=True)
+    try:
+        profile = host / "profile"
+        # The installer under test puts the plug-in into the isolated GIMP3_DIRECTORY.
+        assert gimp_install.main([profile], False, "linux", {}, tmp) == 0
+        plugin_dir = profile / "plug-ins" / "generate-variations"
+        (host / "out").mkdir()
+        (host / "debug").mkdir()
+        shutil.copy(HERE / "gimp" / "e2e_batch.py", host / "e2e_batch.py")
+        with running_gateway(tmp, cfg) as gw:
+            dead_url = f"http://127.0.0.1:{free_port()}"
+            job = {
+                "out": f"{inner}/out", "debug_dir": f"{inner}/debug",
+                "plugin_dir": f"{inner}/profile/plug-ins/generate-variations",
+                "url": gw.url, "dead_url": dead_url,
+                "tokens": {"alice": ALICE, "carol": CAROL},
+            }
+            (host / "job.json").write_text(json.dumps(job))
+            cmd = [
+                "chroot", str(gimp_root), "env", "-i", "HOME=/root", "LANG=C.UTF-8",
+                "PATH=/usr/local/bin:/usr/bin:/bin", f"GIMP3_DIRECTORY={inner}/profile",
+                f"VARIATIONS_GATEWAY_DEBUG_DIR={inner}/debug",
+                "gimp-console-3.0", "-i", "--batch-interpreter=python-fu-eval", "-b",
+                f"JOB='{inner}/job.json'; exec(open('{inner}/e2e_batch.py').read())", "--quit",
+            ]
+            t0 = time.monotonic()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=GIMP_TIMEOUT,
+                                  stdin=subprocess.DEVNULL)
+            print(f"gimp-console batch run: {time.monotonic() - t0:.1f} s")
+            results_file = host / "out" / "results.json"
+            assert results_file.exists(), (
+                f"the batch script did not finish (exit {proc.returncode}):\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            results = json.loads(results_file.read_text())
+            assert plugin_dir.is_dir()
+            yield Run(results, host / "out", profile, gw.url, dead_url, proc.stderr)
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def pattern(w: int, h: int, salt: int = 0) -> bytes:
+    """The RGBA pixels e2e_batch.py paints (keep in step with its ``pattern``)."""
+    out = bytearray()
+    for y in range(h):
+        for x in range(w):
+            out += bytes(((x * 255) // max(1, w - 1), (y * 255) // max(1, h - 1),
+                          (x ^ y ^ salt) & 255, 255))
+    return bytes(out)
+
+
+def crop(rgba: bytes, w: int, x: int, y: int, cw: int, ch: int) -> bytes:
+    return b"".join(rgba[((y + r) * w + x) * 4:((y + r) * w + x + cw) * 4] for r in range(ch))
+
+
+def layer_pixels(run: Run, case: str, k: int, size: tuple[int, int]) -> Image.Image:
+    data = (run.out / f"{case}-layer{k}.rgba").read_bytes()
+    assert len(data) == size[0] * size[1] * 4
+    return Image.frombytes("RGBA", size, data)
+
+
+def served(run: Run, case: str, n: int, size: str) -> list[Image.Image]:
+    """What the gateway serves for the very PNG the plug-in uploaded: the cache answers
+    (X-Cache: HIT) with the same images the plug-in received."""
+    upload = (run.out / f"{case}-upload.png").read_bytes()
+    status, headers, body = post_variations(run.gateway_url, ALICE, upload, n, size)
+    assert status == 200, body
+    assert headers.get("x-cache") == "HIT"
+    import base64
+
+    return [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGBA")
+            for d in body["data"]]
+
+
+def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    assert a.size == b.size
+    pa, pb = a.convert("RGB").tobytes(), b.convert("RGB").tobytes()
+    return sum(abs(x - y) for x, y in zip(pa, pb, strict=True)) / len(pa)
+
+
+def group_of(case: dict[str, Any]) -> dict[str, Any]:
+    top = case["after"][0]
+    assert top["group"] is True
+    return top
+
+
+def assert_group(case: dict[str, Any], source: str, n: int, size: list[int],
+                 offsets: list[int]) -> None:
+    assert case["status"] == "success", case["message"]
+    group = group_of(case)
+    assert group["name"] == f"Variations of {source}"
+    # The group sits right above the source layer; the other layers are untouched.
+    assert case["after"][1:] == case["before"]
+    assert case["after"][1]["name"] == source
+    assert [c["name"] for c in group["children"]] == [f"Variation {k}" for k in
+                                                      range(1, n + 1)]
+    for child in group["children"]:
+        assert child["size"] == size
+        assert child["offsets"] == offsets
+        assert child["group"] is False
+
+
+# ------------------------------------------------------------------ the cases
+
+
+def test_rgb_layer_300x200_three_variations_256(gimp_run: Run) -> None:
+    c = gimp_run.case("rgb")
+    assert c["layer_type"] == "rgb-image"
+    # scale-to-source off: 256x256 results centred on the 300x200 layer.
+    assert_group(c, "photo", 3, [256, 256], [22, -28])
+    # The upload is the centre 200x200 crop of the layer, not upscaled.
+    up = Image.open(gimp_run.out / c["upload"])
+    assert up.size == (200, 200)
+    assert up.convert("RGBA").tobytes() == crop(pattern(300, 200), 300, 50, 0, 200, 200)
+    # Pixel for pixel what the gateway served, in order.
+    images = served(gimp_run, "rgb", 3, "256x256")
+    for k, img in enumerate(images, start=1):
+        layer = layer_pixels(gimp_run, "rgb", k, (256, 256))
+        assert layer.tobytes() == img.tobytes(), f"Variation {k} differs from the gateway's"
+    assert images[0].tobytes() != images[1].tobytes()
+
+
+def test_rgba_layer_with_offset_and_selection_padded(gimp_run: Run) -> None:
+    c = gimp_run.case("rgba-offset-selection")
+    assert c["layer_type"] == "rgba-image"
+    # Selection (50,60) 200x100 on a 240x160 layer at (30,40); pad + scale-to-source:
+    # results fill exactly the selected region.
+    assert_group(c, "sprite", 2, [200, 100], [50, 60])
+    up = Image.open(gimp_run.out / c["upload"]).convert("RGBA")
+    assert up.size == (200, 200)
+    raw = up.tobytes()
+    # 50 transparent rows above and below, the selected pixels in between.
+    assert all(a == 0 for a in raw[3:200 * 50 * 4:4])
+    assert all(a == 0 for a in raw[200 * 150 * 4 + 3::4])
+    assert raw[200 * 50 * 4:200 * 150 * 4] == crop(pattern(240, 160), 240, 20, 20, 200, 100)
+    images = served(gimp_run, "rgba-offset-selection", 2, "256x256")
+    for k, img in enumerate(images, start=1):
+        layer = layer_pixels(gimp_run, "rgba-offset-selection", k, (200, 100))
+        expected = img.resize((200, 200), Image.Resampling.BICUBIC).crop((0, 50, 200, 150))
+        other = images[2 - k].resize((200, 200), Image.Resampling.BICUBIC).crop(
+            (0, 50, 200, 150))
+        d = mean_abs_diff(layer, expected)
+        assert d < 6, f"Variation {k} is not the gateway's image scaled back (diff {d:.1f})"
+        assert d < mean_abs_diff(layer, other)
+
+
+def test_indexed_image_center_crop_scaled_back(gimp_run: Run) -> None:
+    c = gimp_run.case("indexed")
+    assert c["image_base"] == "indexed" and c["layer_type"] == "indexed-image"
+    # 120x90, crop mode, 512x512 results scaled back over the 90x90 centre square.
+    assert_group(c, "flat", 2, [90, 90], [15, 0])
+    up = Image.open(gimp_run.out / c["upload"])
+    assert up.size == (90, 90)
+    images = served(gimp_run, "indexed", 2, "512x512")
+    assert all(img.size == (512, 512) for img in images)
+
+
+def test_grey_layer_stretched(gimp_run: Run) -> None:
+    c = gimp_run.case("grey-stretch")
+    assert c["layer_type"] == "gray-image"
+    assert_group(c, "grey", 1, [64, 48], [0, 0])
+    up = Image.open(gimp_run.out / c["upload"]).convert("RGBA")
+    assert up.size == (64, 64)
+    r, g, b, _ = up.split()
+    assert r.tobytes() == g.tobytes() == b.tobytes()
+
+
+def test_exhausted_quota_fails_cleanly_with_a_sentence(gimp_run: Run) -> None:
+    c = gimp_run.case("quota")
+    assert c["status"] == "execution-error"
+    assert c["message"].startswith(
+        "Your image quota on the gateway is used up: 0 of 0 images are left; it resets in ")
+    assert c["message"].endswith("Ask for fewer variations, or wait until it resets.")
+    assert c["after"] == c["before"]  # nothing half-done
+
+
+def test_bad_token_and_unreachable_gateway(gimp_run: Run) -> None:
+    c = gimp_run.case("bad-token")
+    assert c["status"] == "execution-error"
+    assert c["message"].startswith("The gateway rejected your token")
+    assert c["after"] == c["before"]
+    c = gimp_run.case("unreachable")
+    assert c["status"] == "execution-error"
+    assert c["message"].startswith(
+        f"Could not reach the variations gateway at {gimp_run.dead_url}/v1/images/variations")
+    assert c["after"] == c["before"]
+
+
+def test_settings_procedure_reports_the_quota(gimp_run: Run) -> None:
+    c = gimp_run.case("settings-procedure")
+    assert c["status"] == "success"
+    assert c["summary"].startswith("Connected as alice: ")
+    assert "of 200 images left today (resets " in c["summary"]
+    assert gimp_run.results["settings_mode"] == "0o600"
+
+
+def test_menu_entries(gimp_run: Run) -> None:
+    menu = gimp_run.results["menu"]
+    assert menu["python-fu-generate-variations"] == {
+        "label": "Generate _Variations...", "paths": ["<Image>/Filters"]}
+    assert menu["python-fu-generate-variations-settings"]["paths"] == ["<Image>/Filters"]
+
+
+def test_token_never_lands_in_the_xcf_or_gimps_own_files(gimp_run: Run) -> None:
+    xcf = (gimp_run.out / gimp_run.results["xcf"]).read_bytes()
+    assert xcf.startswith(b"gimp xcf ")
+    assert b"Variations of photo" in xcf  # the saved image holds the run's result
+    for token in (ALICE, CAROL):
+        assert token.encode() not in xcf
+    # Only the 0600 settings file holds it; not pluginrc, not GIMP's saved arguments.
+    holders = []
+    for p in gimp_run.profile.rglob("*"):
+        if p.is_file() and ALICE.encode() in p.read_bytes():
+            holders.append(p.name)
+    assert holders == ["generate-variations.json"]
