@@ -43,6 +43,10 @@ OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.0
                     0.25, 1)
 UPLOAD_BUCKETS = (16e3, 64e3, 256e3, 512e3, 1e6, 2e6, 3e6, 4e6)
 BREAKER_STATES = ("closed", "half_open", "open")
+# The fixed label sets of gateway.quota (``QuotaRejected.limit``) and gateway.abuse.
+QUOTA_LIMITS = ("blocked", "requests_per_minute", "max_concurrent", "images_per_day",
+                "images_per_month", "budget_usd_per_month")
+ABUSE_REASONS = ("many_end_users", "repeated_limit_hits")
 UNKNOWN_USER = "_unknown"
 ANONYMOUS_USER = "anonymous"
 OTHER = "other"
@@ -93,8 +97,8 @@ class Metrics:
     """All metric families of one gateway instance.
 
     ``members`` are the user names in the config (the only ``user`` label values besides
-    ``anonymous`` and ``_unknown``); ``backends`` are the configured backend names, whose
-    breaker series start as ``closed``.
+    ``anonymous`` and ``_unknown``); their per-member counters start at 0. ``backends``
+    are the configured backend names, whose breaker series start as ``closed``.
     """
 
     def __init__(self, members: Iterable[str], backends: Iterable[str] = ()) -> None:
@@ -165,7 +169,7 @@ class Metrics:
                                    "Circuit breaker state: 1 for the current state, else 0.",
                                    ["backend", "state"], registry=r)
         self.backend_up = Gauge(P + "backend_up",
-                                "1 when the backend's circuit is not open, else 0.",
+                                "1 when the backend's circuit is closed, else 0.",
                                 ["backend"], registry=r)
 
         # Audit and abuse (gateway.app).
@@ -180,9 +184,13 @@ class Metrics:
 
         self._cache_stats: tuple[int, int] = (0, 0)
         r.register(_CacheCollector(self))
-        for name in names:  # members start at 0, so rate() sees their first request
+        for name in names:  # members' series start at 0, so increase() sees the first event
             for family in (self.user_requests, self.images_by_user, self.spend_usd):
                 family.labels(name)
+            for limit in QUOTA_LIMITS:
+                self.quota_rejections.labels(limit, name)
+            for reason in ABUSE_REASONS:
+                self.abuse_suspected.labels(reason, name)
         for backend in backends:
             self.set_breaker(backend, "closed")
 
@@ -199,7 +207,7 @@ class Metrics:
             raise ValueError(f"unknown breaker state {state!r}")
         for s in BREAKER_STATES:
             self.breaker_state.labels(backend, s).set(1 if s == state else 0)
-        self.backend_up.labels(backend).set(0 if state == "open" else 1)
+        self.backend_up.labels(backend).set(1 if state == "closed" else 0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
