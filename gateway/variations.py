@@ -115,21 +115,21 @@ async def create_variation(request: web.Request) -> web.Response:
             metrics.images_generated.labels(result.backend, form.size_label).inc(count)
             return result.images
 
-        # Look up the cache, generating only what is missing.
+        # Look up the cache, generating only what is missing; store (and sign) what we
+        # answer, then settle the quota before the client sees it. Until the commit, any
+        # failure or a disconnect (cancellation) refunds the reservation.
         try:
             result: CacheResult = await app[CACHE].serve(key, form.n, policy, generate)
+            data = await loop.run_in_executor(
+                None, render_items, result.items, form.response_format, app[IMAGES],
+                base_url(request, config.server.public_base_url))
+            cost = price * result.generated
+            if reservation is not None:
+                await quota.commit(reservation, result.generated, cost)
         except BaseException:
             if reservation is not None:
                 await quota.refund(reservation)
             raise
-
-        # Store (and sign) what we answer, then settle the quota before the client sees it.
-        data = await loop.run_in_executor(
-            None, render_items, result.items, form.response_format, app[IMAGES],
-            base_url(request, config.server.public_base_url))
-        cost = price * result.generated
-        if reservation is not None:
-            await quota.commit(reservation, result.generated, cost)
         await quota.count_request(principal, cache_hit=result.generated == 0)
         statuses = await quota.usage(principal)
 

@@ -1,0 +1,275 @@
+"""Per-user quotas (issue 3): exact under concurrency, refunded on failure and disconnect.
+
+The backend is the test-only ``instrumented`` kind (see instrumented_backend.py): it
+counts calls and in-flight requests and can hold calls at a gate, so "more than the
+limit reached the backend" is observable rather than inferred from timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from typing import Any
+
+import pytest
+from instrumented_backend import Answer, Start, poll, register, usage, vary
+from support import ADMIN_TOKEN, TOKENS, png_bytes, sha
+
+from gateway.keys import AUDIT, IMAGES
+
+DURATION = re.compile(r"^(\d+h)?(\d+m)?\d+s$|^\d+ms$")
+ENVELOPE_KEYS = {"message", "type", "param", "code"}
+
+
+@pytest.fixture
+def instrumented(monkeypatch: pytest.MonkeyPatch, gateway_client: Any) -> Start:
+    return register(monkeypatch, gateway_client)
+
+
+def seconds_to_utc_midnight() -> float:
+    now = time.time()
+    return 86400 - now % 86400
+
+
+def assert_image_headers(a: Answer, limit: int) -> None:
+    assert a.headers["x-ratelimit-limit-images"] == str(limit)
+    assert 0 <= int(a.headers["x-ratelimit-remaining-images"]) <= limit
+    assert DURATION.match(a.headers["x-ratelimit-reset-images"]), a.headers
+
+
+def assert_quota_429(a: Answer, limit: int) -> None:
+    assert a.status == 429
+    assert set(a.body["error"]) == ENVELOPE_KEYS
+    assert a.body["error"]["code"] == "quota_exceeded"
+    message = a.body["error"]["message"]
+    assert "images per day" in message and "0 remaining" in message
+    assert "resets in" in message
+    assert_image_headers(a, limit)
+    assert a.headers["x-ratelimit-remaining-images"] == "0"
+    retry_after = int(a.headers["retry-after"])
+    assert abs(retry_after - seconds_to_utc_midnight()) < 60
+    if seconds_to_utc_midnight() > 180:  # the reset is hours away: the SDK must not retry
+        assert a.headers["x-should-retry"] == "false"
+
+
+async def burst(client: Any, count: int, first_seed: int = 0, **kwargs: Any
+                ) -> list[asyncio.Task[Answer]]:
+    """``count`` concurrent requests, each with its own image (all cache misses)."""
+    return [asyncio.create_task(vary(client, png_bytes(seed=first_seed + i), **kwargs))
+            for i in range(count)]
+
+
+async def test_50_concurrent_n1_with_images_per_day_5(instrumented: Start) -> None:
+    """Acceptance: exactly 5 x 200 and 45 x 429 with the right headers."""
+    client, backend = await instrumented(quota_defaults={"images_per_day": 5})
+    backend.gate.clear()  # admitted requests wait at the backend, reservations held
+    tasks = await burst(client, 50)
+    await poll(lambda: sum(t.done() for t in tasks) + backend.in_flight >= 50,
+               "every request answered or at the backend")
+    assert backend.in_flight == 5
+    rejected = [t.result() for t in tasks if t.done()]
+    assert len(rejected) == 45
+    backend.gate.set()
+    answers = await asyncio.gather(*tasks)
+    ok = [a for a in answers if a.status == 200]
+    assert len(ok) == 5
+    for a in rejected:
+        assert_quota_429(a, 5)
+    for a in ok:
+        assert len(a.body["data"]) == 1
+        assert_image_headers(a, 5)
+    assert sorted(int(a.headers["x-ratelimit-remaining-images"]) for a in ok)[0] == 0
+    assert backend.calls == [1] * 5
+    day = (await usage(client))["limits"]["images_per_day"]
+    assert (day["used"], day["remaining"], day["limit"]) == (5, 0, 5)
+
+
+async def test_50_concurrent_with_max_concurrent_2(instrumented: Start) -> None:
+    """Acceptance: with max_concurrent: 2 the backend never has 3 requests in flight."""
+    client, backend = await instrumented(
+        quota_defaults={"images_per_day": 5, "max_concurrent": 2})
+    backend.gate.clear()
+    tasks = await burst(client, 50)
+    await poll(lambda: sum(t.done() for t in tasks) + backend.in_flight >= 50,
+               "every request answered or at the backend")
+    assert backend.in_flight == 2
+    for t in tasks:
+        if t.done():
+            a = t.result()
+            assert a.status == 429 and a.body["error"]["code"] == "rate_limit_exceeded"
+            assert "in flight" in a.body["error"]["message"]
+            assert int(a.headers["retry-after"]) >= 1
+            assert_image_headers(a, 5)
+    backend.gate.set()
+    first = await asyncio.gather(*tasks)
+    assert sum(a.status == 200 for a in first) == 2
+    # An ungated burst: still never 3 at the backend, never more than 5 images.
+    second = await asyncio.gather(*await burst(client, 50, first_seed=50))
+    assert backend.peak == 2
+    ok = sum(a.status == 200 for a in first + second)
+    assert ok <= 5
+    assert {a.status for a in second} <= {200, 429}
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == ok == len(backend.calls)
+
+
+async def test_failing_backend_charges_nothing(instrumented: Start) -> None:
+    """Acceptance: after 20 failed requests the user's usage is 0 (reservations refunded).
+
+    The limit is 5 images, so an unrefunded reservation would turn failure 6 onward into
+    a 429 instead of reaching the backend.
+    """
+    client, backend = await instrumented(
+        fail=True, quota_defaults={"images_per_day": 5, "budget_usd_per_month": 1.0})
+    answers = []
+    for wave in range(4):  # 4 waves of 5 concurrent failures
+        answers += await asyncio.gather(
+            *(vary(client, png_bytes(seed=wave * 5 + i)) for i in range(5)))
+    assert [a.status for a in answers] == [502] * 20
+    assert {a.body["error"]["code"] for a in answers} == {"upstream_error"}
+    assert len(backend.calls) == 20
+    limits = (await usage(client))["limits"]
+    assert limits["images_per_day"]["used"] == 0
+    assert limits["images_per_month"]["used"] == 0
+    assert limits["budget_usd_per_month"]["used"] == 0
+    async with client.get("/admin/usage",
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        row = (await r.json())["users"]["alice"]
+    assert row["images_today"] == 0 and row["spend_usd_this_month"] == 0
+
+
+async def test_disconnect_while_generating_refunds(instrumented: Start) -> None:
+    """A client that goes away while the backend works is not charged."""
+    client, backend = await instrumented(quota_defaults={"images_per_day": 1})
+    backend.gate.clear()
+    task = asyncio.create_task(vary(client, png_bytes(seed=1)))
+    await poll(lambda: backend.in_flight == 1, "the request at the backend")
+    task.cancel()  # closes the connection; the server cancels the handler
+    await poll(lambda: backend.in_flight == 0, "the handler cancelled")
+    backend.gate.set()
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 0
+    a = await vary(client, png_bytes(seed=2))
+    assert a.status == 200, a.body
+
+
+async def test_disconnect_after_generating_refunds(instrumented: Start, monkeypatch: Any
+                                                   ) -> None:
+    """Disconnecting after the backend answered but before the response: no charge, and
+    the reservation does not stay held (the next request is admitted)."""
+    client, backend = await instrumented(quota_defaults={"images_per_day": 1})
+    store = client.app[IMAGES]
+    entered, release = threading.Event(), threading.Event()
+    original = store.put_file
+
+    def slow_put_file(source: Any, image_id: str) -> str:
+        entered.set()
+        release.wait(10)
+        return original(source, image_id)
+
+    monkeypatch.setattr(store, "put_file", slow_put_file)
+    try:
+        task = asyncio.create_task(
+            vary(client, png_bytes(seed=1), response_format="url"))
+        await poll(entered.is_set, "the response being rendered")
+        task.cancel()
+        await poll(lambda: _audited_status(client) == 499, "the 499 audit record")
+    finally:
+        release.set()
+    monkeypatch.setattr(store, "put_file", original)
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 0
+    a = await vary(client, png_bytes(seed=2))
+    assert a.status == 200, a.body
+    assert len(backend.calls) == 2
+
+
+def _audited_status(client: Any) -> int | None:
+    rows = client.app[AUDIT].query(limit=1)
+    return rows[0]["status"] if rows else None
+
+
+async def test_cache_hits_cost_no_images_but_count_as_requests(instrumented: Start) -> None:
+    client, backend = await instrumented(
+        quota_defaults={"images_per_day": 5, "requests_per_minute": 3})
+    image = png_bytes(seed=3)
+    answers = [await vary(client, image) for _ in range(3)]
+    assert [a.headers["X-Cache"] for a in answers] == ["MISS", "HIT", "HIT"]
+    assert [a.headers["x-ratelimit-remaining-images"] for a in answers] == ["4", "4", "4"]
+    limited = await vary(client, image)
+    assert limited.status == 429
+    assert limited.body["error"]["code"] == "rate_limit_exceeded"
+    assert "3 requests per minute" in limited.body["error"]["message"]
+    assert 1 <= int(limited.headers["retry-after"]) <= 60
+    assert "x-should-retry" not in limited.headers  # seconds away: the SDK may retry
+    limits = (await usage(client))["limits"]
+    assert limits["images_per_day"]["used"] == 1
+    assert limits["requests_per_minute"]["used"] == 3
+    assert limits["requests_per_minute"]["remaining"] == 0
+    async with client.get("/admin/usage",
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        row = (await r.json())["users"]["alice"]
+    assert (row["requests_today"], row["cache_hits_today"], row["images_today"]) == (3, 2, 1)
+    assert backend.calls == [1]
+
+
+async def test_month_limit_and_partial_reservation(instrumented: Start) -> None:
+    client, backend = await instrumented(
+        quota_defaults={"images_per_day": None, "images_per_month": 3})
+    assert (await vary(client, png_bytes(seed=1), n=2)).status == 200
+    a = await vary(client, png_bytes(seed=2), n=2)
+    assert a.status == 429 and a.body["error"]["code"] == "quota_exceeded"
+    assert "calendar month" in a.body["error"]["message"]
+    assert "1 remaining, 2 requested" in a.body["error"]["message"]
+    assert a.headers["x-ratelimit-remaining-images"] == "1"
+    assert (await vary(client, png_bytes(seed=2), n=1)).status == 200
+    assert backend.calls == [2, 1]
+    month = (await usage(client))["limits"]["images_per_month"]
+    assert (month["used"], month["remaining"]) == (3, 0)
+    assert month["resets_at"].endswith("-01T00:00:00Z")
+
+
+async def test_budget_usd_per_month(instrumented: Start) -> None:
+    client, backend = await instrumented(
+        quota_defaults={"images_per_day": None, "budget_usd_per_month": 0.05})
+    ok = [await vary(client, png_bytes(seed=i)) for i in range(3)]  # 3 x 0.016 at 256
+    assert [a.status for a in ok] == [200] * 3
+    a = await vary(client, png_bytes(seed=9))
+    assert a.status == 429 and a.body["error"]["code"] == "quota_exceeded"
+    assert "budget" in a.body["error"]["message"]
+    budget = (await usage(client))["limits"]["budget_usd_per_month"]
+    assert budget["used"] == 0.048
+    assert len(backend.calls) == 3
+
+
+async def test_config_blocked_user_gets_403(instrumented: Start) -> None:
+    client, backend = await instrumented(users={
+        "alice": {"token_sha256": _alice_sha(), "quota": {"blocked": True}}})
+    a = await vary(client, png_bytes())
+    assert a.status == 403 and a.body["error"]["code"] == "user_blocked"
+    assert a.headers["x-should-retry"] == "false"
+    assert (await usage(client))["blocked"] is True
+    assert backend.calls == []
+
+
+def _alice_sha() -> str:
+    return sha(TOKENS["alice"])
+
+
+async def test_usage_lists_every_limit(instrumented: Start) -> None:
+    client, _ = await instrumented(quota_defaults={
+        "images_per_day": 10, "images_per_month": 100, "requests_per_minute": 30,
+        "max_concurrent": 2, "budget_usd_per_month": 5.0})
+    assert (await vary(client, png_bytes(), n=2)).status == 200
+    body = await usage(client)
+    assert body["user"] == "alice" and body["blocked"] is False
+    limits = body["limits"]
+    assert set(limits) == {"images_per_day", "images_per_month", "budget_usd_per_month",
+                           "requests_per_minute", "max_concurrent"}
+    assert limits["images_per_day"] | {"resets_at": None} == {
+        "limit": 10, "used": 2, "remaining": 8, "resets_at": None}
+    assert limits["images_per_month"]["remaining"] == 98
+    assert limits["budget_usd_per_month"]["used"] == 0.032
+    assert limits["requests_per_minute"]["used"] == 1
+    assert limits["max_concurrent"]["used"] == 0  # this usage call is not a variation
+    bob = await usage(client, "bob")
+    assert bob["limits"]["images_per_day"]["used"] == 0
