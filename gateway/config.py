@@ -296,6 +296,8 @@ class _Builder:
             return cls(**self.dataclass(cls, raw, path))
         except TypeError as exc:  # a required field missing
             raise self.error(str(exc).split(".__init__() ")[-1], path) from None
+        except ValueError as exc:  # a dataclass's own range checks (__post_init__)
+            raise self.error(str(exc), path) from None
 
     def value(self, tp: Any, raw: Any, path: str) -> Any:
         origin = typing.get_origin(tp)

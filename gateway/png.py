@@ -153,7 +153,20 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(data: bytes, info: PngInfo) -> DecodedImage:
+def is_plain(info: PngInfo) -> bool:
+    """Already what backends take: 8-bit RGB or RGBA, one frame."""
+    return info.bit_depth == 8 and info.color_type in (2, 6) and not info.animated
+
+
+def source_without_hash(data: bytes, info: PngInfo, upload_sha256: str) -> SourceImage:
+    """The backend's input when the cache is bypassed: no pixel hash is needed then,
+    and a plain upload is passed on without decoding it here at all."""
+    if is_plain(info):
+        return SourceImage(data, info.width, info.height, "", upload_sha256)
+    return decode(data, info, upload_sha256).to_source()
+
+
+def decode(data: bytes, info: PngInfo, upload_sha256: str) -> DecodedImage:
     """Decode validated PNG bytes (CPU-bound: run in an executor).
 
     RGB and opaque inputs hash as RGBA with alpha 255, so an RGB export and an RGBA
@@ -173,13 +186,12 @@ def decode(data: bytes, info: PngInfo) -> DecodedImage:
     rgba = img if img.mode == "RGBA" else img.convert("RGBA")
     h = hashlib.sha256(f"{img.width}x{img.height}:".encode())
     h.update(rgba.tobytes())
-    reusable = info.bit_depth == 8 and info.color_type in (2, 6) and not info.animated
     return DecodedImage(
         image=img,
         width=img.width,
         height=img.height,
         pixels_sha256=h.hexdigest(),
-        upload_sha256=hashlib.sha256(data).hexdigest(),
+        upload_sha256=upload_sha256,
         upload=data,
-        reusable=reusable,
+        reusable=is_plain(info),
     )

@@ -1,0 +1,398 @@
+"""``make bench``: measured figures, each next to a baseline run in the same process.
+
+Sections (each prints a Markdown table; all are written to ``tests/perf/REPORT.md`` with
+the commit they were measured on):
+
+- procedural backend wall time per size and n;
+- gateway added latency on a miss: whole request minus the backend's own time, for a
+  512x512 upload, against calling the backend function directly;
+- cache hits (url and b64_json): latency and throughput of a real gateway process under
+  wrk, against nginx serving the same response bytes as a static file;
+- Redis-backed state next to SQLite (when ``tests/perf/bench_redis.py`` is present).
+
+The gateway and nginx are pinned to core 0, wrk to core 1, so client and server do not
+fight for one core. Goals are printed beside the figures; nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import io
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from aiohttp import web
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support import free_port, wait_http  # noqa: E402
+
+from gateway import logs  # noqa: E402
+from gateway.app import build_app  # noqa: E402
+from gateway.backends.base import VariationRequest  # noqa: E402
+from gateway.config import build_config  # noqa: E402
+from gateway.keys import ROUTER  # noqa: E402
+
+REPORT = ROOT / "tests" / "perf" / "REPORT.md"
+PIN_SERVER = ["taskset", "-c", "0"] if shutil.which("taskset") and os.cpu_count() != 1 else []
+PIN_CLIENT = ["taskset", "-c", "1"] if PIN_SERVER else []
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def table(title: str, rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return f"### {title}\n\n(no rows)\n"
+    cols = list(rows[0])
+    out = [f"### {title}", "", "| " + " | ".join(cols) + " |",
+           "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def photo_png(edge: int) -> bytes:
+    """A photo-like square PNG (what an artist's layer export looks like)."""
+    base = Image.effect_mandelbrot((edge, edge), (-2.0, -1.5, 1.0, 1.5), 60)
+    img = Image.merge("RGB", (base, base.rotate(90), base.transpose(
+        Image.Transpose.FLIP_LEFT_RIGHT)))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def raw_config(tmp: Path, **extra: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "auth": {"mode": "none"},
+        "quota_defaults": {"images_per_day": None, "requests_per_minute": None,
+                           "max_concurrent": None},
+        "state": {"kind": "sqlite", "path": str(tmp / "state.sqlite3")},
+        "cache": {"dir": str(tmp / "cache")},
+        "images": {"dir": str(tmp / "images")},
+        "audit": {"path": str(tmp / "audit.sqlite3")},
+        "logging": {"level": "warning"},
+        "backends": [{"name": "local", "kind": "procedural"}],
+        "route": ["local"],
+    }
+    raw.update(extra)
+    return raw
+
+
+# ------------------------------------------------------------------ procedural
+
+
+def bench_procedural() -> list[dict[str, Any]]:
+    mod = importlib.import_module("bench_procedural")
+    rows = mod.run()
+    for r in rows:
+        if r.get("size") == 1024 and r.get("n") == 10:
+            r["goal"] = "< 2000 ms"
+    return rows
+
+
+# ------------------------------------------------------------------ overhead
+
+
+async def _overhead(requests: int = 200) -> list[dict[str, Any]]:
+    """Client-observed latency minus the backend's own time, per request."""
+    # The server logs one JSON line per request, as in production (to a discarded stream).
+    logs.configure("info", "json", stream=open(os.devnull, "w"))  # noqa: SIM115, ASYNC230
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        app = build_app(build_config(raw_config(tmp)))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        backend = app[ROUTER].backends["local"]
+        original = backend.generate
+        backend_times: list[float] = []
+
+        async def timed(request: VariationRequest) -> list[bytes]:
+            t = time.perf_counter()
+            try:
+                return await original(request)
+            finally:
+                backend_times.append(time.perf_counter() - t)
+
+        backend.generate = timed  # type: ignore[method-assign]
+        upload = photo_png(512)
+        # Distinct uploads (one pixel differs) so that cache-on requests are all misses.
+        base = Image.open(io.BytesIO(upload)).convert("RGB")
+        distinct = []
+        for i in range(requests + 10):
+            img = base.copy()
+            img.putpixel((i % 512, i // 512), (i % 256, 7, 9))
+            buf = io.BytesIO()
+            img.save(buf, "PNG")
+            distinct.append(buf.getvalue())
+        rows = []
+        try:
+            async with aiohttp.ClientSession() as http:
+                for mode, size in (("cache miss, new image", "256x256"),
+                                   ("cache miss, new image", "512x512"),
+                                   ("Cache-Control: no-store", "512x512")):
+                    overheads, directs = [], []
+                    for i in range(requests + 10):
+                        form = aiohttp.FormData()
+                        body = upload if "no-store" in mode else distinct[i]
+                        form.add_field("image", body, filename="a.png",
+                                       content_type="image/png")
+                        form.add_field("size", size)
+                        form.add_field("response_format", "b64_json")
+                        backend_times.clear()
+                        headers = {"Cache-Control": "no-store"} if "no-store" in mode else {}
+                        t = time.perf_counter()
+                        async with http.post(f"http://127.0.0.1:{port}/v1/images/variations",
+                                             data=form, headers=headers) as r:
+                            await r.read()
+                            assert r.status == 200, r.status
+                        total = time.perf_counter() - t
+                        if i >= 10:  # warm-up
+                            overheads.append((total - sum(backend_times)) * 1000)
+                            directs.append(sum(backend_times) * 1000)
+                    # The backend called directly, same process, same input.
+                    direct = []
+                    for i in range(50):
+                        t = time.perf_counter()
+                        await original(_direct_request(upload, int(size.split("x")[0]), i))
+                        direct.append((time.perf_counter() - t) * 1000)
+                    rows.append({
+                        "request": mode,
+                        "upload": f"512x512 PNG, {len(upload) // 1024} KB", "size": size,
+                        "n": 1, "backend direct p50 ms": statistics.median(direct),
+                        "backend in gateway p50 ms": statistics.median(directs),
+                        "added p50 ms": pct(overheads, 50), "added p99 ms": pct(overheads, 99),
+                        "goal": "added p50 < 3 ms",
+                    })
+        finally:
+            await runner.cleanup()
+    return rows
+
+
+def _direct_request(upload: bytes, size: int, seed: int) -> VariationRequest:
+    from gateway.backends.base import SourceImage
+
+    source = SourceImage(upload, 512, 512, "bench", "bench")
+    return VariationRequest(source, 1, size, None, f"direct-{seed}", seed)
+
+
+# ------------------------------------------------------------------ wrk and nginx
+
+
+WRK_LUA = """
+local f = io.open(os.getenv("BENCH_BODY"), "rb")
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. os.getenv("BENCH_BOUNDARY")
+"""
+
+
+def multipart(fields: dict[str, str], image: bytes, boundary: str = "benchboundary") -> bytes:
+    parts = []
+    for k, v in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
+                     f"{v}\r\n".encode())
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+                 f'filename="a.png"\r\nContent-Type: image/png\r\n\r\n'.encode() + image
+                 + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts)
+
+
+def wrk(url: str, connections: int, seconds: int, lua: Path | None = None,
+        env: dict[str, str] | None = None) -> dict[str, float]:
+    cmd = [*PIN_CLIENT, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+           "--timeout", "10s"]
+    if lua:
+        cmd += ["-s", str(lua)]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})}).stdout
+    def latency(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": latency("50"), "p99": latency("99"),
+            "non2xx": float(errors.group(1)) if errors else 0.0}
+
+
+@contextlib.contextmanager
+def nginx_static(files: dict[str, bytes]) -> Iterator[str]:
+    """nginx (1 worker, pinned like the gateway) serving ``files`` statically."""
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        (root / "www").mkdir()
+        for name, data in files.items():
+            (root / "www" / name).write_bytes(data)
+        port = free_port()
+        conf = root / "nginx.conf"
+        conf.write_text(f"""
+daemon off; worker_processes 1; pid {root}/nginx.pid; error_log {root}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  server {{
+    listen 127.0.0.1:{port};
+    root {root}/www;
+    default_type application/json;
+    # static files answer GET; map POST to GET so the load is the same as the gateway's
+    error_page 405 =200 $uri;
+  }}
+}}
+""")
+        proc = subprocess.Popen([*PIN_SERVER, "nginx", "-c", str(conf), "-p", str(root)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/{next(iter(files))}", proc=proc)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def gateway_process(raw: dict[str, Any], tmp: Path) -> Iterator[str]:
+    port = free_port()
+    raw = {**raw, "server": {**raw["server"], "port": port}}
+    cfg = tmp / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([*PIN_SERVER, sys.executable, "-m", "gateway", "serve",
+                             "--config", str(cfg)], cwd=tmp, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def bench_cache_hits(seconds: int = 5) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        lua = tmp / "post.lua"
+        lua.write_text(WRK_LUA)
+        image = photo_png(512)
+        with gateway_process(raw_config(tmp), tmp) as gw:
+            bodies = {}
+            for fmt in ("url", "b64_json"):
+                body = multipart({"n": "1", "size": "512x512", "response_format": fmt}, image)
+                (tmp / f"{fmt}.body").write_bytes(body)
+                # Prime the cache and capture the exact response bytes for nginx.
+                import urllib.request
+
+                req = urllib.request.Request(
+                    gw + "/v1/images/variations", data=body,
+                    headers={"Content-Type": "multipart/form-data; boundary=benchboundary"})
+                with urllib.request.urlopen(req) as r:
+                    bodies[fmt] = r.read()
+            results: dict[tuple[str, str, int], dict[str, float]] = {}
+            for fmt in ("url", "b64_json"):
+                env = {"BENCH_BODY": str(tmp / f"{fmt}.body"),
+                       "BENCH_BOUNDARY": "benchboundary"}
+                for conns in (1, 16):
+                    results[("gateway", fmt, conns)] = wrk(
+                        gw + "/v1/images/variations", conns, seconds, lua, env)
+        with nginx_static({f"{k}.json": v for k, v in bodies.items()}) as ng:
+            for fmt in ("url", "b64_json"):
+                env = {"BENCH_BODY": str(tmp / f"{fmt}.body"),
+                       "BENCH_BOUNDARY": "benchboundary"}
+                for conns in (1, 16):
+                    results[("nginx", fmt, conns)] = wrk(f"{ng}/{fmt}.json", conns, seconds,
+                                                         lua, env)
+    for fmt in ("url", "b64_json"):
+        g1, g16 = results[("gateway", fmt, 1)], results[("gateway", fmt, 16)]
+        n1, n16 = results[("nginx", fmt, 1)], results[("nginx", fmt, 16)]
+        rows.append({
+            "format": fmt, "response bytes": len(bodies[fmt]),
+            "gateway p50 ms (c=1)": g1["p50"], "gateway p99 ms (c=1)": g1["p99"],
+            "nginx p50 ms (c=1)": n1["p50"],
+            "gateway req/s (c=16)": g16["rps"], "nginx req/s (c=16)": n16["rps"],
+            "ratio": g16["rps"] / n16["rps"], "non-2xx": int(g1["non2xx"] + g16["non2xx"]),
+            "goal": "p50 < 3 ms, ratio >= 0.25",
+        })
+    return rows
+
+
+# ------------------------------------------------------------------ main
+
+
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    sections: list[tuple[str, Any]] = [
+        ("Procedural backend: wall time per request", bench_procedural),
+        ("Gateway added latency on a miss (whole request minus backend time, c=1)",
+         lambda: asyncio.run(_overhead())),
+        ("Cache hits, 512x512 n=1: gateway vs nginx static (same bytes)", bench_cache_hits),
+    ]
+    if (Path(__file__).parent / "bench_redis.py").exists():
+        sections.append(("Redis-backed state next to SQLite",
+                         lambda: importlib.import_module("bench_redis").run()))
+    if (Path(__file__).parent / "bench_load.py").exists():
+        sections.append(("Load, memory and startup",
+                         lambda: importlib.import_module("bench_load").run()))
+    header = (f"# Benchmark report\n\nMeasured by `make bench` on commit `{commit()}`, "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+              f"{os.cpu_count()} cores, Python {platform.python_version()}, "
+              f"{platform.machine()}. Server pinned to core 0, load generator to core 1.\n")
+    print(header)
+    parts = [header]
+    for title, fn in sections:
+        started = time.monotonic()
+        try:
+            rows = fn()
+        except Exception as exc:  # one broken section must not hide the others
+            rows = [{"error": f"{type(exc).__name__}: {exc}"}]
+        text = table(title, rows) + f"\n_{time.monotonic() - started:.0f} s_\n"
+        print(text, flush=True)
+        parts.append(text)
+    REPORT.write_text("\n".join(parts))
+    print(f"written to {REPORT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
