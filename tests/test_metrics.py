@@ -1,0 +1,300 @@
+"""``/metrics``: the families and labels, bounded cardinality, no secrets, port and token.
+
+In-process gateways (``gateway_client``) drive real requests through the app; the
+exposition is parsed with prometheus-client's own parser. The separate metrics port
+needs the CLI's server, so that test runs a real gateway process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from support import ADMIN_TOKEN, ROOT, TOKENS, auth, png_bytes, sha
+
+from gateway.metrics import GUARD_LIMIT, OTHER, LabelGuard, Metrics
+
+P = "variations_gateway_"
+# The contract: every family, its type and its label names (docs/metrics.md lists them).
+FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
+    P + "requests": ("counter", frozenset({"route", "status_class", "error_code"})),
+    P + "request_duration_seconds": ("histogram", frozenset({"route"})),
+    P + "request_overhead_seconds": ("histogram", frozenset({"route"})),
+    P + "requests_in_flight": ("gauge", frozenset()),
+    P + "upload_bytes": ("histogram", frozenset()),
+    P + "images_generated": ("counter", frozenset({"backend", "size"})),
+    P + "images_served_from_cache": ("counter", frozenset({"size"})),
+    P + "cache_lookups": ("counter", frozenset({"result"})),
+    P + "cache_saved_usd": ("counter", frozenset()),
+    P + "cache_entries": ("gauge", frozenset()),
+    P + "cache_bytes": ("gauge", frozenset()),
+    P + "quota_rejections": ("counter", frozenset({"limit", "user"})),
+    P + "user_requests": ("counter", frozenset({"user"})),
+    P + "user_images": ("counter", frozenset({"user"})),
+    P + "user_spend_usd": ("counter", frozenset({"user"})),
+    P + "user_budget_used_ratio": ("gauge", frozenset({"user"})),
+    P + "backend_request_duration_seconds": ("histogram", frozenset({"backend"})),
+    P + "backend_errors": ("counter", frozenset({"backend", "kind"})),
+    P + "backend_retries": ("counter", frozenset({"backend"})),
+    P + "backend_circuit_state": ("gauge", frozenset({"backend", "state"})),
+    P + "backend_up": ("gauge", frozenset({"backend"})),
+    P + "audit_events": ("counter", frozenset()),
+    P + "audit_write_errors": ("counter", frozenset()),
+    P + "abuse_suspected": ("counter", frozenset({"reason", "user"})),
+}
+USER_VALUES = frozenset({"alice", "bob", "anonymous", "_unknown"})
+Series = frozenset[tuple[str, tuple[tuple[str, str], ...]]]
+
+
+def series(text: str) -> Series:
+    """Every sample's (name, labels) in an exposition."""
+    return frozenset((s.name, tuple(sorted(s.labels.items())))
+                     for f in text_string_to_metric_families(text) for s in f.samples)
+
+
+def families(text: str) -> dict[str, tuple[str, set[str]]]:
+    out: dict[str, tuple[str, set[str]]] = {}
+    for f in text_string_to_metric_families(text):
+        labels: set[str] = set()
+        for s in f.samples:
+            labels |= set(s.labels) - {"le"}
+        out[f.name] = (f.type, labels)
+    return out
+
+
+def form(user: str | None = None, size: str = "256x256", n: int = 1,
+         model: str | None = None, seed: int = 1) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    data.add_field("image", png_bytes(32, seed=seed), filename="a.png",
+                   content_type="image/png")
+    data.add_field("n", str(n))
+    data.add_field("size", size)
+    if user is not None:
+        data.add_field("user", user)
+    if model is not None:
+        data.add_field("model", model)
+    return data
+
+
+async def scrape(client, headers: dict[str, str] | None = None) -> str:  # type: ignore[no-untyped-def]
+    r = await client.get("/metrics", headers=headers or {})
+    assert r.status == 200, await r.text()
+    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return await r.text()
+
+
+async def post(client, headers: dict[str, str], **kw: object) -> int:  # type: ignore[no-untyped-def]
+    r = await client.post("/v1/images/variations", data=form(**kw), headers=headers)  # type: ignore[arg-type]
+    await r.read()
+    return r.status
+
+
+async def test_families_types_and_labels(gateway_client) -> None:  # type: ignore[no-untyped-def]
+    client = await gateway_client(
+        users={"alice": {"token_sha256": sha(TOKENS["alice"])},
+               "bob": {"token_sha256": sha(TOKENS["bob"]),
+                       "quota": {"images_per_day": 1}}})
+    assert await post(client, auth()) == 200                        # miss, generated
+    assert await post(client, auth()) == 200                        # hit
+    assert await post(client, auth(), n=2) == 200                   # partial
+    assert await post(client, {**auth(), "Cache-Control": "no-store"}) == 200  # bypass
+    assert await post(client, auth("bob"), seed=5) == 200
+    assert await post(client, auth("bob"), seed=6) == 429           # images_per_day
+    assert await post(client, {"Authorization": "Bearer nope"}) == 401
+    assert (await client.get("/no/such/route")).status == 404
+    text = await scrape(client)
+
+    found = families(text)
+    for name, (kind, labels) in FAMILIES.items():
+        assert name in found, f"{name} missing"
+        assert found[name][0] == kind, name
+        # A labelled family with no children yet shows no samples, so no label names.
+        assert found[name][1] in (labels, set()), (name, found[name][1])
+    assert set(found) <= set(FAMILIES), set(found) - set(FAMILIES)
+
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return values[(P + name, tuple(sorted(labels.items())))]
+
+    for result in ("hit", "partial", "miss", "bypass"):
+        assert value("cache_lookups_total", result=result) >= 1, result
+    assert value("quota_rejections_total", limit="images_per_day", user="bob") == 1
+    assert value("requests_total", route="/v1/images/variations", status_class="4xx",
+                 error_code="invalid_api_key") == 1
+    assert value("requests_total", route="unmatched", status_class="4xx",
+                 error_code="not_found") == 1
+    assert value("user_budget_used_ratio", user="bob") == 1.0
+    assert value("images_generated_total", backend="local", size="256x256") == 4
+    assert value("user_images_total", user="alice") == 3
+    assert value("user_spend_usd_total", user="alice") > 0
+    assert value("upload_bytes_count") == 6
+    assert value("audit_events_total") == 7
+    # The breaker starts closed for every configured backend only if the app passes the
+    # backend names; when recorded, its states are one-hot.
+    states = {dict(k[1])["state"]: v for k, v in values.items()
+              if k[0] == P + "backend_circuit_state"}
+    if states:
+        assert sum(states.values()) == 1
+
+
+async def test_cardinality_1000_users_and_1000_bad_tokens_add_no_series(
+        gateway_client) -> None:  # type: ignore[no-untyped-def]
+    """1,000 distinct ``user`` values and 1,000 unknown tokens: the same series set."""
+    client = await gateway_client(abuse={"distinct_end_users": 3})
+    # Warm-up: one request of each kind the flood sends (a miss, then hits; bad tokens),
+    # and one scrape so /metrics itself is counted before the snapshot.
+    assert await post(client, auth(), user="warm-1") == 200
+    assert await post(client, auth(), user="warm-2") == 200
+    assert await post(client, {"Authorization": "Bearer warm-bad"}) == 401
+    assert (await client.get("/v1/usage", headers={"Authorization": "Bearer warm"})).status \
+        == 401
+    await scrape(client)
+    before = series(await scrape(client))
+
+    users = [f"end-user-{i:04d}@studio.example" for i in range(1000)]
+    bad = [f"vg-bad-token-{i:04d}-{hashlib.sha256(str(i).encode()).hexdigest()[:16]}"
+           for i in range(1000)]
+
+    async def batch(items: Iterable[str], call) -> None:  # type: ignore[no-untyped-def]
+        items = list(items)
+        for start in range(0, len(items), 50):
+            codes = await asyncio.gather(*(call(x) for x in items[start:start + 50]))
+            assert set(codes) == {codes[0]}, codes
+
+    await batch(users, lambda u: post(client, auth(), user=u))
+    await batch(bad, lambda t: post(client, {"Authorization": f"Bearer {t}"}))
+    await batch(bad[:100], lambda t: _status(client.get(
+        "/v1/usage", headers={"Authorization": f"Bearer {t}"})))
+    text = await scrape(client)
+    after = series(text)
+    assert after == before, sorted(after ^ before)[:10]
+    for leaked in (*users, *bad, *(sha(t) for t in bad)):
+        assert leaked not in text
+    # The traffic was counted, in the same series.
+    assert f'{P}cache_lookups_total{{result="hit"}} 1001.0' in text
+    assert (f'{P}requests_total{{error_code="invalid_api_key",route="/v1/images/variations",'
+            f'status_class="4xx"}} 1001.0') in text
+    assert f'{P}abuse_suspected_total{{reason="many_end_users",user="alice"}} 1.0' in text
+
+
+async def _status(call) -> int:  # type: ignore[no-untyped-def]
+    async with call as r:
+        await r.read()
+        return r.status
+
+
+async def test_exposition_has_no_token_key_or_raw_user_value(gateway_client) -> None:  # type: ignore[no-untyped-def]
+    metrics_token = "vg-metrics-scrape-token-3f9a"
+    signing_key = "k" * 64
+    client = await gateway_client(metrics={"token_sha256": sha(metrics_token)},
+                                  images={"signing_key": signing_key})
+    secret_user = "mallory.secret.user@example.org"
+    bad_token = "sk-live-ThisIsNotAMemberToken0123456789"
+    assert await post(client, auth(), user=secret_user) == 200
+    assert await post(client, auth("bob"), user=secret_user, seed=2) == 200
+    assert await post(client, {"Authorization": f"Bearer {bad_token}"}, user=secret_user) \
+        == 401
+    await _status(client.get("/admin/usage", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}))
+    assert await _status(client.post(f"/admin/users/{secret_user}/block", headers={
+        "Authorization": f"Bearer {ADMIN_TOKEN}"})) == 404
+    text = await scrape(client, {"Authorization": f"Bearer {metrics_token}"})
+
+    secrets = [*TOKENS.values(), ADMIN_TOKEN, metrics_token, bad_token, secret_user,
+               signing_key, *(sha(t) for t in (*TOKENS.values(), ADMIN_TOKEN, metrics_token,
+                                               bad_token)), "vgu-", "Bearer"]
+    for s in secrets:
+        assert s not in text, s
+    for f in text_string_to_metric_families(text):
+        for sample in f.samples:
+            for name, v in sample.labels.items():
+                if name == "user":
+                    assert v in USER_VALUES, v
+                # Label values are short identifiers or route patterns, never free text.
+                assert re.fullmatch(r"[A-Za-z0-9_./{}+-]{0,64}", v), (name, v)
+
+
+async def test_metrics_bearer_token(gateway_client) -> None:  # type: ignore[no-untyped-def]
+    token = "vg-metrics-token-for-prometheus"
+    client = await gateway_client(metrics={"token_sha256": sha(token)})
+    assert (await client.get("/metrics")).status == 401
+    r = await client.get("/metrics", headers={"Authorization": "Bearer wrong"})
+    assert r.status == 401
+    assert (await r.json())["error"]["code"] == "invalid_api_key"
+    assert (await client.get("/metrics", headers=auth())).status == 401  # a member token
+    assert P + "requests_total" in await scrape(client, {"Authorization": f"Bearer {token}"})
+
+
+async def test_metrics_disabled(gateway_client) -> None:  # type: ignore[no-untyped-def]
+    client = await gateway_client(metrics={"enabled": False})
+    assert (await client.get("/metrics")).status == 404
+
+
+def test_metrics_on_own_port_with_token(gateway_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from support import free_port
+
+    port, token = free_port(), "vg-port-metrics-token"
+    g = gateway_process(metrics={"port": port, "token_sha256": sha(token)})
+    with urllib.request.urlopen(g.url + "/healthz") as r:
+        assert r.status == 200
+    try:
+        urllib.request.urlopen(g.url + "/metrics")
+        raise AssertionError("/metrics must not be served on the API port")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        urllib.request.urlopen(url)
+        raise AssertionError("the metrics port must ask for its token")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 401
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req) as r:
+        text = r.read().decode()
+    # The API port's requests are counted in the registry served on this port.
+    assert f'{P}requests_total{{error_code="",route="/healthz",status_class="2xx"}}' in text
+
+
+def test_label_guard_caps_free_text_labels() -> None:
+    guard = LabelGuard()
+    assert guard("upstream_timeout") == "upstream_timeout"
+    assert guard("") == ""
+    for bad in ("Bearer sk-abc", "x" * 49, "quota exceeded!", "Upper"):
+        assert guard(bad) == OTHER
+    for i in range(GUARD_LIMIT * 2):
+        guard(f"code_{i}")
+    assert guard("code_1") == "code_1"  # seen before the cap
+    assert guard(f"code_{GUARD_LIMIT * 2 - 1}") == OTHER
+    m = Metrics(["alice"])
+    for i in range(500):
+        m.requests.labels("/v1/images/variations", "5xx", f"upstream_{i}").inc()
+        m.backend_errors.labels("openai", f"kind {i}").inc()
+    text = m.exposition().decode()
+    assert len([s for s in series(text) if s[0] == P + "requests_total"]) == GUARD_LIMIT + 1
+    assert len([s for s in series(text) if s[0] == P + "backend_errors_total"]) == 1
+
+
+def test_user_label_only_for_configured_members() -> None:
+    m = Metrics(["alice", "bob"])
+    assert m.user_label("alice") == "alice"
+    assert m.user_label("anonymous") == "anonymous"
+    for other in ("carol", "", None, "Alice"):
+        assert m.user_label(other) == "_unknown"
+
+
+def test_every_family_is_documented() -> None:
+    docs = "".join(p.read_text() for p in (ROOT / "docs" / "metrics.md", ROOT / "README.md")
+                   if p.exists())
+    for name, (kind, labels) in FAMILIES.items():
+        full = name + ("_total" if kind == "counter" else "")
+        assert f"`{full}`" in docs, full
+        for label in labels:
+            assert f"`{label}`" in docs, (full, label)
