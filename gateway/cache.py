@@ -192,23 +192,64 @@ class ResultCache:
         self.ttl = ttl_seconds
         self._flights: dict[str, asyncio.Future[None]] = {}
         self._evicting: asyncio.Task[None] | None = None
+        self._evict_again = False  # a store happened since the current pass began
+        # Stores (blob write + index append) run concurrently with each other but never
+        # with an eviction pass: a pass could otherwise delete a blob that a store had
+        # just found already on disk (same bytes) and was about to reference again.
+        self._stores = 0
+        self._no_stores = asyncio.Event()
+        self._no_stores.set()
+        self._barrier: asyncio.Future[None] | None = None  # a pass is waiting or running
 
     async def _pool_items(self, key: str) -> list[Item]:
         rows = await self.index.pool(key, time.time())
         return [Item(sha, size, path=self.blobs.path(sha)) for sha, size in rows]
 
     async def _store(self, key: str, images: list[bytes]) -> list[Item]:
+        # Shielded: images the backend made are indexed even if the client leaves, so no
+        # blob is ever left on disk outside the index (and outside the byte budget).
+        return await asyncio.shield(asyncio.ensure_future(self._store_now(key, images)))
+
+    async def _store_now(self, key: str, images: list[bytes]) -> list[Item]:
         loop = asyncio.get_running_loop()
-        items = await loop.run_in_executor(None, self.blobs.write, images)
-        await self.index.append(key, [(i.sha256, i.size) for i in items], time.time())
+        while self._barrier is not None:
+            await asyncio.shield(self._barrier)
+        self._stores += 1
+        self._no_stores.clear()
+        try:
+            items = await loop.run_in_executor(None, self.blobs.write, images)
+            await self.index.append(key, [(i.sha256, i.size) for i in items], time.time())
+        finally:
+            self._stores -= 1
+            if self._stores == 0:
+                self._no_stores.set()
+        self._evict_again = True
         if self._evicting is None or self._evicting.done():
-            self._evicting = loop.create_task(self.evict())
+            self._evicting = loop.create_task(self._evict_while_needed())
         return items
 
+    async def _evict_while_needed(self) -> None:
+        """Repeat passes until no store landed during the last one (else a burst of
+        stores during a slow pass would leave the cache over budget)."""
+        while self._evict_again:
+            self._evict_again = False
+            await self.evict()
+
     async def evict(self) -> None:
-        orphans = await self.index.evict(self.max_bytes, self.ttl, time.time())
-        if orphans:
-            await asyncio.get_running_loop().run_in_executor(None, self.blobs.delete, orphans)
+        """One pass: drop expired and least-recently-used pools, delete orphaned blobs."""
+        barrier = asyncio.get_running_loop().create_future()
+        while self._barrier is not None:
+            await asyncio.shield(self._barrier)
+        self._barrier = barrier
+        try:
+            await self._no_stores.wait()
+            orphans = await self.index.evict(self.max_bytes, self.ttl, time.time())
+            if orphans:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.blobs.delete, orphans)
+        finally:
+            self._barrier = None
+            barrier.set_result(None)
 
     async def serve(self, key: str, n: int, policy: Policy, generate: Generate) -> CacheResult:
         """``n`` images for ``key`` per ``policy``, generating only what is missing."""

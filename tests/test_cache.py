@@ -1,0 +1,250 @@
+"""The result cache (issue 3): pixel-keyed pools, PARTIAL top-ups, single flight, LRU."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from instrumented_backend import Start, poll, register, usage, vary
+from PIL import Image, PngImagePlugin
+from support import png_bytes
+
+from gateway.keys import AUDIT, CACHE, CONFIG
+
+
+@pytest.fixture
+def instrumented(monkeypatch: pytest.MonkeyPatch, gateway_client: Any) -> Start:
+    return register(monkeypatch, gateway_client)
+
+
+def reencoded(data: bytes) -> bytes:
+    """The same pixels as RGBA, other zlib level, other filter, extra metadata."""
+    img = Image.open(io.BytesIO(data)).convert("RGBA")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "GIMP 3.0")
+    buf = io.BytesIO()
+    img.save(buf, "PNG", compress_level=9, pnginfo=info, dpi=(300, 300))
+    return buf.getvalue()
+
+
+def images(answer: Any) -> list[bytes]:
+    return [base64.b64decode(d["b64_json"]) for d in answer.body["data"]]
+
+
+def assert_blobs_whole(cache_dir: Path) -> None:
+    """Every blob is complete (its name is its SHA-256); no temp file is left."""
+    for blob in (cache_dir / "blobs").rglob("*.png"):
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.stem
+    assert not list(cache_dir.rglob(".tmp-*"))
+
+
+def variation_rows(client: Any) -> list[dict[str, Any]]:
+    """Audit rows of variation requests, newest first."""
+    return [r for r in client.app[AUDIT].query(limit=1000)
+            if r["route"] == "/v1/images/variations"]
+
+
+def blob_bytes(cache_dir: Path) -> int:
+    return sum(p.stat().st_size for p in (cache_dir / "blobs").rglob("*") if p.is_file())
+
+
+async def test_same_pixels_other_encoding_is_a_hit(instrumented: Start) -> None:
+    """Acceptance: same pixels, different PNG encoding -> HIT. ``user`` and
+    ``response_format`` are not part of the key either."""
+    client, backend = await instrumented()
+    original = png_bytes(seed=4, compress_level=0)
+    other = reencoded(original)
+    assert other != original
+    first = await vary(client, original, n=2, user="artist-1")
+    second = await vary(client, other, n=2, user="artist-2")
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert images(first) == images(second)
+    url = await vary(client, other, n=2, response_format="url", token_user="bob")
+    assert url.headers["X-Cache"] == "HIT" and len(url.body["data"]) == 2
+    assert backend.calls == [2]
+    # Different pixels, size or model are different keys.
+    assert (await vary(client, png_bytes(seed=5), n=2)).headers["X-Cache"] == "MISS"
+    assert (await vary(client, original, n=2, size="512x512")).headers["X-Cache"] == "MISS"
+    assert backend.calls == [2, 2, 2]
+
+
+async def test_n2_then_n5_is_partial_generating_3(instrumented: Start) -> None:
+    """Acceptance: n = 2 then n = 5 -> PARTIAL, exactly 3 generated and charged."""
+    client, backend = await instrumented()
+    image = png_bytes(seed=6)
+    two = await vary(client, image, n=2)
+    five = await vary(client, image, n=5)
+    assert (two.headers["X-Cache"], five.headers["X-Cache"]) == ("MISS", "PARTIAL")
+    assert backend.calls == [2, 3]
+    assert images(five)[:2] == images(two)
+    assert len(set(images(five))) == 5
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 5
+    rows = variation_rows(client)[:2]
+    assert [(r["cache"], r["images_charged"]) for r in rows] == [("PARTIAL", 3), ("MISS", 2)]
+    # The pool now holds 5: any n <= 5 is a HIT with the pool's first n, no charge.
+    three = await vary(client, image, n=3)
+    assert three.headers["X-Cache"] == "HIT" and images(three) == images(five)[:3]
+    assert backend.calls == [2, 3]
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 5
+
+
+async def test_20_identical_concurrent_misses_make_one_backend_call(
+        instrumented: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acceptance: 20 identical misses in flight at once -> exactly one backend call,
+    every waiter answered from it, quota charged once (to the one that generated).
+
+    The backend is held until all 20 requests have looked up the cache, so without
+    single flight each would have gone on to the backend.
+    """
+    client, backend = await instrumented()
+    index = client.app[CACHE].index
+    lookups = 0
+    original_pool = index.pool
+
+    async def counting_pool(key: str, now: float) -> list[tuple[str, int]]:
+        nonlocal lookups
+        lookups += 1
+        return await original_pool(key, now)
+
+    monkeypatch.setattr(index, "pool", counting_pool)
+    backend.gate.clear()
+    image = png_bytes(seed=7)
+    tasks = [asyncio.create_task(vary(client, image, n=2, token_user=("alice", "bob")[i % 2]))
+             for i in range(20)]
+    await poll(lambda: lookups >= 20 and backend.in_flight == 1,
+               "all 20 requests past the cache lookup, one at the backend")
+    backend.gate.set()
+    answers = await asyncio.gather(*tasks)
+    assert backend.calls == [2]
+    assert [a.status for a in answers] == [200] * 20
+    assert sorted(a.headers["X-Cache"] for a in answers) == ["HIT"] * 19 + ["MISS"]
+    assert len({tuple(images(a)) for a in answers}) == 1
+    used = [(await usage(client, u))["limits"]["images_per_day"]["used"]
+            for u in ("alice", "bob")]
+    assert sorted(used) == [0, 2]
+    charged = [r["images_charged"] for r in variation_rows(client)]
+    assert sorted(charged) == [0] * 19 + [2]
+
+
+async def test_owner_over_quota_does_not_fail_its_waiters(instrumented: Start,
+                                                          monkeypatch: Any) -> None:
+    """A coalesced waiter is not refused for the owner's quota: it generates itself."""
+    client, backend = await instrumented(users={
+        "alice": {"token_sha256": _sha("alice"), "quota": {"images_per_day": 0}},
+        "bob": {"token_sha256": _sha("bob")}})
+    image = png_bytes(seed=8)
+    a, b = await asyncio.gather(vary(client, image), vary(client, image, token_user="bob"))
+    assert sorted((a.status, b.status)) == [200, 429]
+    assert backend.calls == [1]
+
+
+def _sha(user: str) -> str:
+    from support import TOKENS, sha
+
+    return sha(TOKENS[user])
+
+
+async def test_no_cache_appends_fresh_and_no_store_bypasses(instrumented: Start) -> None:
+    client, backend = await instrumented()
+    image = png_bytes(seed=9)
+    pooled = await vary(client, image, n=2)
+    fresh = await vary(client, image, n=2, headers={"Cache-Control": "no-cache"})
+    assert fresh.headers["X-Cache"] == "MISS" and backend.calls == [2, 2]
+    assert not set(images(fresh)) & set(images(pooled))
+    four = await vary(client, image, n=4)  # no-cache appended: the pool holds 4
+    assert four.headers["X-Cache"] == "HIT"
+    assert images(four) == images(pooled) + images(fresh)
+    bypass = await vary(client, image, n=1, headers={"Cache-Control": "no-store"})
+    assert bypass.headers["X-Cache"] == "BYPASS" and backend.calls == [2, 2, 1]
+    assert images(bypass)[0] not in images(four)  # not read from the pool ...
+    five = await vary(client, image, n=5)  # ... nor written to it
+    assert five.headers["X-Cache"] == "PARTIAL" and backend.calls == [2, 2, 1, 1]
+    assert images(five)[:4] == images(four)
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 6
+
+
+async def test_lru_eviction_keeps_blobs_under_max_bytes(instrumented: Start,
+                                                         tmp_path: Path) -> None:
+    """Acceptance: eviction keeps the cache directory under max_bytes, least recently
+    used first; also after a concurrent burst of misses."""
+    probe, _ = await instrumented()
+    one = len(images(await vary(probe, png_bytes(seed=100)))[0])
+    await probe.close()
+    budget = one * 3 + one // 2  # room for 3 single-image pools
+    client, backend = await instrumented(cache={"max_bytes": budget,
+                                                "dir": str(tmp_path / "lru")})
+    cache_dir = Path(client.app[CONFIG].cache.dir)
+    cache = client.app[CACHE]
+
+    async def settled() -> None:
+        await poll(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
+
+    a, b, c, d = (png_bytes(seed=s) for s in (11, 12, 13, 14))
+    for img in (a, b, c):
+        assert (await vary(client, img)).headers["X-Cache"] == "MISS"
+        await settled()
+    assert (await vary(client, a)).headers["X-Cache"] == "HIT"  # a is now newer than b
+    assert (await vary(client, d)).headers["X-Cache"] == "MISS"
+    await settled()
+    assert blob_bytes(cache_dir) <= budget
+    assert (await vary(client, a)).headers["X-Cache"] == "HIT"
+    assert (await vary(client, c)).headers["X-Cache"] == "HIT"
+    calls = len(backend.calls)
+    assert (await vary(client, b)).headers["X-Cache"] == "MISS"  # b was evicted
+    assert len(backend.calls) == calls + 1
+    await settled()
+
+    answers = await asyncio.gather(*(vary(client, png_bytes(seed=200 + i))
+                                     for i in range(12)))
+    assert {a.status for a in answers} == {200}
+    await poll(lambda: blob_bytes(cache_dir) <= budget, "the cache back under max_bytes")
+    await settled()
+    assert blob_bytes(cache_dir) <= budget
+    entries, total = await cache.stats()
+    assert total <= budget and entries <= 3
+    assert_blobs_whole(cache_dir)
+
+
+async def test_stores_during_a_slow_eviction_are_evicted_too(
+        instrumented: Start, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Pools stored while an eviction pass is still deleting files are not left over
+    budget: once the pass ends the cache is back under max_bytes without another store."""
+    probe, _ = await instrumented()
+    one = len(images(await vary(probe, png_bytes(seed=100)))[0])
+    await probe.close()
+    budget = one * 3 + one // 2
+    client, backend = await instrumented(cache={"max_bytes": budget,
+                                                "dir": str(tmp_path / "slow")})
+    cache = client.app[CACHE]
+    cache_dir = Path(client.app[CONFIG].cache.dir)
+    for seed in (21, 22, 23):
+        await vary(client, png_bytes(seed=seed))
+        await poll(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
+    entered, release = threading.Event(), threading.Event()
+    original = cache.blobs.delete
+
+    def slow_delete(shas: list[str]) -> None:
+        entered.set()
+        release.wait(10)
+        original(shas)
+
+    monkeypatch.setattr(cache.blobs, "delete", slow_delete)
+    try:
+        await vary(client, png_bytes(seed=24))  # over budget: a pass starts deleting
+        await poll(entered.is_set, "an eviction pass deleting files")
+        late = [asyncio.create_task(vary(client, png_bytes(seed=seed)))
+                for seed in (25, 26)]  # stored while (or after) that pass is busy
+        await poll(lambda: backend.calls[-2:] == [1, 1] and len(backend.calls) == 6,
+                   "both late requests generated")
+    finally:
+        release.set()
+    assert {a.status for a in await asyncio.gather(*late)} == {200}
+    await poll(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
+    assert (await cache.stats())[1] <= budget
+    assert blob_bytes(cache_dir) <= budget
