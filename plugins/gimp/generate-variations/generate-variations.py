@@ -397,7 +397,7 @@ class GenerateVariations(Gimp.PlugIn):
         sizes = Gimp.Choice.new()
         for i, s in enumerate(vg_prepare.SIZES):
             sizes.add(s, i, s.replace("x", " x "), "")
-        p.add_choice_argument("size", "_Size", "Size the gateway makes", sizes,
+        p.add_choice_argument("size", "Si_ze", "Size the gateway makes", sizes,
                               DEFAULT_SIZE, GObject.ParamFlags.READWRITE)
         p.add_boolean_argument("fresh", "_Fresh results (bypass the gateway cache)",
                                "Ask for new images even when the gateway has some cached",
@@ -410,7 +410,7 @@ class GenerateVariations(Gimp.PlugIn):
         p.add_choice_argument("square-mode", "S_quare mode",
                               "How a non-square source is made square", modes,
                               vg_prepare.DEFAULT_SQUARE_MODE, GObject.ParamFlags.READWRITE)
-        p.add_boolean_argument("scale-to-source", "Scale results to the source _region",
+        p.add_boolean_argument("scale-to-source", "Scale results back to the source _area",
                                "Scale each result back over the pixels it was made from",
                                True, GObject.ParamFlags.READWRITE)
         return p
