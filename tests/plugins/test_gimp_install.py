@@ -146,3 +146,25 @@ def test_installed_plugin_compiles_and_its_modules_import_without_gimp(tmp_path:
     assert out.stdout.strip() == "ok", out.stderr
     first = (dest / "generate-variations.py").read_text().splitlines()[0]
     assert first == "#!/usr/bin/env python3"
+
+
+def test_cli_subcommand_installs_and_uninstalls(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("GIMP3_DIRECTORY", None)
+    env.pop("XDG_CONFIG_HOME", None)
+    cmd = [sys.executable, "-m", "gateway", "install-gimp-plugin", "--gimp-dir",
+           str(tmp_path / "prof")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr
+    dest = tmp_path / "prof" / "plug-ins" / "generate-variations"
+    assert f"Installed Generate Variations into {dest}" in out.stdout
+    assert_installed(dest)
+    out = subprocess.run([*cmd, "--uninstall"], capture_output=True, text=True, timeout=120,
+                         cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr
+    assert not dest.exists()
+    # No profile anywhere under this HOME: exit 1 with advice.
+    out = subprocess.run([sys.executable, "-m", "gateway", "install-gimp-plugin"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert out.returncode == 1
+    assert "No GIMP 3 profile found" in out.stderr

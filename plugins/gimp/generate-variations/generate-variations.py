@@ -338,7 +338,15 @@ def run_settings(procedure, config, data):
         saved, _ = _settings_dialog(settings)
         if not saved:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
-        settings = _settings()
+        try:
+            settings = _settings()
+            summary = vg_client.describe_usage(vg_client.get_usage(
+                settings.url, settings.token, timeout=min(settings.timeout, 15.0)))
+        except (Failure, vg_client.GatewayError) as e:
+            # Saved all the same: say what is wrong without calling the save a failure.
+            summary = f"Settings saved, but: {e}"
+            Gimp.message(summary)
+        return _with_summary(procedure, summary)
     # Non-interactive (scripts, tests): test the connection with the settings in force
     # and return what the gateway says about the user's quota.
     try:
@@ -346,11 +354,13 @@ def run_settings(procedure, config, data):
                                     timeout=min(settings.timeout, 15.0))
     except vg_client.GatewayError as e:
         return _fail(procedure, str(e))
-    summary = vg_client.describe_usage(usage)
+    return _with_summary(procedure, vg_client.describe_usage(usage))
+
+
+def _with_summary(procedure, summary):
     rv = procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
-    value = GObject.Value(GObject.TYPE_STRING, summary)
     rv.remove(1)
-    rv.insert(1, value)
+    rv.insert(1, GObject.Value(GObject.TYPE_STRING, summary))
     return rv
 
 
