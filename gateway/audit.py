@@ -19,6 +19,8 @@ import structlog
 from gateway.quota import open_db
 
 log = structlog.get_logger("gateway.audit")
+# Retention is enforced at startup and then at most this often, by the next write.
+PURGE_EVERY_SECONDS = 3600
 
 
 @dataclass
@@ -62,27 +64,38 @@ class AuditLog:
             CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
             CREATE INDEX IF NOT EXISTS audit_member ON audit (member, ts);
             CREATE INDEX IF NOT EXISTS audit_end_user ON audit (end_user, ts);
+            CREATE INDEX IF NOT EXISTS audit_end_user_hash ON audit (end_user_hash, ts);
             """)
         self._insert = (f"INSERT INTO audit ({', '.join(_COLUMNS)}) VALUES "
                         f"({', '.join('?' for _ in _COLUMNS)})")
         self.retention_days = retention_days
         self.stdout = stdout
+        self._purged_at = 0.0
 
     def write(self, record: AuditRecord) -> None:
         self._db.execute(self._insert, [getattr(record, c) for c in _COLUMNS])
         if self.stdout:
             log.info("audit", **dataclasses.asdict(record))
+        now = time.time()
+        if now - self._purged_at >= PURGE_EVERY_SECONDS:
+            self.purge(now)
 
     def query(self, *, member: str | None = None, end_user: str | None = None,
               since: float | None = None, until: float | None = None,
               before_id: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest first; ``before_id`` continues a page (the last ``id`` seen)."""
-        where, args = [], []
-        for clause, value in (("member = ?", member), ("end_user = ?", end_user),
+        """Newest first; ``before_id`` continues a page (the last ``id`` seen).
+
+        ``end_user`` matches the raw ``user`` field or the HMAC upstream saw for it, so a
+        provider's abuse report maps back to the member and end user.
+        """
+        where: list[str] = []
+        args: list[object] = []
+        for clause, value in (("member = ?", member),
+                              ("(end_user = ? OR end_user_hash = ?)", end_user),
                               ("ts >= ?", since), ("ts < ?", until), ("id < ?", before_id)):
             if value is not None:
                 where.append(clause)
-                args.append(value)
+                args.extend([value] * clause.count("?"))
         sql = "SELECT id, " + ", ".join(_COLUMNS) + " FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -93,7 +106,9 @@ class AuditLog:
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def purge(self, now: float | None = None) -> int:
-        cutoff = (now or time.time()) - self.retention_days * 86400
+        now = time.time() if now is None else now
+        self._purged_at = now
+        cutoff = now - self.retention_days * 86400
         return self._db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
 
     def close(self) -> None:

@@ -99,11 +99,12 @@ async def create_variation(request: web.Request) -> web.Response:
     policy = policy_from_header(request.headers.get("Cache-Control"))
     hashed_user = end_user_hash(app[USER_KEY], principal.name, form.user)
     record.end_user_hash = hashed_user
+    # Before admission, so refused requests are audited with their image too.
+    record.image_sha256 = hashlib.sha256(form.image).hexdigest()
 
     # Admit: blocked users, the minute window and the in-flight limit.
     async with quota.admit(principal):
         # The pixel hash keys the cache; a request that bypasses it skips the decode.
-        record.image_sha256 = hashlib.sha256(form.image).hexdigest()
         if app[CACHE].enabled and policy != "no-store":
             decoded = await loop.run_in_executor(None, png.decode, form.image, info,
                                                  record.image_sha256)

@@ -1,0 +1,132 @@
+"""The audit trail (issue 3): every request, refused ones too; HMAC'd end users."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import types
+from typing import Any
+
+import pytest
+import structlog
+from instrumented_backend import Start, register, vary, variation_form
+from support import ADMIN_TOKEN, TOKENS, png_bytes
+
+from gateway.audit import AuditRecord
+from gateway.keys import AUDIT
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def instrumented(monkeypatch: pytest.MonkeyPatch, gateway_client: Any) -> Start:
+    return register(monkeypatch, gateway_client)
+
+
+def row(client: Any, request_id: str) -> dict[str, Any]:
+    (found,) = [r for r in client.app[AUDIT].query(limit=1000)
+                if r["request_id"] == request_id]
+    return found
+
+
+async def test_every_request_is_audited_also_refused_ones(instrumented: Start) -> None:
+    client, backend = await instrumented(quota_defaults={"images_per_day": 2})
+    image = png_bytes(seed=1)
+    image_sha = hashlib.sha256(image).hexdigest()
+
+    ok = await vary(client, image, n=2, user="artist@studio")
+    r = row(client, ok.headers["x-request-id"])
+    assert r["member"] == "alice" and r["auth_error"] is None
+    assert r["end_user"] == "artist@studio"
+    assert r["end_user_hash"] == backend.requests[0].user
+    assert r["client"] == "127.0.0.1" and r["route"] == "/v1/images/variations"
+    assert r["image_sha256"] == image_sha
+    assert (r["n"], r["size"], r["model"], r["backend"]) == (2, "256x256", "dall-e-2", "inst")
+    assert (r["cache"], r["images_charged"], r["status"], r["error_code"]) == (
+        "MISS", 2, 200, None)
+    assert r["cost_usd"] == pytest.approx(0.032)
+    assert r["latency_ms"] > 0 and abs(r["ts"] - time.time()) < 60
+
+    over = await vary(client, png_bytes(seed=2), user="artist@studio")
+    r = row(client, over.headers["x-request-id"])
+    assert (r["status"], r["error_code"], r["images_charged"]) == (429, "quota_exceeded", 0)
+    assert r["image_sha256"] == hashlib.sha256(png_bytes(seed=2)).hexdigest()
+
+    bad = await vary(client, image, size="300x300")
+    r = row(client, bad.headers["x-request-id"])
+    assert (r["member"], r["status"], r["error_code"]) == ("alice", 400, "invalid_value")
+
+    async with client.post("/v1/images/variations", data=variation_form(image)) as resp:
+        r = row(client, resp.headers["x-request-id"])
+    assert (r["member"], r["auth_error"], r["status"]) == (None, "missing_token", 401)
+    async with client.post("/v1/images/variations", data=variation_form(image),
+                           headers={"Authorization": "Bearer vg-wrong"}) as resp:
+        r = row(client, resp.headers["x-request-id"])
+    assert (r["member"], r["auth_error"], r["status"], r["error_code"]) == (
+        None, "bad_token", 401, "invalid_api_key")
+
+    async with client.post("/admin/users/alice/block", headers=ADMIN) as resp:
+        assert resp.status == 200
+    blocked = await vary(client, image, user="artist@studio")
+    r = row(client, blocked.headers["x-request-id"])
+    assert (r["member"], r["status"], r["error_code"]) == ("alice", 403, "user_blocked")
+    assert r["image_sha256"] == image_sha and r["end_user"] == "artist@studio"
+    assert len(backend.calls) == 1
+
+
+async def test_upstream_user_is_an_hmac_of_member_and_user(instrumented: Start,
+                                                           gateway_client: Any) -> None:
+    """Upstream sees neither the member nor the raw user; the audit keeps the mapping."""
+    client, backend = await instrumented()
+    await vary(client, png_bytes(seed=1), user="kim")
+    await vary(client, png_bytes(seed=2), user="kim", token_user="bob")
+    await vary(client, png_bytes(seed=3), user="lee")
+    await vary(client, png_bytes(seed=4), user="kim")
+    await vary(client, png_bytes(seed=5))
+    sent = [req.user for req in backend.requests]
+    assert sent[4] is None
+    assert sent[0] == sent[3]  # stable: the provider can correlate one end user
+    assert len({sent[0], sent[1], sent[2]}) == 3  # per member and per user
+    for value in sent[:4]:
+        assert value is not None and value.startswith("vgu-")
+        assert "kim" not in value and "alice" not in value and "bob" not in value
+        assert TOKENS["alice"] not in value
+    # The audit maps a value the provider reports back to member and end user.
+    rows = client.app[AUDIT].query(limit=100)
+    mapping = {(r["member"], r["end_user"]) for r in rows if r["end_user_hash"] == sent[1]}
+    assert mapping == {("bob", "kim")}
+    # The same across a restart (the key derives from the persisted signing key).
+    again, backend2 = await instrumented()
+    await vary(again, png_bytes(seed=6), user="kim")
+    assert backend2.requests[0].user == sent[0]
+
+
+async def test_audit_is_also_a_structlog_event(instrumented: Start) -> None:
+    client, _ = await instrumented(audit={"stdout": True})
+    with structlog.testing.capture_logs() as logs:
+        a = await vary(client, png_bytes(), user="kim")
+    events = [e for e in logs if e["event"] == "audit"]
+    assert len(events) == 1
+    e = events[0]
+    assert e["request_id"] == a.headers["x-request-id"]
+    assert (e["member"], e["end_user"], e["status"], e["images_charged"]) == (
+        "alice", "kim", 200, 1)
+
+
+async def test_retention_days(instrumented: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records older than retention_days go at startup and while the gateway runs."""
+    client, _ = await instrumented(audit={"retention_days": 30})
+    audit = client.app[AUDIT]
+    now = time.time()
+    audit.write(AuditRecord("req_old", now - 31 * 86400, "/v1/usage", status=200))
+    audit.write(AuditRecord("req_recent", now - 29 * 86400, "/v1/usage", status=200))
+    restarted, _ = await instrumented(audit={"retention_days": 30})
+    ids = {r["request_id"] for r in restarted.app[AUDIT].query(limit=100)}
+    assert "req_old" not in ids and "req_recent" in ids
+
+    # Two days later, without a restart: the next request's write purges.
+    later = types.SimpleNamespace(time=lambda: time.time() + 2 * 86400)
+    monkeypatch.setattr("gateway.audit.time", later)
+    await vary(restarted, png_bytes())
+    ids = {r["request_id"] for r in restarted.app[AUDIT].query(limit=100)}
+    assert "req_recent" not in ids
