@@ -1,0 +1,459 @@
+"""The repo's scrape config, alert rules and dashboard against a real Prometheus.
+
+One real gateway process and one real Prometheus (Debian's package, started on a free
+loopback port with a temporary TSDB) for the module. The Prometheus config is the repo's
+``deploy/prometheus/prometheus.yml`` with only the scrape target rewritten and the
+intervals shortened to 1 s; the rules are a copy of ``deploy/prometheus/alerts.yml``.
+
+Traffic runs in two rounds with two scrapes after each, so every series exists before it
+grows and ``rate``/``increase`` see the growth. It covers every family: cache hit,
+partial, miss and bypass; a bad token, a 404; a member running into a daily image quota;
+an ``openai`` backend pointed at a closed loopback port (connect errors, a retry, the
+breaker opening, a fallback to the procedural backend, 5xx answers when pinned to it);
+and one member sending three distinct end-user ids (``abuse_suspected``).
+
+How each alert is made to fire once: the test copy of the rules sets every ``for`` to
+``0s``; the traffic itself satisfies the production thresholds of BackendDown (the
+breaker of the broken backend stays open), HighErrorRatio (pinned requests answer 5xx,
+well over 5 % of /v1 requests), UserNearBudget (bob uses 4 of 4 images per day) and
+AbuseSuspected (three distinct ``user`` values with ``distinct_end_users: 3``).
+HighLatency's 30 s cannot be reached by a test, so its copy's threshold (the number after
+the final comparison, nothing else) is lowered to 0. GatewayDown fires after the test
+stops the gateway. Each alert must be seen firing on ``/api/v1/alerts`` and its
+expression must return data from ``/api/v1/query``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from support import (
+    IN_CI,
+    ROOT,
+    TOKENS,
+    GatewayProcess,
+    base_config,
+    free_port,
+    png_bytes,
+    sha,
+    start_gateway,
+)
+
+from gateway import backends as backend_registry
+
+DEPLOY = ROOT / "deploy"
+PROM_DIR = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "variations-gateway.json"
+JOB = "variations-gateway"
+P = "variations_gateway_"
+# Grafana's macros, as a Prometheus query needs them.
+MACROS = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "15s"}
+# Alerts whose production threshold a short test cannot reach: the test copy's threshold.
+TEST_THRESHOLDS = {"VariationsGatewayHighLatency": "0"}
+DEADLINE_S = 60.0
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not installed (make test installs Debian's prometheus package)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return _binary("promtool")
+
+
+@pytest.fixture(scope="module")
+def prometheus_bin() -> str:
+    return _binary("prometheus")
+
+
+# ---- promtool on the repo's files ------------------------------------------------
+
+def test_promtool_check_config(promtool: str) -> None:
+    r = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=PROM_DIR,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 rule files found" in r.stdout
+
+
+def test_promtool_check_rules(promtool: str) -> None:
+    r = subprocess.run([promtool, "check", "rules", "alerts.yml"], cwd=PROM_DIR,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in r.stdout
+
+
+def test_promtool_catches_a_bad_exposition(promtool: str) -> None:
+    """``check metrics`` is not a rubber stamp: a counter without ``_total`` fails."""
+    bad = "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests 1\n"
+    r = subprocess.run([promtool, "check", "metrics"], input=bad, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0
+
+
+# ---- the dashboard model -------------------------------------------------------------
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for p in panels:
+        yield p
+        yield from all_panels(p.get("panels", []))
+
+
+def panel_exprs() -> list[tuple[str, str]]:
+    return [(f"{p['title']} [{t['refId']}]", t["expr"])
+            for p in all_panels(dashboard()["panels"]) for t in p.get("targets", [])]
+
+
+def test_dashboard_is_a_valid_grafana_model() -> None:
+    d = dashboard()
+    for key in ("title", "uid", "panels", "templating", "time", "schemaVersion"):
+        assert key in d, key
+    assert isinstance(d["schemaVersion"], int) and d["schemaVersion"] >= 36
+    assert re.fullmatch(r"[a-zA-Z0-9_-]{1,40}", d["uid"])
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = list(all_panels(d["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    known = {"row", "timeseries", "stat", "bargauge", "state-timeline", "gauge", "table"}
+    occupied: set[tuple[int, int]] = set()
+    for p in panels:
+        assert p["type"] in known, p["type"]
+        assert p.get("title"), p
+        g = p["gridPos"]
+        assert g["w"] >= 1 and g["h"] >= 1 and g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        cells = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                 for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & occupied, f"{p['title']} overlaps another panel"
+        occupied |= cells
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert p["targets"] and len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == p["datasource"], p["title"]
+            assert t["expr"].strip(), p["title"]
+    # No data source is named by uid anywhere but through the variable.
+    text = DASHBOARD.read_text()
+    assert set(re.findall(r'"uid":\s*"([^"]*)"', text)) == {"${datasource}", d["uid"]}
+    assert "__inputs" not in d and "${DS_" not in text
+
+
+def test_dashboard_covers_every_family_and_the_issue_panels() -> None:
+    exprs = " ".join(e for _, e in panel_exprs())
+    from test_metrics import FAMILIES
+
+    for name in FAMILIES:
+        assert name in exprs, f"no panel shows {name}"
+    titles = " ".join(p.get("title", "") for p in all_panels(dashboard()["panels"])).lower()
+    for words in ("p50 / p95 / p99", "per user", "spend", "cache hit ratio", "savings",
+                  "quota rejections", "breaker", "backend up", "errors"):
+        assert words in titles, words
+
+
+# ---- the stack ----------------------------------------------------------------------
+
+@dataclass
+class Stack:
+    gateway: GatewayProcess
+    prom_url: str
+    prom: subprocess.Popen[bytes]
+    prom_log: Path
+    rules: list[dict[str, Any]]
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"{self.prom_url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", (expr, data["resultType"])
+        return data["result"]
+
+    def scrapes(self) -> int:
+        result = self.query(f'count_over_time(up{{job="{JOB}"}}[1h])')
+        return int(float(result[0]["value"][1])) if result else 0
+
+    def wait_scrapes(self, n: int = 2) -> None:
+        """Poll until Prometheus has scraped ``n`` more times (deadline, no fixed sleep)."""
+        target = self.scrapes() + n
+        poll(lambda: self.scrapes() >= target, f"{n} scrapes", self)
+
+
+def poll(check: Any, what: str, stack: Stack | None = None, deadline_s: float = DEADLINE_S
+         ) -> Any:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)  # poll interval, bounded by the deadline
+    log = stack.prom_log.read_text(errors="replace")[-3000:] if stack else ""
+    raise TimeoutError(f"no {what} within {deadline_s}s\n{log}")
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+
+
+def rules_for_test(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The test copy: ``for: 0s``; listed thresholds lowered, the rest of ``expr`` kept."""
+    out = []
+    for rule in rules:
+        rule = {**rule, "for": "0s"}
+        if rule["alert"] in TEST_THRESHOLDS:
+            expr, n = re.subn(r"(>|<|==|>=|<=)\s*[0-9.e+-]+\s*$",
+                              rf"\g<1> {TEST_THRESHOLDS[rule['alert']]}", rule["expr"])
+            assert n == 1 and expr != rule["expr"], rule["alert"]
+            rule["expr"] = expr
+        out.append(rule)
+    return out
+
+
+def broken_backend() -> dict[str, Any]:
+    """An ``openai`` backend whose upstream is a closed loopback port."""
+    return {"name": "broken", "kind": "openai",
+            "base_url": f"http://127.0.0.1:{free_port()}/v1", "api_key": "sk-test-not-a-key",
+            "timeout_seconds": 5, "connect_timeout_seconds": 1,
+            "retry": {"max_attempts": 2, "backoff_initial_seconds": 0.01,
+                      "backoff_max_seconds": 0.01},
+            "breaker": {"failure_threshold": 2, "cooldown_seconds": 3600}}
+
+
+@pytest.fixture(scope="module")
+def stack(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if "openai" not in backend_registry.KINDS:
+        message = "the openai backend kind is not registered (gateway/backends/__init__.py)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    tmp = tmp_path_factory.mktemp("prometheus")
+    raw = base_config(
+        tmp,
+        users={"alice": {"token_sha256": sha(TOKENS["alice"])},
+               "bob": {"token_sha256": sha(TOKENS["bob"]),
+                       "quota": {"images_per_day": 4}}},
+        backends=[{"name": "local", "kind": "procedural",
+                   "executor": "thread", "workers": 1}, broken_backend()],
+        route=["broken", "local"],
+        abuse={"distinct_end_users": 3, "window_seconds": 600})
+    gateway = start_gateway(raw, tmp / "gateway")
+
+    # The repo's Prometheus config; only the target and the intervals change.
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s",
+                            evaluation_interval="1s")
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
+    host_port = gateway.url.removeprefix("http://")
+    for sc in job["static_configs"]:
+        sc["targets"] = [host_port]
+    prom_dir = tmp / "prom"
+    prom_dir.mkdir()
+    (prom_dir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    rules = rules_for_test(alert_rules())
+    (prom_dir / "alerts.yml").write_text(yaml.safe_dump(
+        {"groups": [{"name": "variations-gateway-test", "rules": rules}]}))
+    port = free_port()
+    log_path = tmp / "prometheus.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    prom = subprocess.Popen(
+        [prometheus_bin, f"--config.file={prom_dir / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        cwd=prom_dir, stdout=log, stderr=subprocess.STDOUT)
+    s = Stack(gateway, f"http://127.0.0.1:{port}", prom, log_path, rules)
+    try:
+        poll(lambda: _ready(s), "ready Prometheus", s)
+        s.wait_scrapes(2)
+        drive(s, round_=1)
+        s.wait_scrapes(2)
+        drive(s, round_=2)
+        s.wait_scrapes(2)
+        yield s
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(30)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+        log.close()
+        gateway.stop()
+
+
+def _ready(s: Stack) -> bool:
+    if s.prom.poll() is not None:
+        raise RuntimeError("prometheus exited:\n" + s.prom_log.read_text(errors="replace"))
+    try:
+        with urllib.request.urlopen(s.prom_url + "/-/ready", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def vary(url: str, token: str | None, *, seed: int, n: int = 1, user: str | None = None,
+         model: str | None = None, headers: dict[str, str] | None = None) -> int:
+    """POST one variation request with a small PNG; the HTTP status."""
+    boundary = "vgtestboundary"
+    fields = {"n": str(n), "size": "256x256"}
+    if user is not None:
+        fields["user"] = user
+    if model is not None:
+        fields["model"] = model
+    body = b""
+    for k, v in fields.items():
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n"
+                 f"{v}\r\n").encode()
+    body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+             f"filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+    body += png_bytes(32, seed=seed) + f"\r\n--{boundary}--\r\n".encode()
+    hdrs = {"Content-Type": f"multipart/form-data; boundary={boundary}", **(headers or {})}
+    if token is not None:
+        hdrs["Authorization"] = f"Bearer {token}"
+    return _status(urllib.request.Request(url + "/v1/images/variations", data=body,
+                                          headers=hdrs))
+
+
+def _status(req: urllib.request.Request | str) -> int:
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as exc:
+        exc.read()
+        return exc.code
+
+
+def drive(s: Stack, round_: int) -> None:
+    """One round of traffic touching every family (see the module docstring)."""
+    url, alice, bob = s.gateway.url, TOKENS["alice"], TOKENS["bob"]
+    seed = round_ * 10
+    # The default route tries `broken` first: connect errors, a retry, then the breaker
+    # opens and `local` answers (round 1); afterwards `broken` is skipped.
+    assert vary(url, alice, seed=seed, user=f"end-user-{round_}") == 200       # miss
+    assert vary(url, alice, seed=seed) == 200                                  # hit
+    assert vary(url, alice, seed=seed, n=2) == 200                             # partial
+    assert vary(url, alice, seed=seed, headers={"Cache-Control": "no-store"}) == 200
+    status = vary(url, alice, seed=seed + 1, model="broken")                   # pinned
+    assert 500 <= status < 600, status
+    assert vary(url, bob, seed=seed + 2, n=2) == 200                           # 2, then 4 of 4
+    if round_ == 2:
+        assert vary(url, bob, seed=seed + 3) == 429                            # images_per_day
+        assert vary(url, alice, seed=seed, user="end-user-3") == 200           # 3rd end user
+    assert vary(url, "vg-not-a-member-token", seed=seed) == 401
+    assert _status(url + "/v1/no/such/route") == 404
+    assert _status(urllib.request.Request(
+        url + "/v1/usage", headers={"Authorization": f"Bearer {alice}"})) == 200
+
+
+# ---- against the running stack ------------------------------------------------------
+
+def test_promtool_check_metrics_on_the_gateway_exposition(stack: Stack, promtool: str) -> None:
+    with urllib.request.urlopen(stack.gateway.url + "/metrics") as r:
+        text = r.read().decode()
+    r2 = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                        text=True, timeout=60)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert P + "backend_errors_total" in text
+
+
+def test_target_is_up_with_the_repo_job(stack: Stack) -> None:
+    targets = stack.api("targets")["activeTargets"]
+    assert [(t["labels"]["job"], t["health"]) for t in targets] == [(JOB, "up")]
+
+
+def test_every_family_reaches_prometheus(stack: Stack) -> None:
+    from test_metrics import FAMILIES
+
+    names = set(stack.api("label/__name__/values"))
+    for name, (kind, _labels) in FAMILIES.items():
+        sample = name + {"counter": "_total", "histogram": "_count"}.get(kind, "")
+        assert sample in names, sample
+
+
+@pytest.mark.parametrize("title,expr", panel_exprs(), ids=[t for t, _ in panel_exprs()])
+def test_dashboard_expression_returns_data(stack: Stack, title: str, expr: str) -> None:
+    for macro, value in MACROS.items():
+        expr = expr.replace(macro, value)
+    assert "$" not in expr, f"unknown Grafana variable in {title}: {expr}"
+    result = stack.query(expr)
+    assert result, f"{title}: no data for {expr}"
+    values = [float(r["value"][1]) for r in result]
+    assert any(math.isfinite(v) for v in values), f"{title}: only NaN/Inf for {expr}"
+
+
+def test_every_alert_fires_once(stack: Stack) -> None:
+    """Each alert firing on /api/v1/alerts, its expression returning data; GatewayDown last."""
+    names = [r["alert"] for r in stack.rules]
+    assert len(names) == len(set(names)) and "VariationsGatewayDown" in names
+
+    def firing() -> set[str]:
+        return {a["labels"]["alertname"] for a in stack.api("alerts")["alerts"]
+                if a["state"] == "firing"}
+
+    def fired(want: set[str]) -> bool:
+        seen.update(firing())
+        return want <= seen
+
+    seen: set[str] = set()
+    traffic = set(names) - {"VariationsGatewayDown"}
+    with contextlib.suppress(TimeoutError):
+        poll(lambda: fired(traffic), "alerts", stack)
+    assert traffic <= seen, f"never fired: {sorted(traffic - seen)}"
+    for rule in stack.rules:
+        if rule["alert"] in traffic:
+            assert stack.query(rule["expr"]), rule["alert"]
+    labels = {a["labels"]["alertname"]: a["labels"] for a in stack.api("alerts")["alerts"]}
+    assert labels["VariationsGatewayBackendDown"]["backend"] == "broken"
+    assert labels["VariationsGatewayUserNearBudget"]["user"] == "bob"
+    assert labels["VariationsGatewayAbuseSuspected"]["user"] == "alice"
+    assert labels["VariationsGatewayAbuseSuspected"]["reason"] == "many_end_users"
+
+    assert stack.gateway.stop() == 0
+    poll(lambda: fired({"VariationsGatewayDown"}), "VariationsGatewayDown", stack)
+    down = next(r for r in stack.rules if r["alert"] == "VariationsGatewayDown")
+    assert stack.query(down["expr"])
+
+
+def test_ci_requires_prometheus() -> None:
+    """Under CI=true a missing prometheus/promtool fails the suite instead of skipping."""
+    env = {**os.environ, "CI": "true", "PATH": "/nonexistent"}
+    r = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; sys.path.insert(0, 'tests'); import pytest, test_prometheus as t\n"
+         "try:\n    t._binary('promtool')\nexcept BaseException as e:\n"
+         "    print(type(e).__name__)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "Failed", r.stdout + r.stderr
