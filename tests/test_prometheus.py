@@ -387,6 +387,8 @@ def test_promtool_check_metrics_on_the_gateway_exposition(stack: Stack, promtool
                         text=True, timeout=60)
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert P + "backend_errors_total" in text
+    for secret in ("sk-test-not-a-key", *TOKENS.values(), "end-user-"):
+        assert secret not in text, secret
 
 
 def test_target_is_up_with_the_repo_job(stack: Stack) -> None:
