@@ -73,15 +73,18 @@ async def admin_audit(request: web.Request) -> web.Response:
     """Audit records, newest first. Page with ``before`` = the last ``id`` of a page."""
     _admin(request)
     q = request.query
-    limit = _int(q.get("limit"), "limit", 100) or 100
+    limit = _int(q.get("limit"), "limit", 100)
+    assert limit is not None
     if not 1 <= limit <= MAX_AUDIT_PAGE:
         raise invalid(f"Invalid 'limit': expected 1 to {MAX_AUDIT_PAGE}.", "limit")
     rows = request.app[AUDIT].query(
         member=q.get("user") or None, end_user=q.get("end_user") or None,
         since=_time(q.get("since"), "since"), until=_time(q.get("until"), "until"),
-        before_id=_int(q.get("before"), "before", None), limit=limit)
-    body: dict[str, object] = {"data": rows, "has_more": len(rows) == limit}
-    if rows and len(rows) == limit:
+        before_id=_int(q.get("before"), "before", None), limit=limit + 1)
+    has_more = len(rows) > limit  # one row past the page says whether another follows
+    rows = rows[:limit]
+    body: dict[str, object] = {"data": rows, "has_more": has_more}
+    if has_more:
         body["next_before"] = rows[-1]["id"]
     return web.json_response(body)
 
