@@ -267,6 +267,14 @@ def test_grey_layer_stretched(gimp_run: Run) -> None:
     assert r.tobytes() == g.tobytes() == b.tobytes()
 
 
+def test_16_bit_image(gimp_run: Run) -> None:
+    c = gimp_run.case("rgb16")
+    assert c["precision"] == "u16-non-linear"
+    assert_group(c, "deep", 1, [80, 80], [10, 0])
+    up = Image.open(gimp_run.out / c["upload"])
+    assert up.size == (80, 80)
+
+
 def test_exhausted_quota_fails_cleanly_with_a_sentence(gimp_run: Run) -> None:
     c = gimp_run.case("quota")
     assert c["status"] == "execution-error"

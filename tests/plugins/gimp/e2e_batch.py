@@ -190,6 +190,17 @@ def _grey():
         **{"square-mode": "stretch", "scale-to-source": True})
 
 
+@case("rgb16")
+def _rgb16():
+    img = Gimp.Image.new_with_precision(100, 80, Gimp.ImageBaseType.RGB,
+                                        Gimp.Precision.U16_NON_LINEAR)
+    img.undo_disable()
+    layer = add_layer(img, "deep", 100, 80, Gimp.ImageType.RGBA_IMAGE, 4, salt=7)
+    run("rgb16", img, layer, n=1, size="256x256",
+        **{"square-mode": "selection-or-center-crop", "scale-to-source": True})
+    results["cases"]["rgb16"]["precision"] = img.get_precision().value_nick
+
+
 def failing_case(name, url, token, salt):
     @case(name)
     def _f():
