@@ -36,11 +36,13 @@ from gateway.keys import (
     CONFIG,
     IMAGES,
     METRICS,
+    PIXEL_HASHES,
     QUOTA,
     ROUTER,
     USER_KEY,
 )
 from gateway.metrics import Metrics
+from gateway.png import PixelHashes
 from gateway.quota import QuotaRejected, SqliteQuota
 from gateway.router import Router
 from gateway.storage import ImageStore, load_signing_key
@@ -195,6 +197,7 @@ def build_app(config: Config) -> web.Application:
     app[AUDIT] = AuditLog(config.audit.path, config.audit.retention_days,
                           stdout=config.audit.stdout)
     app[ABUSE] = AbuseMonitor(config.abuse)
+    app[PIXEL_HASHES] = PixelHashes()
     app[METRICS] = Metrics(config.users)
     app.cleanup_ctx.append(_lifecycle)
 

@@ -10,6 +10,7 @@ from gateway.auth import Authenticator
 from gateway.cache import ResultCache
 from gateway.config import Config
 from gateway.metrics import Metrics
+from gateway.png import PixelHashes
 from gateway.quota import QuotaStore
 from gateway.router import Router
 from gateway.storage import ImageStore
@@ -23,6 +24,7 @@ CACHE = web.AppKey("cache", ResultCache)
 AUDIT = web.AppKey("audit", AuditLog)
 ABUSE = web.AppKey("abuse", AbuseMonitor)
 METRICS = web.AppKey("metrics", Metrics)
+PIXEL_HASHES = web.AppKey("pixel_hashes", PixelHashes)
 USER_KEY = web.AppKey("user_hash_key", bytes)
 
 # Per request.

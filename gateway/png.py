@@ -12,6 +12,7 @@ import hashlib
 import io
 import struct
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from PIL import Image
@@ -151,6 +152,30 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     if img.mode in ("LA", "La"):
         return img.convert("RGBA")
     return img.convert("RGB")
+
+
+class PixelHashes:
+    """A bounded memo of upload SHA-256 -> pixel SHA-256.
+
+    The same upload bytes always decode to the same pixels, so an artist re-sending a
+    layer (the common case for a cache hit) costs a hash of the bytes, not a decode.
+    """
+
+    def __init__(self, maxsize: int = 8192) -> None:
+        self._maxsize = maxsize
+        self._map: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, upload_sha256: str) -> str | None:
+        found = self._map.get(upload_sha256)
+        if found is not None:
+            self._map.move_to_end(upload_sha256)
+        return found
+
+    def put(self, upload_sha256: str, pixels_sha256: str) -> None:
+        self._map[upload_sha256] = pixels_sha256
+        self._map.move_to_end(upload_sha256)
+        while len(self._map) > self._maxsize:
+            self._map.popitem(last=False)
 
 
 def is_plain(info: PngInfo) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aiohttp import BodyPartReader, web
+import multipart
+from aiohttp import web
 
 from gateway.errors import ApiError, invalid
 from gateway.png import MAX_UPLOAD_BYTES, NOT_PNG
@@ -39,18 +40,55 @@ def _too_large() -> ApiError:
     return ApiError(413, NOT_PNG, code="image_too_large", param="image")
 
 
-async def _read_part(part: BodyPartReader, limit: int, on_overflow: ApiError) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        chunk = await part.read_chunk(64 * 1024)
-        if not chunk:
-            break
-        total += len(chunk)
-        if total > limit:
-            raise on_overflow
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _malformed(detail: str) -> ApiError:
+    return invalid(f"Malformed multipart body: {detail}.", None, "invalid_multipart")
+
+
+def _field_too_long(name: str) -> ApiError:
+    limit = MAX_USER_CHARS if name == "user" else MAX_FIELD_BYTES
+    return invalid(f"Invalid '{name}': string too long. Expected a string with maximum "
+                   f"length {limit}.", name, "string_above_max_length")
+
+
+async def _read_parts(request: web.Request, boundary: str) -> dict[str, bytes]:
+    """Stream the body through the parser, enforcing every cap while it arrives."""
+    parts: dict[str, list[bytes]] = {}
+    sizes: dict[str, int] = {}
+    current: str | None = None
+    received = 0
+    parser = multipart.PushMultipartParser(boundary, max_segment_count=len(FIELDS) + 1,
+                                           strict=True)
+    try:
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            received += len(chunk)
+            if received > MAX_BODY_BYTES:
+                raise _too_large()
+            for event in parser.parse(chunk):
+                if isinstance(event, multipart.MultipartSegment):
+                    name = event.name or ""
+                    if name not in FIELDS:
+                        raise invalid(f"Unknown parameter: '{_printable(name)}'.", name,
+                                      "unknown_parameter")
+                    if name in parts:
+                        raise invalid(f"Duplicate parameter: '{name}' was sent more than "
+                                      "once.", name, "duplicate_parameter")
+                    current = name
+                    parts[name], sizes[name] = [], 0
+                elif event is not None and current is not None:
+                    sizes[current] += len(event)
+                    limit = MAX_UPLOAD_BYTES - 1 if current == "image" else MAX_FIELD_BYTES
+                    if sizes[current] > limit:
+                        raise _too_large() if current == "image" else _field_too_long(current)
+                    parts[current].append(event)
+        for _ in parser.parse(b""):  # end of input: an unterminated body is an error
+            pass
+    except multipart.ParserLimitReached:
+        raise _malformed("too many parts or headers") from None
+    except multipart.ParserError as exc:
+        raise _malformed(str(exc).rstrip(".")) from None
+    if not parser.closed:
+        raise _malformed("the closing boundary is missing")
+    return {name: b"".join(chunks) for name, chunks in parts.items()}
 
 
 def _text(raw: bytes, name: str) -> str:
@@ -87,52 +125,18 @@ async def read_form(request: web.Request, models: frozenset[str]) -> VariationFo
     """Parse and validate the form; raise :class:`ApiError` with the right ``param``."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise _too_large()
-    ctype = request.content_type
+    ctype, options = multipart.parse_options_header(request.headers.get("Content-Type", ""))
     if ctype != "multipart/form-data":
         raise invalid(
             "Invalid Content-Type header ({}), expected multipart/form-data with an "
             "'image' file part.".format(_printable(ctype or "none")), None,
             "invalid_content_type")
-    try:
-        reader = await request.multipart()
-    except (ValueError, AssertionError, KeyError) as exc:
-        raise invalid(f"Malformed multipart body: {exc}.", None, "invalid_multipart") from None
-    values: dict[str, str] = {}
-    image: bytes | None = None
-    body_bytes = 0
-    try:
-        while True:
-            part = await reader.next()
-            if part is None:
-                break
-            if not isinstance(part, BodyPartReader):
-                raise invalid("Nested multipart bodies are not supported.", None,
-                              "invalid_multipart")
-            name = part.name
-            if name is None:
-                raise invalid("A multipart part has no name.", None, "invalid_multipart")
-            if name not in FIELDS:
-                raise invalid(f"Unknown parameter: '{_printable(name)}'.", name,
-                              "unknown_parameter")
-            if name in values or (name == "image" and image is not None):
-                raise invalid(f"Duplicate parameter: '{name}' was sent more than once.",
-                              name, "duplicate_parameter")
-            if name == "image":
-                image = await _read_part(part, MAX_UPLOAD_BYTES - 1, _too_large())
-                body_bytes += len(image)
-            else:
-                too_long = invalid(
-                    f"Invalid '{name}': string too long. Expected a string with maximum "
-                    f"length {MAX_USER_CHARS if name == 'user' else MAX_FIELD_BYTES}.",
-                    name, "string_above_max_length")
-                values[name] = _text(await _read_part(part, MAX_FIELD_BYTES, too_long), name)
-                body_bytes += len(values[name])
-            if body_bytes > MAX_BODY_BYTES:
-                raise _too_large()
-    except ApiError:
-        raise
-    except (ValueError, AssertionError, RuntimeError) as exc:
-        raise invalid(f"Malformed multipart body: {exc}.", None, "invalid_multipart") from None
+    boundary = options.get("boundary", "")
+    if not boundary or len(boundary) > 70:
+        raise _malformed("the Content-Type header has no valid boundary")
+    raw = await _read_parts(request, boundary)
+    image = raw.pop("image", None)
+    values = {name: _text(data, name) for name, data in raw.items()}
 
     if image is None:
         raise invalid("'image' is a required property", "image", "missing_required_parameter")

@@ -29,6 +29,7 @@ from gateway.keys import (
     CONFIG,
     IMAGES,
     METRICS,
+    PIXEL_HASHES,
     QUOTA,
     ROUTER,
     USER_KEY,
@@ -105,16 +106,18 @@ async def create_variation(request: web.Request) -> web.Response:
     # Admit: blocked users, the minute window and the in-flight limit.
     async with quota.admit(principal):
         # The pixel hash keys the cache; a request that bypasses it skips the decode.
+        key, pixels_sha256 = "", ""
+        make_source = partial(png.source_without_hash, form.image, info,
+                              record.image_sha256)
         if app[CACHE].enabled and policy != "no-store":
-            decoded = await loop.run_in_executor(None, png.decode, form.image, info,
-                                                 record.image_sha256)
-            key = cache_key(decoded.pixels_sha256, form.size, form.model,
-                            router.identity(form.model))
-            pixels_sha256, make_source = decoded.pixels_sha256, decoded.to_source
-        else:
-            key, pixels_sha256 = "", ""
-            make_source = partial(png.source_without_hash, form.image, info,
-                                  record.image_sha256)
+            known = app[PIXEL_HASHES].get(record.image_sha256)
+            if known is None:
+                decoded = await loop.run_in_executor(None, png.decode, form.image, info,
+                                                     record.image_sha256)
+                app[PIXEL_HASHES].put(record.image_sha256, decoded.pixels_sha256)
+                known, make_source = decoded.pixels_sha256, decoded.to_source
+            pixels_sha256 = known
+            key = cache_key(pixels_sha256, form.size, form.model, router.identity(form.model))
         price = config.pricing[form.size_label]
         reservation: Reservation | None = None
 

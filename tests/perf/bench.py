@@ -252,6 +252,7 @@ def nginx_static(files: dict[str, bytes]) -> Iterator[str]:
     """nginx (1 worker, pinned like the gateway) serving ``files`` statically."""
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
+        root.chmod(0o755)  # nginx workers drop to an unprivileged user
         (root / "www").mkdir()
         for name, data in files.items():
             (root / "www" / name).write_bytes(data)
