@@ -1,22 +1,30 @@
-"""Choosing backends for a request and trying them in ``route`` order.
+"""Choosing backends for a request and trying them in ``route`` order, resiliently.
 
 ``model=dall-e-2`` (the contract's only value) means "the route": the backends in
 ``route`` order, later ones as fallbacks. A backend's own name as ``model`` pins that
-backend. The result says which backend produced the images and how long it took, so
-metrics can separate backend time from gateway overhead.
+backend. Each backend call goes through, in order: its circuit breaker (an open circuit
+is skipped without a call), its concurrency limiter (bounded queue wait), then attempts
+under one deadline of ``timeout_seconds`` with the retry policy between them. A failure
+the backend marks ``retryable`` moves on to the next backend; others (bad input, a
+safety rejection) are answered as they are. The result says which backend produced the
+images and how long it took, so metrics can separate backend time from gateway overhead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from gateway import backends as registry
 from gateway.backends.base import Backend, BackendError, BackendState, VariationRequest
-from gateway.config import Config
+from gateway.backends.http import UpstreamError, timeout_error
+from gateway.config import BackendConfig, Config
+from gateway.metrics import Metrics
+from gateway.resilience import CircuitBreaker, ConcurrencyLimiter, RetryPolicy
 from gateway.upload import DEFAULT_MODEL
 
 log = structlog.get_logger("gateway.router")
@@ -29,14 +37,51 @@ class Generated:
     seconds: float
 
 
-class Router:
-    """Owns the backend instances and the route."""
+@dataclass
+class Guard:
+    """The resilience state of one backend."""
 
-    def __init__(self, config: Config) -> None:
-        self._backends: dict[str, Backend] = {
-            b.name: registry.create_backend(b.name, b.kind, b.options) for b in config.backends
-        }
+    config: BackendConfig
+    policy: RetryPolicy
+    breaker: CircuitBreaker
+    limiter: ConcurrencyLimiter
+
+
+class Router:
+    """Owns the backend instances, their guards and the route.
+
+    ``metrics`` is a callable returning the app's :class:`Metrics` (``build_app`` makes
+    them after the router), or the instance itself, or ``None`` in unit tests.
+    """
+
+    def __init__(self, config: Config,
+                 metrics: Metrics | Callable[[], Metrics] | None = None) -> None:
+        self._backends: dict[str, Backend] = {}
+        self._guards: dict[str, Guard] = {}
+        for b in config.backends:
+            backend = registry.create_backend(b.name, b.kind, b.options)
+            configure = getattr(backend, "configure_timeouts", None)
+            if configure is not None:
+                configure(b.timeout_seconds, b.connect_timeout_seconds)
+            self._backends[b.name] = backend
+            self._guards[b.name] = Guard(
+                b, RetryPolicy(b.retry),
+                CircuitBreaker(b.breaker, on_change=self._breaker_reporter(b.name)),
+                ConcurrencyLimiter(b.name, b.max_concurrent, b.queue_timeout_seconds))
         self._route = tuple(config.route)
+        self._metrics = metrics
+
+    @property
+    def metrics(self) -> Metrics | None:
+        m = self._metrics
+        return m if m is None or isinstance(m, Metrics) else m()
+
+    def _breaker_reporter(self, name: str) -> Callable[[str], None]:
+        def report(state: str) -> None:
+            log.warning("breaker_state", backend=name, state=state)
+            if (m := self.metrics) is not None:
+                m.set_breaker(name, state)
+        return report
 
     @property
     def models(self) -> frozenset[str]:
@@ -45,6 +90,9 @@ class Router:
     @property
     def backends(self) -> dict[str, Backend]:
         return dict(self._backends)
+
+    def guard(self, name: str) -> Guard:
+        return self._guards[name]
 
     def chain(self, model: str) -> Sequence[Backend]:
         if model == DEFAULT_MODEL:
@@ -56,6 +104,9 @@ class Router:
         return "|".join(b.identity for b in self.chain(model))
 
     async def start(self) -> None:
+        if (m := self.metrics) is not None:
+            for name, guard in self._guards.items():
+                m.set_breaker(name, guard.breaker.state)
         for b in self._backends.values():
             await b.start()
 
@@ -64,23 +115,100 @@ class Router:
             await b.close()
 
     async def check(self) -> list[BackendState]:
-        return [await b.check() for b in self._backends.values()]
+        states = []
+        for b in self._backends.values():
+            state = await b.check()
+            guard = self._guards[b.name]
+            state.extra.update({
+                "breaker": guard.breaker.state,
+                "consecutive_failures": guard.breaker.failures,
+                "retry_in_seconds": round(guard.breaker.retry_in(), 1),
+                "in_flight": guard.limiter.in_flight,
+                "queued": guard.limiter.waiting,
+            })
+            states.append(state)
+        return states
 
     async def generate(self, model: str, request: VariationRequest) -> Generated:
         """Run the chain; fall through to the next backend on a retryable failure."""
-        chain = self.chain(model)
         last: BackendError | None = None
-        for backend in chain:
+        for backend in self.chain(model):
+            guard = self._guards[backend.name]
+            if not guard.breaker.allow():
+                self._error(backend.name, "circuit_open")
+                log.warning("backend_skipped", backend=backend.name, reason="circuit_open",
+                            request_id=request.request_id)
+                last = UpstreamError(
+                    503, f"Backend {backend.name!r} is failing and paused; try again later.",
+                    code="upstream_unavailable", kind="circuit_open", transient=False,
+                    retry_after=max(1.0, guard.breaker.retry_in()), trips_breaker=False)
+                continue
             started = time.perf_counter()
             try:
-                images = await backend.generate(request)
+                images = await self._call(backend, guard, request)
             except BackendError as exc:
+                self._observe(backend.name, started)
+                if getattr(exc, "trips_breaker", False):
+                    guard.breaker.failure()
+                else:
+                    guard.breaker.release()
                 log.warning("backend_failed", backend=backend.name, kind=exc.kind,
-                            status=exc.status, request_id=request.request_id)
+                            status=exc.status, code=exc.code, request_id=request.request_id)
                 last = exc
                 if not exc.retryable:
                     raise
                 continue
-            return Generated(images, backend.name, time.perf_counter() - started)
+            except BaseException:  # cancelled (client left): no verdict on the upstream
+                guard.breaker.release()
+                raise
+            seconds = self._observe(backend.name, started)
+            guard.breaker.success()
+            return Generated(images, backend.name, seconds)
         assert last is not None
         raise last
+
+    async def _call(self, backend: Backend, guard: Guard, request: VariationRequest
+                    ) -> list[bytes]:
+        """Attempts under one deadline, holding one concurrency slot throughout."""
+        async with guard.limiter.slot():
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + guard.config.timeout_seconds
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        images = await backend.generate(request)
+                except TimeoutError:
+                    self._error(backend.name, "timeout")
+                    raise timeout_error(backend.name) from None
+                except BackendError as exc:
+                    self._error(backend.name, exc.kind)
+                    if not getattr(exc, "transient", False):
+                        raise
+                    delay = guard.policy.delay(attempt, getattr(exc, "retry_after", None))
+                    if delay is None or loop.time() + delay >= deadline:
+                        raise
+                    if (m := self.metrics) is not None:
+                        m.backend_retries.labels(backend.name).inc()
+                    log.info("backend_retry", backend=backend.name, kind=exc.kind,
+                             attempt=attempt, delay_s=round(delay, 3),
+                             request_id=request.request_id)
+                    await asyncio.sleep(delay)
+                    continue
+                if len(images) != request.n:
+                    self._error(backend.name, "bad_response")
+                    raise BackendError(502, f"Backend {backend.name!r} returned "
+                                       f"{len(images)} images instead of {request.n}.",
+                                       code="upstream_bad_response", kind="bad_response")
+                return images
+
+    def _error(self, name: str, kind: str) -> None:
+        if (m := self.metrics) is not None:
+            m.backend_errors.labels(name, kind).inc()
+
+    def _observe(self, name: str, started: float) -> float:
+        seconds = time.perf_counter() - started
+        if (m := self.metrics) is not None:
+            m.backend_seconds.labels(name).observe(seconds)
+        return seconds

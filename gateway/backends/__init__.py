@@ -15,6 +15,10 @@ from gateway.backends.base import Backend, BackendOptions
 KINDS: MappingProxyType[str, str] = MappingProxyType(
     {
         "procedural": "gateway.backends.procedural:ProceduralBackend",
+        "openai": "gateway.backends.openai:OpenAIBackend",
+        "openai_edits": "gateway.backends.openai_edits:OpenAIEditsBackend",
+        "sdwebui": "gateway.backends.sdwebui:SdWebUIBackend",
+        "comfyui": "gateway.backends.comfyui:ComfyUIBackend",
     }
 )
 

@@ -1,0 +1,314 @@
+"""What the HTTP backends share: a session, error mapping, image checks.
+
+Every upstream failure leaves here as an :class:`UpstreamError` whose message names
+only the backend (its config name) and what went wrong. The upstream's URL, key and raw
+body never reach the client: bodies are parsed only to recognise a safety rejection,
+then dropped. Every returned image is decoded, checked and re-encoded as a PNG of the
+requested size, so what the gateway stores does not depend on the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from gateway import __version__
+from gateway.backends.base import BackendError, BackendOptions, BackendState
+from gateway.resilience import parse_retry_after
+
+# Formats the upstreams we speak to document for their outputs.
+IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+MAX_IMAGE_PIXELS = 40_000_000
+USER_AGENT = f"variations-gateway/{__version__}"
+_CONTENT_POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
+
+
+class UpstreamError(BackendError):
+    """A :class:`BackendError` with what the retry policy and the breaker need.
+
+    ``transient``: the same backend may succeed on a retry (connection errors, 408, 409,
+    429, 5xx, timeouts). ``retry_after``: seconds the upstream asked for, if it did.
+    ``trips_breaker``: the failure says something about the upstream's health (not
+    about this one input).
+    """
+
+    def __init__(self, status: int, message: str, *, code: str, kind: str,
+                 transient: bool = False, retryable: bool = True,
+                 retry_after: float | None = None, trips_breaker: bool = True,
+                 should_retry: bool | None = None) -> None:
+        headers = {"retry-after": str(max(1, math.ceil(retry_after)))} \
+            if retry_after is not None and status in (429, 503) else {}
+        super().__init__(status, message, code=code, kind=kind, retryable=retryable,
+                         headers=headers)
+        self.transient = transient
+        self.retry_after = retry_after
+        self.trips_breaker = trips_breaker
+        if should_retry is not None:
+            self.should_retry = should_retry
+
+
+def timeout_error(name: str) -> UpstreamError:
+    return UpstreamError(504, f"Backend {name!r} did not answer in time.",
+                         code="upstream_timeout", kind="timeout", transient=True)
+
+
+def bad_response(name: str, what: str) -> UpstreamError:
+    """The upstream answered 2xx with something unusable; ``what`` is our own words."""
+    return UpstreamError(502, f"Backend {name!r} returned an unusable response ({what}).",
+                         code="upstream_bad_response", kind="bad_response")
+
+
+def _error_code(body: bytes) -> tuple[str, str]:
+    """``(code, message)`` of an OpenAI-style error body, lower-cased; never returned."""
+    try:
+        err = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return "", ""
+    if isinstance(err, str):
+        return "", err.lower()
+    if not isinstance(err, dict):
+        return "", ""
+    return str(err.get("code") or "").lower(), str(err.get("message") or "").lower()
+
+
+def status_error(name: str, status: int, headers: Mapping[str, str], body: bytes
+                 ) -> UpstreamError:
+    """Map an upstream HTTP error status to what the client and the router need."""
+    retry_after = parse_retry_after(headers)
+    if status == 400:
+        code, message = _error_code(body)
+        if code in _CONTENT_POLICY_CODES or "safety system" in message:
+            return UpstreamError(
+                400, "Your request was rejected as a result of the upstream's safety system.",
+                code="content_policy_violation", kind="content_policy", retryable=False,
+                trips_breaker=False)
+    if status in (401, 403):
+        return UpstreamError(502, f"Backend {name!r} rejected the gateway's credentials; "
+                             "the gateway admin must fix its upstream key.",
+                             code="upstream_auth_error", kind="auth", should_retry=False)
+    if status == 429:
+        return UpstreamError(503, f"Backend {name!r} is rate limited.",
+                             code="upstream_rate_limited", kind="http_429", transient=True,
+                             retry_after=retry_after)
+    if status == 503:
+        return UpstreamError(503, f"Backend {name!r} is unavailable.",
+                             code="upstream_unavailable", kind="http_503", transient=True,
+                             retry_after=retry_after)
+    if status >= 500:
+        return UpstreamError(502, f"Backend {name!r} failed (HTTP {status}).",
+                             code="upstream_error", kind="http_5xx", transient=True)
+    if status in (408, 409):
+        return UpstreamError(502, f"Backend {name!r} failed (HTTP {status}).",
+                             code="upstream_error", kind="http_4xx", transient=True)
+    # Other 4xx: the gateway sent something this upstream refuses. Retrying the same
+    # call cannot help; another backend in the route may.
+    return UpstreamError(502, f"Backend {name!r} refused the request (HTTP {status}).",
+                         code="upstream_rejected", kind="http_4xx", trips_breaker=False)
+
+
+def strip_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (for identities and anything displayed)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def check_base_url(url: str) -> str:
+    if not re.match(r"^https?://[^/]+", url):
+        raise ValueError("base_url must start with http:// or https://")
+    return url.rstrip("/")
+
+
+def batches(n: int, per_call: int) -> list[tuple[int, int]]:
+    """``(offset, count)`` pairs splitting ``n`` images into calls of ``per_call``."""
+    per_call = max(1, per_call)
+    return [(i, min(per_call, n - i)) for i in range(0, n, per_call)]
+
+
+# --------------------------------------------------------------------------- images
+
+
+def decode_b64(name: str, value: object) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise bad_response(name, "missing base64 image")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_response(name, "invalid base64") from None
+
+
+def to_png(name: str, data: bytes, size: int) -> bytes:
+    """Decode an upstream image, fit it to ``size`` squared, re-encode it as PNG.
+
+    Re-encoding also drops metadata (SD WebUI writes its prompt into a PNG text chunk).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in IMAGE_FORMATS:
+                raise bad_response(name, f"{img.format or 'unknown'} is not PNG/JPEG/WebP")
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise bad_response(name, "image too large")
+            img.load()
+            mode = "RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB"
+            out = img.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError):
+        raise bad_response(name, "not a decodable image") from None
+    if out.size != (size, size):
+        out = ImageOps.fit(out, (size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    out.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+async def to_pngs(name: str, images: list[bytes], size: int) -> list[bytes]:
+    """:func:`to_png` for each image, off the event loop."""
+    loop = asyncio.get_running_loop()
+    return list(await asyncio.gather(
+        *(loop.run_in_executor(None, to_png, name, data, size) for data in images)))
+
+
+# --------------------------------------------------------------------------- session
+
+
+class HttpBackend:
+    """Base of the HTTP backends: session lifecycle, requests, error mapping.
+
+    The router calls :meth:`configure_timeouts` with the backend's ``timeout_seconds``
+    and ``connect_timeout_seconds`` before :meth:`start`.
+    """
+
+    kind: ClassVar[str]
+    options_class: ClassVar[type[BackendOptions]]
+
+    def __init__(self, name: str, base_url: str) -> None:
+        self.name = name
+        self.base_url = check_base_url(base_url)
+        self._timeout = aiohttp.ClientTimeout(total=120.0, connect=10.0, sock_connect=10.0)
+        self._session: aiohttp.ClientSession | None = None
+
+    def configure_timeouts(self, total: float, connect: float) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=total, connect=connect,
+                                              sock_connect=connect)
+
+    def headers(self) -> dict[str, str]:
+        """Per-request headers (auth included); never set on the session, so image
+        downloads from other hosts do not carry the key."""
+        return {"User-Agent": USER_AGENT, "Accept": "application/json"}
+
+    def auth(self) -> aiohttp.BasicAuth | None:
+        return None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, trust_env=False)
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def check(self) -> BackendState:
+        started = self._session is not None
+        return BackendState(self.name, self.kind, started,
+                            f"{self.kind} upstream" if started else "not started")
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise UpstreamError(503, f"Backend {self.name!r} is not started.",
+                                code="upstream_unavailable", kind="not_started",
+                                trips_breaker=False)
+        return self._session
+
+    async def request(self, method: str, path: str, *, url: str | None = None,
+                      authed: bool = True, **kwargs: Any) -> tuple[bytes, str]:
+        """One HTTP exchange: ``(body, content_type)`` of a 2xx, else ``UpstreamError``.
+
+        ``path`` is joined to ``base_url``; ``url`` (a URL the upstream handed out) is
+        used as is and gets neither our headers' key nor basic auth.
+        """
+        session = self._require_session()
+        target = url if url is not None else self.base_url + path
+        headers = self.headers() if authed else {"User-Agent": USER_AGENT}
+        auth = self.auth() if authed else None
+        try:
+            async with session.request(method, target, headers=headers, auth=auth,
+                                       allow_redirects=False, **kwargs) as resp:
+                body = await _read(resp, self.name)
+                if resp.status >= 300:
+                    raise status_error(self.name, resp.status, resp.headers, body)
+                return body, resp.content_type
+        except UpstreamError:
+            raise
+        except TimeoutError:  # aiohttp's connect and total timeouts are TimeoutErrors
+            raise timeout_error(self.name) from None
+        except aiohttp.ClientConnectorError:
+            raise UpstreamError(502, f"Backend {self.name!r} cannot be reached.",
+                                code="upstream_unavailable", kind="connect",
+                                transient=True) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                aiohttp.ClientOSError):
+            raise UpstreamError(502, f"Backend {self.name!r} dropped the connection.",
+                                code="upstream_error", kind="disconnected",
+                                transient=True) from None
+        except aiohttp.ClientError:
+            raise UpstreamError(502, f"Backend {self.name!r} failed.", code="upstream_error",
+                                kind="client_error", transient=True) from None
+
+    async def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
+        body, _ = await self.request(method, path, **kwargs)
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise bad_response(self.name, "malformed JSON") from None
+
+    async def download(self, url: str) -> bytes:
+        """An image URL the upstream returned (signed URLs need no key)."""
+        if not re.match(r"^https?://", url):
+            raise bad_response(self.name, "image URL is not http(s)")
+        body, _ = await self.request("GET", "", url=url, authed=False)
+        return body
+
+
+async def _read(resp: aiohttp.ClientResponse, name: str) -> bytes:
+    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
+        raise bad_response(name, "response too large")
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        buf += chunk
+        if len(buf) > MAX_RESPONSE_BYTES:
+            raise bad_response(name, "response too large")
+    return bytes(buf)
+
+
+def data_items(name: str, payload: Any, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` items of an OpenAI images response's ``data``."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise bad_response(name, "no data array")
+    if len(data) < n:
+        raise bad_response(name, f"{len(data)} images instead of {n}")
+    return data[:n]
+
+
+async def openai_images(backend: HttpBackend, items: list[dict[str, Any]]) -> list[bytes]:
+    """Image bytes of OpenAI ``data`` items: ``b64_json`` decoded, ``url`` downloaded."""
+    async def one(item: dict[str, Any]) -> bytes:
+        if item.get("b64_json"):
+            return decode_b64(backend.name, item["b64_json"])
+        if isinstance(item.get("url"), str):
+            return await backend.download(item["url"])
+        raise bad_response(backend.name, "item has neither b64_json nor url")
+    return list(await asyncio.gather(*(one(i) for i in items)))
