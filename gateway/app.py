@@ -185,7 +185,7 @@ def build_app(config: Config) -> web.Application:
     signing_key = load_signing_key(config.images.signing_key, state_dir)
     app[CONFIG] = config
     app[AUTH] = Authenticator(config)
-    app[ROUTER] = Router(config)
+    app[ROUTER] = Router(config, metrics=lambda: app[METRICS])
     app[IMAGES] = ImageStore(Path(config.images.dir), signing_key, config.images.url_ttl_seconds)
     app[USER_KEY] = user_hash_key(signing_key)
     app[QUOTA] = SqliteQuota(config.state.path)
