@@ -53,7 +53,8 @@ async def metrics(request: web.Request) -> web.Response:
     if expected is not None:
         token = bearer_token(request)
         if token is None or not hmac.compare_digest(token_sha256(token), expected):
-            raise ApiError(401, "The metrics endpoint needs its bearer token.",
-                           code="invalid_api_key")
+            # Returned, not raised: on its own port this app has no error middleware.
+            return ApiError(401, "The metrics endpoint needs its bearer token.",
+                            code="invalid_api_key").response()
     return web.Response(body=request.app[METRICS].exposition(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -1,0 +1,82 @@
+"""The ``variations-gateway`` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+from support import TOKENS, png_bytes
+
+CLI = [sys.executable, "-m", "gateway"]
+
+
+def run(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def test_add_user_prints_a_token_once_and_its_hash() -> None:
+    out = run("add-user", "carol")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    token = lines[1].strip()
+    assert token.startswith("vg-") and len(token) >= 40
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    assert f"token_sha256: {digest}" in out.stdout
+    assert out.stdout.count(token) == 1
+    again = run("add-user", "carol")
+    assert again.stdout.splitlines()[1].strip() != token  # fresh every time
+
+
+def test_add_user_rejects_bad_names() -> None:
+    assert run("add-user", "bad name!").returncode == 2
+
+
+def test_check_config_masks_secrets(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("auth: {mode: none}\nimages: {signing_key: topsecretvalue}\n")
+    out = run("check-config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "topsecretvalue" not in out.stdout and "signing_key: '***'" in out.stdout
+
+
+def test_check_config_error_names_the_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("auth: {mode: none}\nquota_defaults:\n  images_per_day: lots\n")
+    out = run("check-config", str(cfg))
+    assert out.returncode != 0
+    assert "line 3" in out.stderr and "quota_defaults.images_per_day" in out.stderr
+
+
+def test_serve_refuses_open_gateway_off_loopback(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("auth: {mode: none}\n")
+    out = run("serve", "--config", str(cfg), "--host", "0.0.0.0", "--port", "0", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "only allowed on a loopback address" in out.stderr
+
+
+def test_vary_writes_pngs(gateway_process, tmp_path: Path) -> None:
+    g = gateway_process()
+    src = tmp_path / "layer.png"
+    src.write_bytes(png_bytes(64))
+    out = run("vary", str(src), "-n", "2", "--size", "256x256", "-o", str(tmp_path / "out"),
+              "--url", g.url, "--token", TOKENS["alice"])
+    assert out.returncode == 0, out.stderr
+    files = sorted((tmp_path / "out").glob("layer-variation-*.png"))
+    assert len(files) == 2
+    assert all(Image.open(f).size == (256, 256) for f in files)
+    assert "uploading" in out.stderr and "done: 2 image(s)" in out.stderr
+
+
+def test_vary_reports_the_gateway_error(gateway_process, tmp_path: Path) -> None:
+    g = gateway_process()
+    src = tmp_path / "layer.png"
+    src.write_bytes(png_bytes(64))
+    out = run("vary", str(src), "--url", g.url, "--token", "wrong-token")
+    assert out.returncode == 1
+    assert "HTTP 401 [invalid_api_key]" in out.stderr
+    assert "wrong-token" not in out.stderr
