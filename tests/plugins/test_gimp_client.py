@@ -267,6 +267,31 @@ def test_timeout_names_the_limit() -> None:
         "0.5 seconds.")
 
 
+# ------------------------------------------------------------------ 5xx
+
+
+def test_backend_timeout_then_paused_backend(tmp_path: Path) -> None:
+    """A real 504 (the backend's time budget is 1 ms) and then a real 503 (the breaker
+    pauses the failing backend) from the gateway."""
+    cfg = write_config(tmp_path, {"alice": {"token": ALICE}}, backends=[{
+        "name": "slow", "kind": "procedural", "timeout_seconds": 0.001,
+        "retry": {"max_attempts": 1},
+        "breaker": {"failure_threshold": 1, "cooldown_seconds": 600}}])
+    src = png_bytes(300, 300)
+    with running_gateway(tmp_path, cfg) as gw:
+        e = sentence_of(vg_client.request_variations, gw.url, ALICE, src, n=10,
+                        size="1024x1024")
+        assert (e.status, e.code, e.kind) == (504, "upstream_timeout", "timeout")
+        assert str(e).startswith("The image backend behind the gateway took too long and the "
+                                 "gateway gave up.")
+        assert e.request_id and e.request_id in str(e)
+        e = sentence_of(vg_client.request_variations, gw.url, ALICE, src, n=10,
+                        size="1024x1024")
+        assert (e.status, e.code, e.kind) == (503, "upstream_unavailable", "backend")
+        assert str(e).startswith("The gateway's image backend is down or failing (")
+        assert ". Try again in " in str(e)
+
+
 # ------------------------------------------------------------------ 5xx envelopes
 
 

@@ -207,7 +207,8 @@ def error_sentence(
             return make(sentence, "quota")
         wait = f" Wait {_seconds_text(retry)} and try again." if retry else " Wait a moment " \
             "and try again."
-        return make(f"Too many requests to the gateway right now ({message}).{wait}", "rate")
+        return make(f"Too many requests to the gateway right now ({message.rstrip('.')})."
+                    f"{wait}", "rate")
     if status == 400 or status == 413 or status == 422:
         what = f" (parameter '{param}')" if param else ""
         return make(f"The gateway refused the request{what}: {message}", "bad_request")
@@ -222,7 +223,7 @@ def error_sentence(
     if status in (502, 503) or code in ("upstream_error", "upstream_unavailable"):
         retry = h.get("retry-after")
         later = f" Try again in {_seconds_text(retry)}." if retry else " Try again later."
-        detail = f" ({message})" if message else ""
+        detail = f" ({message.rstrip('.')})" if message else ""
         return make(
             f"The gateway's image backend is down or failing{detail}.{later}{ref}", "backend")
     if status >= 500:
