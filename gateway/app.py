@@ -14,7 +14,6 @@ import hmac
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -23,7 +22,6 @@ from gateway import admin, health, variations
 from gateway.abuse import AbuseMonitor
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
-from gateway.cache import BlobStore, ResultCache, SqliteCacheIndex
 from gateway.config import Config
 from gateway.errors import ApiError
 from gateway.keys import (
@@ -43,9 +41,9 @@ from gateway.keys import (
 )
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
-from gateway.quota import QuotaRejected, SqliteQuota
+from gateway.quota import QuotaRejected
 from gateway.router import Router
-from gateway.storage import ImageStore, load_signing_key
+from gateway.state import build_state
 
 log = structlog.get_logger("gateway.request")
 
@@ -181,19 +179,14 @@ async def _refresh_gauges(app: web.Application, interval: float = 5.0) -> None:
 def build_app(config: Config) -> web.Application:
     """The whole gateway for ``config``; parts start and stop with the app."""
     app = web.Application(middlewares=[finish_request], client_max_size=5 * 1024 * 1024)
-    state_dir = Path(config.state.path).parent
-    signing_key = load_signing_key(config.images.signing_key, state_dir)
+    state = build_state(config)
     app[CONFIG] = config
     app[AUTH] = Authenticator(config)
     app[ROUTER] = Router(config, metrics=lambda: app[METRICS])
-    app[IMAGES] = ImageStore(Path(config.images.dir), signing_key, config.images.url_ttl_seconds)
-    app[USER_KEY] = user_hash_key(signing_key)
-    app[QUOTA] = SqliteQuota(config.state.path)
-    app[CACHE] = ResultCache(
-        SqliteCacheIndex(Path(config.cache.dir) / "index.sqlite3"),
-        BlobStore(Path(config.cache.dir) / "blobs"),
-        enabled=config.cache.enabled, max_bytes=config.cache.max_bytes,
-        ttl_seconds=config.cache.ttl_seconds)
+    app[IMAGES] = state.images
+    app[USER_KEY] = user_hash_key(state.signing_key)
+    app[QUOTA] = state.quota
+    app[CACHE] = state.cache
     app[AUDIT] = AuditLog(config.audit.path, config.audit.retention_days,
                           stdout=config.audit.stdout)
     app[ABUSE] = AbuseMonitor(config.abuse)

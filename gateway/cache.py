@@ -10,6 +10,7 @@ the index (pools, sizes, last use) lives in SQLite, or in Redis when replicas sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -80,6 +81,16 @@ class CacheIndex(Protocol):
         """(entries, bytes)."""
         ...
 
+    async def acquire_flight(self, key: str, ttl: float) -> bool:
+        """Claim generating ``key`` across processes (expires after ``ttl`` seconds)."""
+        ...
+
+    async def wait_flight(self, key: str, within: float) -> None:
+        """Return when another process's flight for ``key`` ends, or after ``within`` s."""
+        ...
+
+    async def release_flight(self, key: str) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -147,6 +158,16 @@ class SqliteCacheIndex:
         (total,) = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
         return entries, total
 
+    # One process owns this index: the in-process futures already give single-flight.
+    async def acquire_flight(self, key: str, ttl: float) -> bool:
+        return True
+
+    async def wait_flight(self, key: str, within: float) -> None:
+        return None
+
+    async def release_flight(self, key: str) -> None:
+        return None
+
     async def close(self) -> None:
         self._db.close()
 
@@ -184,12 +205,13 @@ class ResultCache:
     """Pool logic and single-flight, over an index and a blob store."""
 
     def __init__(self, index: CacheIndex, blobs: BlobStore, *, enabled: bool,
-                 max_bytes: int, ttl_seconds: int) -> None:
+                 max_bytes: int, ttl_seconds: int, flight_ttl_seconds: float = 600.0) -> None:
         self.index = index
         self.blobs = blobs
         self.enabled = enabled
         self.max_bytes = max_bytes
         self.ttl = ttl_seconds
+        self.flight_ttl = flight_ttl_seconds  # how long another replica's flight may hold
         self._flights: dict[str, asyncio.Future[None]] = {}
         self._evicting: asyncio.Task[None] | None = None
         self._evict_again = False  # a store happened since the current pass began
@@ -263,15 +285,26 @@ class ResultCache:
             if len(pool) >= n:
                 return CacheResult(pool[:n], "HIT", 0)
             flight = self._flights.get(key)
-            if flight is None:
-                break
+            if flight is not None:
+                # the owner's quota or disconnect is not ours: then try as the owner
+                with contextlib.suppress(QuotaRejected, _OwnerGone):
+                    await asyncio.shield(flight)
+                continue
+            # Claim the key here (local peers wait on the future), then across processes.
+            flight = asyncio.get_running_loop().create_future()
+            self._flights[key] = flight
+            owned = False
             try:
-                await asyncio.shield(flight)
-            except (QuotaRejected, _OwnerGone):
-                continue  # the owner's quota or disconnect, not ours: try as the owner
+                owned = await self.index.acquire_flight(key, self.flight_ttl)
+                if not owned:  # another replica generates: wait, then everyone re-reads
+                    await self.index.wait_flight(key, self.flight_ttl)
+            finally:
+                if not owned:
+                    self._flights.pop(key, None)
+                    flight.set_result(None)
+            if owned:
+                break
         # We own the flight for this key: waiters are answered from what we store.
-        flight = asyncio.get_running_loop().create_future()
-        self._flights[key] = flight
         missing = n - len(pool)
         try:
             fresh = await self._store(key, await generate(missing, len(pool)))
@@ -283,6 +316,7 @@ class ResultCache:
             flight.set_result(None)
         finally:
             self._flights.pop(key, None)
+            await self.index.release_flight(key)
         return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing)
 
     async def stats(self) -> tuple[int, int]:

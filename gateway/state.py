@@ -1,0 +1,83 @@
+"""One factory for the stateful parts, so ``build_app`` does not care where state lives.
+
+``state.kind: sqlite`` is one edge box: quota ledger and cache index in SQLite, bytes
+and the signing key on local disk. ``state.kind: redis`` is N replicas: quotas, the cache
+index, the single-flight lock and the signing key in Redis; image and cache bytes in a
+shared directory (``images.store: fs``) or in Redis itself (``images.store: redis``).
+redis-py is imported only in Redis mode, so an edge box does not need it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.cache import BlobStore, ResultCache, SqliteCacheIndex
+from gateway.config import Config
+from gateway.quota import QuotaStore, SqliteQuota
+from gateway.storage import ImageStore, load_signing_key
+
+
+@dataclass(frozen=True)
+class State:
+    quota: QuotaStore
+    cache: ResultCache
+    images: ImageStore
+    signing_key: bytes
+
+
+def generation_deadline(config: Config) -> float:
+    """The longest one generation can take (every routed backend queued, retried and
+    timed out in turn), plus a margin: how long reservations, in-flight slots and
+    flight locks may be held before they count as abandoned by a dead replica."""
+    total = 0.0
+    for b in config.backends:
+        if b.name in config.route:
+            attempts = max(1, b.retry.max_attempts)
+            total += (b.queue_timeout_seconds + attempts * (b.timeout_seconds
+                      + b.connect_timeout_seconds) + attempts * b.retry.backoff_max_seconds)
+    return total + 60.0
+
+
+def build_state(config: Config) -> State:
+    if config.state.kind == "redis":
+        return _redis_state(config)
+    signing_key = load_signing_key(config.images.signing_key, Path(config.state.path).parent)
+    return State(
+        quota=SqliteQuota(config.state.path),
+        cache=_cache(config, SqliteCacheIndex(Path(config.cache.dir) / "index.sqlite3"),
+                     BlobStore(Path(config.cache.dir) / "blobs")),
+        images=ImageStore(Path(config.images.dir), signing_key,
+                          config.images.url_ttl_seconds),
+        signing_key=signing_key)
+
+
+def _cache(config: Config, index: object, blobs: BlobStore, **extra: float) -> ResultCache:
+    return ResultCache(index, blobs, enabled=config.cache.enabled,  # type: ignore[arg-type]
+                       max_bytes=config.cache.max_bytes,
+                       ttl_seconds=config.cache.ttl_seconds, **extra)
+
+
+def _redis_state(config: Config) -> State:
+    from gateway import state_redis as sr
+
+    url, timeout = config.state.redis_url or "", config.state.timeout_seconds
+    deadline = generation_deadline(config)
+    sync = sr.connect_sync(url, timeout)
+    signing_key = sr.shared_signing_key(sync, config.images.signing_key)
+    cache_dir, images_dir = Path(config.cache.dir), Path(config.images.dir)
+    images: ImageStore
+    blobs: BlobStore
+    if config.images.store == "redis":
+        blobs = sr.RedisBlobStore(sync, cache_dir / "spool")
+        images = sr.RedisImageStore(sync, images_dir, signing_key,
+                                    config.images.url_ttl_seconds, config.images.max_bytes)
+    else:  # a directory every replica mounts
+        blobs = BlobStore(cache_dir / "blobs")
+        images = ImageStore(images_dir, signing_key, config.images.url_ttl_seconds)
+    return State(
+        quota=sr.RedisQuota(sr.connect(url, timeout), timeout, lease_seconds=deadline),
+        cache=_cache(config, sr.RedisCacheIndex(sr.connect(url, timeout), timeout), blobs,
+                     flight_ttl_seconds=deadline),
+        images=images,
+        signing_key=signing_key)

@@ -1,0 +1,256 @@
+"""The Redis state against a real redis-server: each store is built twice, as two
+replicas would build it, so every check-and-take is exercised across clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from redis_server import RedisServer
+
+from gateway import state_redis as sr
+from gateway.auth import Principal
+from gateway.cache import BlobStore, ResultCache
+from gateway.config import QuotaLimits
+from gateway.quota import QuotaRejected
+
+TIMEOUT = 1.0
+
+
+def who(name: str = "alice", **limits: object) -> Principal:
+    base: dict[str, object] = {"images_per_day": None, "requests_per_minute": None,
+                               "max_concurrent": None}
+    return Principal(name, QuotaLimits(**{**base, **limits}), True)  # type: ignore[arg-type]
+
+
+def quota(server: RedisServer, lease: float = 600.0) -> sr.RedisQuota:
+    return sr.RedisQuota(sr.connect(server.url, TIMEOUT), TIMEOUT, lease_seconds=lease)
+
+
+def index(server: RedisServer) -> sr.RedisCacheIndex:
+    return sr.RedisCacheIndex(sr.connect(server.url, TIMEOUT), TIMEOUT)
+
+
+async def test_reservations_are_exact_across_replicas(redis_server: RedisServer) -> None:
+    replicas = [quota(redis_server), quota(redis_server)]
+    p = who(images_per_day=50, budget_usd_per_month=10.0)
+
+    async def one(i: int) -> sr.RedisReservation | None:
+        try:
+            return await replicas[i % 2].reserve(p, 1, 0.02, "256x256")  # type: ignore[return-value]
+        except QuotaRejected as exc:
+            assert exc.code == "quota_exceeded" and exc.limit == "images_per_day"
+            return None
+
+    got = await asyncio.gather(*(one(i) for i in range(200)))
+    held = [r for r in got if r is not None]
+    assert len(held) == 50
+    for i, r in enumerate(held):
+        if i % 2:
+            await replicas[i % 2].commit(r, 1, 0.02)
+        else:
+            await replicas[i % 2].refund(r)
+    day = {s.name: s for s in await replicas[0].usage(p)}["images_per_day"]
+    assert (day.used, day.remaining) == (25, 25)
+    assert (await replicas[1].all_usage()) == {}  # count_request feeds all_usage
+    await replicas[0].count_request(p, cache_hit=False)
+    row = (await replicas[1].all_usage())["alice"]
+    assert row["images_today"] == 25 and row["requests_today"] == 1
+    assert row["spend_usd_this_month"] == pytest.approx(0.5)
+    # A second commit or a refund after commit changes nothing.
+    await replicas[1].commit(held[1], 1, 0.02)
+    await replicas[0].refund(held[1])
+    assert {s.name: s for s in await replicas[1].usage(p)}["images_per_day"].used == 25
+    for q in replicas:
+        await q.close()
+
+
+async def test_budget_is_held_by_reservations(redis_server: RedisServer) -> None:
+    q = quota(redis_server)
+    p = who(budget_usd_per_month=0.05)
+    first = await q.reserve(p, 2, 0.04, "256x256")
+    with pytest.raises(QuotaRejected) as exc:
+        await q.reserve(p, 1, 0.02, "256x256")
+    assert exc.value.limit == "budget_usd_per_month"
+    await q.refund(first)
+    await q.reserve(p, 1, 0.02, "256x256")
+    await q.close()
+
+
+async def test_a_dead_replicas_reservation_expires(redis_server: RedisServer) -> None:
+    """A reservation never committed nor refunded (its replica crashed) frees itself."""
+    crashed, alive = quota(redis_server, lease=0.5), quota(redis_server)
+    p = who(images_per_day=5)
+    await crashed.reserve(p, 5, 0.0, "256x256")
+    await crashed.close()
+    with pytest.raises(QuotaRejected):
+        await alive.reserve(p, 1, 0.0, "256x256")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            await alive.reserve(p, 5, 0.0, "256x256")
+            break
+        except QuotaRejected:
+            assert time.monotonic() < deadline, "the lease never expired"
+            await asyncio.sleep(0.05)
+    await alive.close()
+
+
+async def test_sliding_window_and_concurrency(redis_server: RedisServer) -> None:
+    a, b = quota(redis_server), quota(redis_server)
+    p = who(requests_per_minute=3)
+    for q in (a, b, a):
+        async with q.admit(p):
+            pass
+    with pytest.raises(QuotaRejected) as exc:
+        async with b.admit(p):
+            pass
+    assert exc.value.limit == "requests_per_minute" and exc.value.status == 429
+    assert 1 <= int(exc.value.headers["retry-after"]) <= 60
+
+    c = who("bob", max_concurrent=2)
+    async with a.admit(c), b.admit(c):
+        with pytest.raises(QuotaRejected) as exc:
+            async with a.admit(c):
+                pass
+        assert exc.value.limit == "max_concurrent"
+        assert {s.name: s for s in await b.usage(c)}["max_concurrent"].used == 2
+    async with b.admit(c):  # both slots were released on exit
+        pass
+    await a.close()
+    await b.close()
+
+
+async def test_blocks_are_shared(redis_server: RedisServer) -> None:
+    a, b = quota(redis_server), quota(redis_server)
+    await a.set_blocked("alice", True)
+    assert await b.is_blocked("alice") and not await b.is_blocked("bob")
+    with pytest.raises(QuotaRejected) as exc:
+        async with b.admit(who()):
+            pass
+    assert exc.value.status == 403 and exc.value.code == "user_blocked"
+    await b.set_blocked("alice", False)
+    async with a.admit(who()):
+        pass
+    await a.close()
+    await b.close()
+
+
+async def test_fails_closed_then_recovers_on_its_own(redis_server: RedisServer) -> None:
+    q = quota(redis_server)
+    p = who(images_per_day=3)
+    r = await q.reserve(p, 1, 0.0, "256x256")
+    await q.commit(r, 1, 0.0)
+    redis_server.kill()
+    started = time.monotonic()
+    with pytest.raises(sr.StateUnavailable) as exc:
+        await q.reserve(p, 1, 0.0, "256x256")
+    assert time.monotonic() - started < 5 * TIMEOUT  # bounded, not hung
+    assert exc.value.status == 503 and exc.value.code == "state_unavailable"
+    assert exc.value.headers["retry-after"] == str(sr.RETRY_AFTER_SECONDS)
+    with pytest.raises(sr.StateUnavailable):
+        async with q.admit(p):
+            pass
+    redis_server.start()  # same port, empty (no persistence): scripts must reload
+    r = await q.reserve(p, 3, 0.0, "256x256")  # the same client, no restart
+    await q.commit(r, 3, 0.0)
+    with pytest.raises(QuotaRejected):
+        await q.reserve(p, 1, 0.0, "256x256")
+    await q.close()
+
+
+async def test_cache_index_pools_lru_ttl_and_refcounts(redis_server: RedisServer) -> None:
+    a, b = index(redis_server), index(redis_server)
+    await a.append("k1", [("s1", 10), ("s2", 10)], 100.0)
+    await b.append("k1", [("s3", 10)], 101.0)
+    await b.append("k2", [("s1", 10)], 102.0)  # s1 shared by two pools
+    await a.append("k3", [("s4", 10)], 103.0)
+    assert await b.pool("k1", 104.0) == [("s1", 10), ("s2", 10), ("s3", 10)]
+    assert await a.stats() == (3, 50)
+    # k2 is now least recently used: evicting to 40 bytes drops it; s1 is still in k1.
+    assert await b.evict(40, 10**6, 105.0) == []
+    assert await a.pool("k2", 106.0) == []
+    assert await a.stats() == (2, 40)
+    # Dropping k1 by TTL (created at 100) orphans s1, s2, s3; k3 (103) stays.
+    assert sorted(await a.evict(10**6, 4, 105.0)) == ["s1", "s2", "s3"]
+    assert await b.stats() == (1, 10)
+    await a.close()
+    await b.close()
+
+
+async def test_flight_lock_wakes_waiters_on_release(redis_server: RedisServer) -> None:
+    a, b = index(redis_server), index(redis_server)
+    assert await a.acquire_flight("k", 30)
+    assert not await b.acquire_flight("k", 30)
+    waiter = asyncio.create_task(b.wait_flight("k", 60))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await a.release_flight("k")
+    await asyncio.wait_for(waiter, 10)  # woken by the release, long before 60 s
+    assert await b.acquire_flight("k", 0.2)
+    # An owner that dies never releases: its lock expires and waiters go on.
+    await asyncio.wait_for(a.wait_flight("k", 60), 10)
+    await a.close()
+    await b.close()
+
+
+async def test_single_flight_across_replicas(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Identical misses on two replicas sharing a blob dir cause one backend call."""
+    caches = [ResultCache(index(redis_server), BlobStore(tmp_path / "blobs"), enabled=True,
+                          max_bytes=10**9, ttl_seconds=3600, flight_ttl_seconds=30)
+              for _ in range(2)]
+    calls: list[tuple[int, int]] = []
+    release, started = asyncio.Event(), asyncio.Event()
+
+    async def generate(count: int, offset: int) -> list[bytes]:
+        calls.append((count, offset))
+        started.set()
+        await release.wait()
+        return [b"png-%d" % (offset + i) for i in range(count)]
+
+    tasks = [asyncio.create_task(caches[i % 2].serve("key", 2, "default", generate))
+             for i in range(10)]
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.sleep(0.2)  # let every other request reach its wait (not a readiness wait)
+    release.set()
+    results = await asyncio.gather(*tasks)
+    assert calls == [(2, 0)]
+    assert sorted(r.status for r in results) == ["HIT"] * 9 + ["MISS"]
+    assert {tuple(i.read() for i in r.items) for r in results} == {(b"png-0", b"png-1")}
+    for c in caches:
+        await c.close()
+
+
+async def test_signing_key_is_shared(redis_server: RedisServer) -> None:
+    first = sr.shared_signing_key(sr.connect_sync(redis_server.url, TIMEOUT), "")
+    second = sr.shared_signing_key(sr.connect_sync(redis_server.url, TIMEOUT), "")
+    assert first == second and len(first) == 32
+    assert sr.shared_signing_key(redis_server.client(), "configured") == b"configured"
+
+
+async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
+                                                  tmp_path: Path) -> None:
+    key = b"k" * 32
+    a = sr.RedisImageStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "a", key,
+                           3600, max_bytes=25)
+    b = sr.RedisImageStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "b", key,
+                           3600, max_bytes=25)
+    first = a.put(b"0123456789")
+    url = a.url("http://x", first)
+    query = dict(p.split("=") for p in url.split("?")[1].split("&"))
+    assert b.resolve(first, query["expires"], query["signature"]).read_bytes() == b"0123456789"
+    # Over the 25-byte budget, the image minted longest ago goes first.
+    a.put(b"abcdefghij")
+    a.put(b"ABCDEFGHIJ")
+    r = redis_server.client()
+    assert int(r.get(sr._I + "total")) == 20
+    assert r.get(sr._I + "data:" + first) is None
+    # Cache blobs in Redis: written by one replica, read through another's spool.
+    blobs_a = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "sa")
+    blobs_b = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "sb")
+    (item,) = blobs_a.write([b"blob"])
+    assert blobs_b.path(item.sha256).read_bytes() == b"blob"
+    blobs_a.delete([item.sha256])
+    assert r.get(sr._C + "blob:" + item.sha256) is None
