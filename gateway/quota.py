@@ -322,37 +322,32 @@ class SqliteQuota:
             self._reserved[r.user] -= r.images
             self._reserved_cost[r.user] -= r.cost
 
+    def _add(self, user: str, *, images: int = 0, spend: float = 0.0, requests: int = 0,
+             cache_hits: int = 0) -> None:
+        """Add to today's and this month's ledger rows in one transaction."""
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for period in (day_bounds(now)[0], month_bounds(now)[0]):
+                self._db.execute(
+                    "INSERT INTO ledger (user, period, images, spend, requests, cache_hits) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(user, period) DO UPDATE SET "
+                    "images = images + excluded.images, spend = spend + excluded.spend, "
+                    "requests = requests + excluded.requests, "
+                    "cache_hits = cache_hits + excluded.cache_hits",
+                    (user, period, images, spend, requests, cache_hits))
+
     async def commit(self, reservation: Reservation, images: int, cost: float) -> None:
         if reservation.settled:
             return
-        now = time.time()
-        day, _ = day_bounds(now)
-        month, _ = month_bounds(now)
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            for period in (day, month):
-                self._db.execute(
-                    "INSERT INTO ledger (user, period, images, spend) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(user, period) DO UPDATE SET images = images + excluded.images,"
-                    " spend = spend + excluded.spend",
-                    (reservation.user, period, images, cost))
+        self._add(reservation.user, images=images, spend=cost)
         self._release(reservation)
 
     async def refund(self, reservation: Reservation) -> None:
         self._release(reservation)
 
     async def count_request(self, principal: Principal, cache_hit: bool) -> None:
-        now = time.time()
-        day, _ = day_bounds(now)
-        month, _ = month_bounds(now)
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            for period in (day, month):
-                self._db.execute(
-                    "INSERT INTO ledger (user, period, requests, cache_hits) VALUES (?, ?, 1, ?)"
-                    " ON CONFLICT(user, period) DO UPDATE SET requests = requests + 1, "
-                    "cache_hits = cache_hits + excluded.cache_hits",
-                    (principal.name, period, int(cache_hit)))
+        self._add(principal.name, requests=1, cache_hits=int(cache_hit))
 
     async def close(self) -> None:
         self._db.close()
