@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import structlog
-from instrumented_backend import Start, register, vary, variation_form
+from instrumented_backend import Start, register, variation_form, vary
 from support import ADMIN_TOKEN, TOKENS, png_bytes
 
 from gateway.audit import AuditRecord

@@ -112,3 +112,52 @@ async def _used(url: str) -> int:
     async with aiohttp.ClientSession() as session, session.get(
             url + "/v1/usage", headers=auth()) as r:
         return int((await r.json())["limits"]["images_per_day"]["used"])
+
+
+async def test_client_disconnect_refunds_in_a_real_process(
+        gateway_process: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+    """The served process cancels the handler of a client that leaves
+    (handler_cancellation): its reservation is refunded, nothing is charged."""
+    g = gateway_process(quota_defaults={"images_per_day": 10}, **SECTIONS)
+    form = variation_form(png_bytes(seed=1), n=10, size="1024x1024")
+    async with aiohttp.ClientSession() as session:
+        leaving = asyncio.create_task(session.post(g.url + "/v1/images/variations",
+                                                   headers=auth(), data=form))
+        await _poll_metric(session, g.url, "requests_in_flight", 1.0)
+        leaving.cancel()  # the connection closes mid-request
+        await asyncio.gather(leaving, return_exceptions=True)
+        await _poll_audit_status(tmp_path / "audit.sqlite3", 499)
+        async with session.get(g.url + "/v1/usage", headers=auth()) as r:
+            assert (await r.json())["limits"]["images_per_day"]["used"] == 0
+        status, _, data = await one_n(session, g.url, seed=2, n=10)
+        assert status == 200 and len(data) == 10  # all 10 were free again
+
+
+async def one_n(session: aiohttp.ClientSession, url: str, seed: int, n: int
+                ) -> tuple[int, str, list[bytes]]:
+    async with session.post(url + "/v1/images/variations", headers=auth(),
+                            data=variation_form(png_bytes(seed=seed), n=n)) as r:
+        body = await r.json()
+        return r.status, r.headers["x-request-id"], body.get("data", [])
+
+
+async def _poll_metric(session: aiohttp.ClientSession, url: str, name: str, value: float,
+                       deadline_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + deadline_s
+    while asyncio.get_running_loop().time() < deadline:
+        async with session.get(url + "/metrics") as r:
+            for line in (await r.text()).splitlines():
+                if name in line and not line.startswith("#") and float(
+                        line.rsplit(" ", 1)[1]) >= value + 1:  # + this scrape
+                    return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{name} never reached {value}")
+
+
+async def _poll_audit_status(path: Path, status: int, deadline_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + deadline_s
+    while asyncio.get_running_loop().time() < deadline:
+        if any(s == status for _, s, _ in audit_rows(path)):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no audit record with status {status}")
