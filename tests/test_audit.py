@@ -74,8 +74,7 @@ async def test_every_request_is_audited_also_refused_ones(instrumented: Start) -
     assert len(backend.calls) == 1
 
 
-async def test_upstream_user_is_an_hmac_of_member_and_user(instrumented: Start,
-                                                           gateway_client: Any) -> None:
+async def test_upstream_user_is_an_hmac_of_member_and_user(instrumented: Start) -> None:
     """Upstream sees neither the member nor the raw user; the audit keeps the mapping."""
     client, backend = await instrumented()
     await vary(client, png_bytes(seed=1), user="kim")
