@@ -97,11 +97,11 @@ class Metrics:
     """All metric families of one gateway instance.
 
     ``members`` are the user names in the config (the only ``user`` label values besides
-    ``anonymous`` and ``_unknown``); their per-member counters start at 0. ``backends``
-    are the configured backend names, whose breaker series start as ``closed``.
+    ``anonymous`` and ``_unknown``); their per-member counters start at 0. The router
+    reports every backend's breaker state at start and on each change.
     """
 
-    def __init__(self, members: Iterable[str], backends: Iterable[str] = ()) -> None:
+    def __init__(self, members: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         names = tuple(members)
@@ -191,8 +191,6 @@ class Metrics:
                 self.quota_rejections.labels(limit, name)
             for reason in ABUSE_REASONS:
                 self.abuse_suspected.labels(reason, name)
-        for backend in backends:
-            self.set_breaker(backend, "closed")
 
     def user_label(self, member: str | None) -> str:
         """``member`` if named in the config (or ``anonymous``), else ``_unknown``."""

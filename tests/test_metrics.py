@@ -138,12 +138,12 @@ async def test_families_types_and_labels(gateway_client) -> None:  # type: ignor
     assert value("user_spend_usd_total", user="alice") > 0
     assert value("upload_bytes_count") == 6
     assert value("audit_events_total") == 7
-    # The breaker starts closed for every configured backend only if the app passes the
-    # backend names; when recorded, its states are one-hot.
+    # The router reports each backend's breaker at start: one-hot, closed, up.
     states = {dict(k[1])["state"]: v for k, v in values.items()
               if k[0] == P + "backend_circuit_state"}
-    if states:
-        assert sum(states.values()) == 1
+    assert states == {"closed": 1.0, "half_open": 0.0, "open": 0.0}
+    assert value("backend_up", backend="local") == 1.0
+    assert value("backend_request_duration_seconds_count", backend="local") == 4
 
 
 async def test_cardinality_1000_users_and_1000_bad_tokens_add_no_series(
@@ -298,3 +298,14 @@ def test_every_family_is_documented() -> None:
         assert f"`{full}`" in docs, full
         for label in labels:
             assert f"`{label}`" in docs, (full, label)
+
+
+def test_breaker_state_is_one_hot_and_up_only_when_closed() -> None:
+    m = Metrics([])
+    for state, up in (("closed", 1.0), ("open", 0.0), ("half_open", 0.0), ("closed", 1.0)):
+        m.set_breaker("b", state)
+        got = {s: m.registry.get_sample_value(P + "backend_circuit_state",
+                                              {"backend": "b", "state": s})
+               for s in ("closed", "half_open", "open")}
+        assert got == {s: float(s == state) for s in got}
+        assert m.registry.get_sample_value(P + "backend_up", {"backend": "b"}) == up
