@@ -208,9 +208,6 @@ class HttpBackend:
         downloads from other hosts do not carry the key."""
         return {"User-Agent": USER_AGENT, "Accept": "application/json"}
 
-    def auth(self) -> aiohttp.BasicAuth | None:
-        return None
-
     async def start(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout, trust_env=False)
@@ -237,14 +234,13 @@ class HttpBackend:
         """One HTTP exchange: ``(body, content_type)`` of a 2xx, else ``UpstreamError``.
 
         ``path`` is joined to ``base_url``; ``url`` (a URL the upstream handed out) is
-        used as is and gets neither our headers' key nor basic auth.
+        used as is and gets none of our credentials.
         """
         session = self._require_session()
         target = url if url is not None else self.base_url + path
         headers = self.headers() if authed else {"User-Agent": USER_AGENT}
-        auth = self.auth() if authed else None
         try:
-            async with session.request(method, target, headers=headers, auth=auth,
+            async with session.request(method, target, headers=headers,
                                        allow_redirects=False, **kwargs) as resp:
                 body = await _read(resp, self.name)
                 if resp.status >= 300:

@@ -11,8 +11,6 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import aiohttp
-
 from gateway.backends.base import BackendOptions, VariationRequest
 from gateway.backends.http import (
     HttpBackend,
@@ -70,11 +68,13 @@ class SdWebUIBackend(HttpBackend):
                 f"{o.native_size}:{o.denoising_strength:g}:{o.steps}:{o.cfg_scale:g}:"
                 f"{o.sampler_name}:{o.prompt}:{o.negative_prompt}")
 
-    def auth(self) -> aiohttp.BasicAuth | None:
+    def headers(self) -> dict[str, str]:
+        headers = super().headers()
         o = self.options
-        if o.username is None or o.password is None:
-            return None
-        return aiohttp.BasicAuth(o.username, o.password)
+        if o.username is not None and o.password is not None:
+            pair = f"{o.username}:{o.password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        return headers
 
     def payload(self, request: VariationRequest, offset: int, count: int) -> dict[str, Any]:
         o = self.options
