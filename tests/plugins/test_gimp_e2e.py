@@ -8,6 +8,7 @@ what it recorded. Under CI=true nothing here skips: a root that cannot be built 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -29,6 +30,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE / "gimp"))
 
 from vg_gateway_proc import (  # noqa: E402
+    Gateway,
     free_port,
     post_variations,
     running_gateway,
@@ -89,53 +91,128 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def gimp_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    tmp = tmp_path_factory.mktemp("gimp-e2e")
+def gateway_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("gimp-e2e-gateway")
     cfg = write_config(tmp, {
         "alice": {"token": ALICE, "quota": {"images_per_day": 200, "requests_per_minute": 100,
                                             "max_concurrent": 4}},
         "carol": {"token": CAROL, "quota": {"images_per_day": 0}},
     })
+    with running_gateway(tmp, cfg) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def workspace(gimp_root: Path) -> Iterator[tuple[str, Path]]:
+    """A folder inside the root: its path as GIMP sees it, and as the host sees it."""
     inner = f"/tmp/vg-e2e-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     host = gimp_root / inner.lstrip("/")
     host.mkdir(parents=True)
     try:
-        profile = host / "profile"
-        # The installer under test puts the plug-in into the isolated GIMP3_DIRECTORY.
-        assert gimp_install.main([profile], False, "linux", {}, tmp) == 0
-        plugin_dir = profile / "plug-ins" / "generate-variations"
-        (host / "out").mkdir()
-        (host / "debug").mkdir()
-        shutil.copy(HERE / "gimp" / "e2e_batch.py", host / "e2e_batch.py")
-        with running_gateway(tmp, cfg) as gw:
-            dead_url = f"http://127.0.0.1:{free_port()}"
-            job = {
-                "out": f"{inner}/out", "debug_dir": f"{inner}/debug",
-                "plugin_dir": f"{inner}/profile/plug-ins/generate-variations",
-                "url": gw.url, "dead_url": dead_url,
-                "tokens": {"alice": ALICE, "carol": CAROL},
-            }
-            (host / "job.json").write_text(json.dumps(job))
-            cmd = [
-                "chroot", str(gimp_root), "env", "-i", "HOME=/root", "LANG=C.UTF-8",
-                "PATH=/usr/local/bin:/usr/bin:/bin", f"GIMP3_DIRECTORY={inner}/profile",
-                f"VARIATIONS_GATEWAY_DEBUG_DIR={inner}/debug",
-                "gimp-console-3.0", "-i", "--batch-interpreter=python-fu-eval", "-b",
-                f"JOB='{inner}/job.json'; exec(open('{inner}/e2e_batch.py').read())", "--quit",
-            ]
-            t0 = time.monotonic()
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=GIMP_TIMEOUT,
-                                  stdin=subprocess.DEVNULL)
-            print(f"gimp-console batch run: {time.monotonic() - t0:.1f} s")
-            results_file = host / "out" / "results.json"
-            assert results_file.exists(), (
-                f"the batch script did not finish (exit {proc.returncode}):\n"
-                f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-            results = json.loads(results_file.read_text())
-            assert plugin_dir.is_dir()
-            yield Run(results, host / "out", profile, gw.url, dead_url, proc.stderr)
+        yield inner, host
     finally:
         shutil.rmtree(host, ignore_errors=True)
+
+
+def gimp_env(inner_profile: str, *extra: str) -> list[str]:
+    return ["env", "-i", "HOME=/root", "LANG=C.UTF-8", "PATH=/usr/local/bin:/usr/bin:/bin",
+            f"GIMP3_DIRECTORY={inner_profile}", *extra]
+
+
+@pytest.fixture(scope="module")
+def gimp_run(gimp_root: Path, gateway_proc: Gateway, workspace: tuple[str, Path],
+             tmp_path_factory: pytest.TempPathFactory) -> Run:
+    inner, host = workspace
+    gw = gateway_proc
+    profile = host / "profile"
+    # The installer under test puts the plug-in into the isolated GIMP3_DIRECTORY.
+    assert gimp_install.main([profile], False, "linux", {},
+                             tmp_path_factory.mktemp("home")) == 0
+    plugin_dir = profile / "plug-ins" / "generate-variations"
+    (host / "out").mkdir()
+    (host / "debug").mkdir()
+    shutil.copy(HERE / "gimp" / "e2e_batch.py", host / "e2e_batch.py")
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    job = {
+        "out": f"{inner}/out", "debug_dir": f"{inner}/debug",
+        "plugin_dir": f"{inner}/profile/plug-ins/generate-variations",
+        "url": gw.url, "dead_url": dead_url,
+        "tokens": {"alice": ALICE, "carol": CAROL},
+    }
+    (host / "job.json").write_text(json.dumps(job))
+    cmd = [
+        "chroot", str(gimp_root),
+        *gimp_env(f"{inner}/profile", f"VARIATIONS_GATEWAY_DEBUG_DIR={inner}/debug"),
+        "gimp-console-3.0", "-i", "--batch-interpreter=python-fu-eval", "-b",
+        f"JOB='{inner}/job.json'; exec(open('{inner}/e2e_batch.py').read())", "--quit",
+    ]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=GIMP_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    print(f"gimp-console batch run: {time.monotonic() - t0:.1f} s")
+    results_file = host / "out" / "results.json"
+    assert results_file.exists(), (
+        f"the batch script did not finish (exit {proc.returncode}):\n"
+        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    results = json.loads(results_file.read_text())
+    assert plugin_dir.is_dir()
+    return Run(results, host / "out", profile, gw.url, dead_url, proc.stderr)
+
+
+@contextlib.contextmanager
+def xvfb(gimp_root: Path) -> Iterator[str]:
+    """Xvfb inside the root; ``-displayfd`` reports the display it took once it is ready."""
+    proc = subprocess.Popen(
+        ["chroot", str(gimp_root), "Xvfb", "-displayfd", "1", "-screen", "0", "1024x768x24",
+         "-nolisten", "tcp"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()  # blocks until Xvfb is ready (or dies)
+        assert line.isdigit(), f"Xvfb did not start (exit {proc.poll()})"
+        yield f":{line}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def gimp_ui_run(gimp_root: Path, gateway_proc: Gateway, workspace: tuple[str, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
+    """GIMP with its UI on Xvfb: the INTERACTIVE paths, dialogs answering by themselves."""
+    inner, host = workspace
+    profile = host / "profile-ui"
+    assert gimp_install.main([profile], False, "linux", {},
+                             tmp_path_factory.mktemp("home-ui")) == 0
+    out = host / "out-ui"
+    out.mkdir()
+    shutil.copy(HERE / "gimp" / "e2e_interactive.py", host / "e2e_interactive.py")
+    (host / "job-ui.json").write_text(json.dumps({"out": f"{inner}/out-ui"}))
+    with xvfb(gimp_root) as display:
+        cmd = [
+            "chroot", str(gimp_root),
+            *gimp_env(f"{inner}/profile-ui", f"DISPLAY={display}",
+                      "GENERATE_VARIATIONS_AUTOTEST=accept-dialogs",
+                      f"VARIATIONS_GATEWAY_URL={gateway_proc.url}",
+                      f"VARIATIONS_GATEWAY_TOKEN={ALICE}"),
+            "gimp-3.0", "--no-splash", "--batch-interpreter=python-fu-eval", "-b",
+            f"JOB='{inner}/job-ui.json'; exec(open('{inner}/e2e_interactive.py').read())",
+            "--quit",
+        ]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=GIMP_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+        print(f"gimp-3.0 (UI on Xvfb) run: {time.monotonic() - t0:.1f} s")
+    res_file = out / "interactive.json"
+    assert res_file.exists(), (f"the interactive batch did not finish (exit {proc.returncode})"
+                               f":\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    res = json.loads(res_file.read_text())
+    assert "crash" not in res, res["crash"]
+    return res, out, profile
 
 
 # ------------------------------------------------------------------ helpers
@@ -322,4 +399,31 @@ def test_token_never_lands_in_the_xcf_or_gimps_own_files(gimp_run: Run) -> None:
     for p in gimp_run.profile.rglob("*"):
         if p.is_file() and ALICE.encode() in p.read_bytes():
             holders.append(p.name)
+    assert holders == ["generate-variations.json"]
+
+
+def test_interactive_run_stores_arguments_but_never_the_token(
+    gimp_ui_run: tuple[dict[str, Any], Path, Path],
+) -> None:
+    """The real dialogs in GIMP with its UI: the settings dialog saves (mode 0600), the
+    main dialog runs with its defaults, GIMP stores the arguments in the image as a
+    parasite, and neither the .xcf nor GIMP's own files hold the token."""
+    res, out, profile = gimp_ui_run
+    assert res["settings_status"] == "success"
+    assert res["settings_summary"].startswith("Connected as alice: ")
+    assert res["settings_mode"] == "0o600"
+    assert res["settings_saved"]["token"] == ALICE
+    assert res["status"] == "success", res["message"]
+    assert res["layers"] == ["Variations of painting", "painting"]
+    # Defaults: 4 variations, centre crop of 300x200 scaled back over the 200x200 square.
+    assert res["children"] == [[f"Variation {k}", 200, 200, [50, 0]] for k in range(1, 5)]
+    # GIMP keeps the last arguments in the image ...
+    last = "GimpProcedureConfigRun-python-fu-generate-variations-last"
+    assert last in res["parasites"]
+    xcf = (out / res["xcf"]).read_bytes()
+    assert last.encode() in xcf  # ... and so in the .xcf: the arguments, never the token
+    assert b"square-mode" in xcf
+    assert ALICE.encode() not in xcf
+    holders = sorted(p.name for p in profile.rglob("*")
+                     if p.is_file() and ALICE.encode() in p.read_bytes())
     assert holders == ["generate-variations.json"]

@@ -84,6 +84,17 @@ def _in_thread(fn, text):
     return box["value"]
 
 
+def _auto_accept(dialog, response):
+    """Test hook: with GENERATE_VARIATIONS_AUTOTEST=accept-dialogs in GIMP's environment,
+    the dialogs answer ``response`` (OK / Save) by themselves once shown, so the end-to-end
+    test drives the real interactive path (and GIMP's saving of last values) under Xvfb."""
+    if os.environ.get("GENERATE_VARIATIONS_AUTOTEST") == "accept-dialogs":
+        def answer():
+            dialog.response(response)
+            return False
+        GLib.idle_add(answer)
+
+
 # --------------------------------------------------------------------------- preparing
 
 
@@ -186,6 +197,7 @@ def _interactive_dialog(procedure, config, settings):
     note.set_margin_top(6)
     dialog.get_content_area().pack_end(note, False, False, 0)
     note.show()
+    _auto_accept(dialog, Gtk.ResponseType.OK)
     ok = dialog.run()
     dialog.destroy()
     return ok
@@ -298,6 +310,7 @@ def _settings_dialog(settings):
     grid.attach(status, 0, 3, 2, 1)
     dialog.show_all()
     summary = ""
+    _auto_accept(dialog, Gtk.ResponseType.OK)
     while True:
         response = dialog.run()
         if response == 1:

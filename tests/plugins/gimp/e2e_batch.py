@@ -157,6 +157,15 @@ def _rgb():
     layer = add_layer(img, "photo", 300, 200, Gimp.ImageType.RGB_IMAGE, 3)
     run("rgb", img, layer, n=3, size="256x256", **{"square-mode": "selection-or-center-crop",
                                                   "scale-to-source": False})
+    # Once more with the last values, as Filters > Repeat does: GIMP then stores the
+    # procedure's arguments as a parasite in the image (and so in the .xcf).
+    proc = Gimp.get_pdb().lookup_procedure("python-fu-generate-variations")
+    cfg = proc.create_config()
+    cfg.set_property("run-mode", Gimp.RunMode.WITH_LAST_VALS)
+    cfg.set_property("image", img)
+    cfg.set_core_object_array("drawables", [layer])
+    results["repeat_status"] = proc.run(cfg).index(0).value_nick
+    results["parasites"] = list(img.get_parasite_list())
     xcf = os.path.join(OUT, "rgb.xcf")
     Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(xcf), None)
     results["xcf"] = "rgb.xcf"
