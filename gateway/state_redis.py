@@ -25,7 +25,7 @@ import hashlib
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -57,6 +57,7 @@ log = structlog.get_logger("gateway.state")
 T = TypeVar("T")
 PREFIX = "vg:"
 RETRY_AFTER_SECONDS = 2
+MAX_CONNECTIONS = 64  # per client and process
 DAY_KEY_TTL = 3 * 86400
 MONTH_KEY_TTL = 400 * 86400
 
@@ -98,7 +99,11 @@ def connect(url: str, timeout: float) -> Any:
         hosts, service, db, password, ssl = _sentinel(url)
         sentinel = Sentinel(hosts, socket_timeout=timeout, ssl=ssl)
         return sentinel.master_for(service, db=db, password=password, **kw)
-    return aredis.Redis.from_url(url, **kw)
+    # Blocking pool: a burst queues for a connection (bounded by the timeout) instead of
+    # failing at once with "too many connections".
+    pool = aredis.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS,
+                                                  timeout=timeout, **kw)
+    return aredis.Redis.from_pool(pool)
 
 
 def connect_sync(url: str, timeout: float) -> Any:
@@ -295,6 +300,32 @@ class RedisQuota(_Guarded):
         self._commit = client.register_script(_COMMIT)
         self._refund = client.register_script(_REFUND)
         self._snapshot = client.register_script(_SNAPSHOT)
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def _release(self, make: Callable[[], Awaitable[object]]) -> None:
+        """Run a release (refund, slot) now, or keep retrying in the background while
+        Redis is away: held quota comes back soon after Redis does, not when the lease
+        expires. Never raises: the request's own outcome must not be masked."""
+        try:
+            await self._do(make())
+            return
+        except StateUnavailable:
+            pass
+        loop = asyncio.get_running_loop()
+
+        async def retry() -> None:
+            deadline, delay = loop.time() + self.lease, 0.25
+            while loop.time() < deadline:
+                await asyncio.sleep(delay)  # backing off while Redis is down
+                try:
+                    await self._do(make())
+                    return
+                except StateUnavailable:
+                    delay = min(delay * 2, 5.0)
+
+        task = loop.create_task(retry())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _statuses(self, principal: Principal) -> list[LimitStatus]:
         wall = time.time()
@@ -374,9 +405,7 @@ class RedisQuota(_Guarded):
         try:
             yield
         finally:
-            # Never mask the request's own outcome: an unreleased slot expires with its lease.
-            with contextlib.suppress(StateUnavailable):
-                await self._do(self.r.zrem(k.inflight, slot))
+            await self._release(lambda: self.r.zrem(k.inflight, slot))
 
     async def reserve(self, principal: Principal, images: int, cost: float, size: str
                       ) -> Reservation:
@@ -412,10 +441,10 @@ class RedisQuota(_Guarded):
             return
         reservation.settled = True
         k = _UserKeys(reservation.user, time.time())
-        # Runs while a request is already failing: if Redis is gone too, the lease expires.
-        with contextlib.suppress(StateUnavailable):
-            await self._do(self._refund(keys=[k.held, k.leases, k.leasev],
-                                        args=[_rid(reservation)]))
+        # If a commit's answer was lost but it ran, the refund finds no lease: a no-op.
+        rid = _rid(reservation)
+        await self._release(lambda: self._refund(keys=[k.held, k.leases, k.leasev],
+                                                 args=[rid]))
 
     async def count_request(self, principal: Principal, cache_hit: bool) -> None:
         k = _UserKeys(principal.name, time.time())
@@ -426,6 +455,12 @@ class RedisQuota(_Guarded):
             pipe.expire(key, ttl)
         pipe.sadd(self.USERS, principal.name)
         await self._do(pipe.execute())
+
+    async def close(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        await super().close()
 
 
 class RedisReservation(Reservation):

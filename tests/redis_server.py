@@ -1,7 +1,7 @@
 """A real ``redis-server`` on a free loopback port, for tests of the Redis state.
 
-No persistence (``--save '' --appendonly no``): a restart is an empty Redis, the hardest
-case for the gateway. Readiness is a PING polled against a deadline, never a sleep.
+No persistence by default (``--save '' --appendonly no``): a restart is an empty Redis.
+Readiness is a PING polled against a deadline, never a sleep.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ class RedisServer:
 
     workdir: Path
     port: int = field(default_factory=free_port)
+    # Append-only file fsynced per write: a SIGKILL loses no acknowledged write, as in
+    # a deployment whose ledger must survive a Redis restart.
+    persist: bool = False
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -38,7 +41,8 @@ class RedisServer:
         log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+             "--dir", str(self.workdir)],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
