@@ -348,8 +348,10 @@ def test_16_bit_image(gimp_run: Run) -> None:
     c = gimp_run.case("rgb16")
     assert c["precision"] == "u16-non-linear"
     assert_group(c, "deep", 1, [80, 80], [10, 0])
-    up = Image.open(gimp_run.out / c["upload"])
+    up = Image.open(gimp_run.out / c["upload"]).convert("RGBA")
     assert up.size == (80, 80)
+    # Hidden at 40 % opacity in Multiply mode, yet the upload is the layer's own pixels.
+    assert up.tobytes() == crop(pattern(100, 80, salt=7), 100, 10, 0, 80, 80)
 
 
 def test_exhausted_quota_fails_cleanly_with_a_sentence(gimp_run: Run) -> None:

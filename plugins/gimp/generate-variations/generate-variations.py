@@ -119,6 +119,10 @@ def _prepare_upload(layer, plan, tmpdir):
             tmp.insert_layer(copy, None, 0)
             if not copy.has_alpha():
                 copy.add_alpha()
+            # The layer's own pixels, whatever its visibility, opacity or blend mode.
+            copy.set_visible(True)
+            copy.set_opacity(100.0)
+            copy.set_mode(Gimp.LayerMode.NORMAL)
             c = plan.copy
             # Cut the layer to the copied rectangle, then place it on the square canvas.
             copy.resize(c.w, c.h, -c.x, -c.y)
@@ -228,10 +232,8 @@ def run_generate(procedure, run_mode, image, drawables, config, data):
     Gimp.progress_init(f"Generate Variations: preparing {layer.get_name()}...")
     try:
         with tempfile.TemporaryDirectory(prefix="generate-variations-") as tmpdir:
-            if not settings.token:
-                raise Failure(
-                    "No gateway token is set: enter your token in Filters > Generate "
-                    "Variations Settings (or set VARIATIONS_GATEWAY_TOKEN), then try again.")
+            # No token is fine for a gateway with auth mode "none"; one that wants a token
+            # answers 401, which reads as "The gateway needs a token ...".
             lx, ly = _pair(layer.get_offsets())
             b = Gimp.Selection.bounds(image)
             non_empty = bool(b[1])

@@ -205,6 +205,10 @@ def _rgb16():
                                         Gimp.Precision.U16_NON_LINEAR)
     img.undo_disable()
     layer = add_layer(img, "deep", 100, 80, Gimp.ImageType.RGBA_IMAGE, 4, salt=7)
+    # Hidden, half transparent, in Multiply mode: the upload still has the layer's pixels.
+    layer.set_visible(False)
+    layer.set_opacity(40.0)
+    layer.set_mode(Gimp.LayerMode.MULTIPLY)
     run("rgb16", img, layer, n=1, size="256x256",
         **{"square-mode": "selection-or-center-crop", "scale-to-source": True})
     results["cases"]["rgb16"]["precision"] = img.get_precision().value_nick
