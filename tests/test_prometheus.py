@@ -3,7 +3,8 @@
 One real gateway process and one real Prometheus (Debian's package, started on a free
 loopback port with a temporary TSDB) for the module. The Prometheus config is the repo's
 ``deploy/prometheus/prometheus.yml`` with only the scrape target rewritten and the
-intervals shortened to 1 s; the rules are a copy of ``deploy/prometheus/alerts.yml``.
+intervals shortened to 1 s (the compose service's DNS discovery becomes a static target);
+the rules are a copy of ``deploy/prometheus/alerts.yml``.
 
 Traffic runs in two rounds with two scrapes after each, so every series exists before it
 grows and ``rate``/``increase`` see the growth. It covers every family: cache hit,
@@ -272,14 +273,14 @@ def stack(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         abuse={"distinct_end_users": 3, "window_seconds": 600})
     gateway = start_gateway(raw, tmp / "gateway")
 
-    # The repo's Prometheus config; only the target and the intervals change.
+    # The repo's Prometheus config; only the target and the intervals change: the DNS
+    # discovery of the compose service becomes the test gateway's address.
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s",
                             evaluation_interval="1s")
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
-    host_port = gateway.url.removeprefix("http://")
-    for sc in job["static_configs"]:
-        sc["targets"] = [host_port]
+    assert job.pop("dns_sd_configs")[0]["names"] == [JOB]
+    job["static_configs"] = [{"targets": [gateway.url.removeprefix("http://")]}]
     prom_dir = tmp / "prom"
     prom_dir.mkdir()
     (prom_dir / "prometheus.yml").write_text(yaml.safe_dump(config))
