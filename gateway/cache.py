@@ -69,6 +69,8 @@ class CacheResult:
 class CacheIndex(Protocol):
     """Where pools are recorded: SQLite on one box, Redis across replicas."""
 
+    shared: bool  # other processes write it too: re-read a pool after taking its flight
+
     async def pool(self, key: str, now: float) -> list[tuple[str, int]]: ...
 
     async def append(self, key: str, items: list[tuple[str, int]], now: float) -> None: ...
@@ -95,6 +97,8 @@ class CacheIndex(Protocol):
 
 
 class SqliteCacheIndex:
+    shared = False
+
     def __init__(self, path: str | Path) -> None:
         self._db = open_db(path)
         self._db.executescript(
@@ -296,8 +300,20 @@ class ResultCache:
             owned = False
             try:
                 owned = await self.index.acquire_flight(key, self.flight_ttl)
-                if not owned:  # another replica generates: wait, then everyone re-reads
+                if owned and self.index.shared:
+                    # Another process may have filled the pool between our read and the lock.
+                    pool = await self._pool_items(key)
+                    if len(pool) >= n:
+                        owned = False
+                        await self.index.release_flight(key)
+                        return CacheResult(pool[:n], "HIT", 0)
+                elif not owned:  # another replica generates: wait, then everyone re-reads
                     await self.index.wait_flight(key, self.flight_ttl)
+            except BaseException:
+                if owned:
+                    owned = False
+                    await self.index.release_flight(key)
+                raise
             finally:
                 if not owned:
                     self._flights.pop(key, None)

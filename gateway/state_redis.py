@@ -548,6 +548,7 @@ class RedisCacheIndex(_Guarded):
     """
 
     CHANNEL = _C + "flights"
+    shared = True
 
     def __init__(self, client: Any, timeout: float) -> None:
         super().__init__(client, timeout)
