@@ -41,7 +41,8 @@ class Principal:
 
 
 def token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    # Header bytes that are not UTF-8 reach us as surrogates: hash them, don't crash.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_token() -> str:

@@ -7,6 +7,7 @@ held in memory whole, and the request's read deadline bounds slow clients.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import multipart
@@ -85,7 +86,9 @@ async def _read_parts(request: web.Request, boundary: str) -> dict[str, bytes]:
     except multipart.ParserLimitReached:
         raise _malformed("too many parts or headers") from None
     except multipart.ParserError as exc:
-        raise _malformed(str(exc).rstrip(".")) from None
+        # Some carry a (text, UnicodeDecodeError) pair: show the text, not the repr.
+        detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        raise _malformed(detail.rstrip(".")) from None
     if not parser.closed:
         raise _malformed("the closing boundary is missing")
     return {name: b"".join(chunks) for name, chunks in parts.items()}
@@ -121,8 +124,12 @@ def _printable(value: str, limit: int = 40) -> str:
     return shown + ("..." if len(value) > limit else "")
 
 
-async def read_form(request: web.Request, models: frozenset[str]) -> VariationForm:
-    """Parse and validate the form; raise :class:`ApiError` with the right ``param``."""
+async def read_form(request: web.Request, models: frozenset[str],
+                    read_timeout: float | None = None) -> VariationForm:
+    """Parse and validate the form; raise :class:`ApiError` with the right ``param``.
+
+    ``read_timeout`` bounds reading the whole body (408 past it); ``None``: no deadline.
+    """
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise _too_large()
     ctype, options = multipart.parse_options_header(request.headers.get("Content-Type", ""))
@@ -134,7 +141,13 @@ async def read_form(request: web.Request, models: frozenset[str]) -> VariationFo
     boundary = options.get("boundary", "")
     if not boundary or len(boundary) > 70:
         raise _malformed("the Content-Type header has no valid boundary")
-    raw = await _read_parts(request, boundary)
+    try:
+        async with asyncio.timeout(read_timeout):
+            raw = await _read_parts(request, boundary)
+    except TimeoutError:
+        # A client trickling its body (slowloris) would otherwise hold a slot forever.
+        raise ApiError(408, "Timed out reading the request body.", code="request_timeout"
+                       ) from None
     image = raw.pop("image", None)
     values = {name: _text(data, name) for name, data in raw.items()}
 

@@ -92,7 +92,8 @@ async def create_variation(request: web.Request) -> web.Response:
     record.member = principal.name
 
     # Parse: the form, then the PNG container (no pixels decoded yet).
-    form = await upload.read_form(request, router.models)
+    form = await upload.read_form(request, router.models,
+                                  config.server.read_timeout_seconds)
     record.n, record.size, record.model = form.n, form.size_label, form.model
     record.end_user, record.upload_bytes = form.user, len(form.image)
     metrics.upload_bytes.observe(len(form.image))
