@@ -48,7 +48,7 @@ def request_bytes(method: str, path: str, headers: dict[str, str] | list[tuple[s
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def _parse(buf: bytes) -> tuple[RawResponse | None, int]:
+def _parse(buf: bytes, head: bool = False) -> tuple[RawResponse | None, int]:
     """A complete response at the start of ``buf`` and its length, else (None, 0)."""
     head_end = buf.find(b"\r\n\r\n")
     if head_end < 0:
@@ -59,15 +59,15 @@ def _parse(buf: bytes) -> tuple[RawResponse | None, int]:
     for line in lines[1:]:
         k, _, v = line.partition(":")
         headers[k.strip().lower()] = v.strip()
-    length = int(headers.get("content-length", "0"))
+    length = 0 if head else int(headers.get("content-length", "0"))
     total = head_end + 4 + length
     if len(buf) < total:
         return None, 0
     return RawResponse(status, headers, buf[head_end + 4 : total]), total
 
 
-def exchange(url: str, parts: Iterable[bytes | float], deadline_s: float = DEADLINE_S
-             ) -> Outcome:
+def exchange(url: str, parts: Iterable[bytes | float], deadline_s: float = DEADLINE_S,
+             head: bool = False) -> Outcome:
     """Send ``parts`` (bytes, or a float: pause that many seconds) on a fresh connection
     from a sender thread, while this thread reads the first answer until ``deadline_s``.
 
@@ -110,13 +110,13 @@ def exchange(url: str, parts: Iterable[bytes | float], deadline_s: float = DEADL
             except ConnectionResetError:
                 data = b""
             if not data:  # closed (or reset): whatever was complete is the answer
-                resp, _ = _parse(buf)
+                resp, _ = _parse(buf, head)
                 if resp is not None:
                     resp.closed = True
                 outcome.response = resp
                 return outcome
             buf += data
-            resp, _ = _parse(buf)
+            resp, _ = _parse(buf, head)
             if resp is not None:
                 resp.closed = resp.headers.get("connection", "").lower() == "close"
                 outcome.response = resp
