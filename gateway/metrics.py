@@ -12,7 +12,7 @@ Cardinality is bounded by construction:
   may map upstream answers into them, so both pass a :class:`LabelGuard`: a fixed shape
   and at most :data:`GUARD_LIMIT` distinct values, the rest counted as ``other``.
 
-The gateway is one process with one event loop (see docs/metrics.md), so there is no
+The gateway is one process with one event loop (see the README, "Process model"), so there is no
 multiprocess mode: each instance is scraped on its own and dashboards sum instances.
 """
 
