@@ -138,10 +138,13 @@ def _finish(request: web.Request, record: AuditRecord, started: float,
                         window_seconds=s.window_seconds)
     if request.path in QUIET_PATHS and record.status < 400:
         return
+    # One line per request; for API routes it carries the audit record's fields too.
     log.info("request", request_id=record.request_id, method=request.method,
              path=record.route, status=record.status, member=record.member,
-             user=record.end_user, latency_ms=record.latency_ms, backend=record.backend,
-             cache=record.cache, n=record.n, size=record.size, error_code=record.error_code,
+             auth_error=record.auth_error, user=record.end_user, client=record.client,
+             image_sha256=record.image_sha256, model=record.model, latency_ms=record.latency_ms,
+             backend=record.backend, cache=record.cache, n=record.n, size=record.size,
+             images_charged=record.images_charged, error_code=record.error_code,
              bytes_in=record.upload_bytes, bytes_out=bytes_out)
 
 
