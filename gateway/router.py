@@ -21,7 +21,7 @@ import structlog
 
 from gateway import backends as registry
 from gateway.backends.base import Backend, BackendError, BackendState, VariationRequest
-from gateway.backends.http import UpstreamError, timeout_error
+from gateway.backends.http import UpstreamError, bad_response, timeout_error
 from gateway.config import BackendConfig, Config
 from gateway.metrics import Metrics
 from gateway.resilience import CircuitBreaker, ConcurrencyLimiter, RetryPolicy
@@ -198,9 +198,8 @@ class Router:
                     continue
                 if len(images) != request.n:
                     self._error(backend.name, "bad_response")
-                    raise BackendError(502, f"Backend {backend.name!r} returned "
-                                       f"{len(images)} images instead of {request.n}.",
-                                       code="upstream_bad_response", kind="bad_response")
+                    raise bad_response(backend.name,
+                                       f"{len(images)} images instead of {request.n}")
                 return images
 
     def _error(self, name: str, kind: str) -> None:

@@ -32,6 +32,7 @@ from gateway.backends.http import (
     UpstreamError,
     bad_response,
     check_base_url,
+    gather_all,
     strip_userinfo,
     to_pngs,
 )
@@ -196,5 +197,5 @@ class ComfyUIBackend(HttpBackend):
         except BaseException:
             self._forget(prompt_id)
             raise
-        images = await asyncio.gather(*(self._fetch(i) for i in self._pick(outputs, request.n)))
-        return await to_pngs(self.name, list(images), request.size)
+        images = await gather_all(*(self._fetch(i) for i in self._pick(outputs, request.n)))
+        return await to_pngs(self.name, images, request.size)

@@ -16,8 +16,8 @@ import io
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -33,6 +33,7 @@ MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 USER_AGENT = f"variations-gateway/{__version__}"
 _CONTENT_POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
+T = TypeVar("T")
 
 
 class UpstreamError(BackendError):
@@ -129,6 +130,19 @@ def check_base_url(url: str) -> str:
     if not re.match(r"^https?://[^/]+", url):
         raise ValueError("base_url must start with http:// or https://")
     return url.rstrip("/")
+
+
+async def gather_all(*aws: Awaitable[T]) -> list[T]:
+    """``asyncio.gather`` whose first failure cancels the rest: no upstream call keeps
+    running (and costing) for a request that has already failed."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def batches(n: int, per_call: int) -> list[tuple[int, int]]:
@@ -307,4 +321,4 @@ async def openai_images(backend: HttpBackend, items: list[dict[str, Any]]) -> li
         if isinstance(item.get("url"), str):
             return await backend.download(item["url"])
         raise bad_response(backend.name, "item has neither b64_json nor url")
-    return list(await asyncio.gather(*(one(i) for i in items)))
+    return await gather_all(*(one(i) for i in items))

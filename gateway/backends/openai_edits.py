@@ -8,7 +8,6 @@ accounts that cap ``n`` per call; the calls run concurrently.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -20,6 +19,7 @@ from gateway.backends.http import (
     batches,
     check_base_url,
     data_items,
+    gather_all,
     openai_images,
     strip_userinfo,
     to_pngs,
@@ -86,7 +86,7 @@ class OpenAIEditsBackend(HttpBackend):
         return await openai_images(self, data_items(self.name, payload, count))
 
     async def generate(self, request: VariationRequest) -> list[bytes]:
-        parts = await asyncio.gather(*(
+        parts = await gather_all(*(
             self._edit(request, count)
             for _, count in batches(request.n, self.options.images_per_call)))
         images = [image for part in parts for image in part]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -17,6 +18,8 @@ from upstream_cases import (
     start_upstream,
 )
 
+from gateway.backends.base import BackendError
+from gateway.backends.http import bad_response, gather_all
 from gateway.backends.openai_edits import DEFAULT_PROMPT
 
 
@@ -59,3 +62,25 @@ async def test_one_call_per_image_and_custom_prompt(gateway_client: Any) -> None
 @pytest.mark.parametrize("fault", FAULT_NAMES)
 async def test_fault(gateway_client: Any, fault: str) -> None:
     await run_fault(gateway_client, "openai_edits", fault)
+
+
+async def test_a_failed_call_cancels_its_sibling_calls() -> None:
+    """With images_per_call < n, one failed call must not leave the others running."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> bytes:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b""
+
+    async def fail() -> bytes:
+        await started.wait()
+        raise bad_response("up", "test")
+
+    with pytest.raises(BackendError):
+        await gather_all(slow(), fail())
+    assert cancelled.is_set()
