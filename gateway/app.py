@@ -185,7 +185,8 @@ def build_app(config: Config) -> web.Application:
     state = build_state(config)
     app[CONFIG] = config
     app[AUTH] = Authenticator(config)
-    app[ROUTER] = Router(config, metrics=lambda: app[METRICS])
+    app[METRICS] = Metrics(config.users)
+    app[ROUTER] = Router(config, app[METRICS])
     app[IMAGES] = state.images
     app[USER_KEY] = user_hash_key(state.signing_key)
     app[QUOTA] = state.quota
@@ -194,7 +195,6 @@ def build_app(config: Config) -> web.Application:
                           stdout=config.audit.stdout)
     app[ABUSE] = AbuseMonitor(config.abuse)
     app[PIXEL_HASHES] = PixelHashes()
-    app[METRICS] = Metrics(config.users)
     app.cleanup_ctx.append(_lifecycle)
 
     app.router.add_post("/v1/images/variations", variations.create_variation)

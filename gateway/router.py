@@ -54,8 +54,7 @@ class Router:
     them after the router), or the instance itself, or ``None`` in unit tests.
     """
 
-    def __init__(self, config: Config,
-                 metrics: Metrics | Callable[[], Metrics] | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self._backends: dict[str, Backend] = {}
         self._guards: dict[str, Guard] = {}
         for b in config.backends:
@@ -73,8 +72,7 @@ class Router:
 
     @property
     def metrics(self) -> Metrics | None:
-        m = self._metrics
-        return m if m is None or isinstance(m, Metrics) else m()
+        return self._metrics
 
     def _breaker_reporter(self, name: str) -> Callable[[str], None]:
         def report(state: str) -> None:
