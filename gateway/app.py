@@ -159,12 +159,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT].purge()
     sweeper = asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds))
     refresher = asyncio.create_task(_refresh_gauges(app))
+    cache_sweeper = asyncio.create_task(app[CACHE].sweeper())
     try:
         yield
     finally:
-        for task in (sweeper, refresher):
+        for task in (sweeper, refresher, cache_sweeper):
             task.cancel()
-        await asyncio.gather(sweeper, refresher, return_exceptions=True)
+        await asyncio.gather(sweeper, refresher, cache_sweeper, return_exceptions=True)
         await app[ROUTER].close()
         await app[CACHE].close()
         await app[QUOTA].close()

@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+import structlog
+
 from gateway.quota import QuotaRejected, open_db
 from gateway.storage import atomic_write
+
+log = structlog.get_logger("gateway.cache")
 
 Status = Literal["HIT", "MISS", "PARTIAL", "BYPASS"]
 Policy = Literal["default", "no-cache", "no-store"]
@@ -276,6 +280,16 @@ class ResultCache:
         finally:
             self._barrier = None
             barrier.set_result(None)
+
+    async def sweeper(self, interval: float = 60.0) -> None:
+        """Background task: expire pools past ``ttl_seconds`` even when no store
+        triggers a pass (an idle gateway must not serve an expired HIT)."""
+        while True:
+            try:
+                await self.evict()
+            except Exception as exc:  # the state store may be down for a while
+                log.warning("cache_sweep_failed", error=type(exc).__name__)
+            await asyncio.sleep(interval)
 
     async def serve(self, key: str, n: int, policy: Policy, generate: Generate) -> CacheResult:
         """``n`` images for ``key`` per ``policy``, generating only what is missing."""

@@ -253,3 +253,35 @@ async def test_stores_during_a_slow_eviction_are_evicted_too(
     await poll(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
     assert (await cache.stats())[1] <= budget
     assert blob_bytes(cache_dir) <= budget
+
+
+async def test_sweeper_expires_pools_while_idle(tmp_path) -> None:
+    """An idle gateway must not serve an expired pool: the sweeper drops it."""
+    import asyncio
+    import time as _time
+
+    from gateway.cache import BlobStore, ResultCache, SqliteCacheIndex
+
+    cache = ResultCache(SqliteCacheIndex(tmp_path / "index.sqlite3"),
+                        BlobStore(tmp_path / "blobs"), enabled=True, max_bytes=10**9,
+                        ttl_seconds=1)
+
+    async def generate(count: int, offset: int) -> list[bytes]:
+        return [f"png-{offset}-{i}".encode() for i in range(count)]
+
+    first = await cache.serve("k", 1, "default", generate)
+    assert first.status == "MISS"
+    assert (await cache.serve("k", 1, "default", generate)).status == "HIT"
+    blob = first.items[0].path
+    stored_at = _time.time()
+    task = asyncio.create_task(cache.sweeper(interval=0.01))
+    try:
+        deadline = _time.monotonic() + 15
+        while (await cache.stats())[0] and _time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # poll interval; the deadline bounds the wait
+    finally:
+        task.cancel()
+    assert _time.time() - stored_at >= 1, "dropped before its ttl"
+    assert await cache.stats() == (0, 0)
+    assert blob is not None and not blob.exists()
+    await cache.close()
