@@ -278,7 +278,7 @@ async def test_sweeper_expires_pools_while_idle(tmp_path) -> None:
     try:
         deadline = _time.monotonic() + 15
         while (await cache.stats())[0] and _time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # poll interval; the deadline bounds the wait
+            await asyncio.sleep(0.01)  # noqa: ASYNC110 - polling a store, bounded by the deadline
     finally:
         task.cancel()
     assert _time.time() - stored_at >= 1, "dropped before its ttl"
