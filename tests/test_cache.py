@@ -277,8 +277,8 @@ async def test_sweeper_expires_pools_while_idle(tmp_path) -> None:
     task = asyncio.create_task(cache.sweeper(interval=0.01))
     try:
         deadline = _time.monotonic() + 15
-        while (await cache.stats())[0] and _time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # noqa: ASYNC110 - polling a store, bounded by the deadline
+        while (await cache.stats())[0] and _time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # poll a store, bounded by the deadline
     finally:
         task.cancel()
     assert _time.time() - stored_at >= 1, "dropped before its ttl"
