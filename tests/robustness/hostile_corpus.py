@@ -184,12 +184,10 @@ def part(name: str | bytes, value: bytes, filename: str | None = None,
 def multipart(parts: list[bytes], boundary: str = BOUNDARY, preamble: bytes = b"",
               epilogue: bytes = b"", close: bool = True) -> bytes:
     b = boundary.encode()
-    out = preamble
-    for p in parts:
-        out += b"--" + b + b"\r\n" + p + b"\r\n"
+    out = [preamble] + [b"--" + b + b"\r\n" + p + b"\r\n" for p in parts]
     if close:
-        out += b"--" + b + b"--\r\n" + epilogue
-    return out
+        out.append(b"--" + b + b"--\r\n" + epilogue)
+    return b"".join(out)
 
 
 def image_part(data: bytes, filename: str = "layer.png") -> bytes:
@@ -217,6 +215,11 @@ def form(*fields: tuple[str, bytes], image: bytes | None = None, size: bytes = b
 
 def one(body: bytes, **kw: object) -> Callable[[], Parts]:
     return lambda: [post(body, **kw)]  # type: ignore[arg-type]
+
+
+def lazy(body: Callable[[], bytes], **kw: object) -> Callable[[], Parts]:
+    """Like :func:`one`, built only when the case runs (big bodies)."""
+    return lambda: [post(body(), **kw)]  # type: ignore[arg-type]
 
 
 def png_case(name: str, data: Callable[[], bytes], status: int, code: str | None,
@@ -288,12 +291,13 @@ CASES: list[Case] = [
         [part("image", small_png(), "a.png", extra=b"X-Pad: " + b"p" * 65536 + b"\r\n")])),
     bad_multipart("header-without-colon", lambda: multipart(
         [part("image", small_png(), "a.png", extra=b"garbage line\r\n")])),
-    Case("flood-of-parts", one(multipart([image_part(small_png())]
-                                         + [part("n", b"1")] * 50_000)),
+    Case("flood-of-parts", lazy(lambda: multipart([image_part(small_png())]
+                                                  + [part("n", b"1")] * 50_000)),
          400, "n", "duplicate_parameter"),
     Case("unknown-part-name", one(form(("quality", b"hd"))), 400, "quality",
          "unknown_parameter"),
     Case("part-name-empty", one(form(("", b"x"))), 400, "", "unknown_parameter"),
+    # Regression: the error message was a Python repr of a UnicodeDecodeError tuple.
     Case("part-name-non-utf8", one(multipart([image_part(small_png()),
                                               part(b"n\xff\xfe", b"1")])),
          400, None, "invalid_multipart"),
@@ -395,13 +399,21 @@ CASES: list[Case] = [
         ("X-Note", "a\r\n X-Injected: yes")])], 400, envelope=False, also=(None,)),
     Case("header-nul-byte", lambda: [post(form(*N0), headers=[("X-Note", "a\x00b")])],
          400, envelope=False, also=(None,)),
+    # Regression: a bearer token that is not UTF-8 crashed hashing it (500).
     Case("authorization-latin1-garbage", one(form(), auth="Bearer \xe9\xff\xfe"), 401, None,
          "invalid_api_key"),
+    # The same non-UTF-8 token on the admin API (was a 500 there too).
+    Case("admin-authorization-latin1-garbage", lambda: [request_bytes(
+        "GET", "/admin/usage", [("Authorization", "Bearer \xe9\xff\xfe")])], 403, None,
+         "admin_only"),
+    # Regression (with the two below): aiohttp logged each of these with a traceback
+    # at ERROR; test_only_accepted_cases_were_charged asserts a traceback-free log.
     Case("request-line-16kb", lambda: [request_bytes("POST", PATH + "?" + "q" * 16384,
                                                      [("Content-Length", "0")])],
          400, envelope=False, also=(414, 431, None)),
     Case("header-block-64kb", lambda: [post(form(), headers=[("X-Pad", "p" * 65536)])],
          400, envelope=False, also=(431, None)),
+    # Regression: read_timeout_seconds was configured but never enforced.
     Case("slowloris-body", slowloris_body, 408, None, "request_timeout"),
     Case("slow-request-headers", slow_headers_then_trickle, 200, None, None, charged=1),
 ]
