@@ -212,6 +212,10 @@ wrk.method = "POST"
 wrk.body = f:read("*all")
 f:close()
 wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. os.getenv("BENCH_BOUNDARY")
+local cache_control = os.getenv("BENCH_CACHE_CONTROL")
+if cache_control and cache_control ~= "" then
+  wrk.headers["Cache-Control"] = cache_control
+end
 """
 
 
@@ -248,6 +252,34 @@ def wrk(url: str, connections: int, seconds: int, lua: Path | None = None,
 
 
 @contextlib.contextmanager
+def _nginx(root: Path, server: str, probe: str, http: str = "") -> Iterator[str]:
+    """nginx (1 worker, pinned like the gateway) with one ``server`` block on a free port;
+    ``probe`` is a path that answers 200 once it is up."""
+    port = free_port()
+    conf = root / "nginx.conf"
+    conf.write_text(f"""
+daemon off; worker_processes 1; pid {root}/nginx.pid; error_log {root}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  {http}
+  server {{
+    listen 127.0.0.1:{port};
+    {server}
+  }}
+}}
+""")
+    proc = subprocess.Popen([*PIN_SERVER, "nginx", "-c", str(conf), "-p", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}{probe}", proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
 def nginx_static(files: dict[str, bytes]) -> Iterator[str]:
     """nginx (1 worker, pinned like the gateway) serving ``files`` statically."""
     with tempfile.TemporaryDirectory() as d:
@@ -256,34 +288,40 @@ def nginx_static(files: dict[str, bytes]) -> Iterator[str]:
         (root / "www").mkdir()
         for name, data in files.items():
             (root / "www" / name).write_bytes(data)
-        port = free_port()
-        conf = root / "nginx.conf"
-        conf.write_text(f"""
-daemon off; worker_processes 1; pid {root}/nginx.pid; error_log {root}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  server {{
-    listen 127.0.0.1:{port};
+        with _nginx(root, f"""
     root {root}/www;
     default_type application/json;
     # static files answer GET; map POST to GET so the load is the same as the gateway's
-    error_page 405 =200 $uri;
-  }}
-}}
-""")
-        proc = subprocess.Popen([*PIN_SERVER, "nginx", "-c", str(conf), "-p", str(root)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/{next(iter(files))}", proc=proc)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    error_page 405 =200 $uri;""", f"/{next(iter(files))}") as url:
+            yield url
 
 
 @contextlib.contextmanager
-def gateway_process(raw: dict[str, Any], tmp: Path) -> Iterator[str]:
+def nginx_proxy(upstream: str, probe: str = "/healthz") -> Iterator[str]:
+    """nginx ``proxy_pass`` to ``upstream`` (``http://host:port``): keep-alive to the
+    upstream, request and response buffered in memory (no temp files)."""
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        root.chmod(0o755)
+        with _nginx(root, """
+    client_max_body_size 8m;
+    client_body_buffer_size 8m;
+    location / {
+      proxy_pass http://bench_upstream;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffer_size 64k;
+      proxy_buffers 64 64k;
+      proxy_busy_buffers_size 128k;
+    }""", probe, http=f"upstream bench_upstream {{ server {upstream.split('//', 1)[1]}; "
+                         "keepalive 64; }") as url:
+            yield url
+
+
+@contextlib.contextmanager
+def gateway_process(raw: dict[str, Any], tmp: Path,
+                    procs: list[subprocess.Popen[bytes]] | None = None) -> Iterator[str]:
+    """A real gateway pinned like nginx; its ``Popen`` is appended to ``procs`` if given."""
     port = free_port()
     raw = {**raw, "server": {**raw["server"], "port": port}}
     cfg = tmp / "bench.yaml"
@@ -291,6 +329,8 @@ def gateway_process(raw: dict[str, Any], tmp: Path) -> Iterator[str]:
     proc = subprocess.Popen([*PIN_SERVER, sys.executable, "-m", "gateway", "serve",
                              "--config", str(cfg)], cwd=tmp, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    if procs is not None:
+        procs.append(proc)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
         yield f"http://127.0.0.1:{port}"
