@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway import png, upload
 from gateway.backends.base import VariationRequest
 from gateway.cache import CacheResult, Item, cache_key, policy_from_header
+from gateway.errors import ApiError
 from gateway.keys import (
     AUDIT_RECORD,
     AUTH,
@@ -187,6 +188,14 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     path = store.resolve(image_id, request.query.get("expires", ""),
                          request.query.get("signature", ""))
     expires = int(request.query["expires"])
+    # FileResponse would answer an unsatisfiable range itself, outside the envelope.
+    try:
+        start = request.http_range.start
+    except ValueError:
+        start = None  # a malformed Range header is ignored: the whole file is sent
+    if start is not None and start >= path.stat().st_size:
+        raise ApiError(416, "The requested byte range is outside this image.",
+                       code="range_not_satisfiable")
     return web.FileResponse(path, headers={
         "Content-Type": "image/png",
         "Cache-Control": f"private, max-age={max(0, expires - int(time.time()))}",

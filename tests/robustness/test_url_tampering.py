@@ -177,9 +177,9 @@ def test_range_requests_stay_in_the_envelope(signed) -> None:  # type: ignore[no
     ok = get(g, files(image_id, expires, sig), [("Range", "bytes=0-7")])
     assert ok.status == 206 and ok.body == b"\x89PNG\r\n\x1a\n"
     bad = get(g, files(image_id, expires, sig), [("Range", "bytes=99999999-")])
-    # aiohttp's FileResponse answers this itself, after the handler: not enveloped
-    # (an empty body), the one non-2xx outside the envelope; reported, not fixed here.
-    assert bad.status == 416
+    # Regression: aiohttp's FileResponse used to answer this itself, with an empty body
+    # outside the envelope; the handler now refuses it first.
+    assert_refused(bad, 416, "range_not_satisfiable")
     # Tampering still wins over a range: the signature is checked first.
     assert_refused(get(g, files(image_id, expires, _flip(sig)), [("Range", "bytes=0-7")]),
                    403, "invalid_signature")
