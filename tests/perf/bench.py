@@ -8,7 +8,10 @@ the commit they were measured on):
   512x512 upload, against calling the backend function directly;
 - cache hits (url and b64_json): latency and throughput of a real gateway process under
   wrk, against nginx serving the same response bytes as a static file;
-- Redis-backed state next to SQLite (when ``tests/perf/bench_redis.py`` is present).
+- Redis-backed state next to SQLite (when ``tests/perf/bench_redis.py`` is present);
+- load, memory and startup (``tests/perf/bench_load.py``): miss overhead against a fake
+  upstream direct and behind nginx ``proxy_pass`` (chart: latency-vs-concurrency.png),
+  peak RSS under 100 x 4 MB uploads, RSS growth 1k -> 20k requests, startup, idle RSS.
 
 The gateway and nginx are pinned to core 0, wrk to core 1, so client and server do not
 fight for one core. Goals are printed beside the figures; nothing here asserts.
@@ -412,9 +415,28 @@ def main() -> int:
     if (Path(__file__).parent / "bench_redis.py").exists():
         sections.append(("Redis-backed state next to SQLite",
                          lambda: importlib.import_module("bench_redis").run()))
+    notes: dict[str, str] = {}
     if (Path(__file__).parent / "bench_load.py").exists():
-        sections.append(("Load, memory and startup",
-                         lambda: importlib.import_module("bench_load").run()))
+        def load() -> Any:
+            return importlib.import_module("bench_load")
+
+        def overhead() -> list[dict[str, Any]]:
+            rows = load().run_overhead()
+            path = load().chart(rows)
+            notes[overhead_title] = (f"\n![p50 latency against concurrency]({path.name})\n\n"
+                                     f"Chart: `{path.relative_to(ROOT)}`.\n")
+            return rows
+
+        overhead_title = ("Gateway overhead on a miss (Cache-Control: no-store, 256x256, "
+                          "zero-latency fake upstream): fake direct vs nginx proxy_pass vs "
+                          "gateway under wrk; fake and wrk on core 1")
+        sections += [
+            (overhead_title, overhead),
+            ("Memory: 100 concurrent ~4 MB uploads; RSS after 1,000 vs 20,000 requests",
+             lambda: load().run_memory()),
+            ("Startup (exec to first 200 on /healthz, median of 5) and idle RSS",
+             lambda: load().run_startup()),
+        ]
     header = (f"# Benchmark report\n\nMeasured by `make bench` on commit `{commit()}`, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"{os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -427,7 +449,8 @@ def main() -> int:
             rows = fn()
         except Exception as exc:  # one broken section must not hide the others
             rows = [{"error": f"{type(exc).__name__}: {exc}"}]
-        text = table(title, rows) + f"\n_{time.monotonic() - started:.0f} s_\n"
+        text = (table(title, rows) + notes.get(title, "")
+                + f"\n_{time.monotonic() - started:.0f} s_\n")
         print(text, flush=True)
         parts.append(text)
     REPORT.write_text("\n".join(parts))
