@@ -282,8 +282,9 @@ def run_overhead(seconds: int = WRK_SECONDS, repeats: int = REPEATS) -> list[dic
             row["goal (delta p50 < 3 ms at c=16)"] = goal(delta, 3, "ms")
             # What the gateway does per request that nginx does not, and the cost.
             row["why"] = (
-                f"one pinned core does ~{cpu:.1f} ms of CPU per request (multipart "
-                "parse, PNG inspect, quota+audit SQLite, metrics, the upstream "
+                f"one pinned core does ~{cpu:.1f} ms of CPU per request (auth (none "
+                "here), multipart parse, PNG inspect, quota+audit SQLite, metrics, the "
+                "upstream "
                 f"call, b64, and {reencode:.1f} ms to decode + re-encode the returned "
                 "PNG); "
                 f"at c=16 requests queue: p50 ~ 16 x {cpu:.1f} ms; nginx only copies "
@@ -467,14 +468,15 @@ def run_memory(uploads: int = 100, leak_total: int = 20_000) -> list[dict[str, A
                 late = (rss[leak_total] - rss[marks[-2]]) * 1024 / (leak_total - marks[-2])
                 row["why"] = (
                     f"{mb(rss[leak_total] - rss[1000])} MB over {leak_total - 1000} requests, "
-                    f"~{late:.0f} B/request late in the run and slowing (a 40k-request "
-                    "probe: +3.8 MB 10k->20k, +1.7 20k->30k, +1.6 30k->40k). tracemalloc "
-                    "finds little Python-level growth: the quota minute window (a float "
-                    "per request, pruned after 60 s, i.e. never within this run). The rest "
-                    "is native: three SQLite connections (state, cache index, audit) whose "
-                    "page caches fill up to their 2 MB default as audit.sqlite3 grows, "
-                    "plus malloc fragmentation; bounded warm-up from a small 1k baseline "
-                    "rather than a per-request leak, but not shown flat here")
+                    f"~{late:.0f} B/request over the last stretch (a 40k-request probe "
+                    "while writing this: +3.8 MB 10k->20k, +1.7 20k->30k, +1.6 30k->40k, "
+                    "i.e. slowing). tracemalloc finds little Python-level growth: the quota "
+                    "minute window (a float per request, pruned only after 60 s, so never "
+                    "within this run). The rest is native: three SQLite connections "
+                    "(state, cache index, audit) whose page caches fill towards their 2 MB "
+                    "default as audit.sqlite3 grows, plus malloc fragmentation. Likely "
+                    "warm-up from a small 1k baseline rather than a per-request leak, but "
+                    "not shown flat here")
             rows.append(row)
     return rows
 
