@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gateway import __version__
+from gateway import __version__, png
 from gateway.backends.base import BackendError, BackendOptions, BackendState
 from gateway.resilience import parse_retry_after
 
@@ -167,7 +167,11 @@ def to_png(name: str, data: bytes, size: int) -> bytes:
     """Decode an upstream image, fit it to ``size`` squared, re-encode it as PNG.
 
     Re-encoding also drops metadata (SD WebUI writes its prompt into a PNG text chunk).
+    A plain PNG already of the right size only loses its metadata chunks.
     """
+    plain = png.plain_png_of_size(data, size)
+    if plain is not None:
+        return plain
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format not in IMAGE_FORMATS:
