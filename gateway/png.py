@@ -25,6 +25,7 @@ MAX_UPLOAD_BYTES = 4 * 1024 * 1024
 # 4096 x 4096 RGBA is 64 MiB decoded: the most one upload may cost in memory.
 MAX_PIXELS = 4096 * 4096
 MAX_CHUNKS = 10_000
+_HASH_STRIP_ROWS = 128
 
 _COLOR_TYPES = {0: "grey", 2: "rgb", 3: "palette", 4: "grey+alpha", 6: "rgba"}
 _BIT_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
@@ -121,7 +122,7 @@ def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> PngInfo:
 class DecodedImage:
     """Decoded pixels (RGB or RGBA, 8-bit) and their identity."""
 
-    image: Image.Image
+    image: Image.Image | None  # kept only when the upload itself cannot be passed on
     width: int
     height: int
     pixels_sha256: str
@@ -131,7 +132,7 @@ class DecodedImage:
 
     def to_source(self) -> SourceImage:
         """The image backends receive: the upload when it is plain, else re-encoded."""
-        if self.reusable:
+        if self.reusable or self.image is None:
             png = self.upload
         else:
             buf = io.BytesIO()
@@ -237,15 +238,19 @@ def decode(data: bytes, info: PngInfo, upload_sha256: str) -> DecodedImage:
     except (OSError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError):
         raise _bad("Uploaded image could not be decoded (corrupt PNG data).",
                    "invalid_image") from None
-    rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+    # Hashed in strips of full rows (the same bytes as one RGBA tobytes()), so a 4 MB
+    # upload never holds a second full-size RGBA copy just to be hashed.
     h = hashlib.sha256(f"{img.width}x{img.height}:".encode())
-    h.update(rgba.tobytes())
+    for top in range(0, img.height, _HASH_STRIP_ROWS):
+        strip = img.crop((0, top, img.width, min(img.height, top + _HASH_STRIP_ROWS)))
+        h.update((strip if strip.mode == "RGBA" else strip.convert("RGBA")).tobytes())
+    reusable = is_plain(info)
     return DecodedImage(
-        image=img,
+        image=None if reusable else img,
         width=img.width,
         height=img.height,
         pixels_sha256=h.hexdigest(),
         upload_sha256=upload_sha256,
         upload=data,
-        reusable=is_plain(info),
+        reusable=reusable,
     )
