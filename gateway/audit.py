@@ -54,7 +54,7 @@ _COLUMNS = [f.name for f in dataclasses.fields(AuditRecord)]
 
 class AuditLog:
     def __init__(self, path: str | Path, retention_days: int, *, stdout: bool = False) -> None:
-        self._db = open_db(path)
+        self._db = open_db(path, cache_kib=256)  # append-mostly: inserts need few pages
         cols = ", ".join(
             f"{c} {'REAL' if c in ('ts', 'latency_ms', 'cost_usd') else 'INTEGER' if c in ('n', 'images_charged', 'status', 'upload_bytes') else 'TEXT'}"  # noqa: E501
             for c in _COLUMNS)
