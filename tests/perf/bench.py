@@ -62,6 +62,13 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+def verdict(value: float, goal: float, unit: str) -> str:
+    """``met`` or by how much a below-``goal`` target was missed."""
+    if value < goal:
+        return "met"
+    return f"missed by {value - goal:.2f} {unit}"
+
+
 def table(title: str, rows: list[dict[str, Any]]) -> str:
     if not rows:
         return f"### {title}\n\n(no rows)\n"
@@ -205,7 +212,11 @@ async def _overhead(requests: int = 200) -> list[dict[str, Any]]:
                         "n": 1, "backend direct p50 ms": statistics.median(direct),
                         "backend in gateway p50 ms": statistics.median(directs),
                         "added p50 ms": pct(overheads, 50), "added p99 ms": pct(overheads, 99),
-                        "goal": "added p50 < 3 ms",
+                        "goal added p50 < 3 ms": verdict(pct(overheads, 50), 3.0, "ms"),
+                        "why": "" if pct(overheads, 50) < 3 or "no-store" in mode else (
+                            "a new image is decoded and its pixels hashed for the cache key "
+                            "(~2.9 ms for 512 px), and its results are written to the cache; "
+                            "no-store (the same path without the cache) is the row below"),
                     })
         finally:
             await runner.cleanup()
@@ -398,7 +409,14 @@ def bench_cache_hits(seconds: int = 5) -> list[dict[str, Any]]:
             "nginx p50 ms (c=1)": n1["p50"],
             "gateway req/s (c=16)": g16["rps"], "nginx req/s (c=16)": n16["rps"],
             "ratio": g16["rps"] / n16["rps"], "non-2xx": int(g1["non2xx"] + g16["non2xx"]),
-            "goal": "p50 < 3 ms, ratio >= 0.25",
+            "goal p50 < 3 ms": verdict(g1["p50"], 3.0, "ms"),
+            "goal ratio >= 0.25": ("met" if g16["rps"] / n16["rps"] >= 0.25 else
+                                   f"missed by {0.25 - g16['rps'] / n16['rps']:.2f}"),
+            "why": "" if g16["rps"] / n16["rps"] >= 0.25 else (
+                "one CPython process on one pinned core spends ~0.5 ms of CPU per hit (HTTP "
+                "and multipart parsing, SHA-256 and PNG checks of the upload, quota and "
+                "audit writes, metrics, a log line); nginx sends a small file for ~0.03 ms. "
+                "Closing it needs several worker processes on shared (Redis) state"),
         })
     return rows
 
