@@ -124,9 +124,9 @@ def _printable(value: str, limit: int = 40) -> str:
     return shown + ("..." if len(value) > limit else "")
 
 
-async def read_form(request: web.Request, models: frozenset[str],
-                    read_timeout: float | None = None) -> VariationForm:
-    """Parse and validate the form; raise :class:`ApiError` with the right ``param``.
+async def read_fields(request: web.Request, read_timeout: float | None = None
+                      ) -> tuple[bytes | None, dict[str, bytes]]:
+    """Read the multipart body: the image part and the raw text parts, unvalidated.
 
     ``read_timeout`` bounds reading the whole body (408 past it); ``None``: no deadline.
     """
@@ -148,8 +148,27 @@ async def read_form(request: web.Request, models: frozenset[str],
         # A client trickling its body (slowloris) would otherwise hold a slot forever.
         raise ApiError(408, "Timed out reading the request body.", code="request_timeout"
                        ) from None
-    image = raw.pop("image", None)
-    values = {name: _text(data, name) for name, data in raw.items()}
+    return raw.pop("image", None), raw
+
+
+def for_audit(raw: bytes | None) -> str | None:
+    """A raw text part as the audit records it, before (and whether or not) it is valid."""
+    if raw is None:
+        return None
+    return raw.decode("utf-8", "replace")[:MAX_USER_CHARS]
+
+
+async def read_form(request: web.Request, models: frozenset[str],
+                    read_timeout: float | None = None) -> VariationForm:
+    """Read and validate the form; raise :class:`ApiError` with the right ``param``."""
+    image, fields = await read_fields(request, read_timeout)
+    return validate(image, fields, models)
+
+
+def validate(image: bytes | None, fields: dict[str, bytes], models: frozenset[str]
+             ) -> VariationForm:
+    """Type and check every field per the contract (defaults for missing ones)."""
+    values = {name: _text(data, name) for name, data in fields.items()}
 
     if image is None:
         raise invalid("'image' is a required property", "image", "missing_required_parameter")

@@ -92,9 +92,13 @@ async def create_variation(request: web.Request) -> web.Response:
     principal = app[AUTH].member(request)
     record.member = principal.name
 
-    # Parse: the form, then the PNG container (no pixels decoded yet).
-    form = await upload.read_form(request, router.models,
-                                  config.server.read_timeout_seconds)
+    # Parse: the form (its raw fields are audited even if they are refused), then the
+    # PNG container (no pixels decoded yet).
+    image, fields = await upload.read_fields(request, config.server.read_timeout_seconds)
+    record.end_user = upload.for_audit(fields.get("user"))
+    record.size, record.model = upload.for_audit(fields.get("size")), upload.for_audit(
+        fields.get("model"))
+    form = upload.validate(image, fields, router.models)
     record.n, record.size, record.model = form.n, form.size_label, form.model
     record.end_user, record.upload_bytes = form.user, len(form.image)
     metrics.upload_bytes.observe(len(form.image))

@@ -129,3 +129,23 @@ async def test_retention_days(instrumented: Start, monkeypatch: pytest.MonkeyPat
     await vary(restarted, png_bytes())
     ids = {r["request_id"] for r in restarted.app[AUDIT].query(limit=100)}
     assert "req_recent" not in ids
+
+
+async def test_refused_form_keeps_its_raw_fields(gateway_client) -> None:  # type: ignore[no-untyped-def]
+    """A request refused while its form is validated is still audited with the ``user``
+    (and size, model) it sent: that is what abuse monitoring needs most."""
+    import aiohttp
+    from support import auth
+
+    client = await gateway_client()
+    form = aiohttp.FormData()
+    form.add_field("image", png_bytes(64), filename="a.png")
+    form.add_field("size", "300x300")
+    form.add_field("user", "probe-user-7")
+    resp = await client.post("/v1/images/variations", data=form, headers=auth())
+    assert resp.status == 400
+    rows = client.app[AUDIT].query(end_user="probe-user-7")
+    assert len(rows) == 1
+    assert (rows[0]["status"], rows[0]["size"], rows[0]["error_code"]) == (
+        400, "300x300", "invalid_value")
+    assert rows[0]["member"] == "alice"
