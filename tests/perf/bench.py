@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,28 @@ def wrk(url: str, connections: int, seconds: int, lua: Path | None = None,
 
 
 @contextlib.contextmanager
+def serving(cmd: list[str], probe: str, *, cwd: Path | None = None,
+            procs: list[subprocess.Popen[bytes]] | None = None,
+            stop_timeout: float = 30) -> Iterator[str]:
+    """Run a server process until the block ends; ready once ``probe`` answers 200.
+
+    Yields the probe's origin (``http://host:port``); the ``Popen`` is appended to
+    ``procs`` when given (memory sections read its pid).
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    if procs is not None:
+        procs.append(proc)
+    try:
+        wait_http(probe, proc=proc)
+        url = urllib.parse.urlsplit(probe)
+        yield f"{url.scheme}://{url.netloc}"
+    finally:
+        proc.terminate()
+        proc.wait(stop_timeout)
+
+
+@contextlib.contextmanager
 def _nginx(root: Path, server: str, probe: str, http: str = "") -> Iterator[str]:
     """nginx (1 worker, pinned like the gateway) with one ``server`` block on a free port;
     ``probe`` is a path that answers 200 once it is up."""
@@ -296,14 +319,9 @@ http {{
   }}
 }}
 """)
-    proc = subprocess.Popen([*PIN_SERVER, "nginx", "-c", str(conf), "-p", str(root)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}{probe}", proc=proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with serving([*PIN_SERVER, "nginx", "-c", str(conf), "-p", str(root)],
+                 f"http://127.0.0.1:{port}{probe}", stop_timeout=10) as origin:
+        yield origin
 
 
 @contextlib.contextmanager
@@ -353,17 +371,10 @@ def gateway_process(raw: dict[str, Any], tmp: Path,
     raw = {**raw, "server": {**raw["server"], "port": port}}
     cfg = tmp / "bench.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([*PIN_SERVER, sys.executable, "-m", "gateway", "serve",
-                             "--config", str(cfg)], cwd=tmp, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    if procs is not None:
-        procs.append(proc)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with serving([*PIN_SERVER, sys.executable, "-m", "gateway", "serve", "--config",
+                  str(cfg)], f"http://127.0.0.1:{port}/healthz", cwd=tmp,
+                 procs=procs) as origin:
+        yield origin
 
 
 def bench_cache_hits(seconds: int = 5) -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench
-from bench import PIN_CLIENT, PIN_SERVER, free_port, wait_http
+from bench import PIN_CLIENT, PIN_SERVER, free_port
 
 HERE = Path(__file__).resolve().parent
 CHART = HERE / "latency-vs-concurrency.png"
@@ -191,14 +191,9 @@ def fake_main(port: int) -> None:
 def fake_upstream() -> Iterator[str]:
     """The fake in its own process, pinned with the load generator (core 1)."""
     port = free_port()
-    proc = subprocess.Popen([*PIN_CLIENT, sys.executable, str(Path(__file__)), "fake",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with bench.serving([*PIN_CLIENT, sys.executable, str(Path(__file__)), "fake", str(port)],
+                       f"http://127.0.0.1:{port}/healthz", stop_timeout=10) as origin:
+        yield origin
 
 
 def openai_config(tmp: Path, fake: str) -> dict[str, Any]:
