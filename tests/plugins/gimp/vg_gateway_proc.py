@@ -7,13 +7,10 @@ Used by tests/plugins/test_gimp_client.py and test_gimp_e2e.py (imported through
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -24,17 +21,14 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "tests"))
+import support  # noqa: E402  (tests/ has no packages: found through sys.path)
+from support import free_port  # noqa: E402  (re-exported for the plug-in tests)
+
 READY_DEADLINE = 30.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+sha256 = support.sha  # re-exported for the plug-in tests
 
 
 @dataclass
@@ -95,21 +89,10 @@ def running_gateway(tmp: Path, config: Path, host: str = "127.0.0.1") -> Iterato
         )
     gw = Gateway(f"http://{host}:{port}", port, proc, log)
     try:
-        deadline = time.monotonic() + READY_DEADLINE
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.log_text()}")
-            try:
-                with urllib.request.urlopen(gw.url + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway not ready in {READY_DEADLINE} s:\n{gw.log_text()}")
-            # Poll, with a deadline, by waiting on the process instead of sleeping.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)
+        try:
+            support.wait_http(gw.url + "/healthz", READY_DEADLINE, proc=proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}:\n{gw.log_text()}") from None
         yield gw
     finally:
         proc.terminate()
