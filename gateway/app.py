@@ -38,12 +38,14 @@ from gateway.keys import (
     METRICS,
     PIXEL_HASHES,
     QUOTA,
+    RENDERER,
     ROUTER,
     USER_KEY,
 )
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
 from gateway.quota import QuotaRejected
+from gateway.render import Renderer
 from gateway.router import Router
 from gateway.state import build_state
 
@@ -204,6 +206,7 @@ def build_app(config: Config) -> web.Application:
                           stdout=config.audit.stdout)
     app[ABUSE] = AbuseMonitor(config.abuse)
     app[PIXEL_HASHES] = PixelHashes()
+    app[RENDERER] = Renderer(state.images, config.cache.memory_bytes)
     app.cleanup_ctx.append(_lifecycle)
 
     app.router.add_post("/v1/images/variations", variations.create_variation)

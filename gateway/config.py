@@ -88,6 +88,12 @@ class CacheConfig:
     dir: str = "var/cache"
     max_bytes: int = 2 * 1024**3
     ttl_seconds: int = 30 * 24 * 3600
+    # base64 of recently served cached images kept in memory (b64_json hits); 0: none
+    memory_bytes: int = 32 * 1024**2
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 0:
+            raise ValueError("memory_bytes must be 0 or more")
 
 
 @dataclass(frozen=True)

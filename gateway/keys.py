@@ -12,6 +12,7 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
 from gateway.quota import QuotaStore
+from gateway.render import Renderer
 from gateway.router import Router
 from gateway.storage import ImageStore
 
@@ -25,6 +26,7 @@ AUDIT = web.AppKey("audit", AuditLog)
 ABUSE = web.AppKey("abuse", AbuseMonitor)
 METRICS = web.AppKey("metrics", Metrics)
 PIXEL_HASHES = web.AppKey("pixel_hashes", PixelHashes)
+RENDERER = web.AppKey("renderer", Renderer)
 USER_KEY = web.AppKey("user_hash_key", bytes)
 
 # Per request.

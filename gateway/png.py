@@ -184,25 +184,34 @@ def plain_png_of_size(data: bytes, size: int) -> bytes | None:
     return b"".join(out)
 
 
-class PixelHashes:
-    """A bounded memo of upload SHA-256 -> pixel SHA-256.
+@dataclass(frozen=True)
+class Known:
+    """What an upload already seen showed: its container and its pixels' hash."""
 
-    The same upload bytes always decode to the same pixels, so an artist re-sending a
-    layer (the common case for a cache hit) costs a hash of the bytes, not a decode.
+    info: PngInfo
+    pixels_sha256: str
+
+
+class PixelHashes:
+    """A bounded memo of upload SHA-256 -> what inspecting and decoding it showed.
+
+    The same upload bytes always inspect and decode the same way, so an artist
+    re-sending a layer (the common case for a cache hit) costs a hash of the bytes, not
+    a chunk walk and a decode. Only uploads that passed both are remembered.
     """
 
     def __init__(self, maxsize: int = 8192) -> None:
         self._maxsize = maxsize
-        self._map: OrderedDict[str, str] = OrderedDict()
+        self._map: OrderedDict[str, Known] = OrderedDict()
 
-    def get(self, upload_sha256: str) -> str | None:
+    def get(self, upload_sha256: str) -> Known | None:
         found = self._map.get(upload_sha256)
         if found is not None:
             self._map.move_to_end(upload_sha256)
         return found
 
-    def put(self, upload_sha256: str, pixels_sha256: str) -> None:
-        self._map[upload_sha256] = pixels_sha256
+    def put(self, upload_sha256: str, known: Known) -> None:
+        self._map[upload_sha256] = known
         self._map.move_to_end(upload_sha256)
         while len(self._map) > self._maxsize:
             self._map.popitem(last=False)

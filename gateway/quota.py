@@ -14,6 +14,7 @@ commit is one SQLite transaction (WAL), durable before the client sees its 200.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import time
 from collections import defaultdict, deque
@@ -68,16 +69,23 @@ def duration(seconds: float) -> str:
 
 
 def day_bounds(now: float) -> tuple[str, float]:
-    d = datetime.fromtimestamp(now, UTC)
-    start = d.replace(hour=0, minute=0, second=0, microsecond=0)
-    return start.strftime("d:%Y-%m-%d"), (start + timedelta(days=1)).timestamp()
+    """Today's ledger period (UTC) and when it resets."""
+    return _periods(int(now // 86400))[:2]
 
 
 def month_bounds(now: float) -> tuple[str, float]:
-    d = datetime.fromtimestamp(now, UTC)
-    start = d.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    nxt = (start + timedelta(days=32)).replace(day=1)
-    return start.strftime("m:%Y-%m"), nxt.timestamp()
+    """This calendar month's ledger period (UTC) and when it resets."""
+    return _periods(int(now // 86400))[2:]
+
+
+@functools.lru_cache(maxsize=4)
+def _periods(day: int) -> tuple[str, float, str, float]:
+    """Both periods of a UTC day number (a pure function: memoised, every request asks)."""
+    start = datetime.fromtimestamp(day * 86400, UTC)
+    month = start.replace(day=1)
+    nxt = (month + timedelta(days=32)).replace(day=1)
+    return (start.strftime("d:%Y-%m-%d"), (start + timedelta(days=1)).timestamp(),
+            month.strftime("m:%Y-%m"), nxt.timestamp())
 
 
 def image_headers(status: LimitStatus | None) -> dict[str, str]:
@@ -197,6 +205,8 @@ class SqliteQuota:
 
     Reservations, the minute window and the in-flight count live in memory because they
     die with the process anyway: after a crash no reserved request can still deliver.
+    This process is the ledger's only writer, so the rows it has read or written and
+    the block list are also kept in memory: admitting a request reads no SQLite.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -206,13 +216,20 @@ class SqliteQuota:
         self._reserved_cost: dict[str, float] = defaultdict(float)
         self._window: dict[str, deque[float]] = defaultdict(deque)
         self._inflight: dict[str, int] = defaultdict(int)
+        self._rows: dict[tuple[str, str], tuple[int, int, int, float]] = {}
+        self._blocked = {user for (user,) in self._db.execute("SELECT user FROM blocks")}
 
     # ---- reads
     def _ledger(self, user: str, period: str) -> tuple[int, int, int, float]:
-        row = self._db.execute(
-            "SELECT images, requests, cache_hits, spend FROM ledger WHERE user=? AND period=?",
-            (user, period)).fetchone()
-        return row if row else (0, 0, 0, 0.0)
+        row = self._rows.get((user, period))
+        if row is None:
+            row = self._db.execute(
+                "SELECT images, requests, cache_hits, spend FROM ledger "
+                "WHERE user=? AND period=?", (user, period)).fetchone() or (0, 0, 0, 0.0)
+            if len(self._rows) >= 4096:  # old periods and users: re-read when needed
+                self._rows.clear()
+            self._rows[(user, period)] = row
+        return row
 
     def _statuses(self, principal: Principal, now: float) -> list[LimitStatus]:
         q, user = principal.quota, principal.name
@@ -266,13 +283,15 @@ class SqliteQuota:
 
     # ---- blocks
     async def is_blocked(self, name: str) -> bool:
-        return self._db.execute("SELECT 1 FROM blocks WHERE user=?", (name,)).fetchone() is not None
+        return name in self._blocked
 
     async def set_blocked(self, name: str, blocked: bool) -> None:
         if blocked:
             self._db.execute("INSERT OR REPLACE INTO blocks VALUES (?, ?)", (name, time.time()))
+            self._blocked.add(name)
         else:
             self._db.execute("DELETE FROM blocks WHERE user=?", (name,))
+            self._blocked.discard(name)
 
     # ---- admission
     @contextlib.asynccontextmanager
@@ -331,9 +350,11 @@ class SqliteQuota:
              cache_hits: int = 0) -> None:
         """Add to today's and this month's ledger rows in one transaction."""
         now = time.time()
+        periods = (day_bounds(now)[0], month_bounds(now)[0])
+        rows = [self._ledger(user, period) for period in periods]
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            for period in (day_bounds(now)[0], month_bounds(now)[0]):
+            for period in periods:
                 self._db.execute(
                     "INSERT INTO ledger (user, period, images, spend, requests, cache_hits) "
                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(user, period) DO UPDATE SET "
@@ -341,6 +362,9 @@ class SqliteQuota:
                     "requests = requests + excluded.requests, "
                     "cache_hits = cache_hits + excluded.cache_hits",
                     (user, period, images, spend, requests, cache_hits))
+        # Committed: now the in-memory rows follow.
+        for period, (i, r, h, sp) in zip(periods, rows, strict=True):
+            self._rows[(user, period)] = (i + images, r + requests, h + cache_hits, sp + spend)
 
     async def commit(self, reservation: Reservation, images: int, cost: float) -> None:
         if reservation.settled:

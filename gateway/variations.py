@@ -9,10 +9,8 @@ audits it and counts it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
-import json
 import time
 from functools import partial
 
@@ -20,7 +18,7 @@ from aiohttp import web
 
 from gateway import png, upload
 from gateway.backends.base import VariationRequest
-from gateway.cache import CacheResult, Item, cache_key, policy_from_header
+from gateway.cache import CacheResult, cache_key, policy_from_header
 from gateway.errors import ApiError
 from gateway.keys import (
     AUDIT_RECORD,
@@ -32,12 +30,12 @@ from gateway.keys import (
     METRICS,
     PIXEL_HASHES,
     QUOTA,
+    RENDERER,
     ROUTER,
     USER_KEY,
 )
 from gateway.metrics import Metrics
 from gateway.quota import LimitStatus, Reservation, image_headers, tightest
-from gateway.storage import ImageStore
 
 
 def end_user_hash(key: bytes, member: str, user: str | None) -> str | None:
@@ -61,27 +59,6 @@ def base_url(request: web.Request, configured: str | None) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-def render_items(items: list[Item], response_format: str, store: ImageStore, base: str
-                 ) -> bytes:
-    """The ``data`` array as JSON bytes (file I/O and base64: run in an executor).
-
-    Base64 needs no JSON escaping, so large ``b64_json`` bodies are joined directly
-    instead of being copied through ``json.dumps`` once more.
-    """
-    if response_format == "b64_json":
-        return b"[" + b",".join(b'{"b64_json":"' + base64.b64encode(item.read()) + b'"}'
-                                for item in items) + b"]"
-    out = []
-    now = time.time()
-    for item in items:
-        if item.path is not None and item.path.exists():
-            image_id = store.put_file(item.path, item.sha256)
-        else:
-            image_id = store.put(item.read())
-        out.append({"url": store.url(base, image_id, now)})
-    return json.dumps(out).encode()
-
-
 async def create_variation(request: web.Request) -> web.Response:
     app = request.app
     config, router, quota, metrics = app[CONFIG], app[ROUTER], app[QUOTA], app[METRICS]
@@ -102,12 +79,14 @@ async def create_variation(request: web.Request) -> web.Response:
     record.n, record.size, record.model = form.n, form.size_label, form.model
     record.end_user, record.upload_bytes = form.user, len(form.image)
     metrics.upload_bytes.observe(len(form.image))
-    info = png.inspect(form.image)
+    # Hashed first, so refused requests are audited with their image too.
+    record.image_sha256 = hashlib.sha256(form.image).hexdigest()
+    # A re-sent upload (the usual cache hit) was inspected and decoded before.
+    known = app[PIXEL_HASHES].get(record.image_sha256)
+    info = known.info if known is not None else png.inspect(form.image)
     policy = policy_from_header(request.headers.get("Cache-Control"))
     hashed_user = end_user_hash(app[USER_KEY], principal.name, form.user)
     record.end_user_hash = hashed_user
-    # Before admission, so refused requests are audited with their image too.
-    record.image_sha256 = hashlib.sha256(form.image).hexdigest()
 
     # Admit: blocked users, the minute window and the in-flight limit.
     async with quota.admit(principal):
@@ -116,13 +95,13 @@ async def create_variation(request: web.Request) -> web.Response:
         make_source = partial(png.source_without_hash, form.image, info,
                               record.image_sha256)
         if app[CACHE].enabled and policy != "no-store":
-            known = app[PIXEL_HASHES].get(record.image_sha256)
             if known is None:
                 decoded = await loop.run_in_executor(None, png.decode, form.image, info,
                                                      record.image_sha256)
-                app[PIXEL_HASHES].put(record.image_sha256, decoded.pixels_sha256)
-                known, make_source = decoded.pixels_sha256, decoded.to_source
-            pixels_sha256 = known
+                known = png.Known(info, decoded.pixels_sha256)
+                app[PIXEL_HASHES].put(record.image_sha256, known)
+                make_source = decoded.to_source
+            pixels_sha256 = known.pixels_sha256
             key = cache_key(pixels_sha256, form.size, form.model, router.identity(form.model))
         price = config.pricing[form.size_label]
         reservation: Reservation | None = None
@@ -145,9 +124,11 @@ async def create_variation(request: web.Request) -> web.Response:
         # failure or a disconnect (cancellation) refunds the reservation.
         try:
             result: CacheResult = await app[CACHE].serve(key, form.n, policy, generate)
-            data = await loop.run_in_executor(
-                None, render_items, result.items, form.response_format, app[IMAGES],
-                base_url(request, config.server.public_base_url))
+            base = base_url(request, config.server.public_base_url)
+            data = app[RENDERER].from_memory(result.items, form.response_format, base)
+            if data is None:
+                data = await loop.run_in_executor(
+                    None, app[RENDERER].render, result.items, form.response_format, base)
             cost = price * result.generated
             if reservation is not None:
                 await quota.commit(reservation, result.generated, cost)

@@ -285,3 +285,22 @@ async def test_sweeper_expires_pools_while_idle(tmp_path) -> None:
     assert await cache.stats() == (0, 0)
     assert blob is not None and not blob.exists()
     await cache.close()
+
+
+async def test_hit_recency_kept_in_memory_reaches_the_index(tmp_path: Path) -> None:
+    """A hit's last-use time is held in memory; eviction and a restart still see it."""
+    import time as _time
+
+    from gateway.cache import SqliteCacheIndex
+
+    path, now = tmp_path / "index.sqlite3", _time.time()
+    index = SqliteCacheIndex(path)
+    await index.append("older", [("s1", 10)], now)
+    await index.append("newer", [("s2", 10)], now + 1)
+    assert await index.pool("older", now + 2) == [("s1", 10)]  # a hit: now the newest
+    await index.close()
+    index = SqliteCacheIndex(path)  # restarted
+    assert await index.evict(max_bytes=10, ttl_seconds=3600, now=now + 3) == ["s2"]
+    assert await index.pool("older", now + 4) == [("s1", 10)]
+    assert await index.pool("newer", now + 4) == []
+    await index.close()

@@ -1,0 +1,82 @@
+"""Rendering the data array: memoised URLs and base64, bounded, never for no-store."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.cache import Item
+from gateway.render import Renderer
+from gateway.storage import ImageStore
+
+
+def cached_item(tmp_path: Path, data: bytes) -> Item:
+    import hashlib
+
+    sha = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "cache" / f"{sha}.png"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return Item(sha, len(data), path=path)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    return ImageStore(tmp_path / "images", b"k" * 32, ttl_seconds=3600)
+
+
+def test_url_is_minted_once_then_reused_within_the_window(tmp_path: Path, store: ImageStore,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    renderer = Renderer(store, memory_bytes=1024)
+    item = cached_item(tmp_path, b"png-a")
+    assert renderer.from_memory([item], "url", "http://h") is None  # nothing minted yet
+    first = json.loads(renderer.render([item], "url", "http://h"))
+    again = renderer.from_memory([item], "url", "http://h")
+    assert again is not None and json.loads(again) == first
+    assert renderer.from_memory([item], "url", "http://other") is None  # per base URL
+    # Past the reuse window (60 s for a one-hour lifetime) a new URL is minted.
+    import gateway.render as render
+
+    real = render.time.time
+    monkeypatch.setattr(render.time, "time", lambda: real() + 61)
+    assert renderer.from_memory([item], "url", "http://h") is None
+
+
+def test_reused_url_keeps_most_of_its_lifetime(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images", b"k" * 32, ttl_seconds=6)
+    renderer = Renderer(store, memory_bytes=0)
+    item = cached_item(tmp_path, b"png-b")
+    renderer.render([item], "url", "http://h")
+    # With a 6 s lifetime a URL is reused for at most 0.1 s.
+    assert renderer._url_reuse == pytest.approx(0.1)
+
+
+def test_b64_is_memoised_for_cached_items_within_the_byte_budget(tmp_path: Path,
+                                                                 store: ImageStore) -> None:
+    a, b = cached_item(tmp_path, b"a" * 300), cached_item(tmp_path, b"b" * 300)
+    renderer = Renderer(store, memory_bytes=500)  # room for one 400-byte encoding
+    assert renderer.from_memory([a], "b64_json", "") is None
+    body = json.loads(renderer.render([a], "b64_json", ""))
+    assert base64.b64decode(body[0]["b64_json"]) == b"a" * 300
+    assert json.loads(renderer.from_memory([a], "b64_json", "") or b"null") == body
+    renderer.render([b], "b64_json", "")
+    assert renderer.memory_used() == 400
+    assert renderer.from_memory([a], "b64_json", "") is None  # evicted, least recent
+    assert renderer.from_memory([b], "b64_json", "") is not None
+
+
+def test_no_store_images_are_never_kept(tmp_path: Path, store: ImageStore) -> None:
+    import hashlib
+
+    data = b"fresh, not cached"
+    item = Item(hashlib.sha256(data).hexdigest(), len(data), data=data)  # no file
+    renderer = Renderer(store, memory_bytes=1 << 20)
+    renderer.render([item], "b64_json", "")
+    renderer.render([item], "url", "http://h")
+    assert renderer.memory_used() == 0
+    assert renderer.from_memory([item], "b64_json", "") is None
+    assert renderer.from_memory([item], "url", "http://h") is None
