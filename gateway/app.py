@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import structlog
 from aiohttp import web
@@ -107,13 +108,29 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
     record.status = response.status
     if error is not None:
         record.error_code = error.code
-    _finish(request, record, started, error, response.content_length)
+    audited = _finish(request, record, started, error, response.content_length)
+    if audited is not None:
+        # Failures were counted and logged by _audit_done; the answer still goes out.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(audited)
     return response
 
 
+def _audit_done(metrics: Metrics, request_id: str, done: asyncio.Future[None]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        metrics.audit_errors.inc()
+        log.error("audit_write_failed", request_id=request_id,
+                  error=None if done.cancelled() else type(done.exception()).__name__)
+    else:
+        metrics.audit_events.inc()
+
+
 def _finish(request: web.Request, record: AuditRecord, started: float,
-            error: ApiError | None, bytes_out: int | None) -> None:
+            error: ApiError | None, bytes_out: int | None) -> asyncio.Future[None] | None:
+    """Metrics, the audit record and the log line; returns the audit's commit (a
+    response waits for it, so every answer a client saw is in the audit trail)."""
     app = request.app
+    audited: asyncio.Future[None] | None = None
     metrics = app[METRICS]
     elapsed = time.perf_counter() - started
     record.latency_ms = round(elapsed * 1000, 3)
@@ -130,18 +147,19 @@ def _finish(request: web.Request, record: AuditRecord, started: float,
         if record.member is None and record.status == 401:
             record.auth_error = "missing_token" if record.error_code is None else "bad_token"
         try:
-            app[AUDIT].write(record)
-            metrics.audit_events.inc()
+            audited = app[AUDIT].write(record)
         except Exception:  # the audit must never take the request down with it
             metrics.audit_errors.inc()
             log.exception("audit_write_failed", request_id=record.request_id)
+        else:
+            audited.add_done_callback(partial(_audit_done, metrics, record.request_id))
         for s in app[ABUSE].observe(record.member, record.end_user,
                                     isinstance(error, QuotaRejected)):
             metrics.abuse_suspected.labels(s.reason, user_label).inc()
             log.warning("abuse_suspected", member=s.member, reason=s.reason, count=s.count,
                         window_seconds=s.window_seconds)
     if request.path in QUIET_PATHS and record.status < 400:
-        return
+        return audited
     # One line per request; for API routes it carries the audit record's fields too.
     log.info("request", request_id=record.request_id, method=request.method,
              path=record.route, status=record.status, member=record.member,
@@ -150,6 +168,7 @@ def _finish(request: web.Request, record: AuditRecord, started: float,
              backend=record.backend, cache=record.cache, n=record.n, size=record.size,
              images_charged=record.images_charged, error_code=record.error_code,
              bytes_in=record.upload_bytes, bytes_out=bytes_out)
+    return audited
 
 
 def user_hash_key(signing_key: bytes) -> bytes:

@@ -1,13 +1,15 @@
 """The audit trail for abuse monitoring: every request, refused ones too.
 
-Each record is one SQLite row (WAL; written before the response leaves, so every 200 a
-client saw is on disk) and one structlog event. Nothing secret is recorded: the member
+Each record is one SQLite row (WAL; committed with the other records of its event-loop
+turn before the response leaves, so every 200 a client saw is on disk) and one
+structlog event. Nothing secret is recorded: the member
 name, never the token; the raw ``user`` form field and the HMAC sent upstream for it,
 so an admin can map a provider's abuse report back to a member and end user.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from gateway.quota import open_db
+from gateway.sqlite import GroupCommit, open_db
 
 log = structlog.get_logger("gateway.audit")
 # Retention is enforced at startup and then at most this often, by the next write.
@@ -68,17 +70,22 @@ class AuditLog:
             """)
         self._insert = (f"INSERT INTO audit ({', '.join(_COLUMNS)}) VALUES "
                         f"({', '.join('?' for _ in _COLUMNS)})")
+        self._writes = GroupCommit(self._db)
         self.retention_days = retention_days
         self.stdout = stdout
         self._purged_at = 0.0
 
-    def write(self, record: AuditRecord) -> None:
-        self._db.execute(self._insert, [getattr(record, c) for c in _COLUMNS])
+    def write(self, record: AuditRecord) -> asyncio.Future[None]:
+        """Queue ``record``; the future resolves when it is committed (await it before
+        answering). The row is taken now, so later changes to ``record`` are not in it."""
+        row = [getattr(record, c) for c in _COLUMNS]
+        done = self._writes.submit(lambda db: db.execute(self._insert, row))
         if self.stdout:
             log.info("audit", **dataclasses.asdict(record))
         now = time.time()
         if now - self._purged_at >= PURGE_EVERY_SECONDS:
             self.purge(now)
+        return done
 
     def query(self, *, member: str | None = None, end_user: str | None = None,
               since: float | None = None, until: float | None = None,
@@ -112,4 +119,5 @@ class AuditLog:
         return self._db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
 
     def close(self) -> None:
+        self._writes.flush()
         self._db.close()

@@ -20,7 +20,8 @@ from typing import Literal, Protocol
 
 import structlog
 
-from gateway.quota import QuotaRejected, open_db
+from gateway.quota import QuotaRejected
+from gateway.sqlite import open_db
 from gateway.storage import atomic_write
 
 log = structlog.get_logger("gateway.cache")

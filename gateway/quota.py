@@ -26,6 +26,7 @@ from typing import Protocol
 
 from gateway.auth import Principal
 from gateway.errors import ApiError
+from gateway.sqlite import GroupCommit, open_db
 
 # A reset further away than this is "hours away": the SDK should not retry.
 NO_RETRY_AFTER_SECONDS = 120
@@ -185,21 +186,6 @@ CREATE TABLE IF NOT EXISTS blocks (user TEXT PRIMARY KEY, since REAL NOT NULL);
 """
 
 
-def open_db(path: str | Path, cache_kib: int = 1024) -> sqlite3.Connection:
-    """A WAL-mode SQLite connection used from the event-loop thread only.
-
-    ``cache_kib`` caps its page cache: the defaults (2 MB per connection, three
-    connections) were most of the gateway's memory growth on a small edge box.
-    """
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=5000")
-    db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
-    return db
-
-
 class SqliteQuota:
     """Quotas for a single gateway process: ledger in SQLite, in-flight state in memory.
 
@@ -212,6 +198,7 @@ class SqliteQuota:
     def __init__(self, path: str | Path) -> None:
         self._db = open_db(path)
         self._db.executescript(_SCHEMA)
+        self._writes = GroupCommit(self._db)
         self._reserved: dict[str, int] = defaultdict(int)
         self._reserved_cost: dict[str, float] = defaultdict(float)
         self._window: dict[str, deque[float]] = defaultdict(deque)
@@ -346,37 +333,48 @@ class SqliteQuota:
             self._reserved[r.user] -= r.images
             self._reserved_cost[r.user] -= r.cost
 
-    def _add(self, user: str, *, images: int = 0, spend: float = 0.0, requests: int = 0,
-             cache_hits: int = 0) -> None:
-        """Add to today's and this month's ledger rows in one transaction."""
+    async def _add(self, user: str, *, images: int = 0, spend: float = 0.0,
+                   requests: int = 0, cache_hits: int = 0,
+                   settle: Reservation | None = None) -> None:
+        """Add to today's and this month's ledger rows (one transaction, shared with the
+        other requests of this loop turn); then release ``settle``, at the same moment
+        the in-memory rows take the addition, so the images are never counted twice."""
         now = time.time()
         periods = (day_bounds(now)[0], month_bounds(now)[0])
-        rows = [self._ledger(user, period) for period in periods]
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+
+        def write(db: sqlite3.Connection) -> None:
             for period in periods:
-                self._db.execute(
+                db.execute(
                     "INSERT INTO ledger (user, period, images, spend, requests, cache_hits) "
                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(user, period) DO UPDATE SET "
                     "images = images + excluded.images, spend = spend + excluded.spend, "
                     "requests = requests + excluded.requests, "
                     "cache_hits = cache_hits + excluded.cache_hits",
                     (user, period, images, spend, requests, cache_hits))
-        # Committed: now the in-memory rows follow.
-        for period, (i, r, h, sp) in zip(periods, rows, strict=True):
-            self._rows[(user, period)] = (i + images, r + requests, h + cache_hits, sp + spend)
+
+        def committed() -> None:
+            for period in periods:  # rows not in memory are read from the file later
+                row = self._rows.get((user, period))
+                if row is not None:
+                    i, r, h, sp = row
+                    self._rows[(user, period)] = (i + images, r + requests,
+                                                  h + cache_hits, sp + spend)
+            if settle is not None:
+                self._release(settle)
+
+        await self._writes.run(write, committed)
 
     async def commit(self, reservation: Reservation, images: int, cost: float) -> None:
         if reservation.settled:
             return
-        self._add(reservation.user, images=images, spend=cost)
-        self._release(reservation)
+        await self._add(reservation.user, images=images, spend=cost, settle=reservation)
 
     async def refund(self, reservation: Reservation) -> None:
         self._release(reservation)
 
     async def count_request(self, principal: Principal, cache_hit: bool) -> None:
-        self._add(principal.name, requests=1, cache_hits=int(cache_hit))
+        await self._add(principal.name, requests=1, cache_hits=int(cache_hit))
 
     async def close(self) -> None:
+        self._writes.flush()
         self._db.close()

@@ -117,8 +117,8 @@ async def test_retention_days(instrumented: Start, monkeypatch: pytest.MonkeyPat
     client, _ = await instrumented(audit={"retention_days": 30})
     audit = client.app[AUDIT]
     now = time.time()
-    audit.write(AuditRecord("req_old", now - 31 * 86400, "/v1/usage", status=200))
-    audit.write(AuditRecord("req_recent", now - 29 * 86400, "/v1/usage", status=200))
+    await audit.write(AuditRecord("req_old", now - 31 * 86400, "/v1/usage", status=200))
+    await audit.write(AuditRecord("req_recent", now - 29 * 86400, "/v1/usage", status=200))
     restarted, _ = await instrumented(audit={"retention_days": 30})
     ids = {r["request_id"] for r in restarted.app[AUDIT].query(limit=100)}
     assert "req_old" not in ids and "req_recent" in ids

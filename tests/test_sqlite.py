@@ -1,0 +1,67 @@
+"""Group commit: one transaction per loop turn, each caller waits for its own commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.sqlite import GroupCommit, open_db
+
+
+def _db(tmp_path: Path) -> tuple[sqlite3.Connection, list[str]]:
+    db = open_db(tmp_path / "t.sqlite3")
+    db.execute("CREATE TABLE t (v INTEGER UNIQUE)")
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    return db, statements
+
+
+def _rows(path: Path) -> list[int]:
+    with sqlite3.connect(path) as other:  # another connection sees only what committed
+        return sorted(v for (v,) in other.execute("SELECT v FROM t"))
+
+
+async def test_writes_of_one_loop_turn_share_one_commit(tmp_path: Path) -> None:
+    db, statements = _db(tmp_path)
+    writes = GroupCommit(db)
+
+    async def insert(v: int) -> None:
+        await writes.run(lambda d: d.execute("INSERT INTO t VALUES (?)", (v,)))
+        assert v in _rows(tmp_path / "t.sqlite3")  # committed before the caller goes on
+
+    await asyncio.gather(*(insert(v) for v in range(20)))
+    assert statements.count("COMMIT") == 1
+    assert _rows(tmp_path / "t.sqlite3") == list(range(20))
+
+
+async def test_a_failing_write_fails_only_its_caller(tmp_path: Path) -> None:
+    db, _ = _db(tmp_path)
+    writes = GroupCommit(db)
+    committed: list[int] = []
+
+    def insert(v: int) -> asyncio.Future[None]:
+        return writes.submit(lambda d: d.execute("INSERT INTO t VALUES (?)", (v,)),
+                             lambda: committed.append(v))
+
+    results = await asyncio.gather(insert(1), insert(2), insert(1), insert(3),
+                                   return_exceptions=True)
+    assert [type(r) for r in results] == [type(None), type(None), sqlite3.IntegrityError,
+                                          type(None)]
+    assert committed == [1, 2, 3]
+    assert _rows(tmp_path / "t.sqlite3") == [1, 2, 3]
+
+
+async def test_a_cancelled_caller_still_has_its_write_committed(tmp_path: Path) -> None:
+    db, _ = _db(tmp_path)
+    writes = GroupCommit(db)
+    task = asyncio.create_task(
+        writes.run(lambda d: d.execute("INSERT INTO t VALUES (7)")))
+    await asyncio.sleep(0)  # the task has queued its write
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await writes.run(lambda d: d.execute("INSERT INTO t VALUES (8)"))
+    assert _rows(tmp_path / "t.sqlite3") == [7, 8]
