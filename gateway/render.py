@@ -7,8 +7,8 @@ cost, so both are remembered:
 - a URL minted for an image is handed out again for a short while, at most 1/60 of the
   URL lifetime (and at most 60 s), so it is still valid for at least 59/60 of
   ``images.url_ttl_seconds`` when a client receives it;
-- the base64 text of cached images is kept in a byte-bounded LRU
-  (``cache.memory_bytes``). Images of a ``no-store`` request are never kept.
+- the ``{"b64_json": ...}`` elements of cached images are kept ready-made in a
+  byte-bounded LRU (``cache.memory_bytes``). Images of a ``no-store`` request are never kept.
 
 :meth:`Renderer.from_memory` answers without touching the disk (on the event loop);
 :meth:`Renderer.render` does the file work and runs in an executor thread.
@@ -41,8 +41,11 @@ class Renderer:
         self._url_reuse = min(URL_REUSE_MAX_SECONDS, store.ttl / 60)
 
     def from_memory(self, items: list[Item], response_format: str, base: str
-                    ) -> bytes | None:
-        """The data array if every item is memoised, else None (then call :meth:`render`)."""
+                    ) -> list[bytes] | None:
+        """The data array if every item is memoised, else None (then call :meth:`render`).
+
+        Arrays are returned as parts for one final join: a b64_json body is copied once.
+        """
         if response_format == "b64_json":
             with self._lock:
                 encoded = [self._b64.get(item.sha256) for item in items]
@@ -62,7 +65,7 @@ class Renderer:
                 urls.append(found[0])
         return _url_array(urls)
 
-    def render(self, items: list[Item], response_format: str, base: str) -> bytes:
+    def render(self, items: list[Item], response_format: str, base: str) -> list[bytes]:
         """The data array, reading and storing files as needed (blocking: an executor)."""
         if response_format == "b64_json":
             return _b64_array([self._encode(item) for item in items])
@@ -88,7 +91,7 @@ class Renderer:
             found = self._b64.get(item.sha256)
         if found is not None:
             return found
-        encoded = base64.b64encode(item.read())
+        encoded = b'{"b64_json":"' + base64.b64encode(item.read()) + b'"}'
         # Only cached images (they have a file) are kept: never a no-store request's.
         if item.path is not None and len(encoded) <= self.memory_bytes:
             with self._lock:
@@ -101,15 +104,19 @@ class Renderer:
         return encoded
 
     def memory_used(self) -> int:
-        """Bytes of base64 text held (for tests and the cache gauges)."""
+        """Bytes of base64 array elements held (for tests)."""
         with self._lock:
             return self._b64_bytes
 
 
-def _b64_array(encoded: list[bytes]) -> bytes:
-    # Base64 needs no JSON escaping: large bodies are joined instead of json.dumps'd.
-    return b"[" + b",".join(b'{"b64_json":"' + e + b'"}' for e in encoded) + b"]"
+def _b64_array(elements: list[bytes]) -> list[bytes]:
+    # Base64 needs no JSON escaping: elements are kept ready-made, never json.dumps'd.
+    parts = [b"["]
+    for i, element in enumerate(elements):
+        parts += (b"," if i else b"", element)
+    parts.append(b"]")
+    return parts
 
 
-def _url_array(urls: list[str]) -> bytes:
-    return json.dumps([{"url": u} for u in urls]).encode()
+def _url_array(urls: list[str]) -> list[bytes]:
+    return [json.dumps([{"url": u} for u in urls]).encode()]

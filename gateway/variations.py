@@ -155,7 +155,7 @@ async def create_variation(request: web.Request) -> web.Response:
 
     # Answer.
     headers = {"X-Cache": result.status, **image_headers(tightest(statuses))}
-    body = b'{"created":%d,"data":%s}' % (int(time.time()), data)
+    body = b"".join([b'{"created":%d,"data":' % int(time.time()), *data, b"}"])
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 

@@ -34,9 +34,9 @@ def test_url_is_minted_once_then_reused_within_the_window(tmp_path: Path, store:
     renderer = Renderer(store, memory_bytes=1024)
     item = cached_item(tmp_path, b"png-a")
     assert renderer.from_memory([item], "url", "http://h") is None  # nothing minted yet
-    first = json.loads(renderer.render([item], "url", "http://h"))
+    first = json.loads(b"".join(renderer.render([item], "url", "http://h")))
     again = renderer.from_memory([item], "url", "http://h")
-    assert again is not None and json.loads(again) == first
+    assert again is not None and json.loads(b"".join(again)) == first
     assert renderer.from_memory([item], "url", "http://other") is None  # per base URL
     # Past the reuse window (60 s for a one-hour lifetime) a new URL is minted.
     import gateway.render as render
@@ -58,13 +58,13 @@ def test_reused_url_keeps_most_of_its_lifetime(tmp_path: Path) -> None:
 def test_b64_is_memoised_for_cached_items_within_the_byte_budget(tmp_path: Path,
                                                                  store: ImageStore) -> None:
     a, b = cached_item(tmp_path, b"a" * 300), cached_item(tmp_path, b"b" * 300)
-    renderer = Renderer(store, memory_bytes=500)  # room for one 400-byte encoding
+    renderer = Renderer(store, memory_bytes=500)  # room for one element of ~415 bytes
     assert renderer.from_memory([a], "b64_json", "") is None
-    body = json.loads(renderer.render([a], "b64_json", ""))
+    body = json.loads(b"".join(renderer.render([a], "b64_json", "")))
     assert base64.b64decode(body[0]["b64_json"]) == b"a" * 300
-    assert json.loads(renderer.from_memory([a], "b64_json", "") or b"null") == body
+    assert json.loads(b"".join(renderer.from_memory([a], "b64_json", "") or [])) == body
     renderer.render([b], "b64_json", "")
-    assert renderer.memory_used() == 400
+    assert renderer.memory_used() == 400 + len(b'{"b64_json":""}')
     assert renderer.from_memory([a], "b64_json", "") is None  # evicted, least recent
     assert renderer.from_memory([b], "b64_json", "") is not None
 
