@@ -59,7 +59,7 @@ def base_url(request: web.Request, configured: str | None) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-async def create_variation(request: web.Request) -> web.Response:
+async def create_variation(request: web.Request) -> web.StreamResponse:
     app = request.app
     config, router, quota, metrics = app[CONFIG], app[ROUTER], app[QUOTA], app[METRICS]
     record = request[AUDIT_RECORD]
@@ -80,7 +80,7 @@ async def create_variation(request: web.Request) -> web.Response:
     record.end_user, record.upload_bytes = form.user, len(form.image)
     metrics.upload_bytes.observe(len(form.image))
     # Hashed first, so refused requests are audited with their image too.
-    record.image_sha256 = hashlib.sha256(form.image).hexdigest()
+    record.image_sha256 = app[PIXEL_HASHES].sha256(form.image)
     # A re-sent upload (the usual cache hit) was inspected and decoded before.
     known = app[PIXEL_HASHES].get(record.image_sha256)
     info = known.info if known is not None else png.inspect(form.image)
@@ -99,7 +99,7 @@ async def create_variation(request: web.Request) -> web.Response:
                 decoded = await loop.run_in_executor(None, png.decode, form.image, info,
                                                      record.image_sha256)
                 known = png.Known(info, decoded.pixels_sha256)
-                app[PIXEL_HASHES].put(record.image_sha256, known)
+                app[PIXEL_HASHES].put(record.image_sha256, known, form.image)
                 make_source = decoded.to_source
             pixels_sha256 = known.pixels_sha256
             key = cache_key(pixels_sha256, form.size, form.model, router.identity(form.model))
@@ -155,8 +155,38 @@ async def create_variation(request: web.Request) -> web.Response:
 
     # Answer.
     headers = {"X-Cache": result.status, **image_headers(tightest(statuses))}
-    body = b"".join([b'{"created":%d,"data":' % int(time.time()), *data, b"}"])
-    return web.Response(body=body, content_type="application/json", headers=headers)
+    parts = [b'{"created":%d,"data":' % int(time.time()), *data, b"}"]
+    if sum(len(p) for p in parts) < PartsResponse.JOIN_BELOW:
+        return web.Response(body=b"".join(parts), content_type="application/json",
+                            headers=headers)
+    return PartsResponse(parts, headers)
+
+
+class PartsResponse(web.StreamResponse):
+    """A JSON body sent part by part: a large ``b64_json`` element goes to the socket as
+    the memoised bytes object itself, never copied into a joined body (and then again
+    into aiohttp's headers-plus-body write) first. Small bodies are joined: one send."""
+
+    JOIN_BELOW = 64 * 1024
+
+    def __init__(self, parts: list[bytes], headers: dict[str, str]) -> None:
+        super().__init__(headers=headers)
+        self.content_type = "application/json"
+        self.content_length = sum(len(p) for p in parts)
+        self._parts = parts
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        parts, self._parts = self._parts, []
+        small: list[bytes] = []
+        for part in parts:
+            if len(part) < self.JOIN_BELOW:
+                small.append(part)
+                continue
+            if small:
+                await self.write(b"".join(small))
+                small = []
+            await self.write(part)
+        await super().write_eof(b"".join([*small, data]))
 
 
 def _observe_budget(metrics: Metrics, user_label: str, statuses: list[LimitStatus]) -> None:

@@ -79,3 +79,19 @@ def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(buf, "JPEG")
     return buf.getvalue()
+
+
+def test_kept_uploads_skip_sha256_but_never_trust_the_crc_alone(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    hashes = png.PixelHashes(keep_bytes=1000)
+    a, b = b"a" * 400, b"b" * 400
+    known = png.Known(png.PngInfo(1, 1, 8, 2, False, False), "pixels")
+    hashes.put("stored-sha-of-a", known, a)  # a stand-in, so a memo answer shows
+    assert hashes.sha256(a) == "stored-sha-of-a"
+    monkeypatch.setattr(png.zlib, "crc32", lambda data: 7)  # every CRC collides now
+    assert hashes.sha256(b) == hashlib.sha256(b).hexdigest()
+    hashes.put("sha-b", known, b)
+    hashes.put("sha-c", known, b"c" * 700)  # over the 1000-byte budget: oldest go
+    assert hashes.sha256(b"c" * 700) == "sha-c"
+    assert hashes.sha256(a) == hashlib.sha256(a).hexdigest()
