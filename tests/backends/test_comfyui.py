@@ -77,6 +77,8 @@ async def test_abandoned_prompt_is_removed_from_the_queue(gateway_client: Any) -
         assert answer.status == 504
         [prompt_id] = fake.prompts
         await poll(lambda: prompt_id in fake.deleted, "the prompt deleted from the queue")
+        # The interrupt follows the delete: wait for it too, then check what it named.
+        await poll(lambda: bool(fake.calls("/interrupt")), "the run interrupted")
         assert fake.calls("/interrupt")[0].json == {"prompt_id": prompt_id}
     finally:
         await server.close()
