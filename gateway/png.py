@@ -199,8 +199,8 @@ class PixelHashes:
     re-sending a layer (the common case for a cache hit) costs a hash of the bytes, not
     a chunk walk and a decode. Only uploads that passed both are remembered.
 
-    Small uploads' bytes are kept too (``keep_bytes`` in all), so their SHA-256 is
-    found by a CRC-32 and an exact comparison: ~15 us for a 78 KB layer against ~45 us
+    Small re-sent uploads' bytes are kept too (``keep_bytes`` in all), so their SHA-256
+    is found by a CRC-32 and an exact comparison: ~15 us for a 78 KB layer against ~45 us
     for SHA-256, the largest single cost of a cache hit.
     """
 
@@ -214,12 +214,31 @@ class PixelHashes:
         self._kept_total = 0
 
     def sha256(self, data: bytes) -> str:
-        """The hex SHA-256 of ``data``, without hashing it when these bytes are kept."""
-        if len(data) <= self.KEEP_UPLOADS_UP_TO:
-            found = self._kept.get((len(data), zlib.crc32(data)))
-            if found is not None and found[0] == data:  # equal bytes, not just the CRC
-                return found[1]
-        return hashlib.sha256(data).hexdigest()
+        """The hex SHA-256 of ``data``, without hashing it when these bytes are kept.
+
+        Bytes are kept from their second sighting on (decoded once, sent again), so
+        one-off uploads never take memory here.
+        """
+        if len(data) > min(self.KEEP_UPLOADS_UP_TO, self._keep_bytes):
+            return hashlib.sha256(data).hexdigest()
+        key = (len(data), zlib.crc32(data))
+        found = self._kept.get(key)
+        if found is not None and found[0] == data:  # equal bytes, not just the CRC
+            return found[1]
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in self._map:
+            self._keep(key, data, digest)
+        return digest
+
+    def _keep(self, key: tuple[int, int], data: bytes, digest: str) -> None:
+        old = self._kept.pop(key, None)
+        if old is not None:
+            self._kept_total -= len(old[0])
+        self._kept[key] = (data, digest)
+        self._kept_total += len(data)
+        while self._kept_total > self._keep_bytes:
+            _, (dropped, _) = self._kept.popitem(last=False)
+            self._kept_total -= len(dropped)
 
     def get(self, upload_sha256: str) -> Known | None:
         found = self._map.get(upload_sha256)
@@ -227,22 +246,11 @@ class PixelHashes:
             self._map.move_to_end(upload_sha256)
         return found
 
-    def put(self, upload_sha256: str, known: Known, data: bytes = b"") -> None:
-        """Remember ``known`` for an upload (and its bytes, if given and small)."""
+    def put(self, upload_sha256: str, known: Known) -> None:
         self._map[upload_sha256] = known
         self._map.move_to_end(upload_sha256)
         while len(self._map) > self._maxsize:
             self._map.popitem(last=False)
-        if data and len(data) <= min(self.KEEP_UPLOADS_UP_TO, self._keep_bytes):
-            key = (len(data), zlib.crc32(data))
-            old = self._kept.pop(key, None)
-            if old is not None:
-                self._kept_total -= len(old[0])
-            self._kept[key] = (data, upload_sha256)
-            self._kept_total += len(data)
-            while self._kept_total > self._keep_bytes:
-                _, (dropped, _) = self._kept.popitem(last=False)
-                self._kept_total -= len(dropped)
 
 
 def is_plain(info: PngInfo) -> bool:

@@ -8,7 +8,10 @@ cost, so both are remembered:
   URL lifetime (and at most 60 s), so it is still valid for at least 59/60 of
   ``images.url_ttl_seconds`` when a client receives it;
 - the ``{"b64_json": ...}`` elements of cached images are kept ready-made in a
-  byte-bounded LRU (``cache.memory_bytes``). Images of a ``no-store`` request are never kept.
+  byte-bounded LRU (``cache.memory_bytes``).
+
+Both are kept from an image's second use on (a hit), so one-off results never take
+memory; images of a ``no-store`` request are never kept.
 
 :meth:`Renderer.from_memory` answers without touching the disk (on the event loop);
 :meth:`Renderer.render` does the file work and runs in an executor thread.
@@ -78,7 +81,7 @@ class Renderer:
                 image_id = self.store.put(item.read())
             url = self.store.url(base, image_id, now)
             urls.append(url)
-            if item.path is not None:
+            if _reused(item):
                 with self._lock:
                     self._urls[(base, item.sha256)] = (url, now)
                     self._urls.move_to_end((base, item.sha256))
@@ -92,8 +95,9 @@ class Renderer:
         if found is not None:
             return found
         encoded = b'{"b64_json":"' + base64.b64encode(item.read()) + b'"}'
-        # Only cached images (they have a file) are kept: never a no-store request's.
-        if item.path is not None and len(encoded) <= self.memory_bytes:
+        # Kept from an image's second use on (read back from its cache file): one-off
+        # results and no-store images (no file) never take memory.
+        if _reused(item) and len(encoded) <= self.memory_bytes:
             with self._lock:
                 if item.sha256 not in self._b64:
                     self._b64[item.sha256] = encoded
@@ -107,6 +111,11 @@ class Renderer:
         """Bytes of base64 array elements held (for tests)."""
         with self._lock:
             return self._b64_bytes
+
+
+def _reused(item: Item) -> bool:
+    """Served from the cache's file (a hit), not fresh from a backend."""
+    return item.path is not None and item.data is None
 
 
 def _b64_array(elements: list[bytes]) -> list[bytes]:

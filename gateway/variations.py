@@ -99,7 +99,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
                 decoded = await loop.run_in_executor(None, png.decode, form.image, info,
                                                      record.image_sha256)
                 known = png.Known(info, decoded.pixels_sha256)
-                app[PIXEL_HASHES].put(record.image_sha256, known, form.image)
+                app[PIXEL_HASHES].put(record.image_sha256, known)
                 make_source = decoded.to_source
             pixels_sha256 = known.pixels_sha256
             key = cache_key(pixels_sha256, form.size, form.model, router.identity(form.model))

@@ -84,14 +84,26 @@ def _jpeg() -> bytes:
 def test_kept_uploads_skip_sha256_but_never_trust_the_crc_alone(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import hashlib
 
+    real = hashlib.sha256  # captured before it is patched below
+
+    def sha(data: bytes) -> str:
+        return real(data).hexdigest()
+
     hashes = png.PixelHashes(keep_bytes=1000)
-    a, b = b"a" * 400, b"b" * 400
     known = png.Known(png.PngInfo(1, 1, 8, 2, False, False), "pixels")
-    hashes.put("stored-sha-of-a", known, a)  # a stand-in, so a memo answer shows
-    assert hashes.sha256(a) == "stored-sha-of-a"
+    a, b, c = b"a" * 400, b"b" * 400, b"c" * 700
+    for data in (a, b, c):
+        hashes.put(sha(data), known)  # decoded once
+    calls: list[bytes] = []
+    monkeypatch.setattr(png.hashlib, "sha256", lambda d: calls.append(d) or real(d))
+    assert hashes.sha256(a) == sha(a) and calls == [a]  # second sighting: hashed, kept
+    assert hashes.sha256(a) == sha(a) and calls == [a]  # third: from memory
+    assert hashes.sha256(b"z" * 400) == sha(b"z" * 400)  # never decoded: not kept
+    assert hashes.sha256(b"z" * 400) == sha(b"z" * 400) and len(calls) == 3
     monkeypatch.setattr(png.zlib, "crc32", lambda data: 7)  # every CRC collides now
-    assert hashes.sha256(b) == hashlib.sha256(b).hexdigest()
-    hashes.put("sha-b", known, b)
-    hashes.put("sha-c", known, b"c" * 700)  # over the 1000-byte budget: oldest go
-    assert hashes.sha256(b"c" * 700) == "sha-c"
-    assert hashes.sha256(a) == hashlib.sha256(a).hexdigest()
+    assert hashes.sha256(b) == sha(b)  # same length and CRC as nothing kept under 7
+    assert hashes.sha256(b"y" * 400) == sha(b"y" * 400)  # collides with b: compared
+    hashes.sha256(c)  # kept; over the 1000-byte budget, the oldest go
+    calls.clear()
+    assert hashes.sha256(c) == sha(c) and calls == []
+    assert hashes.sha256(b) == sha(b) and calls == [b]

@@ -58,6 +58,10 @@ def test_reused_url_keeps_most_of_its_lifetime(tmp_path: Path) -> None:
 def test_b64_is_memoised_for_cached_items_within_the_byte_budget(tmp_path: Path,
                                                                  store: ImageStore) -> None:
     a, b = cached_item(tmp_path, b"a" * 300), cached_item(tmp_path, b"b" * 300)
+    fresh = Item(a.sha256, a.size, data=b"a" * 300, path=a.path)  # a miss: not kept
+    renderer_ = Renderer(store, memory_bytes=500)
+    renderer_.render([fresh], "b64_json", "")
+    assert renderer_.memory_used() == 0
     renderer = Renderer(store, memory_bytes=500)  # room for one element of ~415 bytes
     assert renderer.from_memory([a], "b64_json", "") is None
     body = json.loads(b"".join(renderer.render([a], "b64_json", "")))
