@@ -12,9 +12,9 @@ import hashlib
 import io
 import struct
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass
 
+from cachetools import LRUCache
 from PIL import Image
 
 from gateway.backends.base import SourceImage
@@ -207,11 +207,10 @@ class PixelHashes:
     KEEP_UPLOADS_UP_TO = 1024 * 1024
 
     def __init__(self, maxsize: int = 8192, keep_bytes: int = 16 * 1024 * 1024) -> None:
-        self._maxsize = maxsize
-        self._map: OrderedDict[str, Known] = OrderedDict()
+        self._map: LRUCache[str, Known] = LRUCache(maxsize)
         self._keep_bytes = keep_bytes
-        self._kept: OrderedDict[tuple[int, int], tuple[bytes, str]] = OrderedDict()
-        self._kept_total = 0
+        self._kept: LRUCache[tuple[int, int], tuple[bytes, str]] = LRUCache(
+            keep_bytes, getsizeof=lambda kept: len(kept[0]))
 
     def sha256(self, data: bytes) -> str:
         """The hex SHA-256 of ``data``, without hashing it when these bytes are kept.
@@ -227,30 +226,14 @@ class PixelHashes:
             return found[1]
         digest = hashlib.sha256(data).hexdigest()
         if digest in self._map:
-            self._keep(key, data, digest)
+            self._kept[key] = (data, digest)
         return digest
 
-    def _keep(self, key: tuple[int, int], data: bytes, digest: str) -> None:
-        old = self._kept.pop(key, None)
-        if old is not None:
-            self._kept_total -= len(old[0])
-        self._kept[key] = (data, digest)
-        self._kept_total += len(data)
-        while self._kept_total > self._keep_bytes:
-            _, (dropped, _) = self._kept.popitem(last=False)
-            self._kept_total -= len(dropped)
-
     def get(self, upload_sha256: str) -> Known | None:
-        found = self._map.get(upload_sha256)
-        if found is not None:
-            self._map.move_to_end(upload_sha256)
-        return found
+        return self._map.get(upload_sha256)
 
     def put(self, upload_sha256: str, known: Known) -> None:
         self._map[upload_sha256] = known
-        self._map.move_to_end(upload_sha256)
-        while len(self._map) > self._maxsize:
-            self._map.popitem(last=False)
 
 
 def is_plain(info: PngInfo) -> bool:

@@ -23,7 +23,8 @@ import base64
 import json
 import threading
 import time
-from collections import OrderedDict
+
+from cachetools import LRUCache
 
 from gateway.cache import Item
 from gateway.storage import ImageStore
@@ -38,9 +39,8 @@ class Renderer:
         self.memory_bytes = memory_bytes
         # Shared by the event loop and executor threads: every access holds the lock.
         self._lock = threading.Lock()
-        self._urls: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
-        self._b64: OrderedDict[str, bytes] = OrderedDict()
-        self._b64_bytes = 0
+        self._urls: LRUCache[tuple[str, str], tuple[str, float]] = LRUCache(URL_MEMO_ENTRIES)
+        self._b64: LRUCache[str, bytes] = LRUCache(memory_bytes, getsizeof=len)
         self._url_reuse = min(URL_REUSE_MAX_SECONDS, store.ttl / 60)
 
     def from_memory(self, items: list[Item], response_format: str, base: str
@@ -52,9 +52,6 @@ class Renderer:
         if response_format == "b64_json":
             with self._lock:
                 encoded = [self._b64.get(item.sha256) for item in items]
-                for item in items:
-                    if item.sha256 in self._b64:
-                        self._b64.move_to_end(item.sha256)
             if any(e is None for e in encoded):
                 return None
             return _b64_array(encoded)  # type: ignore[arg-type]
@@ -84,9 +81,6 @@ class Renderer:
             if _reused(item):
                 with self._lock:
                     self._urls[(base, item.sha256)] = (url, now)
-                    self._urls.move_to_end((base, item.sha256))
-                    while len(self._urls) > URL_MEMO_ENTRIES:
-                        self._urls.popitem(last=False)
         return _url_array(urls)
 
     def _encode(self, item: Item) -> bytes:
@@ -99,18 +93,13 @@ class Renderer:
         # results and no-store images (no file) never take memory.
         if _reused(item) and len(encoded) <= self.memory_bytes:
             with self._lock:
-                if item.sha256 not in self._b64:
-                    self._b64[item.sha256] = encoded
-                    self._b64_bytes += len(encoded)
-                while self._b64_bytes > self.memory_bytes:
-                    _, dropped = self._b64.popitem(last=False)
-                    self._b64_bytes -= len(dropped)
+                self._b64[item.sha256] = encoded
         return encoded
 
     def memory_used(self) -> int:
         """Bytes of base64 array elements held (for tests)."""
         with self._lock:
-            return self._b64_bytes
+            return int(self._b64.currsize)
 
 
 def _reused(item: Item) -> bool:
