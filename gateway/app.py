@@ -29,6 +29,7 @@ from gateway.config import Config
 from gateway.errors import ApiError
 from gateway.keys import (
     ABUSE,
+    ANSWER_WAITS_FOR,
     AUDIT,
     AUDIT_RECORD,
     AUTH,
@@ -83,6 +84,7 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
     record = AuditRecord(request_id, time.time(), request.path[:200], client=request.remote)
     request[AUDIT_RECORD] = record
     request[BACKEND_SECONDS] = 0.0
+    request[ANSWER_WAITS_FOR] = []
     error: ApiError | None = None
     metrics.in_flight.inc()
     try:
@@ -109,10 +111,17 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
     if error is not None:
         record.error_code = error.code
     audited = _finish(request, record, started, error, response.content_length)
+    writes = request[ANSWER_WAITS_FOR]
     if audited is not None:
-        # Failures were counted and logged by _audit_done; the answer still goes out.
-        with contextlib.suppress(Exception):
-            await asyncio.shield(audited)
+        writes.append(audited)
+    if writes:
+        # Every answer waits for the commits of what it reports (one loop turn for all).
+        # A failed write is logged (the audit's by _audit_done); the answer still goes out.
+        results = await asyncio.shield(asyncio.gather(*writes, return_exceptions=True))
+        for result in results[:len(writes) - (audited is not None)]:
+            if isinstance(result, Exception):
+                log.error("ledger_write_failed", request_id=request_id,
+                          error=type(result).__name__)
     return response
 
 

@@ -32,6 +32,8 @@ USER_KEY = web.AppKey("user_hash_key", bytes)
 # Per request.
 AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
 BACKEND_SECONDS = web.RequestKey("backend_seconds", float)
+# Writes the answer must wait for (the request's ledger row): awaited with its audit record.
+ANSWER_WAITS_FOR = web.RequestKey("answer_waits_for", list)
 
 
 def audit_record(request: web.Request) -> AuditRecord:

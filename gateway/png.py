@@ -200,16 +200,19 @@ class PixelHashes:
     a chunk walk and a decode. Only uploads that passed both are remembered.
 
     Small re-sent uploads' bytes are kept too (``keep_bytes`` in all), so their SHA-256
-    is found by a CRC-32 and an exact comparison: ~15 us for a 78 KB layer against ~45 us
-    for SHA-256, the largest single cost of a cache hit.
+    is found by an exact comparison instead: ~2 us for a 78 KB layer against ~40 us for
+    SHA-256 (and ~11 us for a CRC-32), once the largest single cost of a cache hit. The
+    lookup key is the length and the last :data:`TAIL` bytes, which end with the last
+    pixel chunk's CRC in a PNG; keys that collide only cost a hash, never a wrong answer.
     """
 
     KEEP_UPLOADS_UP_TO = 1024 * 1024
+    TAIL = 64
 
     def __init__(self, maxsize: int = 8192, keep_bytes: int = 16 * 1024 * 1024) -> None:
         self._map: LRUCache[str, Known] = LRUCache(maxsize)
         self._keep_bytes = keep_bytes
-        self._kept: LRUCache[tuple[int, int], tuple[bytes, str]] = LRUCache(
+        self._kept: LRUCache[tuple[int, bytes], tuple[bytes, str]] = LRUCache(
             keep_bytes, getsizeof=lambda kept: len(kept[0]))
 
     def sha256(self, data: bytes) -> str:
@@ -220,9 +223,9 @@ class PixelHashes:
         """
         if len(data) > min(self.KEEP_UPLOADS_UP_TO, self._keep_bytes):
             return hashlib.sha256(data).hexdigest()
-        key = (len(data), zlib.crc32(data))
+        key = (len(data), data[-self.TAIL:])
         found = self._kept.get(key)
-        if found is not None and found[0] == data:  # equal bytes, not just the CRC
+        if found is not None and found[0] == data:  # equal bytes, not just the key
             return found[1]
         digest = hashlib.sha256(data).hexdigest()
         if digest in self._map:

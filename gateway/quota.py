@@ -13,13 +13,14 @@ commit is one SQLite transaction (WAL), durable before the client sees its 200.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import sqlite3
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -156,7 +157,10 @@ class QuotaStore(Protocol):
 
     async def refund(self, reservation: Reservation) -> None: ...
 
-    async def count_request(self, principal: Principal, cache_hit: bool) -> None: ...
+    def count_request(self, principal: Principal, cache_hit: bool) -> Awaitable[None]:
+        """Count one answered request (a cache hit or not). Returns at once: await the
+        result before answering, after whatever else the answer waits for."""
+        ...
 
     async def usage(self, principal: Principal) -> list[LimitStatus]: ...
 
@@ -186,6 +190,16 @@ CREATE TABLE IF NOT EXISTS blocks (user TEXT PRIMARY KEY, since REAL NOT NULL);
 """
 
 
+@dataclass
+class _LedgerBatch:
+    """The ledger additions of one loop turn: deltas per (user, period), and the
+    reservations they settle."""
+
+    deltas: dict[tuple[str, str], tuple[int, int, int, float]] = field(default_factory=dict)
+    settles: list[Reservation] = field(default_factory=list)
+    done: asyncio.Future[None] = field(init=False)
+
+
 class SqliteQuota:
     """Quotas for a single gateway process: ledger in SQLite, in-flight state in memory.
 
@@ -204,6 +218,7 @@ class SqliteQuota:
         self._window: dict[str, deque[float]] = defaultdict(deque)
         self._inflight: dict[str, int] = defaultdict(int)
         self._rows: dict[tuple[str, str], tuple[int, int, int, float]] = {}
+        self._batch: _LedgerBatch | None = None
         self._blocked = {user for (user,) in self._db.execute("SELECT user FROM blocks")}
 
     # ---- reads
@@ -333,47 +348,58 @@ class SqliteQuota:
             self._reserved[r.user] -= r.images
             self._reserved_cost[r.user] -= r.cost
 
-    async def _add(self, user: str, *, images: int = 0, spend: float = 0.0,
-                   requests: int = 0, cache_hits: int = 0,
-                   settle: Reservation | None = None) -> None:
-        """Add to today's and this month's ledger rows (one transaction, shared with the
-        other requests of this loop turn); then release ``settle``, at the same moment
-        the in-memory rows take the addition, so the images are never counted twice."""
-        now = time.time()
-        periods = (day_bounds(now)[0], month_bounds(now)[0])
+    def _add(self, user: str, *, images: int = 0, spend: float = 0.0, requests: int = 0,
+             cache_hits: int = 0, settle: Reservation | None = None) -> asyncio.Future[None]:
+        """Add to today's and this month's ledger rows; resolves once committed.
 
-        def write(db: sqlite3.Connection) -> None:
-            for period in periods:
-                db.execute(
-                    "INSERT INTO ledger (user, period, images, spend, requests, cache_hits) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(user, period) DO UPDATE SET "
-                    "images = images + excluded.images, spend = spend + excluded.spend, "
-                    "requests = requests + excluded.requests, "
-                    "cache_hits = cache_hits + excluded.cache_hits",
-                    (user, period, images, spend, requests, cache_hits))
+        Everything added during one loop turn is summed per row into one
+        :class:`_LedgerBatch`, written in the transaction this turn's writes share: 16
+        cache hits of one member are two upserts, not 32. ``settle`` is released when
+        the in-memory rows take the addition, so its images are never counted twice.
+        """
+        batch = self._batch
+        if batch is None or batch.done.done():  # its commit (or failure) is over: a new one
+            batch = self._batch = _LedgerBatch()
+            batch.done = self._writes.submit(functools.partial(self._write_batch, batch),
+                                             functools.partial(self._apply_batch, batch))
+        day, _, month, _ = _periods(int(time.time() // 86400))
+        for period in (day, month):
+            i, r, h, sp = batch.deltas.get((user, period), (0, 0, 0, 0.0))
+            batch.deltas[(user, period)] = (i + images, r + requests, h + cache_hits,
+                                            sp + spend)
+        if settle is not None:
+            batch.settles.append(settle)
+        return batch.done
 
-        def committed() -> None:
-            for period in periods:  # rows not in memory are read from the file later
-                row = self._rows.get((user, period))
-                if row is not None:
-                    i, r, h, sp = row
-                    self._rows[(user, period)] = (i + images, r + requests,
-                                                  h + cache_hits, sp + spend)
-            if settle is not None:
-                self._release(settle)
+    def _write_batch(self, batch: _LedgerBatch, db: sqlite3.Connection) -> None:
+        db.executemany(
+            "INSERT INTO ledger (user, period, images, requests, cache_hits, spend) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(user, period) DO UPDATE SET "
+            "images = images + excluded.images, spend = spend + excluded.spend, "
+            "requests = requests + excluded.requests, "
+            "cache_hits = cache_hits + excluded.cache_hits",
+            [(*key, *delta) for key, delta in batch.deltas.items()])
 
-        await self._writes.run(write, committed)
+    def _apply_batch(self, batch: _LedgerBatch) -> None:
+        for key, (images, requests, hits, spend) in batch.deltas.items():
+            row = self._rows.get(key)  # rows not in memory are read from the file later
+            if row is not None:
+                self._rows[key] = (row[0] + images, row[1] + requests, row[2] + hits,
+                                   row[3] + spend)
+        for reservation in batch.settles:
+            self._release(reservation)
 
     async def commit(self, reservation: Reservation, images: int, cost: float) -> None:
         if reservation.settled:
             return
-        await self._add(reservation.user, images=images, spend=cost, settle=reservation)
+        await asyncio.shield(self._add(reservation.user, images=images, spend=cost,
+                                       settle=reservation))
 
     async def refund(self, reservation: Reservation) -> None:
         self._release(reservation)
 
-    async def count_request(self, principal: Principal, cache_hit: bool) -> None:
-        await self._add(principal.name, requests=1, cache_hits=int(cache_hit))
+    def count_request(self, principal: Principal, cache_hit: bool) -> Awaitable[None]:
+        return self._add(principal.name, requests=1, cache_hits=int(cache_hit))
 
     async def close(self) -> None:
         self._writes.flush()

@@ -446,7 +446,10 @@ class RedisQuota(_Guarded):
         await self._release(lambda: self._refund(keys=[k.held, k.leases, k.leasev],
                                                  args=[rid]))
 
-    async def count_request(self, principal: Principal, cache_hit: bool) -> None:
+    def count_request(self, principal: Principal, cache_hit: bool) -> Awaitable[None]:
+        return asyncio.ensure_future(self._count_request(principal, cache_hit))
+
+    async def _count_request(self, principal: Principal, cache_hit: bool) -> None:
         k = _UserKeys(principal.name, time.time())
         pipe = self.r.pipeline(transaction=False)
         for key, ttl in ((k.day, DAY_KEY_TTL), (k.month, MONTH_KEY_TTL)):

@@ -21,6 +21,7 @@ from gateway.backends.base import VariationRequest
 from gateway.cache import CacheResult, cache_key, policy_from_header
 from gateway.errors import ApiError
 from gateway.keys import (
+    ANSWER_WAITS_FOR,
     AUDIT_RECORD,
     AUTH,
     BACKEND_SECONDS,
@@ -136,7 +137,9 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             if reservation is not None:
                 await quota.refund(reservation)
             raise
-        await quota.count_request(principal, cache_hit=result.generated == 0)
+        # Committed together with the audit record: the answer waits for both.
+        request[ANSWER_WAITS_FOR].append(
+            quota.count_request(principal, cache_hit=result.generated == 0))
         statuses = await quota.usage(principal)
 
     record.cache = result.status

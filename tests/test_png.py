@@ -81,7 +81,7 @@ def _jpeg() -> bytes:
     return buf.getvalue()
 
 
-def test_kept_uploads_skip_sha256_but_never_trust_the_crc_alone(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_kept_uploads_skip_sha256_but_never_trust_the_lookup_key_alone(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import hashlib
 
     real = hashlib.sha256  # captured before it is patched below
@@ -89,9 +89,10 @@ def test_kept_uploads_skip_sha256_but_never_trust_the_crc_alone(monkeypatch) -> 
     def sha(data: bytes) -> str:
         return real(data).hexdigest()
 
+    tail = b"t" * png.PixelHashes.TAIL  # same length and tail: the same lookup key
     hashes = png.PixelHashes(keep_bytes=1000)
     known = png.Known(png.PngInfo(1, 1, 8, 2, False, False), "pixels")
-    a, b, c = b"a" * 400, b"b" * 400, b"c" * 700
+    a, b, c = b"a" * 400, b"b" * 336 + tail, b"c" * 700
     for data in (a, b, c):
         hashes.put(sha(data), known)  # decoded once
     calls: list[bytes] = []
@@ -100,9 +101,9 @@ def test_kept_uploads_skip_sha256_but_never_trust_the_crc_alone(monkeypatch) -> 
     assert hashes.sha256(a) == sha(a) and calls == [a]  # third: from memory
     assert hashes.sha256(b"z" * 400) == sha(b"z" * 400)  # never decoded: not kept
     assert hashes.sha256(b"z" * 400) == sha(b"z" * 400) and len(calls) == 3
-    monkeypatch.setattr(png.zlib, "crc32", lambda data: 7)  # every CRC collides now
-    assert hashes.sha256(b) == sha(b)  # same length and CRC as nothing kept under 7
-    assert hashes.sha256(b"y" * 400) == sha(b"y" * 400)  # collides with b: compared
+    assert hashes.sha256(b) == sha(b)  # kept now
+    y = b"y" * 336 + tail
+    assert hashes.sha256(y) == sha(y) and calls[-1] == y  # b's key, other bytes: hashed
     hashes.sha256(c)  # kept; over the 1000-byte budget, the oldest go
     calls.clear()
     assert hashes.sha256(c) == sha(c) and calls == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -273,3 +274,55 @@ async def test_usage_lists_every_limit(instrumented: Start) -> None:
     assert limits["max_concurrent"]["used"] == 0  # this usage call is not a variation
     bob = await usage(client, "bob")
     assert bob["limits"]["images_per_day"]["used"] == 0
+
+
+async def test_ledger_additions_of_one_loop_turn_share_one_upsert_per_row(tmp_path: Any
+                                                                          ) -> None:
+    """16 answered requests in one turn are two upserts per member, and exact."""
+    from gateway.auth import Principal
+    from gateway.config import QuotaLimits
+    from gateway.quota import SqliteQuota
+
+    quota = SqliteQuota(tmp_path / "quota.sqlite3")
+    alice, bob = (Principal(name, QuotaLimits(), True) for name in ("alice", "bob"))
+    statements: list[str] = []
+    quota._db.set_trace_callback(statements.append)
+    reservation = await quota.reserve(alice, 3, 0.054, "512x512")
+    writes: list[Any] = [asyncio.ensure_future(quota.commit(reservation, 3, 0.054))]
+    writes += [quota.count_request(alice, cache_hit=i % 2 == 0) for i in range(16)]
+    writes.append(quota.count_request(bob, cache_hit=False))
+    await asyncio.gather(*writes)
+    assert sum(s.startswith("INSERT INTO ledger") for s in statements) == 4  # 2 users x 2
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    usage = await quota.all_usage()
+    assert usage["alice"] == {"images_today": 3, "images_this_month": 3,
+                              "requests_today": 16, "cache_hits_today": 8,
+                              "spend_usd_this_month": 0.054}
+    assert usage["bob"]["requests_today"] == 1
+    used = {s.name: s.used for s in await quota.usage(alice)}
+    assert used["images_per_day"] == 3  # committed once: not also still reserved
+    await quota.close()
+
+
+async def test_a_failed_ledger_batch_fails_its_callers_and_changes_nothing(tmp_path: Any
+                                                                           ) -> None:
+    from gateway.auth import Principal
+    from gateway.config import QuotaLimits
+    from gateway.quota import SqliteQuota
+
+    quota = SqliteQuota(tmp_path / "quota.sqlite3")
+    alice = Principal("alice", QuotaLimits(), True)
+    assert {s.name: s.used for s in await quota.usage(alice)}["images_per_day"] == 0
+    reservation = await quota.reserve(alice, 2, 0.036, "512x512")
+    quota._db.execute("PRAGMA query_only=ON")  # every write fails from here
+    results = await asyncio.gather(asyncio.ensure_future(quota.commit(reservation, 2, 0.036)),
+                                   quota.count_request(alice, cache_hit=False),
+                                   return_exceptions=True)
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+    assert not reservation.settled  # the handler refunds it
+    await quota.refund(reservation)
+    assert {s.name: s.used for s in await quota.usage(alice)}["images_per_day"] == 0
+    quota._db.execute("PRAGMA query_only=OFF")
+    await quota.count_request(alice, cache_hit=True)  # the next turn's batch is new
+    assert (await quota.all_usage())["alice"]["requests_today"] == 1
+    await quota.close()

@@ -52,7 +52,7 @@ CHART = HERE / "latency-vs-concurrency.png"
 CONCURRENCY = (1, 16, 64)
 WRK_SECONDS = 3
 REPEATS = 3
-BOUNDARY = "benchboundary"
+BOUNDARY = "----generate-variations-0123456789abcdef0123456789abcdef"  # as the plug-in
 MAX_UPLOAD = 4 * 1024 * 1024  # gateway.png.MAX_UPLOAD_BYTES: uploads must be smaller
 
 
