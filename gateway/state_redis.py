@@ -790,6 +790,16 @@ class RedisImageStore(ImageStore):
             atomic_write(self.path(image_id), data)
         return super().resolve(image_id, expires, signature, now)
 
+    async def fetch(self, image_id: str, expires: str, signature: str) -> Path:
+        """In the local spool: answered on the loop. Otherwise the blocking Redis read
+        and the spool write run in the executor, never stalling the other requests."""
+        try:
+            return ImageStore.resolve(self, image_id, expires, signature)
+        except ApiError as exc:
+            if exc.code != "not_found" or not ID_RE.match(image_id):
+                raise
+        return await asyncio.to_thread(self.resolve, image_id, expires, signature)
+
     def sweep(self, now: float | None = None) -> int:
         removed = super().sweep(now)
         cutoff = (now if now is not None else time.time()) - self.ttl

@@ -133,6 +133,12 @@ class ImageStore:
             raise ApiError(404, "No such image (it may have been removed).", code="not_found")
         return path
 
+    async def fetch(self, image_id: str, expires: str, signature: str) -> Path:
+        """:meth:`resolve` for the request path. Here the file is local, so this runs on
+        the loop; a store that must first pull the image from elsewhere does that in the
+        executor."""
+        return self.resolve(image_id, expires, signature)
+
     def sweep(self, now: float | None = None) -> int:
         """Delete images whose newest URL has expired; returns how many were deleted."""
         cutoff = (now if now is not None else time.time()) - self.ttl

@@ -203,7 +203,7 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     """``GET /v1/images/files/{id}.png?expires=&signature=``: a signed, expiring URL."""
     store = request.app[IMAGES]
     image_id = request.match_info["image_id"]
-    path = store.resolve(image_id, request.query.get("expires", ""),
+    path = await store.fetch(image_id, request.query.get("expires", ""),
                          request.query.get("signature", ""))
     expires = int(request.query["expires"])
     # FileResponse would answer an unsatisfiable range itself, outside the envelope.

@@ -4,6 +4,7 @@ replicas would build it, so every check-and-take is exercised across clients."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -240,7 +241,15 @@ async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
     first = a.put(b"0123456789")
     url = a.url("http://x", first)
     query = dict(p.split("=") for p in url.split("?")[1].split("&"))
-    assert b.resolve(first, query["expires"], query["signature"]).read_bytes() == b"0123456789"
+    # Not in b's spool yet: the blocking Redis read runs off the event loop's thread.
+    reads: list[threading.Thread] = []
+    get = b.r.get
+    b.r.get = lambda key: reads.append(threading.current_thread()) or get(key)  # type: ignore[method-assign]
+    fetched = await b.fetch(first, query["expires"], query["signature"])
+    assert fetched.read_bytes() == b"0123456789"
+    assert reads and threading.current_thread() not in reads
+    assert (await b.fetch(first, query["expires"], query["signature"])) == fetched
+    assert len(reads) == 1  # spooled: the second download reads no Redis
     # Over the 25-byte budget, the image minted longest ago goes first.
     a.put(b"abcdefghij")
     a.put(b"ABCDEFGHIJ")
