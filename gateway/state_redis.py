@@ -60,6 +60,7 @@ RETRY_AFTER_SECONDS = 2
 MAX_CONNECTIONS = 64  # per client and process
 DAY_KEY_TTL = 3 * 86400
 MONTH_KEY_TTL = 400 * 86400
+COMMIT_MARKER_TTL = 3600  # a commit sent twice (lost reply) is recognised for an hour
 
 
 class StateUnavailable(ApiError):
@@ -235,8 +236,11 @@ for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], ms) end
 return 'ok'
 """
 
-# KEYS: day, month, held, leases, leasev. ARGV: id, images, cost, day ttl, month ttl.
+# KEYS: day, month, held, leases, leasev, done marker.
+# ARGV: id, images, cost, day ttl, month ttl, marker ttl.
+# The marker makes a commit idempotent: one whose reply was lost can be sent again.
 _COMMIT = _PRUNE + """
+if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', ARGV[6]) then return 'done' end
 release(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
 local images = tonumber(ARGV[2])
 if images > 0 then
@@ -275,12 +279,15 @@ def _s(v: Any) -> str:
 
 class _UserKeys:
     def __init__(self, user: str, now: float) -> None:
-        tag = f"{PREFIX}{{u:{user}}}:"
+        self._tag = tag = f"{PREFIX}{{u:{user}}}:"
         day, _ = day_bounds(now)
         month, _ = month_bounds(now)
         self.day, self.month = tag + "ledger:" + day, tag + "ledger:" + month
         self.held, self.leases, self.leasev = tag + "held", tag + "leases", tag + "leasev"
         self.window, self.inflight, self.blocked = tag + "window", tag + "inflight", tag + "blocked"
+
+    def committed(self, rid: str) -> str:
+        return self._tag + "committed:" + rid
 
     @property
     def money(self) -> list[str]:
@@ -432,8 +439,16 @@ class RedisQuota(_Guarded):
         if reservation.settled:
             return
         k = _UserKeys(reservation.user, time.time())
-        await self._do(self._commit(keys=k.money, args=[
-            _rid(reservation), images, repr(float(cost)), DAY_KEY_TTL, MONTH_KEY_TTL]))
+        rid = _rid(reservation)
+        keys = [*k.money, k.committed(rid)]
+        args = [rid, images, repr(float(cost)), DAY_KEY_TTL, MONTH_KEY_TTL, COMMIT_MARKER_TTL]
+        try:
+            await self._do(self._commit(keys=keys, args=args))
+        except StateUnavailable:
+            # The reply may be what was lost, after Redis charged the images: without a
+            # second try the client would get a 503 for images it was charged. The marker
+            # makes the second try a no-op if the first one ran.
+            await self._do(self._commit(keys=keys, args=args))
         reservation.settled = True
 
     async def refund(self, reservation: Reservation) -> None:

@@ -263,3 +263,28 @@ async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
     assert blobs_b.path(item.sha256).read_bytes() == b"blob"
     blobs_a.delete([item.sha256])
     assert r.get(sr._C + "blob:" + item.sha256) is None
+
+
+async def test_a_commit_whose_reply_was_lost_is_charged_once_and_succeeds(
+        redis_server: RedisServer) -> None:
+    """Redis ran the commit but the answer never came back: the gateway must not answer
+    503 for images it charged, nor charge them twice when it asks again."""
+    q = quota(redis_server)
+    p = who(images_per_day=10)
+    reservation = await q.reserve(p, 3, 0.054, "512x512")
+    real = q._commit
+    sent: list[object] = []
+
+    async def reply_lost(**kwargs: object) -> object:
+        sent.append(kwargs)
+        result = await real(**kwargs)
+        if len(sent) == 1:
+            raise sr.redis.exceptions.ConnectionError("connection reset by peer")
+        return result
+
+    q._commit = reply_lost  # type: ignore[assignment]
+    await q.commit(reservation, 3, 0.054)  # no StateUnavailable
+    assert len(sent) == 2 and reservation.settled
+    day = {s.name: s for s in await q.usage(p)}["images_per_day"]
+    assert (day.used, day.remaining) == (3, 7)  # once, and nothing still held
+    await q.close()
