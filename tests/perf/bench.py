@@ -462,7 +462,7 @@ def bench_cache_hits(seconds: int = 5) -> list[dict[str, Any]]:
                 f"process that only reads the 78 KB upload and answers already needs "
                 f"{1e6 / floor['rps']:.0f} us (floor ratio {floor['rps'] / n16['rps']:.2f}; "
                 f"{floor_sha['rps'] / n16['rps']:.2f} if it also hashes the upload). The "
-                "gateway adds multipart parsing, a CRC-32 and byte comparison of the "
+                "gateway adds multipart parsing, a byte comparison of the "
                 "upload, the ledger and audit commits, metrics and the log line. Beyond "
                 "this needs "
                 "several worker processes on shared (Redis) state"),
