@@ -48,17 +48,14 @@ class GroupCommit:
         self._pending: list[tuple[Write, OnCommit | None, asyncio.Future[None]]] = []
 
     def submit(self, write: Write, on_commit: OnCommit | None = None) -> asyncio.Future[None]:
-        """Queue ``write``; the future resolves once it is committed (or fails)."""
+        """Queue ``write``; the future resolves once it is committed (or fails). A
+        cancelled future's write still lands: callers that give up change nothing."""
         loop = asyncio.get_running_loop()
         if not self._pending:
             loop.call_soon(self._flush)
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append((write, on_commit, done))
         return done
-
-    async def run(self, write: Write, on_commit: OnCommit | None = None) -> None:
-        """Submit ``write`` and wait for its commit; a cancelled caller's write still lands."""
-        await asyncio.shield(self.submit(write, on_commit))
 
     def flush(self) -> None:
         """Commit what is queued now (shutdown, tests)."""

@@ -6,8 +6,6 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-import pytest
-
 from gateway.sqlite import GroupCommit, open_db
 
 
@@ -29,7 +27,7 @@ async def test_writes_of_one_loop_turn_share_one_commit(tmp_path: Path) -> None:
     writes = GroupCommit(db)
 
     async def insert(v: int) -> None:
-        await writes.run(lambda d: d.execute("INSERT INTO t VALUES (?)", (v,)))
+        await writes.submit(lambda d: d.execute("INSERT INTO t VALUES (?)", (v,)))
         assert v in _rows(tmp_path / "t.sqlite3")  # committed before the caller goes on
 
     await asyncio.gather(*(insert(v) for v in range(20)))
@@ -57,11 +55,10 @@ async def test_a_failing_write_fails_only_its_caller(tmp_path: Path) -> None:
 async def test_a_cancelled_caller_still_has_its_write_committed(tmp_path: Path) -> None:
     db, _ = _db(tmp_path)
     writes = GroupCommit(db)
-    task = asyncio.create_task(
-        writes.run(lambda d: d.execute("INSERT INTO t VALUES (7)")))
-    await asyncio.sleep(0)  # the task has queued its write
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await writes.run(lambda d: d.execute("INSERT INTO t VALUES (8)"))
+    committed: list[int] = []
+    gave_up = writes.submit(lambda d: d.execute("INSERT INTO t VALUES (7)"),
+                            lambda: committed.append(7))
+    gave_up.cancel()  # the caller went away before the commit
+    await writes.submit(lambda d: d.execute("INSERT INTO t VALUES (8)"))
+    assert gave_up.cancelled() and committed == [7]
     assert _rows(tmp_path / "t.sqlite3") == [7, 8]
