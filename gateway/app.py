@@ -111,14 +111,13 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
     if error is not None:
         record.error_code = error.code
     audited = _finish(request, record, started, error, response.content_length)
-    writes = request[ANSWER_WAITS_FOR]
-    if audited is not None:
-        writes.append(audited)
+    ledger = request[ANSWER_WAITS_FOR]
+    writes = [*ledger, audited] if audited is not None else ledger
     if writes:
         # Every answer waits for the commits of what it reports (one loop turn for all).
         # A failed write is logged (the audit's by _audit_done); the answer still goes out.
         results = await asyncio.shield(asyncio.gather(*writes, return_exceptions=True))
-        for result in results[:len(writes) - (audited is not None)]:
+        for result in results[:len(ledger)]:
             if isinstance(result, Exception):
                 log.error("ledger_write_failed", request_id=request_id,
                           error=type(result).__name__)
