@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import py_compile
+import shutil
 import stat
 import subprocess
 import sys
@@ -168,3 +169,38 @@ def test_cli_subcommand_installs_and_uninstalls(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert out.returncode == 1
     assert "No GIMP 3 profile found" in out.stderr
+
+
+def test_a_built_wheel_ships_the_plugin(tmp_path: Path) -> None:
+    """``pip install .`` (the container image, pipx) has no checkout beside the package:
+    the wheel itself must carry the plug-in, and the installer must find it there."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "gateway", "plugins"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    out = subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp_path / "dist").glob("variations_gateway-*.whl")
+    site = tmp_path / "site"
+    out = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = "import gateway.gimp_install as g; print(g.__file__); print(g.plugin_source())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    module, source = out.stdout.split()
+    assert Path(module).is_relative_to(site), "the checkout's package was imported"
+    assert Path(source) == site / "gateway" / "gimp_plugin"
+    out = subprocess.run([sys.executable, "-m", "gateway", "install-gimp-plugin",
+                          "--gimp-dir", str(tmp_path / "prof")], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert_installed(tmp_path / "prof" / "plug-ins" / "generate-variations")
