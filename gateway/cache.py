@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 import structlog
 
 from gateway.quota import QuotaRejected
-from gateway.sqlite import open_db
+from gateway.sqlite import SoleWriter, open_db
 from gateway.storage import atomic_write
 
 log = structlog.get_logger("gateway.cache")
@@ -111,6 +111,7 @@ class SqliteCacheIndex:
     MEMO_ENTRIES = 10_000
 
     def __init__(self, path: str | Path) -> None:
+        self._claim = SoleWriter(path)
         self._db = open_db(path)
         self._db.executescript(
             """
@@ -206,6 +207,7 @@ class SqliteCacheIndex:
         with self._db:
             self._flush_touches()
         self._db.close()
+        self._claim.release()
 
 
 class BlobStore:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, dump_config, load_config
+from gateway.sqlite import StateInUse
 
 
 def _is_loopback(host: str) -> bool:
@@ -216,3 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"variations-gateway: config error: {exc}", file=sys.stderr)
         return 2
+    except StateInUse as exc:
+        print(f"variations-gateway: {exc}", file=sys.stderr)
+        return 1

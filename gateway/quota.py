@@ -27,7 +27,7 @@ from typing import Protocol
 
 from gateway.auth import Principal
 from gateway.errors import ApiError
-from gateway.sqlite import GroupCommit, open_db
+from gateway.sqlite import GroupCommit, SoleWriter, open_db
 
 # A reset further away than this is "hours away": the SDK should not retry.
 NO_RETRY_AFTER_SECONDS = 120
@@ -210,6 +210,7 @@ class SqliteQuota:
     """
 
     def __init__(self, path: str | Path) -> None:
+        self._claim = SoleWriter(path)
         self._db = open_db(path)
         self._db.executescript(_SCHEMA)
         self._writes = GroupCommit(self._db)
@@ -404,3 +405,4 @@ class SqliteQuota:
     async def close(self) -> None:
         self._writes.flush()
         self._db.close()
+        self._claim.release()

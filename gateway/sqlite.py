@@ -11,9 +11,15 @@ whatever a client is told was recorded is on disk (the WAL) first.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: the gateway serves from POSIX hosts
+    fcntl = None  # type: ignore[assignment]
 
 Write = Callable[[sqlite3.Connection], object]
 OnCommit = Callable[[], object]
@@ -32,6 +38,46 @@ def open_db(path: str | Path, cache_kib: int = 1024) -> sqlite3.Connection:
     db.execute("PRAGMA busy_timeout=5000")
     db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
     return db
+
+
+class StateInUse(RuntimeError):
+    """Another live process already writes this SQLite file."""
+
+
+class SoleWriter:
+    """This process's claim to be the only writer of one SQLite file.
+
+    The quota ledger and the cache index keep in-memory mirrors of their files (that is
+    what makes admitting a request and a cache hit cost no SQLite read). A second process
+    on the same file would not see the first one's writes, so quotas would silently stop
+    being exact. The claim is a ``flock`` on ``<file>.lock``, which the kernel drops when
+    the process dies (``kill -9`` included): a restart never finds a stale claim.
+    """
+
+    def __init__(self, db_path: str | Path) -> None:
+        self._fd: int | None = None
+        if fcntl is None:
+            return
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StateInUse(
+                f"{db_path} is in use by another gateway process (pid {holder}). SQLite "
+                "state serves one process: stop the other one, give this one its own "
+                "state.path and cache.dir, or run several replicas with state.kind: redis."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class GroupCommit:

@@ -62,6 +62,7 @@ async def test_block_and_unblock_persist(instrumented: Start) -> None:
     assert (await admin_get(client, "/admin/usage"))["users"]["alice"]["blocked"] is True
     assert backend.calls == [1]
 
+    await client.close()  # one process per state file: stop, then start again
     restarted, _ = await instrumented()
     assert (await vary(restarted, png_bytes(seed=1))).status == 403
     async with restarted.post("/admin/users/alice/unblock", headers=ADMIN) as r:

@@ -95,6 +95,7 @@ async def test_upstream_user_is_an_hmac_of_member_and_user(instrumented: Start) 
     mapping = {(r["member"], r["end_user"]) for r in rows if r["end_user_hash"] == sent[1]}
     assert mapping == {("bob", "kim")}
     # The same across a restart (the key derives from the persisted signing key).
+    await client.close()
     again, backend2 = await instrumented()
     await vary(again, png_bytes(seed=6), user="kim")
     assert backend2.requests[0].user == sent[0]
@@ -119,6 +120,7 @@ async def test_retention_days(instrumented: Start, monkeypatch: pytest.MonkeyPat
     now = time.time()
     await audit.write(AuditRecord("req_old", now - 31 * 86400, "/v1/usage", status=200))
     await audit.write(AuditRecord("req_recent", now - 29 * 86400, "/v1/usage", status=200))
+    await client.close()  # one process per state file: stop, then start again
     restarted, _ = await instrumented(audit={"retention_days": 30})
     ids = {r["request_id"] for r in restarted.app[AUDIT].query(limit=100)}
     assert "req_old" not in ids and "req_recent" in ids

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from PIL import Image
-from support import TOKENS, png_bytes
+from support import TOKENS, free_port, png_bytes
 
 CLI = [sys.executable, "-m", "gateway"]
 
@@ -57,6 +58,20 @@ def test_serve_refuses_open_gateway_off_loopback(tmp_path: Path) -> None:
     out = run("serve", "--config", str(cfg), "--host", "0.0.0.0", "--port", "0", cwd=tmp_path)
     assert out.returncode == 2
     assert "only allowed on a loopback address" in out.stderr
+
+
+def test_a_second_gateway_on_the_same_sqlite_state_refuses_to_start(
+        gateway_process, tmp_path: Path) -> None:
+    """Two processes on one ledger would each keep their own mirror: quotas not exact."""
+    first = gateway_process()
+    out = run("serve", "--config", str(first.config_path), "--port", str(free_port()),
+              cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"in use by another gateway process (pid {first.proc.pid})" in out.stderr
+    assert "state.kind: redis" in out.stderr
+    assert "Traceback" not in out.stderr
+    with urllib.request.urlopen(first.url + "/healthz", timeout=10) as r:
+        assert r.status == 200  # the first one is untouched
 
 
 def test_vary_writes_pngs(gateway_process, tmp_path: Path) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
-from gateway.sqlite import GroupCommit, open_db
+import pytest
+
+from gateway.sqlite import GroupCommit, SoleWriter, StateInUse, open_db
 
 
 def _db(tmp_path: Path) -> tuple[sqlite3.Connection, list[str]]:
@@ -62,3 +67,30 @@ async def test_a_cancelled_caller_still_has_its_write_committed(tmp_path: Path) 
     await writes.submit(lambda d: d.execute("INSERT INTO t VALUES (8)"))
     assert gave_up.cancelled() and committed == [7]
     assert _rows(tmp_path / "t.sqlite3") == [7, 8]
+
+
+def test_one_sole_writer_per_file_until_released(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    first = SoleWriter(path)
+    with pytest.raises(StateInUse, match=rf"pid {os.getpid()}\)"):
+        SoleWriter(path)
+    SoleWriter(tmp_path / "other.sqlite3").release()  # another file is another claim
+    first.release()
+    SoleWriter(path).release()
+
+
+def test_the_claim_of_a_killed_process_is_gone_at_once(tmp_path: Path) -> None:
+    """kill -9 then restart must just work: the kernel drops a dead process's flock."""
+    path = tmp_path / "state.sqlite3"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from gateway.sqlite import SoleWriter; "
+         f"SoleWriter({str(path)!r}); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(StateInUse, match=rf"pid {holder.pid}\)"):
+            SoleWriter(path)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    SoleWriter(path).release()
