@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from support import free_port
+from support import free_port, stop_process
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -68,12 +68,8 @@ class RedisServer:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)

@@ -114,16 +114,34 @@ class GatewayProcess:
     log_path: Path
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return stop_process(self.proc, timeout, sig)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def multipart_body(fields: dict[str, str], image: bytes, boundary: str) -> bytes:
+    """A ``/v1/images/variations`` form: the text ``fields``, then ``image`` as a PNG."""
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
+             f"{v}\r\n".encode() for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+                 f'filename="a.png"\r\nContent-Type: image/png\r\n\r\n'.encode() + image
+                 + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15,
+                 sig: int = signal.SIGTERM) -> int:
+    """Ask ``proc`` to stop with ``sig``; SIGKILL it if it has not within ``timeout``.
+    Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
 
 
 def wait_http(url: str, deadline_s: float = 30, proc: subprocess.Popen[bytes] | None = None

@@ -53,6 +53,7 @@ from support import (
     png_bytes,
     sha,
     start_gateway,
+    stop_process,
 )
 
 from gateway import backends as backend_registry
@@ -304,11 +305,7 @@ def stack(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         s.wait_scrapes(2)
         yield s
     finally:
-        prom.terminate()
-        try:
-            prom.wait(30)
-        except subprocess.TimeoutExpired:
-            prom.kill()
+        stop_process(prom, 30)
         log.close()
         gateway.stop()
 

@@ -45,7 +45,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support import free_port, wait_http  # noqa: E402
+from support import free_port, multipart_body, stop_process, wait_http  # noqa: E402
 
 from gateway import logs  # noqa: E402
 from gateway.app import build_app  # noqa: E402
@@ -254,15 +254,7 @@ BOUNDARY = "----generate-variations-0123456789abcdef0123456789abcdef"
 
 
 def multipart(fields: dict[str, str], image: bytes, boundary: str = BOUNDARY) -> bytes:
-    parts = []
-    for k, v in fields.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
-                     f"{v}\r\n".encode())
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
-                 f'filename="a.png"\r\nContent-Type: image/png\r\n\r\n'.encode() + image
-                 + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts)
+    return multipart_body(fields, image, boundary)
 
 
 def wrk(url: str, connections: int, seconds: int, lua: Path | None = None,
@@ -303,8 +295,7 @@ def serving(cmd: list[str], probe: str, *, cwd: Path | None = None,
         url = urllib.parse.urlsplit(probe)
         yield f"{url.scheme}://{url.netloc}"
     finally:
-        proc.terminate()
-        proc.wait(stop_timeout)
+        stop_process(proc, stop_timeout)
 
 
 @contextlib.contextmanager

@@ -45,14 +45,13 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench
-from bench import PIN_CLIENT, PIN_SERVER, free_port
+from bench import BOUNDARY, PIN_CLIENT, PIN_SERVER, free_port, stop_process
 
 HERE = Path(__file__).resolve().parent
 CHART = HERE / "latency-vs-concurrency.png"
 CONCURRENCY = (1, 16, 64)
 WRK_SECONDS = 3
 REPEATS = 3
-BOUNDARY = "----generate-variations-0123456789abcdef0123456789abcdef"  # as the plug-in
 MAX_UPLOAD = 4 * 1024 * 1024  # gateway.png.MAX_UPLOAD_BYTES: uploads must be smaller
 
 
@@ -505,8 +504,7 @@ def _start_time(raw: dict[str, Any], tmp: Path) -> tuple[float, int, int]:
         time.sleep(1.0)
         return elapsed, status_kb(proc.pid, "VmRSS"), total_rss_kb(proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc, 30)
 
 
 def run_startup(repeats: int = 5) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE / "gimp"))
 
+from support import stop_process  # noqa: E402
 from vg_gateway_proc import (  # noqa: E402
     Gateway,
     free_port,
@@ -172,12 +173,7 @@ def xvfb(gimp_root: Path) -> Iterator[str]:
         assert line.isdigit(), f"Xvfb did not start (exit {proc.poll()})"
         yield f":{line}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

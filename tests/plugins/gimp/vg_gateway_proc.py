@@ -95,12 +95,7 @@ def running_gateway(tmp: Path, config: Path, host: str = "127.0.0.1") -> Iterato
             raise RuntimeError(f"{exc}:\n{gw.log_text()}") from None
         yield gw
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        support.stop_process(proc)
 
 
 def post_variations(
@@ -108,19 +103,13 @@ def post_variations(
 ) -> tuple[int, dict[str, str], dict[str, Any]]:
     """A reference request made without the plug-in's client (for comparisons)."""
     boundary = "----test-boundary-7d1c"
-    parts = []
-    for k, v in {"n": str(n), "size": size, "response_format": "b64_json"}.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
-                     f"{v}\r\n".encode())
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
-                 f'filename="ref.png"\r\nContent-Type: image/png\r\n\r\n'.encode() + png
-                 + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
+    body = support.multipart_body({"n": str(n), "size": size, "response_format": "b64_json"},
+                                  png, boundary)
     headers = {"Authorization": f"Bearer {token}",
                "Content-Type": f"multipart/form-data; boundary={boundary}"}
     if fresh:
         headers["Cache-Control"] = "no-cache"
-    req = urllib.request.Request(url + "/v1/images/variations", data=b"".join(parts),
+    req = urllib.request.Request(url + "/v1/images/variations", data=body,
                                  headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
