@@ -46,7 +46,7 @@ from gateway.keys import (
 )
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
-from gateway.quota import QuotaRejected
+from gateway.quota import QuotaRejected, budget_used
 from gateway.render import Renderer
 from gateway.router import Router
 from gateway.state import build_state
@@ -210,11 +210,24 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _refresh_gauges(app: web.Application, interval: float = 5.0) -> None:
-    """Keep cache size gauges current without querying the index on every scrape."""
+    """Keep the state-derived gauges current without reading the state on every scrape."""
     while True:
-        with contextlib.suppress(Exception):
-            app[METRICS].set_cache_stats(*await app[CACHE].stats())
+        await refresh_gauges(app)
         await asyncio.sleep(interval)
+
+
+async def refresh_gauges(app: web.Application) -> None:
+    """Cache size, and each member's budget share from the quota store: a request only
+    updates its own member on its own replica, so without this a new month (or usage
+    through another replica) would leave the old share on the dashboard and in alerts."""
+    metrics = app[METRICS]
+    with contextlib.suppress(Exception):
+        metrics.set_cache_stats(*await app[CACHE].stats())
+    for principal in app[AUTH].principals():
+        with contextlib.suppress(Exception):  # state unavailable: keep the last value
+            statuses = await app[QUOTA].usage(principal)
+            metrics.user_budget_ratio.labels(metrics.user_label(principal.name)).set(
+                budget_used(statuses))
 
 
 def build_app(config: Config) -> web.Application:

@@ -79,6 +79,12 @@ class Authenticator:
     def mode(self) -> str:
         return self._mode
 
+    def principals(self) -> tuple[Principal, ...]:
+        """Everyone who can call: the configured members, or ``anonymous`` alone."""
+        if self._mode == "none":
+            return (Principal(ANONYMOUS, self._defaults, False),)
+        return tuple(principal for _, principal in self._members)
+
     def member(self, request: web.Request) -> Principal:
         """The calling member; raises 401 in the OpenAI envelope."""
         if self._mode == "none":

@@ -153,8 +153,9 @@ class Metrics:
                                  ["user"], registry=r)
         self.user_budget_ratio = Gauge(
             P + "user_budget_used_ratio",
-            "Share of the member's tightest image or money budget used (0..1), as of the "
-            "member's last successful request.", ["user"], registry=r)
+            "Share of the member's tightest image or money budget used (0..1), read from "
+            "the quota store every 5 s and on each of the member's requests.", ["user"],
+            registry=r)
 
         # Backends (gateway.router).
         self.backend_seconds = Histogram(P + "backend_request_duration_seconds",

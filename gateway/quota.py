@@ -179,6 +179,15 @@ def tightest(statuses: list[LimitStatus]) -> LimitStatus | None:
     return min(images, key=lambda s: s.remaining or 0, default=None)
 
 
+BUDGETS = ("images_per_day", "images_per_month", "budget_usd_per_month")
+
+
+def budget_used(statuses: list[LimitStatus]) -> float:
+    """The share (0..1) of the member's tightest image or money budget that is used."""
+    ratios = [s.used / s.limit for s in statuses if s.limit and s.name in BUDGETS]
+    return min(1.0, max(ratios, default=0.0))
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
     user TEXT NOT NULL, period TEXT NOT NULL,

@@ -35,8 +35,7 @@ from gateway.keys import (
     ROUTER,
     USER_KEY,
 )
-from gateway.metrics import Metrics
-from gateway.quota import LimitStatus, Reservation, image_headers, tightest
+from gateway.quota import Reservation, budget_used, image_headers, tightest
 
 
 def end_user_hash(key: bytes, member: str, user: str | None) -> str | None:
@@ -154,7 +153,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     if result.generated:
         metrics.images_by_user.labels(user_label).inc(result.generated)
         metrics.spend_usd.labels(user_label).inc(cost)
-    _observe_budget(metrics, user_label, statuses)
+    metrics.user_budget_ratio.labels(user_label).set(budget_used(statuses))
 
     # Answer.
     headers = {"X-Cache": result.status, **image_headers(tightest(statuses))}
@@ -190,13 +189,6 @@ class PartsResponse(web.StreamResponse):
                 small = []
             await self.write(part)
         await super().write_eof(b"".join([*small, data]))
-
-
-def _observe_budget(metrics: Metrics, user_label: str, statuses: list[LimitStatus]) -> None:
-    ratios = [s.used / s.limit for s in statuses
-              if s.limit and s.name in ("images_per_day", "images_per_month",
-                                        "budget_usd_per_month")]
-    metrics.user_budget_ratio.labels(user_label).set(min(1.0, max(ratios, default=0.0)))
 
 
 async def get_image(request: web.Request) -> web.StreamResponse:

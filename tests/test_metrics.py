@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from support import ADMIN_TOKEN, ROOT, TOKENS, auth, png_bytes, sha
 
+from gateway import quota
+from gateway.app import refresh_gauges
 from gateway.metrics import GUARD_LIMIT, OTHER, LabelGuard, Metrics
 
 P = "variations_gateway_"
@@ -144,6 +148,30 @@ async def test_families_types_and_labels(gateway_client) -> None:  # type: ignor
     assert states == {"closed": 1.0, "half_open": 0.0, "open": 0.0}
     assert value("backend_up", backend="local") == 1.0
     assert value("backend_request_duration_seconds_count", backend="local") == 4
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    (value,) = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == P + name and s.labels == labels]
+    return value
+
+
+async def test_budget_share_drops_at_the_new_day_without_a_request(
+        gateway_client, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A member who used their whole day and then went quiet must not keep the budget
+    alert firing through the next day: the gauge is refreshed from the quota store."""
+    client = await gateway_client(
+        users={"alice": {"token_sha256": sha(TOKENS["alice"]),
+                         "quota": {"images_per_day": 2, "images_per_month": None}},
+               "bob": {"token_sha256": sha(TOKENS["bob"])}})
+    assert await post(client, auth(), n=2) == 200
+    assert sample(await scrape(client), "user_budget_used_ratio", user="alice") == 1.0
+    tomorrow = time.time() + 86400
+    monkeypatch.setattr(quota, "time", SimpleNamespace(time=lambda: tomorrow))
+    await refresh_gauges(client.app)
+    text = await scrape(client)
+    assert sample(text, "user_budget_used_ratio", user="alice") == 0.0
+    assert sample(text, "user_budget_used_ratio", user="bob") == 0.0  # a series for each
 
 
 async def test_cardinality_1000_users_and_1000_bad_tokens_add_no_series(

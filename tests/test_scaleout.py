@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer, require_redis_server
 from support import ADMIN_TOKEN, GatewayProcess, auth, base_config, png_bytes, start_gateway
 
@@ -109,6 +110,37 @@ async def test_quota_exact_hit_and_url_across_replicas(two_replicas: list[Gatewa
             assert await resp.read() == on_b
         assert on_b.startswith(b"\x89PNG")
         assert await images_today(session, b.url, "bob") == 1  # the HIT cost nothing
+
+
+async def budget_share(session: aiohttp.ClientSession, base: str, user: str) -> float:
+    async with session.get(base + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    (value,) = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "variations_gateway_user_budget_used_ratio"
+                and s.labels == {"user": user}]
+    return value
+
+
+async def test_budget_gauge_follows_usage_through_the_other_replica(
+        two_replicas: list[GatewayProcess]) -> None:
+    """The budget alert takes max by (user) over replicas: a replica the member stopped
+    using must show the member's current share within seconds, not a stale one."""
+    a, b = two_replicas
+    async with aiohttp.ClientSession() as session:
+        status, *_ = await post(session, a.url, png_bytes(33, seed=1), headers=NO_STORE)
+        assert status == 200
+        assert await budget_share(session, a.url, "alice") == pytest.approx(0.01)
+        for seed in range(2, 6):
+            status, *_ = await post(session, b.url, png_bytes(33, seed=seed),
+                                    headers=NO_STORE)
+            assert status == 200
+        assert await budget_share(session, b.url, "alice") == pytest.approx(0.05)
+        deadline = time.monotonic() + 30  # a few of the 5 s refreshes
+        while (share := await budget_share(session, a.url, "alice")) != pytest.approx(0.05):
+            assert time.monotonic() < deadline, f"replica a still shows {share}"
+            await asyncio.sleep(0.2)  # poll interval, bounded by the deadline
+        assert await budget_share(session, a.url, "bob") == 0.0  # every member has a series
 
 
 async def test_redis_killed_mid_burst_then_back(tmp_path: Path) -> None:
