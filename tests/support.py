@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,6 +130,24 @@ def multipart_body(fields: dict[str, str], image: bytes, boundary: str) -> bytes
                  + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts)
+
+
+def build_wheel(names: list[str], tmp: Path) -> Path:
+    """``pip wheel`` from a copy of just ``names`` (paths in the repository) in ``tmp``,
+    as a build that sees only those files would: returns the wheel."""
+    src = tmp / "src"
+    src.mkdir()
+    for name in names:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet",
+                          "wheel", "--no-deps", "-w", str(tmp / "dist"), str(src)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp / "dist").glob("variations_gateway-*.whl")
+    return wheel
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 15,

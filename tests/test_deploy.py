@@ -11,11 +11,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from support import build_wheel
 
 from gateway.config import parse_config
 
@@ -145,6 +147,20 @@ def test_nginx_conf_parses(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- Dockerfile
+
+
+def test_the_dockerfile_build_stage_has_every_file_the_package_needs(tmp_path: Path) -> None:
+    """The image is not built here: build the wheel from exactly what its build stage
+    COPYs, so a new package-data path (the GIMP plug-in) cannot be left out of it."""
+    build_stage = (DEPLOY / "Dockerfile").read_text().split("\nFROM ")[1]
+    copied = [src for line in build_stage.splitlines() if line.startswith("COPY ")
+              for src in line.split()[1:-1]]
+    assert "gateway" in copied
+    with zipfile.ZipFile(build_wheel(copied, tmp_path)) as wheel:
+        names = set(wheel.namelist())
+    assert {"gateway/app.py", "gateway/openapi.json", "gateway/backends/comfyui.py",
+            "gateway/gimp_plugin/generate-variations.py",
+            "gateway/gimp_plugin/vg_client.py"} <= names
 
 
 def test_dockerfile_lints_clean_and_runs_unprivileged(tmp_path: Path) -> None:

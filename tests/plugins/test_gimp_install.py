@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import os
 import py_compile
-import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import build_wheel
 
 from gateway import gimp_install
 
@@ -174,21 +174,10 @@ def test_cli_subcommand_installs_and_uninstalls(tmp_path: Path) -> None:
 def test_a_built_wheel_ships_the_plugin(tmp_path: Path) -> None:
     """``pip install .`` (the container image, pipx) has no checkout beside the package:
     the wheel itself must carry the plug-in, and the installer must find it there."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", "gateway", "plugins"):
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, src / name,
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(REPO / name, src / name)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    out = subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    (wheel,) = (tmp_path / "dist").glob("variations_gateway-*.whl")
+    wheel = build_wheel(["pyproject.toml", "README.md", "gateway", "plugins"], tmp_path)
     site = tmp_path / "site"
-    out = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+    out = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check",
+                          "--quiet", "install", "--no-deps", "--target", str(site), str(wheel)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     env = {**os.environ, "PYTHONPATH": str(site)}
