@@ -212,7 +212,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 async def _refresh_gauges(app: web.Application, interval: float = 5.0) -> None:
     """Keep the state-derived gauges current without reading the state on every scrape."""
     while True:
-        await refresh_gauges(app)
+        try:
+            await refresh_gauges(app)
+        except Exception:  # a bug here must not end the refreshes for good
+            log.exception("gauge_refresh_failed")
         await asyncio.sleep(interval)
 
 
@@ -220,14 +223,20 @@ async def refresh_gauges(app: web.Application) -> None:
     """Cache size, and each member's budget share from the quota store: a request only
     updates its own member on its own replica, so without this a new month (or usage
     through another replica) would leave the old share on the dashboard and in alerts."""
+    if not app[CONFIG].metrics.enabled:
+        return
     metrics = app[METRICS]
     with contextlib.suppress(Exception):
         metrics.set_cache_stats(*await app[CACHE].stats())
     for principal in app[AUTH].principals():
-        with contextlib.suppress(Exception):  # state unavailable: keep the last value
+        try:
             statuses = await app[QUOTA].usage(principal)
-            metrics.user_budget_ratio.labels(metrics.user_label(principal.name)).set(
-                budget_used(statuses))
+        except ApiError:
+            # The state store is unavailable (and has said so): keep the last values and
+            # end the round, rather than warn once per member.
+            return
+        metrics.user_budget_ratio.labels(metrics.user_label(principal.name)).set(
+            budget_used(statuses))
 
 
 def build_app(config: Config) -> web.Application:

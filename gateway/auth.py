@@ -67,13 +67,13 @@ class Authenticator:
 
     def __init__(self, config: Config) -> None:
         self._mode = config.auth.mode
-        self._defaults = config.quota_defaults
         self._members = tuple(
             (u.token_sha256, Principal(u.name, u.quota, True))
             for u in config.users.values()
             if u.token_sha256
         )
         self._admin = config.auth.admin_token_sha256
+        self._anonymous = Principal(ANONYMOUS, config.quota_defaults, False)
 
     @property
     def mode(self) -> str:
@@ -82,13 +82,13 @@ class Authenticator:
     def principals(self) -> tuple[Principal, ...]:
         """Everyone who can call: the configured members, or ``anonymous`` alone."""
         if self._mode == "none":
-            return (Principal(ANONYMOUS, self._defaults, False),)
+            return (self._anonymous,)
         return tuple(principal for _, principal in self._members)
 
     def member(self, request: web.Request) -> Principal:
         """The calling member; raises 401 in the OpenAI envelope."""
         if self._mode == "none":
-            return Principal(ANONYMOUS, self._defaults, False)
+            return self._anonymous
         token = bearer_token(request)
         if token is None:
             raise ApiError(401, MISSING_KEY, code=None, should_retry=False)

@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 import structlog
 
 from gateway.quota import QuotaRejected
-from gateway.sqlite import SoleWriter, open_db
+from gateway.sqlite import open_db
 from gateway.storage import atomic_write
 
 log = structlog.get_logger("gateway.cache")
@@ -111,8 +111,7 @@ class SqliteCacheIndex:
     MEMO_ENTRIES = 10_000
 
     def __init__(self, path: str | Path) -> None:
-        self._claim = SoleWriter(path)
-        self._db = open_db(path)
+        self._db = open_db(path, sole_writer=True)
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS entries (
@@ -204,10 +203,11 @@ class SqliteCacheIndex:
         return None
 
     async def close(self) -> None:
-        with self._db:
-            self._flush_touches()
-        self._db.close()
-        self._claim.release()
+        try:
+            with self._db:
+                self._flush_touches()
+        finally:
+            self._db.close()
 
 
 class BlobStore:

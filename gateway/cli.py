@@ -16,7 +16,6 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, dump_config, load_config
-from gateway.sqlite import StateInUse
 
 
 def _is_loopback(host: str) -> bool:
@@ -113,6 +112,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs
+    from gateway.sqlite import StateInUse
 
     limit_malloc_arenas()
 
@@ -122,7 +122,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_bind(config, host)
     logs.configure(config.logging.level, config.logging.format)
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(_serve(config, host, port))
+        try:
+            return asyncio.run(_serve(config, host, port))
+        except StateInUse as exc:
+            print(f"variations-gateway: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -217,6 +221,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"variations-gateway: config error: {exc}", file=sys.stderr)
         return 2
-    except StateInUse as exc:
-        print(f"variations-gateway: {exc}", file=sys.stderr)
-        return 1
+

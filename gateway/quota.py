@@ -27,7 +27,7 @@ from typing import Protocol
 
 from gateway.auth import Principal
 from gateway.errors import ApiError
-from gateway.sqlite import GroupCommit, SoleWriter, open_db
+from gateway.sqlite import GroupCommit, open_db
 
 # A reset further away than this is "hours away": the SDK should not retry.
 NO_RETRY_AFTER_SECONDS = 120
@@ -219,8 +219,7 @@ class SqliteQuota:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._claim = SoleWriter(path)
-        self._db = open_db(path)
+        self._db = open_db(path, sole_writer=True)
         self._db.executescript(_SCHEMA)
         self._writes = GroupCommit(self._db)
         self._reserved: dict[str, int] = defaultdict(int)
@@ -412,6 +411,7 @@ class SqliteQuota:
         return self._add(principal.name, requests=1, cache_hits=int(cache_hit))
 
     async def close(self) -> None:
-        self._writes.flush()
-        self._db.close()
-        self._claim.release()
+        try:
+            self._writes.flush()
+        finally:
+            self._db.close()

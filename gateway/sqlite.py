@@ -1,4 +1,4 @@
-"""SQLite for one gateway process: WAL connections and group commit.
+"""SQLite for one gateway process: WAL connections, the one-writer claim, group commit.
 
 The ledger, the cache index and the audit trail each live in a SQLite file written
 only from the event-loop thread. A commit in WAL mode costs a WAL write and lock
@@ -25,19 +25,46 @@ Write = Callable[[sqlite3.Connection], object]
 OnCommit = Callable[[], object]
 
 
-def open_db(path: str | Path, cache_kib: int = 1024) -> sqlite3.Connection:
+def open_db(path: str | Path, cache_kib: int = 1024, *, sole_writer: bool = False
+            ) -> sqlite3.Connection:
     """A WAL-mode SQLite connection used from the event-loop thread only.
 
     ``cache_kib`` caps its page cache: the defaults (2 MB per connection, three
     connections) were most of the gateway's memory growth on a small edge box.
+    ``sole_writer`` claims the file for this process (:class:`SoleWriter`) until the
+    connection is closed; :class:`StateInUse` if another process holds it.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=5000")
-    db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+    claim = SoleWriter(path) if sole_writer else None
+    db: _Connection | None = None
+    try:
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
+                             factory=_Connection)
+        db.claim = claim
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+    except BaseException:
+        if db is not None:
+            db.close()
+        elif claim is not None:
+            claim.release()
+        raise
     return db
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that gives up its file's :class:`SoleWriter` claim when closed."""
+
+    claim: SoleWriter | None = None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.claim is not None:
+                self.claim.release()
 
 
 class StateInUse(RuntimeError):
@@ -62,6 +89,8 @@ class SoleWriter:
         fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
@@ -70,11 +99,13 @@ class SoleWriter:
                 "state serves one process: stop the other one, give this one its own "
                 "state.path and cache.dir, or run several replicas with state.kind: redis."
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:  # e.g. no flock on this file system: no fd left behind
+            os.close(fd)
+            raise
         self._fd = fd
 
     def release(self) -> None:
+        """Give the file up (idempotent); closing the connection does it too."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

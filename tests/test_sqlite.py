@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import sqlite3
 import subprocess
 import sys
@@ -82,15 +83,34 @@ def test_one_sole_writer_per_file_until_released(tmp_path: Path) -> None:
 def test_the_claim_of_a_killed_process_is_gone_at_once(tmp_path: Path) -> None:
     """kill -9 then restart must just work: the kernel drops a dead process's flock."""
     path = tmp_path / "state.sqlite3"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from gateway.sqlite import SoleWriter; "
-         f"SoleWriter({str(path)!r}); print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        with pytest.raises(StateInUse, match=rf"pid {holder.pid}\)"):
-            SoleWriter(path)
-    finally:
-        holder.kill()
-        holder.wait(30)
+    with subprocess.Popen(
+            [sys.executable, "-c", "import sys; from gateway.sqlite import SoleWriter; "
+             f"SoleWriter({str(path)!r}); print('held', flush=True); sys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None
+            ready, _, _ = select.select([holder.stdout], [], [], 60)  # a deadline, no sleep
+            assert ready and holder.stdout.readline() == "held\n"
+            with pytest.raises(StateInUse, match=rf"pid {holder.pid}\)"):
+                SoleWriter(path)
+        finally:
+            holder.kill()
+            holder.wait(30)
     SoleWriter(path).release()
+
+
+def test_a_sole_connection_gives_the_file_up_when_closed(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    db = open_db(path, sole_writer=True)
+    with pytest.raises(StateInUse):
+        open_db(path, sole_writer=True)
+    db.close()
+    open_db(path, sole_writer=True).close()
+
+
+def test_a_file_that_cannot_be_opened_leaves_no_claim_behind(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    path.write_bytes(b"not a database, " * 512)
+    with pytest.raises(sqlite3.DatabaseError):
+        open_db(path, sole_writer=True)
+    SoleWriter(path).release()  # not StateInUse naming this very process
