@@ -221,4 +221,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"variations-gateway: config error: {exc}", file=sys.stderr)
         return 2
-

@@ -85,7 +85,6 @@ class SoleWriter:
         self._fd: int | None = None
         if fcntl is None:
             return
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -253,10 +253,6 @@ end
 BOUNDARY = "----generate-variations-0123456789abcdef0123456789abcdef"
 
 
-def multipart(fields: dict[str, str], image: bytes, boundary: str = BOUNDARY) -> bytes:
-    return multipart_body(fields, image, boundary)
-
-
 def wrk(url: str, connections: int, seconds: int, lua: Path | None = None,
         env: dict[str, str] | None = None) -> dict[str, float]:
     cmd = [*PIN_CLIENT, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
@@ -403,7 +399,8 @@ def bench_cache_hits(seconds: int = 5) -> list[dict[str, Any]]:
                              tmp) as gw:
             bodies = {}
             for fmt in ("url", "b64_json"):
-                body = multipart({"n": "1", "size": "512x512", "response_format": fmt}, image)
+                body = multipart_body({"n": "1", "size": "512x512", "response_format": fmt},
+                                      image, BOUNDARY)
                 (tmp / f"{fmt}.body").write_bytes(body)
                 # Prime the cache and capture the exact response bytes for nginx.
                 import urllib.request

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench
-from bench import BOUNDARY, PIN_CLIENT, PIN_SERVER, free_port, stop_process
+from bench import BOUNDARY, PIN_CLIENT, PIN_SERVER, free_port, multipart_body, stop_process
 
 HERE = Path(__file__).resolve().parent
 CHART = HERE / "latency-vs-concurrency.png"
@@ -230,7 +230,7 @@ def run_overhead(seconds: int = WRK_SECONDS, repeats: int = REPEATS) -> list[dic
         lua = tmp / "post.lua"
         lua.write_text(bench.WRK_LUA)
         body = tmp / "miss.body"
-        body.write_bytes(bench.multipart(
+        body.write_bytes(multipart_body(
             {"n": "1", "size": "256x256", "response_format": "b64_json"}, upload, BOUNDARY))
         env = {"BENCH_BODY": str(body), "BENCH_BOUNDARY": BOUNDARY,
                "BENCH_CACHE_CONTROL": "no-store"}
