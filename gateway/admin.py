@@ -27,8 +27,17 @@ async def usage(request: web.Request) -> web.Response:
 
 
 def _admin(request: web.Request) -> None:
-    request.app[AUTH].admin(request)
-    request[AUDIT_RECORD].member = "admin"
+    record = request[AUDIT_RECORD]
+    try:
+        request.app[AUTH].admin(request)
+    except ApiError as exc:
+        if exc.status == 403:  # a token, but not the admin's: the audit says whose
+            try:
+                record.member = request.app[AUTH].member(request).name
+            except ApiError:
+                record.auth_error = "bad_token"
+        raise
+    record.member = "admin"
 
 
 async def admin_usage(request: web.Request) -> web.Response:
@@ -63,10 +72,13 @@ def _int(value: str | None, param: str, default: int | None) -> int | None:
     if value is None or value == "":
         return default
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise invalid(f"Invalid '{param}': expected an integer.", param, "invalid_type"
                       ) from None
+    if not -(2**63) <= number < 2**63:  # what SQLite can compare against
+        raise invalid(f"Invalid '{param}': integer out of range.", param, "invalid_value")
+    return number
 
 
 async def admin_audit(request: web.Request) -> web.Response:

@@ -102,6 +102,20 @@ def image_headers(status: LimitStatus | None) -> dict[str, str]:
     }
 
 
+def ratelimit_headers(statuses: list[LimitStatus]) -> dict[str, str]:
+    """``x-ratelimit-*``: the tightest image limit, and the request limit when set."""
+    headers = image_headers(tightest(statuses))
+    rpm = next((s for s in statuses if s.name == "requests_per_minute"), None)
+    if rpm is not None and rpm.limit is not None:
+        now = time.time()
+        headers.update({
+            "x-ratelimit-limit-requests": str(int(rpm.limit)),
+            "x-ratelimit-remaining-requests": str(max(0, int(rpm.remaining or 0))),
+            "x-ratelimit-reset-requests": duration(max(0.0, (rpm.reset_at or now) - now)),
+        })
+    return headers
+
+
 class QuotaRejected(ApiError):
     """A 429/403 from a limit; never shared with coalesced waiters."""
 
@@ -132,6 +146,38 @@ def _images_rejection(limit: str, status: LimitStatus, wanted: int) -> QuotaReje
                f" remaining, {wanted} requested; resets in {duration(wait)} at "
                f"{_iso(status.reset_at or time.time())}.")
     return QuotaRejected(429, message, "quota_exceeded", limit, wait, image_headers(status))
+
+
+def _budget_rejection(status: LimitStatus, cost: float, headers: Mapping[str, str]
+                      ) -> QuotaRejected:
+    wait = max(0.0, (status.reset_at or time.time()) - time.time())
+    return QuotaRejected(
+        429, f"Quota exceeded: monthly budget of {status.limit or 0:.2f} USD; "
+        f"{status.remaining or 0:.3f} USD remaining, this request needs {cost:.3f} USD; "
+        f"resets in {duration(wait)}.", "quota_exceeded", status.name, wait, headers)
+
+
+def reservation_refusal(statuses: list[LimitStatus], images: int, cost: float,
+                        fallback: str | None = None) -> QuotaRejected | None:
+    """Why reserving ``images`` (``cost`` USD) is refused, or None if it fits.
+
+    When several limits refuse, the one that resets last is reported: a client retrying
+    at an earlier reset (tomorrow, with the month used up) would only be refused again.
+    ``fallback`` names a limit that refused elsewhere (a Redis script) in case these
+    statuses, read a moment later, no longer show it.
+    """
+    by_name = {s.name: s for s in statuses}
+    failing = [s for s in statuses if s.limit is not None and (
+        (s.name in ("images_per_day", "images_per_month") and (s.remaining or 0) < images)
+        or (s.name == "budget_usd_per_month" and (s.remaining or 0) < cost - 1e-9))]
+    if not failing:
+        if fallback is None:
+            return None
+        failing = [by_name[fallback]]
+    worst = max(failing, key=lambda s: s.reset_at or 0.0)
+    if worst.name == "budget_usd_per_month":
+        return _budget_rejection(worst, cost, ratelimit_headers(statuses))
+    return _images_rejection(worst.name, worst, images)
 
 
 @dataclass
@@ -319,12 +365,12 @@ class SqliteQuota:
                 429, f"Rate limit reached: {q.requests_per_minute} requests per minute; "
                 f"0 remaining, resets in {duration(wait)}.", "rate_limit_exceeded",
                 "requests_per_minute", wait,
-                image_headers(tightest(self._statuses(principal, now))))
+                ratelimit_headers(self._statuses(principal, now)))
         if q.max_concurrent is not None and self._inflight[user] >= q.max_concurrent:
             raise QuotaRejected(
                 429, f"Rate limit reached: at most {q.max_concurrent} requests in flight at "
                 "once; wait for one to finish.", "rate_limit_exceeded", "max_concurrent", 1,
-                image_headers(tightest(self._statuses(principal, now))))
+                ratelimit_headers(self._statuses(principal, now)))
         window.append(now)
         self._inflight[user] += 1
         try:
@@ -334,19 +380,9 @@ class SqliteQuota:
 
     async def reserve(self, principal: Principal, images: int, cost: float, size: str
                       ) -> Reservation:
-        statuses = {s.name: s for s in self._statuses(principal, time.time())}
-        for name in ("images_per_day", "images_per_month"):
-            s = statuses[name]
-            if s.limit is not None and (s.remaining or 0) < images:
-                raise _images_rejection(name, s, images)
-        b = statuses["budget_usd_per_month"]
-        if b.limit is not None and (b.remaining or 0) < cost - 1e-9:
-            wait = (b.reset_at or time.time()) - time.time()
-            raise QuotaRejected(
-                429, f"Quota exceeded: monthly budget of {b.limit:.2f} USD; "
-                f"{b.remaining:.3f} USD remaining, this request needs {cost:.3f} USD; resets "
-                f"in {duration(wait)}.", "quota_exceeded", "budget_usd_per_month", wait,
-                image_headers(tightest(list(statuses.values()))))
+        refusal = reservation_refusal(self._statuses(principal, time.time()), images, cost)
+        if refusal is not None:
+            raise refusal
         self._reserved[principal.name] += images
         self._reserved_cost[principal.name] += cost
         return Reservation(principal.name, images, cost, size)

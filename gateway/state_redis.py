@@ -43,13 +43,12 @@ from gateway.quota import (
     LimitStatus,
     QuotaRejected,
     Reservation,
-    _images_rejection,
     blocked_error,
     day_bounds,
     duration,
-    image_headers,
     month_bounds,
-    tightest,
+    ratelimit_headers,
+    reservation_refusal,
 )
 from gateway.storage import ID_RE, ImageStore, atomic_write
 
@@ -334,6 +333,22 @@ class RedisQuota(_Guarded):
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    def _hand_back(self, make: Callable[[], Awaitable[object]]) -> None:
+        """Undo a take whose reply never came (a timeout, a dropped connection, or the
+        client leaving while the script ran): the script may have run, and nothing else
+        would give back what it took before its lease ends. Undoing an id the script
+        never took is a no-op, so this is always safe. One try, in the background: if
+        Redis is down it does not help to queue one retry per refused request, and the
+        lease still ends the hold."""
+
+        async def once() -> None:
+            with contextlib.suppress(StateUnavailable):
+                await self._do(make())
+
+        task = asyncio.get_running_loop().create_task(once())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     async def _statuses(self, principal: Principal) -> list[LimitStatus]:
         wall = time.time()
         k = _UserKeys(principal.name, wall)
@@ -394,13 +409,17 @@ class RedisQuota(_Guarded):
             raise blocked_error(principal.name)
         k = _UserKeys(principal.name, time.time())
         slot = uuid.uuid4().hex
-        verdict, wait = (_s(x) for x in await self._do(self._admit(
-            keys=[k.blocked, k.window, k.inflight],
-            args=[_lim(q.requests_per_minute), _lim(q.max_concurrent), slot, self.lease])))
+        try:
+            verdict, wait = (_s(x) for x in await self._do(self._admit(
+                keys=[k.blocked, k.window, k.inflight],
+                args=[_lim(q.requests_per_minute), _lim(q.max_concurrent), slot, self.lease])))
+        except BaseException:
+            self._hand_back(lambda: self.r.zrem(k.inflight, slot))
+            raise
         if verdict == "blocked":
             raise blocked_error(principal.name)
         if verdict != "ok":
-            headers = image_headers(tightest(await self._statuses(principal)))
+            headers = ratelimit_headers(await self._statuses(principal))
             if verdict == "requests_per_minute":
                 raise QuotaRejected(
                     429, f"Rate limit reached: {q.requests_per_minute} requests per minute; "
@@ -419,21 +438,20 @@ class RedisQuota(_Guarded):
         q = principal.quota
         rid = uuid.uuid4().hex
         k = _UserKeys(principal.name, time.time())
-        verdict = _s(await self._do(self._reserve(keys=k.money, args=[
-            images, repr(float(cost)), _lim(q.images_per_day), _lim(q.images_per_month),
-            _lim(q.budget_usd_per_month), rid, self.lease])))
+        try:
+            verdict = _s(await self._do(self._reserve(keys=k.money, args=[
+                images, repr(float(cost)), _lim(q.images_per_day), _lim(q.images_per_month),
+                _lim(q.budget_usd_per_month), rid, self.lease])))
+        except BaseException:
+            self._hand_back(lambda: self._refund(keys=[k.held, k.leases, k.leasev],
+                                                 args=[rid]))
+            raise
         if verdict == "ok":
             return RedisReservation(principal.name, images, cost, size, rid=rid)
-        statuses = {s.name: s for s in await self._statuses(principal)}
-        if verdict != "budget_usd_per_month":
-            raise _images_rejection(verdict, statuses[verdict], images)
-        b = statuses[verdict]
-        wait = (b.reset_at or time.time()) - time.time()
-        raise QuotaRejected(
-            429, f"Quota exceeded: monthly budget of {b.limit:.2f} USD; "
-            f"{b.remaining:.3f} USD remaining, this request needs {cost:.3f} USD; resets "
-            f"in {duration(wait)}.", "quota_exceeded", verdict, wait,
-            image_headers(tightest(list(statuses.values()))))
+        refusal = reservation_refusal(await self._statuses(principal), images, cost,
+                                      fallback=verdict)
+        assert refusal is not None  # with a fallback there always is one
+        raise refusal
 
     async def commit(self, reservation: Reservation, images: int, cost: float) -> None:
         if reservation.settled:

@@ -123,7 +123,9 @@ class ImageStore:
         except ValueError:
             raise ApiError(403, "Invalid image URL signature.", code="invalid_signature"
                            ) from None
-        if not hmac.compare_digest(self._sign(image_id, exp), signature):
+        # As bytes: comparing str refuses non-ASCII (a TypeError, i.e. a 500, for anyone)
+        if not hmac.compare_digest(self._sign(image_id, exp).encode(),
+                                   signature.encode("utf-8", "replace")):
             raise ApiError(403, "Invalid image URL signature.", code="invalid_signature")
         if exp < (now if now is not None else time.time()):
             raise ApiError(403, "This image URL has expired (URLs are valid for "

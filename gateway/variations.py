@@ -35,7 +35,7 @@ from gateway.keys import (
     ROUTER,
     USER_KEY,
 )
-from gateway.quota import Reservation, budget_used, image_headers, tightest
+from gateway.quota import Reservation, budget_used, ratelimit_headers
 
 
 def end_user_hash(key: bytes, member: str, user: str | None) -> str | None:
@@ -75,12 +75,13 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     record.end_user = upload.for_audit(fields.get("user"))
     record.size, record.model = upload.for_audit(fields.get("size")), upload.for_audit(
         fields.get("model"))
+    if image is not None:  # hashed before validation: refused requests name it too
+        record.image_sha256 = app[PIXEL_HASHES].sha256(image)
+        record.upload_bytes = len(image)
     form = upload.validate(image, fields, router.models)
     record.n, record.size, record.model = form.n, form.size_label, form.model
-    record.end_user, record.upload_bytes = form.user, len(form.image)
+    record.end_user = form.user
     metrics.upload_bytes.observe(len(form.image))
-    # Hashed first, so refused requests are audited with their image too.
-    record.image_sha256 = app[PIXEL_HASHES].sha256(form.image)
     # A re-sent upload (the usual cache hit) was inspected and decoded before.
     known = app[PIXEL_HASHES].get(record.image_sha256)
     info = known.info if known is not None else png.inspect(form.image)
@@ -120,8 +121,8 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             return result.images
 
         # Look up the cache, generating only what is missing; store (and sign) what we
-        # answer, then settle the quota before the client sees it. Until the commit, any
-        # failure or a disconnect (cancellation) refunds the reservation.
+        # answer, then settle the quota before the client sees it. Until the commit
+        # begins, any failure or a disconnect (cancellation) refunds the reservation.
         try:
             result: CacheResult = await app[CACHE].serve(key, form.n, policy, generate)
             base = base_url(request, config.server.public_base_url)
@@ -131,9 +132,14 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
                     None, app[RENDERER].render, result.items, form.response_format, base)
             cost = price * result.generated
             if reservation is not None:
-                await quota.commit(reservation, result.generated, cost)
-        except BaseException:
-            if reservation is not None:
+                # Once begun, the commit completes even if the client leaves meanwhile,
+                # so the audit can say what the ledger holds.
+                record.images_charged, record.cost_usd = result.generated, cost
+                await asyncio.shield(quota.commit(reservation, result.generated, cost))
+        except BaseException as exc:
+            if reservation is not None and not (
+                    isinstance(exc, asyncio.CancelledError) and record.images_charged):
+                record.images_charged, record.cost_usd = 0, 0.0
                 await quota.refund(reservation)
             raise
         # Committed together with the audit record: the answer waits for both.
@@ -156,7 +162,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     metrics.user_budget_ratio.labels(user_label).set(budget_used(statuses))
 
     # Answer.
-    headers = {"X-Cache": result.status, **image_headers(tightest(statuses))}
+    headers = {"X-Cache": result.status, **ratelimit_headers(statuses)}
     parts = [b'{"created":%d,"data":' % int(time.time()), *data, b"}"]
     if sum(len(p) for p in parts) < PartsResponse.JOIN_BELOW:
         return web.Response(body=b"".join(parts), content_type="application/json",
@@ -198,15 +204,18 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     path = await store.fetch(image_id, request.query.get("expires", ""),
                          request.query.get("signature", ""))
     expires = int(request.query["expires"])
-    # FileResponse would answer an unsatisfiable range itself, outside the envelope.
+    headers = {
+        "Content-Type": "image/png",
+        "Cache-Control": f"private, max-age={max(0, expires - int(time.time()))}",
+    }
+    # FileResponse would answer an unsatisfiable or malformed range itself (a bare 416).
     try:
         start = request.http_range.start
     except ValueError:
-        start = None  # a malformed Range header is ignored: the whole file is sent
+        # A malformed (or multi-part) Range is ignored, as RFC 9110 allows: the whole file.
+        data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+        return web.Response(body=data, headers=headers)
     if start is not None and start >= path.stat().st_size:
         raise ApiError(416, "The requested byte range is outside this image.",
                        code="range_not_satisfiable")
-    return web.FileResponse(path, headers={
-        "Content-Type": "image/png",
-        "Cache-Control": f"private, max-age={max(0, expires - int(time.time()))}",
-    })
+    return web.FileResponse(path, headers=headers)

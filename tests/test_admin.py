@@ -10,6 +10,8 @@ from instrumented_backend import Start, register, usage, vary
 from PIL import Image
 from support import ADMIN_TOKEN, auth, png_bytes
 
+from gateway.keys import AUDIT
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ROUTES = [("GET", "/admin/usage"), ("GET", "/admin/audit"),
           ("POST", "/admin/users/bob/block"), ("POST", "/admin/users/bob/unblock")]
@@ -45,6 +47,16 @@ async def test_member_token_gets_403_everywhere(instrumented: Start) -> None:
     assert (await admin_get(client, "/admin/usage"))["users"]["bob"]["blocked"] is False
     async with client.get("/v1/usage", headers=ADMIN) as r:  # nor is admin a member
         assert r.status == 401
+    # The audit says which member knocked (or that the token is nobody's).
+    async with client.get("/admin/usage", headers=auth("bob")) as r:
+        assert r.status == 403
+        bob_id = r.headers["x-request-id"]
+    async with client.get("/admin/usage", headers={"Authorization": "Bearer vg-nobody"}) as r:
+        assert r.status == 403
+        nobody_id = r.headers["x-request-id"]
+    rows = {row["request_id"]: row for row in client.app[AUDIT].query(limit=50)}
+    assert (rows[bob_id]["member"], rows[bob_id]["auth_error"]) == ("bob", None)
+    assert (rows[nobody_id]["member"], rows[nobody_id]["auth_error"]) == (None, "bad_token")
 
 
 async def test_block_and_unblock_persist(instrumented: Start) -> None:
@@ -117,8 +129,10 @@ async def test_audit_query_by_end_user(instrumented: Start) -> None:
     until = (await admin_get(client, "/admin/audit", end_user="kim",
                              until="2000-01-01T00:00:00Z"))["data"]
     assert until == []
-    async with client.get("/admin/audit", headers=ADMIN, params={"limit": "0"}) as r:
-        assert r.status == 400
+    for bad in ({"limit": "0"}, {"before": "9" * 20}, {"limit": "-" + "9" * 20}):
+        async with client.get("/admin/audit", headers=ADMIN, params=bad) as r:
+            assert r.status == 400, bad
+            assert (await r.json())["error"]["param"] == next(iter(bad))
 
 
 async def test_admin_usage_per_user(instrumented: Start) -> None:

@@ -151,3 +151,6 @@ async def test_refused_form_keeps_its_raw_fields(gateway_client) -> None:  # typ
     assert (rows[0]["status"], rows[0]["size"], rows[0]["error_code"]) == (
         400, "300x300", "invalid_value")
     assert rows[0]["member"] == "alice"
+    # ... and the image it sent, so "who sent this image" finds refused attempts too
+    assert rows[0]["image_sha256"] == hashlib.sha256(png_bytes(64)).hexdigest()
+    assert rows[0]["upload_bytes"] == len(png_bytes(64))

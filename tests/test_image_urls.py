@@ -44,7 +44,6 @@ async def test_one_character_changes_are_refused(gateway_client) -> None:
     prefix, _, rest = path.partition("/v1/images/files/")
     image_id, _, query = rest.partition(".png?")
     sig_at = query.index("signature=") + len("signature=")
-    swap = {"0": "1"}
     tampered_sig = query[:sig_at] + ("A" if query[sig_at] != "A" else "B") + query[sig_at + 1:]
     tampered_id = ("1" if image_id[0] != "1" else "2") + image_id[1:]
     for bad in (f"/v1/images/files/{image_id}.png?{tampered_sig}",
@@ -53,9 +52,28 @@ async def test_one_character_changes_are_refused(gateway_client) -> None:
         assert resp.status == 403, bad
         body = await resp.json()
         assert body["error"]["code"] == "invalid_signature"
-    del swap, prefix
+    del prefix
     resp = await client.get("/v1/images/files/../../state.sqlite3.png?expires=1&signature=x")
     assert resp.status in (403, 404)
+    # A signature no HMAC could be (non-ASCII) is refused the same way, not a 500.
+    non_ascii = query[:sig_at] + "%C3%A9"
+    resp = await client.get(f"/v1/images/files/{image_id}.png?{non_ascii}")
+    assert resp.status == 403
+    assert (await resp.json())["error"]["code"] == "invalid_signature"
+
+
+async def test_a_malformed_range_is_ignored(gateway_client) -> None:
+    client = await gateway_client()
+    url = await _variation_url(client)
+    path = "/" + url.split("://", 1)[1].split("/", 1)[1]
+    whole = await (await client.get(path)).read()
+    for bad in ("bytes=50-10", "bytes=0-1,5-6", "bytes=abc"):
+        resp = await client.get(path, headers={"Range": bad})
+        assert resp.status == 200, bad
+        assert resp.headers["Content-Type"] == "image/png"
+        assert await resp.read() == whole
+    resp = await client.get(path, headers={"Range": "bytes=0-9"})
+    assert resp.status == 206 and await resp.read() == whole[:10]
 
 
 async def test_public_base_url_is_used(gateway_client) -> None:

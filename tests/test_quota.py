@@ -18,7 +18,7 @@ import pytest
 from instrumented_backend import Answer, Start, poll, register, usage, vary
 from support import ADMIN_TOKEN, TOKENS, png_bytes, sha
 
-from gateway.keys import AUDIT, IMAGES
+from gateway.keys import AUDIT, IMAGES, QUOTA
 
 DURATION = re.compile(r"^(\d+h)?(\d+m)?\d+s$|^\d+ms$")
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
@@ -184,6 +184,33 @@ async def test_disconnect_after_generating_refunds(instrumented: Start, monkeypa
     assert len(backend.calls) == 2
 
 
+async def test_disconnect_during_the_commit_is_charged_and_audited_alike(
+        instrumented: Start, monkeypatch: Any) -> None:
+    """The client leaves while the ledger commit is in flight: the commit completes (the
+    images were made), and the 499 audit row says they were charged."""
+    client, _ = await instrumented(quota_defaults={"images_per_day": 5})
+    quota = client.app[QUOTA]
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = quota.commit
+
+    async def slow_commit(reservation: Any, images: int, cost: float) -> None:
+        landing = asyncio.ensure_future(original(reservation, images, cost))
+        entered.set()
+        await release.wait()
+        await landing
+
+    monkeypatch.setattr(quota, "commit", slow_commit)
+    task = asyncio.create_task(vary(client, png_bytes(seed=1)))
+    await poll(entered.is_set, "the commit in flight")
+    task.cancel()
+    await poll(lambda: _audited_status(client) == 499, "the 499 audit record")
+    release.set()
+    used = (await usage(client))["limits"]["images_per_day"]["used"]
+    assert used == 1
+    (row,) = [r for r in client.app[AUDIT].query(limit=10) if r["status"] == 499]
+    assert row["images_charged"] == used
+
+
 def _audited_status(client: Any) -> int | None:
     rows = client.app[AUDIT].query(limit=1)
     return rows[0]["status"] if rows else None
@@ -196,7 +223,11 @@ async def test_cache_hits_cost_no_images_but_count_as_requests(instrumented: Sta
     answers = [await vary(client, image) for _ in range(3)]
     assert [a.headers["X-Cache"] for a in answers] == ["MISS", "HIT", "HIT"]
     assert [a.headers["x-ratelimit-remaining-images"] for a in answers] == ["4", "4", "4"]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["2", "1", "0"]
+    assert {a.headers["x-ratelimit-limit-requests"] for a in answers} == {"3"}
     limited = await vary(client, image)
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert DURATION.match(limited.headers["x-ratelimit-reset-requests"])
     assert limited.status == 429
     assert limited.body["error"]["code"] == "rate_limit_exceeded"
     assert "3 requests per minute" in limited.body["error"]["message"]
@@ -227,6 +258,20 @@ async def test_month_limit_and_partial_reservation(instrumented: Start) -> None:
     month = (await usage(client))["limits"]["images_per_month"]
     assert (month["used"], month["remaining"]) == (3, 0)
     assert month["resets_at"].endswith("-01T00:00:00Z")
+
+
+async def test_the_refusal_names_the_limit_that_resets_last(instrumented: Start) -> None:
+    """Day and month both used up: the 429 sends the client to the 1st of next month,
+    since retrying tomorrow would only be refused again."""
+    client, backend = await instrumented(
+        quota_defaults={"images_per_day": 2, "images_per_month": 2})
+    assert (await vary(client, png_bytes(seed=1), n=2)).status == 200
+    a = await vary(client, png_bytes(seed=2), n=1)
+    assert a.status == 429 and "calendar month" in a.body["error"]["message"]
+    assert a.body["error"]["message"].rstrip(".").endswith("-01T00:00:00Z")
+    assert int(a.headers["retry-after"]) > seconds_to_utc_midnight() or (
+        time.gmtime(time.time() + 86400).tm_mday == 1)  # the last day of a month
+    assert backend.calls == [2]
 
 
 async def test_budget_usd_per_month(instrumented: Start) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis_server import RedisServer
@@ -287,4 +288,85 @@ async def test_a_commit_whose_reply_was_lost_is_charged_once_and_succeeds(
     assert len(sent) == 2 and reservation.settled
     day = {s.name: s for s in await q.usage(p)}["images_per_day"]
     assert (day.used, day.remaining) == (3, 7)  # once, and nothing still held
+    await q.close()
+
+
+async def _until(check: Any, what: str, deadline_s: float = 10.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("fault", ["reply_lost", "client_left"])
+async def test_a_reserve_whose_reply_never_came_holds_nothing(
+        redis_server: RedisServer, fault: str) -> None:
+    """Redis took the images, but the gateway never saw the answer (the reply was lost,
+    or the client left while the script ran): the hold comes back at once, not after the
+    lease (10 minutes here)."""
+    q = quota(redis_server, lease=600.0)
+    p = who(images_per_day=2)
+    real = q._reserve
+    never = asyncio.Event()
+
+    async def script_ran_then(**kwargs: object) -> object:
+        await real(**kwargs)
+        if fault == "reply_lost":
+            raise sr.redis.exceptions.ConnectionError("connection reset by peer")
+        await never.wait()  # the client leaves while we wait for the reply
+        raise AssertionError("unreachable")
+
+    q._reserve = script_ran_then  # type: ignore[assignment]
+    task = asyncio.create_task(q.reserve(p, 2, 0.0, "256x256"))
+    if fault == "reply_lost":
+        with pytest.raises(sr.StateUnavailable):
+            await task
+    else:
+        await _until(lambda: _held(q, p, 2), "the script to take the images")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    q._reserve = real  # type: ignore[assignment]
+    await _until(lambda: _held(q, p, 0), "the images to come back")
+    await q.reserve(p, 2, 0.0, "256x256")
+    await q.close()
+
+
+async def _held(q: sr.RedisQuota, p: Principal, used: int) -> bool:
+    return {s.name: s for s in await q.usage(p)}["images_per_day"].used == used
+
+
+async def test_an_admit_whose_reply_was_lost_holds_no_slot(redis_server: RedisServer) -> None:
+    q = quota(redis_server)
+    p = who(max_concurrent=1)
+    real = q._admit
+
+    async def reply_lost(**kwargs: object) -> object:
+        await real(**kwargs)
+        raise sr.redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    q._admit = reply_lost  # type: ignore[assignment]
+    with pytest.raises(sr.StateUnavailable):
+        async with q.admit(p):
+            pass
+    q._admit = real  # type: ignore[assignment]
+
+    async def slot_free() -> bool:
+        return {s.name: s for s in await q.usage(p)}["max_concurrent"].used == 0
+
+    await _until(slot_free, "the slot to be freed")
+    async with q.admit(p):
+        pass
+    await q.close()
+
+
+async def test_the_refusal_names_the_limit_that_resets_last(redis_server: RedisServer) -> None:
+    """Day and month both used up: retrying tomorrow would be refused again."""
+    q = quota(redis_server)
+    p = who(images_per_day=2, images_per_month=2)
+    await q.commit(await q.reserve(p, 2, 0.0, "256x256"), 2, 0.0)
+    with pytest.raises(QuotaRejected) as exc:
+        await q.reserve(p, 1, 0.0, "256x256")
+    assert exc.value.limit == "images_per_month"
+    assert "calendar month" in exc.value.message
     await q.close()
