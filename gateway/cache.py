@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -71,6 +71,12 @@ class CacheResult:
     generated: int  # images this request caused the backend to generate
 
 
+@dataclass(frozen=True)
+class Evicted:
+    orphans: list[str]  # blob shas no pool references any more: delete their files
+    held_back: bool = False  # a due pool was kept because a request was serving from it
+
+
 class CacheIndex(Protocol):
     """Where pools are recorded: SQLite on one box, Redis across replicas."""
 
@@ -80,8 +86,10 @@ class CacheIndex(Protocol):
 
     async def append(self, key: str, items: list[tuple[str, int]], now: float) -> None: ...
 
-    async def evict(self, max_bytes: int, ttl_seconds: int, now: float) -> list[str]:
-        """Drop expired and least-recently-used pools; return blob shas now unreferenced."""
+    async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
+                    keep: frozenset[str] = frozenset()) -> Evicted:
+        """Drop expired and least-recently-used pools, except those in ``keep`` (in use
+        by a request right now)."""
         ...
 
     async def stats(self) -> tuple[int, int]:
@@ -168,14 +176,19 @@ class SqliteCacheIndex:
                 if self._db.execute("SELECT 1 FROM items WHERE sha=? LIMIT 1", (s,)).fetchone()
                 is None]
 
-    async def evict(self, max_bytes: int, ttl_seconds: int, now: float) -> list[str]:
+    async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
+                    keep: frozenset[str] = frozenset()) -> Evicted:
         orphans: list[str] = []
+        held_back = False
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._flush_touches()
             for (key,) in self._db.execute(
                     "SELECT key FROM entries WHERE created < ?", (now - ttl_seconds,)).fetchall():
-                orphans += self._drop(key)
+                if key in keep:
+                    held_back = True
+                else:
+                    orphans += self._drop(key)
             (total,) = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
             if total > max_bytes:
                 for key, size in self._db.execute(
@@ -183,9 +196,12 @@ class SqliteCacheIndex:
                         "WHERE i.key = e.key) FROM entries e ORDER BY last_used").fetchall():
                     if total <= max_bytes:
                         break
-                    orphans += self._drop(key)
-                    total -= size
-        return orphans
+                    if key in keep:
+                        held_back = True
+                    else:
+                        orphans += self._drop(key)
+                        total -= size
+        return Evicted(orphans, held_back)
 
     async def stats(self) -> tuple[int, int]:
         (entries,) = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
@@ -260,6 +276,11 @@ class ResultCache:
         self._no_stores = asyncio.Event()
         self._no_stores.set()
         self._barrier: asyncio.Future[None] | None = None  # a pass is waiting or running
+        # Keys whose pool a request is serving from right now, and how many requests:
+        # a pass leaves them alone, so no file is deleted between lookup and answer
+        # (a PARTIAL top-up may take minutes). The next pass takes them if still due.
+        self._in_use: dict[str, int] = {}
+        self._held_back = False  # the last pass kept a due pool that was in use
 
     async def _pool_items(self, key: str) -> list[Item]:
         rows = await self.index.pool(key, time.time())
@@ -283,10 +304,15 @@ class ResultCache:
             self._stores -= 1
             if self._stores == 0:
                 self._no_stores.set()
+        self._pass_soon()
+        return items
+
+    def _pass_soon(self) -> None:
+        """An eviction pass after this one (or now, if none runs)."""
         self._evict_again = True
         if self._evicting is None or self._evicting.done():
-            self._evicting = loop.create_task(self._evict_while_needed())
-        return items
+            self._evicting = asyncio.get_running_loop().create_task(
+                self._evict_while_needed())
 
     async def _evict_while_needed(self) -> None:
         """Repeat passes until no store landed during the last one (else a burst of
@@ -303,10 +329,12 @@ class ResultCache:
         self._barrier = barrier
         try:
             await self._no_stores.wait()
-            orphans = await self.index.evict(self.max_bytes, self.ttl, time.time())
-            if orphans:
+            evicted = await self.index.evict(self.max_bytes, self.ttl, time.time(),
+                                             frozenset(self._in_use))
+            self._held_back = evicted.held_back
+            if evicted.orphans:
                 await asyncio.get_running_loop().run_in_executor(
-                    None, self.blobs.delete, orphans)
+                    None, self.blobs.delete, evicted.orphans)
         finally:
             self._barrier = None
             barrier.set_result(None)
@@ -321,8 +349,27 @@ class ResultCache:
                 log.warning("cache_sweep_failed", error=type(exc).__name__)
             await asyncio.sleep(interval)
 
-    async def serve(self, key: str, n: int, policy: Policy, generate: Generate) -> CacheResult:
-        """``n`` images for ``key`` per ``policy``, generating only what is missing."""
+    @contextlib.asynccontextmanager
+    async def serve(self, key: str, n: int, policy: Policy, generate: Generate
+                    ) -> AsyncIterator[CacheResult]:
+        """``n`` images for ``key`` per ``policy``, generating only what is missing.
+
+        The result's files stay on disk until the block exits: answer inside it.
+        """
+        self._in_use[key] = self._in_use.get(key, 0) + 1
+        try:
+            yield await self._serve(key, n, policy, generate)
+        finally:
+            if self._in_use[key] > 1:
+                self._in_use[key] -= 1
+            else:
+                del self._in_use[key]
+                if self._held_back:  # perhaps this key: the budget is enforced now
+                    self._held_back = False
+                    self._pass_soon()
+
+    async def _serve(self, key: str, n: int, policy: Policy, generate: Generate
+                     ) -> CacheResult:
         if not self.enabled or policy == "no-store":
             images = await generate(n, -1)
             return CacheResult([Item(_sha(d), len(d), data=d) for d in images], "BYPASS", n)

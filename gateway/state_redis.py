@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.auth import Principal
-from gateway.cache import BlobStore, Item
+from gateway.cache import BlobStore, Evicted, Item
 from gateway.errors import ApiError
 from gateway.quota import (
     LimitStatus,
@@ -538,7 +538,8 @@ redis.call('INCRBY', KEYS[5], added)
 return 'ok'
 """
 
-# KEYS: lru, created, psize, total, refs. ARGV: prefix of pool keys, max bytes, cutoff.
+# KEYS: lru, created, psize, total, refs.
+# ARGV: prefix of pool keys, max bytes, cutoff, then the keys to keep (in use).
 _EVICT = """
 local orphans = {}
 local function drop(key)
@@ -556,16 +557,20 @@ local function drop(key)
   redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], key) or '0'))
   redis.call('HDEL', KEYS[3], key)
 end
+local keep = {}
+for i = 4, #ARGV do keep[ARGV[i]] = true end
+local held = 0
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])) do
-  drop(key)
+  if keep[key] then held = 1 else drop(key) end
 end
 local max = tonumber(ARGV[2])
+local kept = 0  -- kept keys stay at the front of the LRU order: skip past them
 while tonumber(redis.call('GET', KEYS[4]) or '0') > max do
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)
+  local oldest = redis.call('ZRANGE', KEYS[1], kept, kept)
   if #oldest == 0 then break end
-  drop(oldest[1])
+  if keep[oldest[1]] then kept, held = kept + 1, 1 else drop(oldest[1]) end
 end
-return orphans
+return {held, orphans}
 """
 
 _RELEASE = """
@@ -612,11 +617,12 @@ class RedisCacheIndex(_Guarded):
         await self._do(self._append(keys=[_C + "pool:" + key, _C + "lru", _C + "created",
                                           _C + "psize", _C + "total", _C + "refs"], args=args))
 
-    async def evict(self, max_bytes: int, ttl_seconds: int, now: float) -> list[str]:
-        orphans = await self._do(self._evict(
+    async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
+                    keep: frozenset[str] = frozenset()) -> Evicted:
+        held, orphans = await self._do(self._evict(
             keys=[_C + "lru", _C + "created", _C + "psize", _C + "total", _C + "refs"],
-            args=[_C + "pool:", max_bytes, repr(now - ttl_seconds)]))
-        return [_s(o) for o in orphans]
+            args=[_C + "pool:", max_bytes, repr(now - ttl_seconds), *sorted(keep)]))
+        return Evicted([_s(o) for o in orphans], bool(int(held)))
 
     async def stats(self) -> tuple[int, int]:
         pipe = self.r.pipeline(transaction=False)

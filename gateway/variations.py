@@ -124,12 +124,13 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         # answer, then settle the quota before the client sees it. Until the commit
         # begins, any failure or a disconnect (cancellation) refunds the reservation.
         try:
-            result: CacheResult = await app[CACHE].serve(key, form.n, policy, generate)
-            base = base_url(request, config.server.public_base_url)
-            data = app[RENDERER].from_memory(result.items, form.response_format, base)
-            if data is None:
-                data = await loop.run_in_executor(
-                    None, app[RENDERER].render, result.items, form.response_format, base)
+            result: CacheResult
+            async with app[CACHE].serve(key, form.n, policy, generate) as result:
+                base = base_url(request, config.server.public_base_url)
+                data = app[RENDERER].from_memory(result.items, form.response_format, base)
+                if data is None:
+                    data = await loop.run_in_executor(
+                        None, app[RENDERER].render, result.items, form.response_format, base)
             cost = price * result.generated
             if reservation is not None:
                 # Once begun, the commit completes even if the client leaves meanwhile,

@@ -269,9 +269,10 @@ async def test_sweeper_expires_pools_while_idle(tmp_path) -> None:
     async def generate(count: int, offset: int) -> list[bytes]:
         return [f"png-{offset}-{i}".encode() for i in range(count)]
 
-    first = await cache.serve("k", 1, "default", generate)
-    assert first.status == "MISS"
-    assert (await cache.serve("k", 1, "default", generate)).status == "HIT"
+    async with cache.serve("k", 1, "default", generate) as first:
+        assert first.status == "MISS"
+    async with cache.serve("k", 1, "default", generate) as again:
+        assert again.status == "HIT"
     blob = first.items[0].path
     stored_at = _time.time()
     task = asyncio.create_task(cache.sweeper(interval=0.01))
@@ -300,7 +301,46 @@ async def test_hit_recency_kept_in_memory_reaches_the_index(tmp_path: Path) -> N
     assert await index.pool("older", now + 2) == [("s1", 10)]  # a hit: now the newest
     await index.close()
     index = SqliteCacheIndex(path)  # restarted
-    assert await index.evict(max_bytes=10, ttl_seconds=3600, now=now + 3) == ["s2"]
+    assert (await index.evict(max_bytes=10, ttl_seconds=3600, now=now + 3)).orphans == ["s2"]
     assert await index.pool("older", now + 4) == [("s1", 10)]
     assert await index.pool("newer", now + 4) == []
+    await index.close()
+
+
+async def test_a_pool_being_served_is_not_evicted_under_it(instrumented: Start) -> None:
+    """A PARTIAL top-up takes as long as the backend does. If the pool's TTL ends (or LRU
+    picks it) meanwhile, its files must still be there to answer from: 200 with all n,
+    charged for what was generated. The next pass takes the entry once it is free."""
+    client, backend = await instrumented(quota_defaults={"images_per_day": 100})
+    image = png_bytes(seed=11)
+    first = await vary(client, image, n=2)
+    assert first.status == 200
+    cache = client.app[CACHE]
+    backend.gate.clear()
+    task = asyncio.create_task(vary(client, image, n=5, response_format="b64_json"))
+    await poll(lambda: backend.in_flight == 1, "the PARTIAL top-up at the backend")
+    cache.ttl = 0  # the pool is due now ...
+    await cache.evict()  # ... and a pass runs while it is in use
+    backend.gate.set()
+    topped = await task
+    assert topped.status == 200, topped.body
+    assert topped.headers["X-Cache"] == "PARTIAL"
+    assert len(images(topped)) == 5
+    assert backend.calls == [2, 3]
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 5
+    await cache.evict()  # free now: due, so it goes
+    assert (await cache.stats())[0] == 0
+    assert blob_bytes(Path(client.app[CONFIG].cache.dir)) == 0  # files gone too
+
+
+async def test_index_eviction_keeps_keys_in_use(tmp_path: Path) -> None:
+    from gateway.cache import Evicted, SqliteCacheIndex
+
+    index = SqliteCacheIndex(tmp_path / "index.sqlite3")
+    await index.append("old", [("s1", 10)], 100.0)
+    await index.append("new", [("s2", 10)], 101.0)
+    # Both expired, budget 0: everything would go, but "old" is in use.
+    assert await index.evict(0, 1, 200.0, keep=frozenset({"old"})) == Evicted(["s2"], True)
+    assert await index.pool("old", 201.0) == [("s1", 10)]
+    assert await index.evict(0, 1, 202.0) == Evicted(["s1"], False)
     await index.close()

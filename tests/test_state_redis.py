@@ -14,7 +14,7 @@ from redis_server import RedisServer
 
 from gateway import state_redis as sr
 from gateway.auth import Principal
-from gateway.cache import BlobStore, ResultCache
+from gateway.cache import BlobStore, CacheResult, Evicted, ResultCache
 from gateway.config import QuotaLimits
 from gateway.quota import QuotaRejected
 
@@ -172,12 +172,19 @@ async def test_cache_index_pools_lru_ttl_and_refcounts(redis_server: RedisServer
     assert await b.pool("k1", 104.0) == [("s1", 10), ("s2", 10), ("s3", 10)]
     assert await a.stats() == (3, 50)
     # k2 is now least recently used: evicting to 40 bytes drops it; s1 is still in k1.
-    assert await b.evict(40, 10**6, 105.0) == []
+    assert (await b.evict(40, 10**6, 105.0)).orphans == []
     assert await a.pool("k2", 106.0) == []
     assert await a.stats() == (2, 40)
     # Dropping k1 by TTL (created at 100) orphans s1, s2, s3; k3 (103) stays.
-    assert sorted(await a.evict(10**6, 4, 105.0)) == ["s1", "s2", "s3"]
+    assert sorted((await a.evict(10**6, 4, 105.0)).orphans) == ["s1", "s2", "s3"]
     assert await b.stats() == (1, 10)
+    # Keys in use are skipped by TTL and by LRU; the others still go.
+    await a.append("k4", [("s5", 10)], 106.0)
+    await a.append("k5", [("s6", 10)], 107.0)
+    assert await a.evict(0, 1, 200.0, keep=frozenset({"k3", "k4"})) == Evicted(["s6"], True)
+    assert await b.stats() == (2, 20)
+    assert await b.evict(0, 10**6, 200.0, keep=frozenset({"k4"})) == Evicted(["s4"], True)
+    assert await a.stats() == (1, 10)
     await a.close()
     await b.close()
 
@@ -212,8 +219,11 @@ async def test_single_flight_across_replicas(redis_server: RedisServer, tmp_path
         await release.wait()
         return [b"png-%d" % (offset + i) for i in range(count)]
 
-    tasks = [asyncio.create_task(caches[i % 2].serve("key", 2, "default", generate))
-             for i in range(10)]
+    async def serve(cache: ResultCache) -> CacheResult:
+        async with cache.serve("key", 2, "default", generate) as result:
+            return result
+
+    tasks = [asyncio.create_task(serve(caches[i % 2])) for i in range(10)]
     await asyncio.wait_for(started.wait(), 10)
     await asyncio.sleep(0.2)  # let every other request reach its wait (not a readiness wait)
     release.set()
