@@ -8,6 +8,7 @@ A deliberately broken copy of each file must fail the same tool, so no check is 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -21,9 +22,14 @@ from support import build_wheel
 
 from gateway.config import parse_config
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "variations-gateway.service"
-KUBE = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+# What `kubectl apply -f deploy/kubernetes/` reads: only these extensions (cli-runtime's
+# FileExtensions), so the Secret example, named *.yaml.example, is never applied.
+KUBECTL_EXTENSIONS = (".json", ".yaml", ".yml")
+KUBE = sorted(p for p in (DEPLOY / "kubernetes").iterdir() if p.suffix in KUBECTL_EXTENSIONS)
+SECRET_EXAMPLE = DEPLOY / "kubernetes" / "secret.yaml.example"
 ENV = {"ADMIN_TOKEN_SHA256": "a" * 64, "ARTIST_TOKEN_SHA256": "b" * 64,
        "PUBLIC_BASE_URL": "https://variations.example.com", "OPENAI_API_KEY": "sk-test"}
 
@@ -78,9 +84,9 @@ def _docs(path: Path) -> list[dict[str, Any]]:
 
 def test_kubernetes_manifests_validate_against_the_schemas(tmp_path: Path) -> None:
     validator = tool("kubernetes-validate")
-    result = run(validator, "--strict", *map(str, KUBE))
+    result = run(validator, "--strict", *map(str, KUBE), str(SECRET_EXAMPLE))
     assert result.returncode == 0, result.stdout + result.stderr
-    kinds = {d["kind"]: d for p in KUBE for d in _docs(p)}
+    kinds = {d["kind"]: d for p in [*KUBE, SECRET_EXAMPLE] for d in _docs(p)}
     assert {"Deployment", "Service", "ConfigMap", "Secret", "StatefulSet",
             "HorizontalPodAutoscaler"} <= set(kinds)
     deployment = kinds["Deployment"]
@@ -94,11 +100,45 @@ def test_kubernetes_manifests_validate_against_the_schemas(tmp_path: Path) -> No
     assert run(validator, "--strict", str(broken)).returncode != 0
 
 
+def test_applying_the_directory_never_overwrites_the_real_secret() -> None:
+    """`kubectl apply -f deploy/kubernetes/` (README) must hold no Secret: it would
+    replace the one made with `kubectl create secret` by the placeholders."""
+    applied = {d["kind"] for p in KUBE for d in _docs(p)}
+    assert "Secret" not in applied
+    assert SECRET_EXAMPLE.suffix not in KUBECTL_EXTENSIONS
+    (secret,) = _docs(SECRET_EXAMPLE)
+    assert secret["kind"] == "Secret"
+    deployment = next(d for p in KUBE for d in _docs(p) if d["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"secretRef": {"name": secret["metadata"]["name"]}} in container["envFrom"]
+    readme = (ROOT / "README.md").read_text()
+    assert "kubectl apply -f deploy/kubernetes/secret.yaml " not in readme
+    assert f"kubectl create secret generic {secret['metadata']['name']}" in readme
+
+
 def test_the_configmap_holds_a_valid_redis_gateway_config() -> None:
     (cm,) = _docs(DEPLOY / "kubernetes" / "configmap.yaml")
-    config = parse_config(cm["data"]["gateway.yaml"], ENV)
+    text = cm["data"]["gateway.yaml"]
+    config = parse_config(text, ENV)
     assert config.state.kind == "redis" and config.audit.stdout
     assert config.state.redis_url == "redis://variations-gateway-redis:6379/0"
+    # Every variable without a default is a key of the Secret (README's command too).
+    (secret,) = _docs(SECRET_EXAMPLE)
+    required = set(re.findall(r"\$\{([A-Z0-9_]+)\}", text))
+    assert required and required <= set(secret["stringData"]), required
+    readme = (ROOT / "README.md").read_text()
+    for name in required:
+        assert f"--from-literal={name}=" in readme, name
+    # The route reaches a backend that exists: not dall-e-2's /v1/images/variations at
+    # OpenAI, shut down on 2026-05-12.
+    routed = [b for b in config.backends if b.name in config.route]
+    assert routed and not any(b.kind == "openai" and "api.openai.com" in b.options.base_url
+                              for b in routed)
+    # A rollout lets a generation in flight finish before the pod is killed.
+    deployment = next(d for p in KUBE for d in _docs(p) if d["kind"] == "Deployment")
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    longest = max(b.timeout_seconds for b in routed)
+    assert longest < config.server.shutdown_timeout_seconds < grace
 
 
 # --------------------------------------------------------------------------- compose
@@ -136,14 +176,87 @@ def test_compose_file_wires_replicas_redis_proxy_and_monitoring() -> None:
         assert result.returncode == 0, result.stderr
 
 
+def test_the_commented_compose_backend_is_valid_when_uncommented() -> None:
+    """Its AI backend example, uncommented as its comment says, still loads."""
+    text = (DEPLOY / "config" / "gateway.compose.yaml").read_text()
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  # - name: "))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  #   "))
+    for i in range(start, end):
+        lines[i] = "  " + lines[i][4:]
+    name = re.match(r"  - name: (\S+)", lines[start]).group(1)
+    uncommented = "\n".join(lines).replace("route: [local]", f"route: [{name}, local]")
+    config = parse_config(uncommented, ENV)
+    (backend,) = [b for b in config.backends if b.name == name]
+    assert backend.kind != "openai" or "api.openai.com" not in backend.options.base_url
+
+
+def _nginx_version(nginx: str) -> tuple[int, ...]:
+    found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", run(nginx, "-v").stderr)
+    assert found, "nginx -v printed no version"
+    return tuple(map(int, found.groups()))
+
+
+RESOLVE_SINCE = (1, 27, 3)  # `server ... resolve` in open-source nginx
+
+
 def test_nginx_conf_parses(tmp_path: Path) -> None:
     nginx = tool("nginx")
-    # nginx -t resolves upstream names: point the compose service name at loopback.
+    text = (DEPLOY / "nginx.conf").read_text()
+    # The upstream follows the replicas' addresses: `resolve`, which needs a zone.
+    assert re.search(r"server variations-gateway:8080 resolve\b", text)
+    assert re.search(r"upstream gateway \{\s*zone gateway \d+k;", text)
+    # ... so compose must run an nginx that has `resolve`.
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    tag = compose["services"]["nginx"]["image"].split(":")[1]
+    image = tuple(map(int, re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", tag).group(1, 2)))
+    assert image > RESOLVE_SINCE[:2], f"{tag}: a 1.27 tag may predate 1.27.3"
     conf = tmp_path / "nginx.conf"
-    conf.write_text((DEPLOY / "nginx.conf").read_text()
-                    .replace("variations-gateway:8080", "127.0.0.1:8080"))
+    if _nginx_version(nginx) >= RESOLVE_SINCE:
+        # With `resolve` nothing is looked up at start: the file is checked as it is,
+        # and a copy without the zone must fail.
+        conf.write_text(text)
+        broken = tmp_path / "broken.conf"
+        broken.write_text(re.sub(r"zone gateway \d+k;", "", text))
+        failed = run(nginx, "-t", "-c", str(broken), "-p", str(tmp_path), "-e", "/dev/stderr")
+        assert failed.returncode != 0 and "shared memory" in failed.stderr, failed.stderr
+    else:
+        # An older nginx (Debian 12 ships 1.22) lacks `resolve` and resolves upstream
+        # names at start: check everything else, the name pointed at loopback.
+        conf.write_text(text.replace(" resolve ", " ")
+                        .replace("variations-gateway:8080", "127.0.0.1:8080"))
     result = run(nginx, "-t", "-c", str(conf), "-p", str(tmp_path), "-e", "/dev/stderr")
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def _readme_anchors() -> set[str]:
+    """GitHub's anchors for README's headings."""
+    anchors = set()
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_operations_files_point_at_docs_that_exist() -> None:
+    """Pointers in deploy/ and config/ name README sections that exist, and no
+    docs/*.md page (docs/ holds only pictures)."""
+    anchors = _readme_anchors()
+    seen = 0
+    for path in [*DEPLOY.rglob("*"), *(ROOT / "config").rglob("*")]:
+        if not path.is_file() or path.suffix == ".png":
+            continue
+        text = path.read_text(errors="replace")
+        for doc in re.findall(r"docs/[\w./-]+", text):
+            assert (ROOT / doc).exists(), f"{path.name} points at missing {doc}"
+        for anchor in re.findall(r"README(?:\.md)?#([\w-]+)", text):
+            assert anchor in anchors, f"{path.name}: no README section #{anchor}"
+            seen += 1
+    assert seen >= 5
 
 
 # --------------------------------------------------------------------------- Dockerfile

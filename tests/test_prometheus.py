@@ -18,10 +18,11 @@ How each alert is made to fire once: the test copy of the rules sets every ``for
 breaker of the broken backend stays open), HighErrorRatio (pinned requests answer 5xx,
 well over 5 % of /v1 requests), UserNearBudget (bob uses 4 of 4 images per day) and
 AbuseSuspected (three distinct ``user`` values with ``distinct_end_users: 3``).
-HighLatency's 30 s cannot be reached by a test, so its copy's threshold (the number after
-the final comparison, nothing else) is lowered to 0. GatewayDown fires after the test
-stops the gateway. Each alert must be seen firing on ``/api/v1/alerts`` and its
-expression must return data from ``/api/v1/query``.
+HighOverhead's 0.25 s cannot be reached by a test, so its copy's threshold (the number
+after the final comparison, nothing else) is lowered to 0. GatewayDown fires after the
+test stops the gateway; ``promtool test rules`` checks its wording when no target
+exists. Each alert must be seen firing on ``/api/v1/alerts`` and its expression must
+return data from ``/api/v1/query``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ P = "variations_gateway_"
 # Grafana's macros, as a Prometheus query needs them.
 MACROS = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "15s"}
 # Alerts whose production threshold a short test cannot reach: the test copy's threshold.
-TEST_THRESHOLDS = {"VariationsGatewayHighLatency": "0"}
+TEST_THRESHOLDS = {"VariationsGatewayHighOverhead": "0"}
 DEADLINE_S = 60.0
 
 
@@ -104,6 +105,46 @@ def test_promtool_check_rules(promtool: str) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in r.stdout
+
+
+def test_gateway_down_reads_well_with_and_without_a_target(
+        promtool: str, tmp_path: Path) -> None:
+    """absent() has no ``instance``: the text must not read "Gateway  is down"."""
+    def case(series: str, instance: dict[str, str], summary: str, description: str
+             ) -> dict[str, Any]:
+        expected = {"exp_labels": {"severity": "critical", "job": JOB, **instance},
+                    "exp_annotations": {"summary": summary, "description": description}}
+        return {"interval": "1m", "input_series": [{"series": series, "values": "0x5"}],
+                "alert_rule_test": [{"eval_time": "3m", "alertname": "VariationsGatewayDown",
+                                     "exp_alerts": [expected]}]}
+
+    tests = [
+        case('up{job="some-other-job"}', {},
+             f"No gateway target is scraped under job {JOB}",
+             f'Prometheus has found no target with job="{JOB}" for 2 minutes: every '
+             "gateway is gone, or the scrape job has another name (see the top of "
+             "alerts.yml)."),
+        case(f'up{{job="{JOB}", instance="10.0.0.7:8080"}}', {"instance": "10.0.0.7:8080"},
+             "Gateway 10.0.0.7:8080 is down",
+             "Prometheus could not scrape gateway 10.0.0.7:8080 for 2 minutes."),
+    ]
+    spec = tmp_path / "down_test.yml"
+    spec.write_text(yaml.safe_dump({"rule_files": [str(PROM_DIR / "alerts.yml")],
+                                    "evaluation_interval": "1m", "tests": tests}))
+    r = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_high_overhead_threshold_is_below_the_top_bucket() -> None:
+    """histogram_quantile cannot exceed the top finite bucket: a threshold at or above it
+    never fires."""
+    from gateway.metrics import OVERHEAD_BUCKETS
+
+    (rule,) = [r for r in alert_rules() if r["alert"] == "VariationsGatewayHighOverhead"]
+    assert "variations_gateway_request_overhead_seconds_bucket" in rule["expr"]
+    threshold = float(re.search(r">\s*([0-9.]+)\s*$", rule["expr"]).group(1))
+    assert 0 < threshold < max(OVERHEAD_BUCKETS)
 
 
 def test_promtool_catches_a_bad_exposition(promtool: str) -> None:
