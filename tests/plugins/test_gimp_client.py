@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parents[1] / "plugins" / "gimp" / "generate-variatio
 sys.path.insert(0, str(HERE / "gimp"))
 
 import vg_client  # noqa: E402
-from vg_gateway_proc import Gateway, running_gateway, write_config  # noqa: E402
+from vg_gateway_proc import Gateway, raw_server, running_gateway, write_config  # noqa: E402
 
 from gateway.errors import ApiError  # noqa: E402
 
@@ -343,3 +343,106 @@ def test_quota_sentence_from_headers_only() -> None:
 def test_b64_payload_is_decoded() -> None:
     raw = png_bytes(4, 4)
     assert base64.b64decode(base64.b64encode(raw)) == raw
+
+
+# ------------------------------------------------------------------ not a gateway at all
+
+
+def both_calls(url: str) -> list[vg_client.GatewayError]:
+    """The error of the variations call and of the usage call against ``url``."""
+    return [
+        sentence_of(vg_client.request_variations, url, ALICE, png_bytes(8, 8), n=1,
+                    size="256x256", timeout=5),
+        sentence_of(vg_client.get_usage, url, ALICE, timeout=5),
+    ]
+
+
+REDIS_ERR = b"-ERR unknown command 'POST', with args beginning with: 'Bearer " + \
+    ALICE.encode() + b"'\r\n"
+
+
+@pytest.mark.parametrize("answer", [
+    REDIS_ERR,
+    b"-ERR unknown command\r\n",
+    b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+    b"HTTP/1.1 abc OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n",
+], ids=["redis-echoing-the-token", "redis", "ssh", "bad-status", "long-header",
+        "too-many-headers"])
+def test_a_server_that_does_not_speak_http_is_named_as_such(answer: bytes) -> None:
+    with raw_server(answer) as url:
+        errors = both_calls(url)
+    for e, path in zip(errors, ("/v1/images/variations", "/v1/usage"), strict=True):
+        assert e.kind == "protocol"
+        assert str(e) == (
+            f"The server at {url}{path} did not answer like a variations gateway (is the URL "
+            "right?). Check the gateway URL in Filters > Generate Variations Settings.")
+        assert ALICE not in str(e)
+
+
+def test_a_server_that_closes_without_answering() -> None:
+    with raw_server(b"") as url:
+        errors = both_calls(url)
+    for e in errors:
+        assert e.kind == "protocol"
+        assert str(e).startswith(f"The server at {url}/v1/")
+        assert "closed the connection without answering" in str(e)
+
+
+@pytest.mark.parametrize(("answer", "got"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+     b'{"data": [', "got 10 bytes, 990 more were expected"),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+     b'\r\n64\r\n{"data": [', "got "),
+], ids=["content-length", "chunked"])
+def test_an_answer_cut_off_mid_body(answer: bytes, got: str) -> None:
+    with raw_server(answer) as url:
+        errors = both_calls(url)
+    for e in errors:
+        assert e.kind == "protocol"
+        assert str(e).startswith(f"The answer of the gateway at {url}/v1/")
+        assert "was cut off (" + got in str(e)
+        assert ALICE not in str(e)
+
+
+def test_an_error_answer_cut_off_mid_body() -> None:
+    answer = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+              b'Content-Length: 1000\r\n\r\n{"error": {"message": "')
+    with raw_server(answer) as url:
+        errors = both_calls(url)
+    for e in errors:
+        assert e.status == 500
+        assert str(e).startswith(f"The gateway at {url}/v1/")
+        assert "answered HTTP 500 without an error message" in str(e)
+
+
+@pytest.mark.parametrize("body", [b"<html>hello</html>", b'{"data": {"a": 1}}', b"[1, 2]"])
+def test_a_web_server_that_is_not_a_gateway(body: bytes) -> None:
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n"
+              % len(body)) + body
+    with raw_server(answer) as url:
+        if body.startswith(b"{"):  # a JSON object is a (meaningless) usage answer
+            errors = [sentence_of(vg_client.request_variations, url, ALICE, png_bytes(8, 8),
+                                  n=1, size="256x256", timeout=5)]
+            vg_client.describe_usage(vg_client.get_usage(url, ALICE, timeout=5))
+        else:
+            errors = both_calls(url)
+    for e in errors:
+        assert e.kind == "protocol"
+        assert "cannot read" in str(e)
+
+
+def test_usage_with_odd_limits_still_reads() -> None:
+    assert vg_client.describe_usage({"user": "x", "limits": []}) == (
+        "Connected as x; no image limits apply.")
+
+
+def test_bad_url_and_token_are_settings_sentences() -> None:
+    for url in ("http://gw:notaport", "http://gw:99999", "http://[::1"):
+        e = sentence_of(vg_client.get_usage, url, ALICE)
+        assert e.kind == "settings" and "not a valid address" in str(e)
+    token = "tok-with\nnewline-0123456789"
+    e = sentence_of(vg_client.get_usage, "http://127.0.0.1:9", token)
+    assert e.kind == "settings"
+    assert "tok-with" not in str(e) and "newline" not in str(e)

@@ -34,6 +34,7 @@ from vg_gateway_proc import (  # noqa: E402
     Gateway,
     free_port,
     post_variations,
+    raw_server,
     running_gateway,
     write_config,
 )
@@ -42,6 +43,10 @@ from gateway import gimp_install  # noqa: E402
 
 ALICE = "alice-e2e-token-5f1d9c0b7a2e4d6f"
 CAROL = "carol-e2e-token-0c3b8e1f2a9d7c4e"
+FILE_TOKEN = "file-token-kept-9a8b7c6d5e4f"
+# The settings file the interactive run starts with; GIMP's environment sets the URL and
+# the token (ALICE), so Save must keep these two as they are and write only the timeout.
+PRIOR_SETTINGS = {"url": "http://file-gateway.invalid:1", "token": FILE_TOKEN, "timeout": 42}
 CI = os.environ.get("CI") == "true"
 BUILD_TIMEOUT = 1200
 GIMP_TIMEOUT = 420
@@ -82,6 +87,7 @@ class Run:
     profile: Path
     gateway_url: str
     dead_url: str
+    not_gateway_url: str
     stderr: str
 
     def case(self, name: str) -> dict[str, Any]:
@@ -104,6 +110,14 @@ def gateway_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 @pytest.fixture(scope="module")
+def not_a_gateway() -> Iterator[str]:
+    """Another service's port: it answers every request with a Redis-style error line that
+    even echoes the token, never with HTTP."""
+    with raw_server(b"-ERR unknown command 'Bearer " + ALICE.encode() + b"'\r\n") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def workspace(gimp_root: Path) -> Iterator[tuple[str, Path]]:
     """A folder inside the root: its path as GIMP sees it, and as the host sees it."""
     inner = f"/tmp/vg-e2e-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -121,8 +135,8 @@ def gimp_env(inner_profile: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def gimp_run(gimp_root: Path, gateway_proc: Gateway, workspace: tuple[str, Path],
-             tmp_path_factory: pytest.TempPathFactory) -> Run:
+def gimp_run(gimp_root: Path, gateway_proc: Gateway, not_a_gateway: str,
+             workspace: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Run:
     inner, host = workspace
     gw = gateway_proc
     profile = host / "profile"
@@ -137,7 +151,7 @@ def gimp_run(gimp_root: Path, gateway_proc: Gateway, workspace: tuple[str, Path]
     job = {
         "out": f"{inner}/out", "debug_dir": f"{inner}/debug",
         "plugin_dir": f"{inner}/profile/plug-ins/generate-variations",
-        "url": gw.url, "dead_url": dead_url,
+        "url": gw.url, "dead_url": dead_url, "not_gateway_url": not_a_gateway,
         "tokens": {"alice": ALICE, "carol": CAROL},
     }
     (host / "job.json").write_text(json.dumps(job))
@@ -157,7 +171,7 @@ def gimp_run(gimp_root: Path, gateway_proc: Gateway, workspace: tuple[str, Path]
         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     results = json.loads(results_file.read_text())
     assert plugin_dir.is_dir()
-    return Run(results, host / "out", profile, gw.url, dead_url, proc.stderr)
+    return Run(results, host / "out", profile, gw.url, dead_url, not_a_gateway, proc.stderr)
 
 
 @contextlib.contextmanager
@@ -187,7 +201,8 @@ def gimp_ui_run(gimp_root: Path, gateway_proc: Gateway, workspace: tuple[str, Pa
     out = host / "out-ui"
     out.mkdir()
     shutil.copy(HERE / "gimp" / "e2e_interactive.py", host / "e2e_interactive.py")
-    (host / "job-ui.json").write_text(json.dumps({"out": f"{inner}/out-ui"}))
+    (host / "job-ui.json").write_text(json.dumps({"out": f"{inner}/out-ui",
+                                                  "prior_settings": PRIOR_SETTINGS}))
     with xvfb(gimp_root) as display:
         cmd = [
             "chroot", str(gimp_root),
@@ -340,6 +355,35 @@ def test_grey_layer_stretched(gimp_run: Run) -> None:
     assert r.tobytes() == g.tobytes() == b.tobytes()
 
 
+def ramps(w: int, h: int) -> bytes:
+    """The RGB pixels e2e_batch.py paints for wide-stretch (keep in step with its ``ramps``)."""
+    row = bytearray(w * 3)
+    row[0::3] = bytes((x * 255) // max(1, w - 1) for x in range(w))
+    row[2::3] = bytes((128,)) * w
+    out = bytearray()
+    for y in range(h):
+        row[1::3] = bytes(((y * 255) // max(1, h - 1),)) * w
+        out += row
+    return bytes(out)
+
+
+def test_long_thin_layer_stretched_in_one_step(gimp_run: Run) -> None:
+    c = gimp_run.case("wide-stretch")
+    # scale-to-source off: the 256x256 result centred on the 16000x300 layer.
+    assert_group(c, "banner", 1, [256, 256], [8000 - 128, 150 - 128])
+    up = Image.open(gimp_run.out / c["upload"]).convert("RGB")
+    assert up.size == (256, 256)
+    # The whole layer squashed into the square: what PIL makes of the same pixels.
+    expected = Image.frombytes("RGB", (16000, 300), ramps(16000, 300)).resize(
+        (256, 256), Image.Resampling.BOX)
+    for band in (0, 1, 2):
+        d = mean_abs_diff(up.getchannel(band).convert("RGB"),
+                          expected.getchannel(band).convert("RGB"))
+        assert d < 2, f"band {band} of the upload is not the stretched layer (diff {d:.2f})"
+    # How it is done (one scale, never 16000x16000 first: that took 25 s and 1.3 GB) is
+    # pinned by test_gimp_prepare; timing belongs in make bench, not here.
+
+
 def test_16_bit_image(gimp_run: Run) -> None:
     c = gimp_run.case("rgb16")
     assert c["precision"] == "u16-non-linear"
@@ -369,6 +413,25 @@ def test_bad_token_and_unreachable_gateway(gimp_run: Run) -> None:
     assert c["message"].startswith(
         f"Could not reach the variations gateway at {gimp_run.dead_url}/v1/images/variations")
     assert c["after"] == c["before"]
+
+
+def test_a_server_that_is_not_a_gateway_is_named_as_such(gimp_run: Run) -> None:
+    """A URL pointing at another service (it answers "-ERR unknown command ..."): both
+    procedures fail with the sentence, never "failed unexpectedly" nor a traceback, and
+    never quoting what the server sent (here it echoes the token)."""
+    c = gimp_run.case("not-a-gateway")
+    assert c["status"] == "execution-error"
+    assert c["message"].startswith(
+        f"The server at {gimp_run.not_gateway_url}/v1/images/variations did not answer like "
+        "a variations gateway (is the URL right?).")
+    assert c["after"] == c["before"]
+    c = gimp_run.case("settings-not-a-gateway")
+    assert c["status"] == "execution-error"
+    assert c["message"].startswith(
+        f"The server at {gimp_run.not_gateway_url}/v1/usage did not answer like a variations "
+        "gateway")
+    for case in ("not-a-gateway", "settings-not-a-gateway"):
+        assert ALICE not in gimp_run.case(case)["message"]
 
 
 def test_settings_procedure_reports_the_quota(gimp_run: Run) -> None:
@@ -403,14 +466,16 @@ def test_token_never_lands_in_the_xcf_or_gimps_own_files(gimp_run: Run) -> None:
 def test_interactive_run_stores_arguments_but_never_the_token(
     gimp_ui_run: tuple[dict[str, Any], Path, Path],
 ) -> None:
-    """The real dialogs in GIMP with its UI: the settings dialog saves (mode 0600), the
-    main dialog runs with its defaults, GIMP stores the arguments in the image as a
-    parasite, and neither the .xcf nor GIMP's own files hold the token."""
+    """The real dialogs in GIMP with its UI: the settings dialog saves (mode 0600) without
+    writing the URL and token that come from the environment, the main dialog runs with
+    its defaults, GIMP stores the arguments in the image as a parasite, and neither the
+    .xcf nor any file in GIMP's profile holds the token."""
     res, out, profile = gimp_ui_run
     assert res["settings_status"] == "success"
+    # The connection test uses the settings in force: the environment's URL and token.
     assert res["settings_summary"].startswith("Connected as alice: ")
     assert res["settings_mode"] == "0o600"
-    assert res["settings_saved"]["token"] == ALICE
+    assert res["settings_saved"] == {**PRIOR_SETTINGS, "timeout": 42.0}
     assert res["status"] == "success", res["message"]
     assert res["layers"] == ["Variations of painting", "painting"]
     # Defaults: 4 variations, centre crop of 300x200 scaled back over the 200x200 square.
@@ -422,6 +487,9 @@ def test_interactive_run_stores_arguments_but_never_the_token(
     assert last.encode() in xcf  # ... and so in the .xcf: the arguments, never the token
     assert b"square-mode" in xcf
     assert ALICE.encode() not in xcf
-    holders = sorted(p.name for p in profile.rglob("*")
-                     if p.is_file() and ALICE.encode() in p.read_bytes())
-    assert holders == ["generate-variations.json"]
+    # The token came from VARIATIONS_GATEWAY_TOKEN, so no file holds it at all.
+    assert not [p.name for p in profile.rglob("*")
+                if p.is_file() and ALICE.encode() in p.read_bytes()]
+    assert [p.name for p in profile.rglob("*")
+            if p.is_file() and FILE_TOKEN.encode() in p.read_bytes()] == [
+        "generate-variations.json"]

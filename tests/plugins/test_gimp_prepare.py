@@ -97,6 +97,28 @@ def test_big_sources_are_downscaled_to_the_requested_size(mode: str, size: str,
     assert p.size == side
 
 
+def test_stretch_scales_the_copy_once_straight_to_the_upload_size() -> None:
+    # A long thin layer: the copy goes straight to 256x256, never to 16000x16000 first.
+    p = make_plan(0, 0, 16000, 300, None, "stretch", "256x256")
+    assert (p.copy, p.upload) == (Rect(0, 0, 16000, 300), 256)
+    assert vg_prepare.upload_steps(p, p.upload) == vg_prepare.UploadSteps(
+        scratch=256, layer_scale=(256, 256), paste_x=0, paste_y=0, image_scale=None)
+    # A smaller retry (the PNG was too big) and a small source (never upscaled as a whole:
+    # 64x48 goes up at 64x64) follow the same single step.
+    assert vg_prepare.upload_steps(p, 179).layer_scale == (179, 179)
+    small = make_plan(5, 7, 64, 48, None, "stretch", "256x256")
+    assert vg_prepare.upload_steps(small, small.upload) == vg_prepare.UploadSteps(
+        64, (64, 64), 0, 0, None)
+
+
+def test_crop_and_pad_steps_place_the_copy_then_scale_the_square() -> None:
+    p = make_plan(30, 40, 240, 160, (50, 60, 250, 160), "pad", "256x256")
+    assert vg_prepare.upload_steps(p, 200) == vg_prepare.UploadSteps(200, None, 0, 50, None)
+    assert vg_prepare.upload_steps(p, 140) == vg_prepare.UploadSteps(200, None, 0, 50, 140)
+    p = make_plan(0, 0, 4000, 3000, None, "selection-or-center-crop", "512x512")
+    assert vg_prepare.upload_steps(p, 512) == vg_prepare.UploadSteps(3000, None, 0, 0, 512)
+
+
 def test_bad_mode_and_size_are_sentences() -> None:
     with pytest.raises(PrepareError, match="Unknown square mode"):
         make_plan(0, 0, 10, 10, None, "zoom", "256x256")
@@ -169,6 +191,40 @@ def test_environment_wins_key_by_key(tmp_path: Path) -> None:
     s = vg_settings.load(str(tmp_path), {vg_settings.ENV_URL: "http://env:2",
                                          vg_settings.ENV_TIMEOUT: "5"})
     assert (s.url, s.token, s.timeout) == ("http://env:2", "file-token", 5.0)
+
+
+def test_saving_never_writes_values_that_come_from_the_environment(tmp_path: Path) -> None:
+    vg_settings.save(str(tmp_path), "http://file:1", "file-token", 30)
+    env = {vg_settings.ENV_TOKEN: "env-secret-token", vg_settings.ENV_URL: "http://env:2"}
+    # The dialog shows the settings in force (greyed where the environment sets them) and
+    # Save hands every field back, the timeout changed by the user.
+    s = vg_settings.load(str(tmp_path), env)
+    assert s.from_env == {"token", "url"}
+    path = vg_settings.save(str(tmp_path), s.url, s.token, 45, from_env=s.from_env)
+    text = Path(path).read_text()
+    assert "env-secret-token" not in text and "http://env:2" not in text
+    assert json.loads(text) == {"url": "http://file:1", "token": "file-token", "timeout": 45.0}
+    assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+    # Without the environment, the file's own values are in force again.
+    s = vg_settings.load(str(tmp_path), {})
+    assert (s.url, s.token, s.timeout) == ("http://file:1", "file-token", 45.0)
+
+
+def test_saving_with_an_environment_token_and_no_file_leaves_the_token_out(
+        tmp_path: Path) -> None:
+    env = {vg_settings.ENV_TOKEN: "env-secret-token", vg_settings.ENV_TIMEOUT: "7"}
+    s = vg_settings.load(str(tmp_path), env)
+    path = vg_settings.save(str(tmp_path), "http://typed:3", s.token, s.timeout,
+                            from_env=s.from_env)
+    assert json.loads(Path(path).read_text()) == {"url": "http://typed:3"}
+    s = vg_settings.load(str(tmp_path), {})
+    assert (s.url, s.token, s.timeout) == ("http://typed:3", "", vg_settings.DEFAULT_TIMEOUT)
+    # Every key from the environment: the file is left as it was.
+    vg_settings.save(str(tmp_path), "http://file:1", "file-token", 30)
+    before = Path(path).read_text()
+    vg_settings.save(str(tmp_path), "http://env:2", "env-secret-token", 7,
+                     from_env={"url", "token", "timeout"})
+    assert json.loads(Path(path).read_text()) == json.loads(before)
 
 
 def test_defaults_without_file(tmp_path: Path) -> None:

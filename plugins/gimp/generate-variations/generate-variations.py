@@ -108,10 +108,11 @@ def _save_png(image, path):
 
 def _prepare_upload(layer, plan, tmpdir):
     """Copy the planned part of ``layer`` into a scratch RGBA image, square it, scale it to
-    ``plan.upload`` and return the PNG bytes."""
+    ``plan.upload`` and return the PNG bytes (see ``vg_prepare.upload_steps``)."""
     side = plan.upload
     while True:
-        tmp = Gimp.Image.new(plan.canvas, plan.canvas, Gimp.ImageBaseType.RGB)
+        steps = vg_prepare.upload_steps(plan, side)
+        tmp = Gimp.Image.new(steps.scratch, steps.scratch, Gimp.ImageBaseType.RGB)
         try:
             # new_from_drawable converts any layer type (grey, indexed, high bit depth)
             # to the scratch image's RGB.
@@ -124,14 +125,14 @@ def _prepare_upload(layer, plan, tmpdir):
             copy.set_opacity(100.0)
             copy.set_mode(Gimp.LayerMode.NORMAL)
             c = plan.copy
-            # Cut the layer to the copied rectangle, then place it on the square canvas.
+            # Cut the layer to the copied rectangle, (stretch: scale it straight to the
+            # upload square,) place it on the scratch square, then scale that.
             copy.resize(c.w, c.h, -c.x, -c.y)
-            copy.set_offsets(plan.paste_x, plan.paste_y)
-            if plan.mode == "stretch":
-                copy.scale(plan.canvas, plan.canvas, False)
-                copy.set_offsets(0, 0)
-            if side != plan.canvas:
-                tmp.scale(side, side)
+            if steps.layer_scale is not None:
+                copy.scale(steps.layer_scale[0], steps.layer_scale[1], False)
+            copy.set_offsets(steps.paste_x, steps.paste_y)
+            if steps.image_scale is not None:
+                tmp.scale(steps.image_scale, steps.image_scale)
             tmp.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
             png = _save_png(tmp, os.path.join(tmpdir, "upload.png"))
         finally:
@@ -306,7 +307,7 @@ def _settings_dialog(settings):
         if key in settings.from_env:
             widget.set_sensitive(False)
             widget.set_tooltip_text("Set by an environment variable, which wins over this "
-                                    "dialog.")
+                                    "dialog; Save keeps it out of the settings file.")
     status = Gtk.Label(xalign=0.0, wrap=True, max_width_chars=60, selectable=True)
     status.set_text(f"Saved in {settings.path} (readable only by you).")
     grid.attach(status, 0, 3, 2, 1)
@@ -324,8 +325,9 @@ def _settings_dialog(settings):
             continue
         if response == Gtk.ResponseType.OK:
             try:
+                # Fields an environment variable sets show its value; never write those.
                 vg_settings.save(Gimp.directory(), url.get_text(), token.get_text(),
-                                 timeout.get_value())
+                                 timeout.get_value(), from_env=settings.from_env)
             except vg_settings.SettingsError as e:
                 status.set_text(str(e))
                 continue
@@ -335,12 +337,25 @@ def _settings_dialog(settings):
         return False, summary
 
 
+def _usage_summary(url, token, timeout):
+    """The quota summary, or raise GatewayError. The client turns every network and
+    protocol failure into one; anything else still becomes a sentence, never a traceback
+    in a dialog."""
+    try:
+        return vg_client.describe_usage(
+            vg_client.get_usage(url, token, timeout=min(float(timeout), 15.0)))
+    except vg_client.GatewayError:
+        raise
+    except Exception as e:
+        raise vg_client.GatewayError(
+            f"Testing the connection failed unexpectedly ({type(e).__name__}).") from None
+
+
 def _test_connection(url, token, timeout):
     try:
-        usage = vg_client.get_usage(url, token, timeout=min(float(timeout), 15.0))
+        return _usage_summary(url, token, timeout)
     except vg_client.GatewayError as e:
         return str(e)
-    return vg_client.describe_usage(usage)
 
 
 def run_settings(procedure, config, data):
@@ -355,8 +370,7 @@ def run_settings(procedure, config, data):
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
         try:
             settings = _settings()
-            summary = vg_client.describe_usage(vg_client.get_usage(
-                settings.url, settings.token, timeout=min(settings.timeout, 15.0)))
+            summary = _usage_summary(settings.url, settings.token, settings.timeout)
         except (Failure, vg_client.GatewayError) as e:
             # Saved all the same: say what is wrong without calling the save a failure.
             summary = f"Settings saved, but: {e}"
@@ -365,11 +379,10 @@ def run_settings(procedure, config, data):
     # Non-interactive (scripts, tests): test the connection with the settings in force
     # and return what the gateway says about the user's quota.
     try:
-        usage = vg_client.get_usage(settings.url, settings.token,
-                                    timeout=min(settings.timeout, 15.0))
+        summary = _usage_summary(settings.url, settings.token, settings.timeout)
     except vg_client.GatewayError as e:
         return _fail(procedure, str(e))
-    return _with_summary(procedure, vg_client.describe_usage(usage))
+    return _with_summary(procedure, summary)
 
 
 def _with_summary(procedure, summary):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import json
 import os
 import socket
@@ -67,7 +68,13 @@ def api_base(url: str) -> str:
             "VARIATIONS_GATEWAY_URL.", kind="settings")
     if "://" not in u:
         u = "http://" + u
-    parts = urllib.parse.urlsplit(u)
+    try:
+        parts = urllib.parse.urlsplit(u)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise GatewayError(
+            f"The gateway URL {url!r} is not a valid address (check the host and port); fix "
+            f"it in {SETTINGS_HINT}.", kind="settings") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise GatewayError(
             f"The gateway URL {url!r} is not an http:// or https:// address; fix it in "
@@ -231,13 +238,41 @@ def error_sentence(
     return make(f"The gateway refused the request (HTTP {status}): {message}{ref}", "http")
 
 
+def _not_a_gateway(url: str) -> GatewayError:
+    return GatewayError(
+        f"The server at {url} did not answer like a variations gateway (is the URL right?). "
+        f"Check the gateway URL in {SETTINGS_HINT}.", kind="protocol")
+
+
 def _transport_error(exc: BaseException, url: str, timeout: float) -> GatewayError:
+    """Any failure below HTTP status level (connection, TLS, a broken or non-HTTP answer)
+    as a sentence. Never quotes what the server sent, so nothing echoed back (the token)
+    can end up in the message."""
     reason: Any = getattr(exc, "reason", exc)
     if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(exc, TimeoutError):
         return GatewayError(
             f"The gateway at {url} did not answer within {timeout:g} seconds. It may be busy: "
             "try again, ask for fewer variations, or raise the timeout in "
             f"{SETTINGS_HINT}.", kind="timeout")
+    if isinstance(reason, http.client.IncompleteRead):
+        got = len(reason.partial or b"")
+        more = f", {reason.expected} more were expected" if reason.expected else ""
+        return GatewayError(
+            f"The answer of the gateway at {url} was cut off (got {got} bytes{more}): the "
+            "connection broke, or something between GIMP and the gateway (a proxy?) is "
+            f"failing. Try again; if it keeps happening, check the URL in {SETTINGS_HINT}.",
+            kind="protocol")
+    if isinstance(reason, http.client.RemoteDisconnected):
+        return GatewayError(
+            f"The server at {url} closed the connection without answering: it may not be a "
+            f"variations gateway (is the URL right?). Check the gateway URL in "
+            f"{SETTINGS_HINT}.", kind="protocol")
+    if isinstance(reason, http.client.InvalidURL):
+        return GatewayError(
+            f"The gateway URL {url} is not valid; fix it in {SETTINGS_HINT}.", kind="settings")
+    if isinstance(reason, http.client.HTTPException):
+        # BadStatusLine, LineTooLong, UnknownProtocol, ...: not HTTP, or not a sane one.
+        return _not_a_gateway(url)
     if isinstance(reason, ssl.SSLError):
         return GatewayError(
             f"A secure connection to the gateway at {url} failed ({reason}). Check the URL "
@@ -246,6 +281,12 @@ def _transport_error(exc: BaseException, url: str, timeout: float) -> GatewayErr
         return GatewayError(
             f"Could not reach the variations gateway at {url}: the host name is unknown. "
             f"Check the gateway URL in {SETTINGS_HINT}.", kind="unreachable")
+    if isinstance(reason, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        why = (reason.strerror or "the connection was reset").lower()
+        return GatewayError(
+            f"The connection to the server at {url} broke ({why}): it may not be a "
+            f"variations gateway, or it stopped. Try again, and check the URL in "
+            f"{SETTINGS_HINT}.", kind="unreachable")
     if isinstance(reason, ConnectionRefusedError):
         why = "nothing is listening there (connection refused)"
     elif isinstance(reason, OSError) and reason.strerror:
@@ -260,21 +301,30 @@ def _transport_error(exc: BaseException, url: str, timeout: float) -> GatewayErr
 def _call(
     req: urllib.request.Request, url: str, timeout: float
 ) -> tuple[bytes, dict[str, str]]:
+    """Send ``req``; the body and headers of a 2xx answer. Every other outcome (an HTTP
+    error status, a dead or wrong server, a broken or non-HTTP answer) raises
+    :class:`GatewayError`; nothing else escapes."""
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.read(), _headers(resp.headers)
     except urllib.error.HTTPError as e:
         try:
             body = e.read()
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
             body = b""
         raise error_sentence(e.code, body, e.headers, url) from None
-    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise _transport_error(e, url, timeout) from None
 
 
 def _auth_headers(token: str) -> dict[str, str]:
     h = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    if token and not all("!" <= ch <= "~" for ch in token):
+        # http.client would refuse it with an error that quotes the whole header value.
+        raise GatewayError(
+            "The token contains a space, a line break or another character a token cannot "
+            f"have; enter it again in {SETTINGS_HINT} (or fix VARIATIONS_GATEWAY_TOKEN).",
+            kind="settings")
     if token:
         h["Authorization"] = f"Bearer {token}"
     return h
@@ -322,7 +372,8 @@ def request_variations(
                 images.append(_download(item["url"], url, token, timeout))
             else:
                 raise ValueError("an item has neither b64_json nor url")
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, binascii.Error) as e:
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
+            binascii.Error) as e:
         raise GatewayError(
             f"The gateway at {url} sent an answer GIMP cannot read ({e}); is the URL that of "
             f"a variations gateway?", kind="protocol", request_id=rid) from None
@@ -337,6 +388,8 @@ def request_variations(
 
 def _download(image_url: str, api_url: str, token: str, timeout: float) -> bytes:
     full = urllib.parse.urljoin(api_url, image_url)
+    if urllib.parse.urlsplit(full).scheme not in ("http", "https"):
+        raise ValueError("an image url is not an http(s) address")
     req = urllib.request.Request(full, headers=_auth_headers(token))
     raw, _ = _call(req, full, timeout)
     return raw
@@ -372,7 +425,9 @@ def describe_usage(usage: Mapping[str, Any]) -> str:
     if usage.get("blocked"):
         return f"Connected as {user}, but the account is blocked: ask the gateway admin."
     parts = []
-    limits = usage.get("limits") or {}
+    limits = usage.get("limits")
+    if not isinstance(limits, Mapping):
+        limits = {}
     for key, (unit, period) in _LIMIT_WORDS.items():
         lim = limits.get(key)
         if not isinstance(lim, dict) or lim.get("limit") is None:

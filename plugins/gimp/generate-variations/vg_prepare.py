@@ -67,9 +67,10 @@ class Plan:
     layer, or the whole layer). ``copy``: the part of the layer copied, in layer
     coordinates. ``canvas``: the side of the square the copy is put on before scaling, and
     ``paste_x``/``paste_y`` where the copy's top-left goes on it (non-zero for ``pad``);
-    for ``stretch`` the copy is scaled to ``canvas`` x ``canvas`` instead. ``upload``: the
-    side of the PNG sent to the gateway. ``cover``: the image-coordinate square (or, for
-    ``stretch``, the region) the uploaded pixels stand for.
+    ``stretch`` instead scales the copy straight to the upload size (see
+    :func:`upload_steps`). ``upload``: the side of the PNG sent to the gateway. ``cover``:
+    the image-coordinate square (or, for ``stretch``, the region) the uploaded pixels stand
+    for.
     """
 
     mode: str
@@ -184,6 +185,31 @@ def make_plan(
         upload=min(canvas, side),
         cover=cover,
     )
+
+
+@dataclass(frozen=True)
+class UploadSteps:
+    """How the plug-in builds an upload of ``side`` x ``side`` pixels from ``plan``: a
+    scratch image of ``scratch`` x ``scratch``; the copied part of the layer, first scaled
+    to ``layer_scale`` (``(w, h)``, or ``None``), placed at ``paste_x``, ``paste_y``; then the
+    whole scratch image scaled to ``image_scale`` x ``image_scale`` (or ``None``)."""
+
+    scratch: int
+    layer_scale: tuple[int, int] | None
+    paste_x: int
+    paste_y: int
+    image_scale: int | None
+
+
+def upload_steps(plan: Plan, side: int) -> UploadSteps:
+    """The GIMP steps for an upload of ``side`` pixels (``plan.upload``, or less after a PNG
+    came out too big). Stretch scales the copy straight to ``side`` x ``side`` in one step:
+    never to ``canvas`` x ``canvas`` first, which for a long thin layer (16000 x 300) would
+    be a 16000 x 16000 layer to scale down again."""
+    if plan.mode == "stretch":
+        return UploadSteps(side, (side, side), 0, 0, None)
+    return UploadSteps(plan.canvas, None, plan.paste_x, plan.paste_y,
+                       side if side != plan.canvas else None)
 
 
 def smaller_upload(side: int) -> int:

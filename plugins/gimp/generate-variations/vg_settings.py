@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 FILE_NAME = "generate-variations.json"
@@ -101,10 +101,43 @@ def load(config_dir: str, environ: Mapping[str, str] | None = None) -> Settings:
     return s
 
 
-def save(config_dir: str, url: str, token: str, timeout: float = DEFAULT_TIMEOUT) -> str:
-    """Write the settings file with mode 0600 (atomically); returns its path."""
+def _file_values(path: str) -> dict[str, object]:
+    """What the settings file holds now (nothing when it is missing or unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save(
+    config_dir: str,
+    url: str,
+    token: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    from_env: Collection[str] = (),
+) -> str:
+    """Write the settings file with mode 0600 (atomically); returns its path.
+
+    Keys named in ``from_env`` (``"url"``, ``"token"``, ``"timeout"``: those whose value in
+    force comes from an environment variable, as :attr:`Settings.from_env` says) are never
+    taken from the arguments, which the dialog fills with the values in force: the file
+    keeps what it held for them, or goes without them. So a token given in
+    ``VARIATIONS_GATEWAY_TOKEN`` never lands on disk.
+    """
     path = settings_path(config_dir)
-    data = {"url": url.strip(), "token": token.strip(), "timeout": _timeout(timeout, "the dialog")}
+    given: dict[str, object] = {"url": url.strip(), "token": token.strip()}
+    if "timeout" not in from_env:
+        given["timeout"] = _timeout(timeout, "the dialog")
+    previous = _file_values(path) if from_env else {}
+    data: dict[str, object] = {}
+    for key in ("url", "token", "timeout"):
+        if key not in from_env:
+            data[key] = given[key]
+        elif key in previous:
+            data[key] = previous[key]
     os.makedirs(config_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".generate-variations.", dir=config_dir)
     try:

@@ -199,6 +199,37 @@ def _grey():
         **{"square-mode": "stretch", "scale-to-source": True})
 
 
+def ramps(w, h):
+    """R rises left to right, G top to bottom, B is 128: built row by row, fast enough for
+    a 16000 x 300 layer (keep in step with ``ramps`` in test_gimp_e2e.py)."""
+    row = bytearray(w * 3)
+    row[0::3] = bytes((x * 255) // max(1, w - 1) for x in range(w))
+    row[2::3] = bytes((128,)) * w
+    out = bytearray()
+    for y in range(h):
+        row[1::3] = bytes(((y * 255) // max(1, h - 1),)) * w
+        out += row
+    return bytes(out)
+
+
+@case("wide-stretch")
+def _wide():
+    # A long thin layer stretched to a 256 px square: one scale straight to 256 x 256
+    # (stretching it to 16000 x 16000 first took GIMP half a minute and over 1 GB).
+    w, h = 16000, 300
+    img = new_image(w, h)
+    layer = Gimp.Layer.new(img, "banner", w, h, Gimp.ImageType.RGB_IMAGE, 100,
+                           Gimp.LayerMode.NORMAL)
+    img.insert_layer(layer, None, 0)
+    buf = layer.get_shadow_buffer()
+    buf.set(Gegl.Rectangle.new(0, 0, w, h), "R'G'B' u8", ramps(w, h))
+    buf.flush()
+    layer.merge_shadow(False)
+    layer.update(0, 0, w, h)
+    run("wide-stretch", img, layer, n=1, size="256x256",
+        **{"square-mode": "stretch", "scale-to-source": False})
+
+
 @case("rgb16")
 def _rgb16():
     img = Gimp.Image.new_with_precision(100, 80, Gimp.ImageBaseType.RGB,
@@ -227,6 +258,19 @@ def failing_case(name, url, token, salt):
 failing_case("quota", job["url"], job["tokens"]["carol"], 101)
 failing_case("bad-token", job["url"], "not-a-valid-token-at-all", 102)
 failing_case("unreachable", job["dead_url"], job["tokens"]["alice"], 103)
+failing_case("not-a-gateway", job["not_gateway_url"], job["tokens"]["alice"], 104)
+
+
+@case("settings-not-a-gateway")
+def _settings_not_gateway():
+    set_settings(job["not_gateway_url"], job["tokens"]["alice"])
+    proc = Gimp.get_pdb().lookup_procedure("python-fu-generate-variations-settings")
+    cfg = proc.create_config()
+    cfg.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    res = proc.run(cfg)
+    results["cases"]["settings-not-a-gateway"] = {
+        "status": res.index(0).value_nick,
+        "message": res.index(1) if res.length() > 1 else None}
 
 
 @case("settings-procedure")

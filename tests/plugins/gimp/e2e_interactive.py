@@ -3,7 +3,8 @@
 #     -b "JOB='/tmp/x/job.json'; exec(open('/tmp/x/e2e_interactive.py').read())" --quit
 # GIMP is started with GENERATE_VARIATIONS_AUTOTEST=accept-dialogs, so the plug-in's real
 # dialogs answer Save / OK by themselves. Drives the INTERACTIVE path: the settings dialog
-# writes the settings file; the main dialog runs; GIMP then stores the procedure's
+# rewrites the settings file the job gives (keeping its values for the keys GIMP's
+# environment sets); the main dialog runs; GIMP then stores the procedure's
 # arguments in the image as a parasite, and the image is saved as .xcf for the host to
 # search for the token.
 import json
@@ -20,8 +21,8 @@ with open(JOB) as _f:  # noqa: F821 - JOB is set by the -b command line
 OUT = job["out"]
 res = {}
 settings_file = os.path.join(Gimp.directory(), "generate-variations.json")
-if os.path.exists(settings_file):
-    os.unlink(settings_file)
+with open(settings_file, "w") as f:
+    json.dump(job["prior_settings"], f)
 
 try:
     proc = Gimp.get_pdb().lookup_procedure("python-fu-generate-variations-settings")
