@@ -69,6 +69,7 @@ class CacheResult:
     items: list[Item]
     status: Status
     generated: int  # images this request caused the backend to generate
+    waited_seconds: float = 0.0  # spent waiting for an identical request's generation
 
 
 @dataclass(frozen=True)
@@ -375,15 +376,18 @@ class ResultCache:
             return CacheResult([Item(_sha(d), len(d), data=d) for d in images], "BYPASS", n)
         if policy == "no-cache":
             return CacheResult(await self._store(key, await generate(n, -1)), "MISS", n)
+        waited = 0.0
         while True:
             pool = await self._pool_items(key)
             if len(pool) >= n:
-                return CacheResult(pool[:n], "HIT", 0)
+                return CacheResult(pool[:n], "HIT", 0, waited)
             flight = self._flights.get(key)
             if flight is not None:
                 # the owner's quota or disconnect is not ours: then try as the owner
+                started = time.perf_counter()
                 with contextlib.suppress(QuotaRejected, _OwnerGone):
                     await asyncio.shield(flight)
+                waited += time.perf_counter() - started
                 continue
             # Claim the key here (local peers wait on the future), then across processes.
             flight = asyncio.get_running_loop().create_future()
@@ -397,9 +401,11 @@ class ResultCache:
                     if len(pool) >= n:
                         owned = False
                         await self.index.release_flight(key)
-                        return CacheResult(pool[:n], "HIT", 0)
+                        return CacheResult(pool[:n], "HIT", 0, waited)
                 elif not owned:  # another replica generates: wait, then everyone re-reads
+                    started = time.perf_counter()
                     await self.index.wait_flight(key, self.flight_ttl)
+                    waited += time.perf_counter() - started
             except BaseException:
                 if owned:
                     owned = False
@@ -424,7 +430,7 @@ class ResultCache:
         finally:
             self._flights.pop(key, None)
             await self.index.release_flight(key)
-        return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing)
+        return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing, waited)
 
     async def stats(self) -> tuple[int, int]:
         return await self.index.stats()

@@ -37,8 +37,9 @@ from prometheus_client.metrics import MetricWrapperBase
 disable_created_metrics()
 
 P = "variations_gateway_"
+# Up to 300 s: AI backends' timeouts are 150-300 s, and a quantile cannot exceed the top.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
-                   30, 60, 120)
+                   30, 60, 120, 180, 300)
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1,
                     0.25, 1)
 UPLOAD_BUCKETS = (16e3, 64e3, 256e3, 512e3, 1e6, 2e6, 3e6, 4e6)

@@ -336,3 +336,39 @@ def test_breaker_state_is_one_hot_and_up_only_when_closed() -> None:
                for s in ("closed", "half_open", "open")}
         assert got == {s: float(s == state) for s in got}
         assert m.registry.get_sample_value(P + "backend_up", {"backend": "b"}) == up
+
+
+async def test_overhead_leaves_out_every_wait_for_a_backend(
+        gateway_client, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``request_overhead_seconds`` is the gateway's own time: a failed backend call and
+    waiting for an identical request's call are backend time. The clock is moved 100 s
+    while the backend holds, so the split shows without a timing assertion."""
+    from instrumented_backend import poll, register, vary
+
+    from gateway.keys import METRICS
+
+    offset = [0.0]
+    real = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + offset[0])
+    start = register(monkeypatch, gateway_client)
+    route = {"route": "/v1/images/variations"}
+
+    def seconds(name: str) -> float:
+        return registry.get_sample_value(P + name + "_sum", route) or 0.0
+
+    for fail in (True, False):
+        client, backend = await start(fail=fail)
+        registry = client.app[METRICS].registry
+        backend.gate.clear()
+        image = png_bytes(seed=5)
+        requests = 1 if fail else 2  # an owner and a waiter on its flight
+        tasks = [asyncio.create_task(vary(client, image)) for _ in range(requests)]
+        await poll(lambda: backend.in_flight == 1 and registry.get_sample_value(
+            P + "requests_in_flight") == requests, "every request at its wait")
+        offset[0] += 100.0
+        backend.gate.set()
+        answers = await asyncio.gather(*tasks)
+        assert [a.status for a in answers] == ([502] if fail else [200, 200])
+        assert seconds("request_duration_seconds") >= 100 * requests
+        assert seconds("request_overhead_seconds") < 50, "backend time counted as overhead"
+        await client.close()
