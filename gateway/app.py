@@ -35,6 +35,7 @@ from gateway.keys import (
     AUTH,
     BACKEND_SECONDS,
     CACHE,
+    CLIENT_ADDRESS,
     CONFIG,
     IMAGES,
     METRICS,
@@ -46,6 +47,7 @@ from gateway.keys import (
 )
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
+from gateway.proxies import ClientAddress
 from gateway.quota import QuotaRejected, budget_used
 from gateway.render import Renderer
 from gateway.router import Router
@@ -81,7 +83,8 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
     metrics = app[METRICS]
     request_id = "req_" + secrets.token_hex(12)
     started = time.perf_counter()
-    record = AuditRecord(request_id, time.time(), request.path[:200], client=request.remote)
+    record = AuditRecord(request_id, time.time(), request.path[:200],
+                         client=app[CLIENT_ADDRESS].of(request))
     request[AUDIT_RECORD] = record
     request[BACKEND_SECONDS] = 0.0
     request[ANSWER_WAITS_FOR] = []
@@ -220,12 +223,16 @@ async def _refresh_gauges(app: web.Application, interval: float = 5.0) -> None:
 
 
 async def refresh_gauges(app: web.Application) -> None:
-    """Cache size, and each member's budget share from the quota store: a request only
-    updates its own member on its own replica, so without this a new month (or usage
-    through another replica) would leave the old share on the dashboard and in alerts."""
+    """Breaker states, cache size, and each member's budget share from the quota store.
+
+    A request only updates its own member on its own replica, and a breaker's cooldown
+    ends with no request to see it: without this a new month (or usage through another
+    replica) would leave the old share on the dashboard, and an open circuit would keep
+    BackendDown firing through an idle night."""
     if not app[CONFIG].metrics.enabled:
         return
     metrics = app[METRICS]
+    app[ROUTER].report_breakers()  # open -> half_open happens with no request to see it
     with contextlib.suppress(Exception):
         metrics.set_cache_stats(*await app[CACHE].stats())
     for principal in app[AUTH].principals():
@@ -256,6 +263,7 @@ def build_app(config: Config) -> web.Application:
     app[ABUSE] = AbuseMonitor(config.abuse)
     app[PIXEL_HASHES] = PixelHashes()
     app[RENDERER] = Renderer(state.images, config.cache.memory_bytes)
+    app[CLIENT_ADDRESS] = ClientAddress(config.server.trusted_proxies)
     app.cleanup_ctx.append(_lifecycle)
 
     app.router.add_post("/v1/images/variations", variations.create_variation)

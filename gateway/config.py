@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from gateway import backends
+from gateway.proxies import parse_networks
 
 SIZES: tuple[str, ...] = ("256x256", "512x512", "1024x1024")
 DEFAULT_CONFIG_ENV = "VARIATIONS_GATEWAY_CONFIG"
@@ -46,6 +47,12 @@ class ServerConfig:
     shutdown_timeout_seconds: float = 30.0
     # Whole-request deadline for reading an upload; a slowloris client is cut off.
     read_timeout_seconds: float = 60.0
+    # Proxies (addresses or networks) whose X-Forwarded-For names the client the audit
+    # records; empty: the peer's own address.
+    trusted_proxies: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        parse_networks(self.trusted_proxies)  # ValueError names the bad entry
 
 
 @dataclass(frozen=True)
@@ -351,6 +358,27 @@ class _Builder:
         raise self.error(f"unsupported type {tp!r}", path)  # pragma: no cover
 
 
+# Backend options sent in HTTP headers (as is, or base64'd for basic auth).
+_HEADER_KEYS = frozenset({"api_key", "organization", "project", "username", "password"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _header_value(b: _Builder, value: Any, path: str) -> Any:
+    """``value`` without surrounding whitespace, when it is a string.
+
+    Secrets often come from a file or an env var with a trailing newline, which makes
+    every upstream request fail on an invalid header while /readyz says ready. A control
+    character inside is refused here; the message never repeats the value (a key).
+    """
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if _CONTROL.search(value):
+        raise b.error("contains a control character (a line break or tab inside the "
+                      "value?); the value is not shown", path)
+    return value
+
+
 def _check_sha(b: _Builder, value: str | None, path: str) -> None:
     if value is not None and not _HEX64.match(value):
         raise b.error("must be 64 lowercase hex characters (a SHA-256 of the token)", path)
@@ -417,7 +445,8 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
             raise b.error(f"unknown kind {kind!r} (kinds: {', '.join(backends.KINDS)})",
                           f"{path}.kind")
         common = {k: v for k, v in entry.items() if k in _BACKEND_COMMON}
-        specific = {k: v for k, v in entry.items() if k not in _BACKEND_COMMON}
+        specific = {k: _header_value(b, v, f"{path}.{k}") if k in _HEADER_KEYS else v
+                    for k, v in entry.items() if k not in _BACKEND_COMMON}
         common_kwargs = b.dataclass(BackendConfig, common, path, skip=frozenset({"options"}))
         options = b.make(backends.options_class(kind), specific, path)
         backend_list.append(BackendConfig(options=options, **common_kwargs))

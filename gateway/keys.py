@@ -11,6 +11,7 @@ from gateway.cache import ResultCache
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
+from gateway.proxies import ClientAddress
 from gateway.quota import QuotaStore
 from gateway.render import Renderer
 from gateway.router import Router
@@ -28,6 +29,7 @@ METRICS = web.AppKey("metrics", Metrics)
 PIXEL_HASHES = web.AppKey("pixel_hashes", PixelHashes)
 RENDERER = web.AppKey("renderer", Renderer)
 USER_KEY = web.AppKey("user_hash_key", bytes)
+CLIENT_ADDRESS = web.AppKey("client_address", ClientAddress)
 
 # Per request.
 AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)

@@ -207,7 +207,9 @@ class Metrics:
             raise ValueError(f"unknown breaker state {state!r}")
         for s in BREAKER_STATES:
             self.breaker_state.labels(backend, s).set(1 if s == state else 0)
-        self.backend_up.labels(backend).set(1 if state == "closed" else 0)
+        # Half-open is not "down": the cooldown is over and the next request tries it.
+        # Otherwise an idle night after one outage would keep BackendDown firing.
+        self.backend_up.labels(backend).set(0 if state == "open" else 1)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,8 +6,10 @@ backend. Each backend call goes through, in order: its circuit breaker (an open 
 is skipped without a call), its concurrency limiter (bounded queue wait), then attempts
 under one deadline of ``timeout_seconds`` with the retry policy between them. A failure
 the backend marks ``retryable`` moves on to the next backend; others (bad input, a
-safety rejection) are answered as they are. The result says which backend produced the
-images and how long it took, so metrics can separate backend time from gateway overhead.
+safety rejection) are answered as they are. An exception a backend did not map is its
+upstream's unusable answer: a 502 like any other bad response, never a 500. The result
+says which backend produced the images and how long it took, so metrics can separate
+backend time from gateway overhead.
 """
 
 from __future__ import annotations
@@ -101,10 +103,20 @@ class Router:
         """Cache identity of what ``model`` would run: every backend in its chain."""
         return "|".join(b.identity for b in self.chain(model))
 
-    async def start(self) -> None:
+    def report_breakers(self) -> None:
+        """Re-report every breaker's current state to the metrics.
+
+        Transitions are reported as they happen, except open -> half_open: that one is
+        only the clock passing the cool-down, noticed by the next ``allow()``. Without
+        traffic ``backend_circuit_state`` would say ``open`` all night while /readyz
+        says ``half_open``; the app's periodic gauge refresh calls this to keep it true.
+        """
         if (m := self.metrics) is not None:
             for name, guard in self._guards.items():
                 m.set_breaker(name, guard.breaker.state)
+
+    async def start(self) -> None:
+        self.report_breakers()
         for b in self._backends.values():
             await b.start()
 
@@ -194,6 +206,16 @@ class Router:
                              request_id=request.request_id)
                     await asyncio.sleep(delay)
                     continue
+                except Exception:
+                    # Backends map every failure they foresee to a BackendError; anything
+                    # else escaping is an upstream answer no parser expected (a stray byte,
+                    # JSON nested past the stack). That is the upstream's failure: a 502
+                    # that counts against its breaker and lets the route's next backend
+                    # try, not a 500 the client retries, paying the upstream each time.
+                    log.exception("backend_unexpected_error", backend=backend.name,
+                                  request_id=request.request_id)
+                    self._error(backend.name, "unexpected")
+                    raise bad_response(backend.name, "unexpected answer") from None
                 if len(images) != request.n:
                     self._error(backend.name, "bad_response")
                     raise bad_response(backend.name,

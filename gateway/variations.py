@@ -17,7 +17,7 @@ from functools import partial
 from aiohttp import web
 
 from gateway import png, upload
-from gateway.backends.base import VariationRequest
+from gateway.backends.base import SourceImage, VariationRequest
 from gateway.cache import CacheResult, cache_key, policy_from_header
 from gateway.errors import ApiError
 from gateway.keys import (
@@ -89,13 +89,23 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     hashed_user = end_user_hash(app[USER_KEY], principal.name, form.user)
     record.end_user_hash = hashed_user
 
+    # A request that bypasses the cache skips the decode, but its pixel data is still
+    # checked (a corrupt upload is a 400, never sent upstream): started now, the check
+    # runs in a thread while admission and the reservation go on.
+    bypass = not app[CACHE].enabled or policy == "no-store"
+    checked: asyncio.Future[SourceImage] | None = None
+    if bypass:
+        checked = loop.run_in_executor(None, png.source_without_hash, form.image, info,
+                                       record.image_sha256)
+        checked.add_done_callback(_retrieved)
+
     # Admit: blocked users, the minute window and the in-flight limit.
     async with quota.admit(principal):
-        # The pixel hash keys the cache; a request that bypasses it skips the decode.
+        # The pixel hash keys the cache.
         key, pixels_sha256 = "", ""
         make_source = partial(png.source_without_hash, form.image, info,
                               record.image_sha256)
-        if app[CACHE].enabled and policy != "no-store":
+        if not bypass:
             if known is None:
                 decoded = await loop.run_in_executor(None, png.decode, form.image, info,
                                                      record.image_sha256)
@@ -111,7 +121,8 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             nonlocal reservation
             reservation = await quota.reserve(principal, count, price * count,
                                               form.size_label)
-            source = await loop.run_in_executor(None, make_source)
+            source = await (checked if checked is not None
+                            else loop.run_in_executor(None, make_source))
             job = VariationRequest(source, count, form.size, hashed_user,
                                    record.request_id, seed_for(pixels_sha256, offset))
             started = time.perf_counter()
@@ -173,6 +184,12 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         return web.Response(body=b"".join(parts), content_type="application/json",
                             headers=headers)
     return PartsResponse(parts, headers)
+
+
+def _retrieved(future: asyncio.Future[object]) -> None:
+    """Mark an outcome seen: a request refused before it awaits its check logs nothing."""
+    if not future.cancelled():
+        future.exception()
 
 
 class PartsResponse(web.StreamResponse):

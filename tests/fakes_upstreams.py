@@ -10,9 +10,12 @@ Faults (``fake.inject(fault, times=None)``; ``None`` = every call):
 
 * on the main call: ``hang`` (accept, never answer), ``reset`` (headers and part of the
   body, then the connection drops), ``500``, ``503`` (with ``retry-after``), ``429``,
-  ``bad_json``, ``auth`` (401), ``content_policy`` (400 safety rejection);
+  ``bad_json``, ``deep_json`` (a 200 whose JSON nests deeper than Python's stack),
+  ``deep_error`` (the same as a 400 error body), ``auth`` (401), ``content_policy``
+  (400 safety rejection);
 * on the returned images: ``truncated_b64`` (cut mid-image), ``not_png`` (a GIF),
-  ``wrong_size`` (300x200).
+  ``wrong_size`` (300x200), ``trailing_bytes`` (two stray bytes after IEND),
+  ``corrupt_idat`` (well framed, every CRC right, but IDAT is not a zlib stream).
 
 Error bodies echo the caller's credentials, like a careless upstream: if the gateway ever
 passed an upstream body through, the canary test would see the key.
@@ -25,18 +28,35 @@ import base64
 import binascii
 import io
 import json
+import struct
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from PIL import Image
 
-HTTP_FAULTS = frozenset({"hang", "reset", "500", "503", "429", "bad_json", "auth",
-                         "content_policy"})
-IMAGE_FAULTS = frozenset({"truncated_b64", "not_png", "wrong_size"})
+HTTP_FAULTS = frozenset({"hang", "reset", "500", "503", "429", "bad_json", "deep_json",
+                         "deep_error", "auth", "content_policy"})
+IMAGE_FAULTS = frozenset({"truncated_b64", "not_png", "wrong_size", "trailing_bytes",
+                          "corrupt_idat"})
 SIZES = ("256x256", "512x512", "1024x1024")
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
+
+def png_chunk(ctype: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + ctype + body + struct.pack(
+        ">I", zlib.crc32(ctype + body))
+
+
+def corrupt_idat_png(width: int, height: int) -> bytes:
+    """A PNG whose container is flawless (8-bit RGB, CRCs right) but whose pixel data is
+    garbage: only inflating IDAT shows it is broken."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", b"garbage, not a zlib stream" * 8) + png_chunk(b"IEND", b""))
 
 
 def image_bytes(width: int, height: int, index: int, fmt: str = "PNG") -> bytes:
@@ -177,6 +197,9 @@ class FakeUpstream:
         if fault == "bad_json":
             return web.Response(body=b'{"created": 1, "data": [{"b64_json": ' +
                                 echo.encode(), content_type="application/json")
+        if fault in ("deep_json", "deep_error"):
+            return web.Response(body=DEEP_JSON, content_type="application/json",
+                                status=200 if fault == "deep_json" else 400)
         if fault == "auth":
             return reject(401, f"Incorrect API key provided: {echo}.", "invalid_api_key")
         assert fault == "content_policy"
@@ -191,9 +214,13 @@ class FakeUpstream:
             return image_bytes(300, 200, index)
         if fault == "not_png":
             return image_bytes(width, height, index, "GIF")
+        if fault == "corrupt_idat":
+            return corrupt_idat_png(width, height)
         data = image_bytes(width, height, index)
         if fault == "truncated_b64":
             return data[: len(data) // 2]
+        if fault == "trailing_bytes":
+            return data + b"\x00\x00"
         return data
 
     def b64_image(self, width: int, height: int, index: int) -> str:
@@ -353,6 +380,7 @@ class ComfyUIFake(FakeUpstream):
         self.results: dict[str, dict[str, Any]] = {}
         self.deleted: list[str] = []
         self.workflow_error = False
+        self.status_as_string = False  # a fork or proxy answering "status": "success"
         r = self.app.router
         r.add_post("/upload/image", self.upload)
         r.add_post("/prompt", self.prompt)
@@ -415,6 +443,8 @@ class ComfyUIFake(FakeUpstream):
             return web.json_response({prompt_id: {"outputs": {}, "status": status}})
         if prompt_id not in self.results:
             self.results[prompt_id] = self._run(prompt_id)
+        if self.status_as_string:  # and no outputs: nothing the gateway can use
+            return web.json_response({prompt_id: {"status": "success", "outputs": {}}})
         entry = self.results[prompt_id]
         return web.json_response({prompt_id: {
             "prompt": [1, prompt_id, {}, {}, ["10"]], "outputs": entry,

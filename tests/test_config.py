@@ -87,3 +87,32 @@ def test_shipped_configs_validate() -> None:
     root = Path(__file__).resolve().parents[1]
     for name in ("gateway.yaml", "gateway.example.yaml"):
         load_config(root / "config" / name, env={"UPSTREAM_API_KEY": "x", "SD_PASSWORD": "x"})
+
+
+def test_header_values_lose_surrounding_whitespace() -> None:
+    """A key read from a secret file or an env var often ends in a newline, which made
+    every upstream request fail on an invalid header while /readyz said ready."""
+    cfg = parse_config(
+        "auth: {mode: none}\nbackends:\n"
+        "  - {name: up, kind: openai, base_url: 'http://u/v1', api_key: '${KEY}',\n"
+        "     organization: ' org-1 ', project: \"proj\\t\"}\n"
+        "  - {name: sd, kind: sdwebui, base_url: 'http://s', username: \"art\\n\",\n"
+        "     password: '${PW}'}\n",
+        env={"KEY": "sk-secret-123\n", "PW": "  hunter2\r\n"})
+    up, sd = (b.options for b in cfg.backends)
+    assert (up.api_key, up.organization, up.project) == ("sk-secret-123", "org-1", "proj")
+    assert (sd.username, sd.password) == ("art", "hunter2")
+
+
+@pytest.mark.parametrize("inner", ["sk-abc\ndef", "sk-abc\rdef", "sk-abc\x00def",
+                                   "sk-abc\tdef", "sk-abc\x7fdef"])
+def test_a_key_with_a_control_character_inside_is_refused_without_showing_it(
+        inner: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("auth: {mode: none}\nbackends:\n"
+                     "  - name: up\n    kind: openai\n    base_url: 'http://u/v1'\n"
+                     "    api_key: '${KEY}'\n", env={"KEY": inner})
+    message = str(info.value)
+    assert "line 6" in message and "backends[0].api_key" in message
+    assert "control character" in message
+    assert "sk-abc" not in message and "def" not in message

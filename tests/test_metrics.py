@@ -174,6 +174,28 @@ async def test_budget_share_drops_at_the_new_day_without_a_request(
     assert sample(text, "user_budget_used_ratio", user="bob") == 0.0  # a series for each
 
 
+async def test_an_open_circuit_whose_cooldown_ended_stops_reading_down(
+        gateway_client) -> None:  # type: ignore[no-untyped-def]
+    """No request comes after an outage (night): the refresh still reports half-open, so
+    BackendDown does not fire until morning."""
+    from gateway.keys import ROUTER
+
+    client = await gateway_client()
+    router = client.app[ROUTER]
+    name = next(iter(router.backends))
+    breaker = router.guard(name).breaker
+    now = [1000.0]
+    breaker.clock = lambda: now[0]
+    for _ in range(breaker.config.failure_threshold):
+        breaker.failure()
+    assert sample(await scrape(client), "backend_up", backend=name) == 0.0
+    now[0] += breaker.config.cooldown_seconds + 1
+    await refresh_gauges(client.app)
+    text = await scrape(client)
+    assert sample(text, "backend_up", backend=name) == 1.0
+    assert sample(text, "backend_circuit_state", backend=name, state="half_open") == 1.0
+
+
 async def test_cardinality_1000_users_and_1000_bad_tokens_add_no_series(
         gateway_client) -> None:  # type: ignore[no-untyped-def]
     """1,000 distinct ``user`` values and 1,000 unknown tokens: the same series set."""
@@ -327,9 +349,9 @@ def test_every_family_is_documented() -> None:
             assert f"`{label}`" in docs, (full, label)
 
 
-def test_breaker_state_is_one_hot_and_up_only_when_closed() -> None:
+def test_breaker_state_is_one_hot_and_down_only_when_open() -> None:
     m = Metrics([])
-    for state, up in (("closed", 1.0), ("open", 0.0), ("half_open", 0.0), ("closed", 1.0)):
+    for state, up in (("closed", 1.0), ("open", 0.0), ("half_open", 1.0), ("closed", 1.0)):
         m.set_breaker("b", state)
         got = {s: m.registry.get_sample_value(P + "backend_circuit_state",
                                               {"backend": "b", "state": s})

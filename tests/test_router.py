@@ -7,6 +7,7 @@ clock is replaced by a settable one, so "after the cool-down" needs no sleeping.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,11 @@ from instrumented_backend import poll, vary
 from support import png_bytes
 from upstream_cases import FAST, KEY, backend_entry, serve_fake
 
+from gateway.backends.base import VariationRequest
+from gateway.config import build_config
 from gateway.keys import METRICS, ROUTER
+from gateway.metrics import Metrics
+from gateway.router import Router
 
 
 @dataclass
@@ -199,3 +204,87 @@ async def test_backend_metrics(pair: Make) -> None:
     assert p.metric("backend_retries_total", backend="a") == 1
     assert p.metric("backend_request_duration_seconds_count", backend="a") == 1
     assert p.metric("images_generated_total", backend="a", size="256x256") == 1
+
+
+@pytest.mark.parametrize("fault", ["corrupt_idat", "deep_json"])
+async def test_unusable_answer_counts_against_the_breaker_and_falls_back(
+        pair: Make, fault: str) -> None:
+    """An answer that cannot be used is the upstream's failure: b answers, a's breaker
+    counts it, and a is not asked again for the same (paid) call."""
+    p = await pair(**BREAKER)
+    p.a.inject(fault)
+    answer = await p.vary()
+    assert answer.status == 200, answer.body
+    assert len(p.a.calls()) == 1 and len(p.b.calls()) == 1
+    assert p.metric("backend_errors_total", backend="a", kind="bad_response") == 1
+    assert p.metric("images_generated_total", backend="b", size="256x256") == 1
+    assert (await p.readyz())["a"]["consecutive_failures"] == 1
+
+
+def choke_after_the_call(p: Pair) -> None:
+    """``a`` calls its upstream (which is paid), then a parser raises what no backend
+    maps: struct.error stands for any parser gap not found yet."""
+    backend = p.client.app[ROUTER].backends["a"]
+    original = backend.generate
+
+    async def unmapped(request: VariationRequest) -> list[bytes]:
+        await original(request)
+        raise struct.error("unpack requires a buffer of 8 bytes")
+
+    backend.generate = unmapped  # type: ignore[method-assign]
+
+
+async def test_an_exception_no_backend_mapped_is_a_502_counted_by_the_breaker(
+        pair: Make) -> None:
+    """Not a 500 with x-should-retry: true, which the SDK retries, paying each time."""
+    p = await pair(route=("a",), **BREAKER)
+    choke_after_the_call(p)
+    answer = await p.vary()
+    assert answer.status == 502, answer.body
+    assert answer.body["error"]["code"] == "upstream_bad_response"
+    assert "unpack" not in answer.body["error"]["message"]
+    assert answer.headers.get("x-should-retry") != "true"
+    assert len(p.a.calls()) == 1  # not retried: the upstream was paid for that answer
+    assert p.metric("backend_errors_total", backend="a", kind="unexpected") == 1
+    assert (await p.readyz())["a"]["consecutive_failures"] == 1
+    assert (await p.vary()).status == 502
+    assert p.metric("backend_circuit_state", backend="a", state="open") == 1
+
+
+async def test_an_exception_no_backend_mapped_falls_back(pair: Make) -> None:
+    p = await pair(**BREAKER)
+    choke_after_the_call(p)
+    answer = await p.vary()
+    assert answer.status == 200, answer.body
+    assert len(p.a.calls()) == 1 and len(p.b.calls()) == 1
+    assert p.metric("images_generated_total", backend="b", size="256x256") == 1
+
+
+def test_report_breakers_shows_half_open_once_the_cool_down_passed() -> None:
+    """open -> half_open is only the clock passing; without traffic nothing reports it,
+    so the periodic re-report must."""
+    entry = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", **BREAKER}
+    config = build_config({"backends": [{"name": "a", **entry}, {"name": "b", **entry}],
+                           "route": ["a", "b"]})
+    metrics = Metrics([])
+    router = Router(config, metrics)
+    now = [1000.0]
+    breaker = router.guard("a").breaker
+    breaker.clock = lambda: now[0]
+    for _ in range(2):
+        breaker.failure()
+
+    def state(value: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "variations_gateway_backend_circuit_state", {"backend": "a", "state": value})
+
+    assert state("open") == 1
+    router.report_breakers()
+    assert state("open") == 1  # still cooling down
+    now[0] += 30.0
+    assert state("open") == 1  # nothing has told the metrics yet
+    router.report_breakers()
+    assert state("half_open") == 1 and state("open") == 0
+    assert metrics.registry.get_sample_value(
+        "variations_gateway_backend_circuit_state",
+        {"backend": "b", "state": "closed"}) == 1

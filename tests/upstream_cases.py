@@ -157,9 +157,13 @@ FAULTS: dict[str, tuple[int, str | None, int]] = {
     "503": (503, "upstream_unavailable", 2),
     "429": (503, "upstream_rate_limited", 3),
     "bad_json": (502, "upstream_bad_response", 1),
+    "deep_json": (502, "upstream_bad_response", 1),
+    "deep_error": (502, "upstream_rejected", 1),
     "truncated_b64": (502, "upstream_bad_response", 1),
     "not_png": (502, "upstream_bad_response", 1),
+    "corrupt_idat": (502, "upstream_bad_response", 1),
     "wrong_size": (200, None, 1),
+    "trailing_bytes": (200, None, 1),  # junk after IEND is not part of the image
     "auth": (502, "upstream_auth_error", 1),
     "content_policy": (400, "content_policy_violation", 1),
 }
@@ -167,8 +171,10 @@ FAULT_NAMES = tuple(FAULTS)
 # Kinds of error each fault is counted as, per failed attempt.
 ERROR_KIND = {"refuse": "connect", "hang": "timeout", "reset": "disconnected",
               "500": "http_5xx", "503": "http_503", "429": "http_429",
-              "bad_json": "bad_response", "truncated_b64": "bad_response",
-              "not_png": "bad_response", "auth": "auth", "content_policy": "content_policy"}
+              "bad_json": "bad_response", "deep_json": "bad_response",
+              "deep_error": "http_4xx", "truncated_b64": "bad_response",
+              "not_png": "bad_response", "corrupt_idat": "bad_response", "auth": "auth",
+              "content_policy": "content_policy"}
 
 
 def fault_backend(fault: str) -> dict[str, Any]:

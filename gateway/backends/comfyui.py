@@ -152,7 +152,10 @@ class ComfyUIBackend(HttpBackend):
             history = await self.request_json("GET", f"/history/{prompt_id}")
             entry = history.get(prompt_id) if isinstance(history, dict) else None
             if isinstance(entry, dict):
-                status = entry.get("status") or {}
+                # Forks and proxies vary: a status that is not an object says nothing.
+                status = entry.get("status")
+                if not isinstance(status, dict):
+                    status = {}
                 if status.get("status_str") == "error":
                     raise UpstreamError(502, f"Backend {self.name!r}: the workflow failed.",
                                         code="upstream_error", kind="workflow_error")
@@ -163,7 +166,7 @@ class ComfyUIBackend(HttpBackend):
 
     def _pick(self, outputs: dict[str, Any], n: int) -> list[dict[str, Any]]:
         images = [img for node in sorted(outputs, key=str)
-                  for img in (outputs[node] or {}).get("images", [])
+                  for img in _node_images(outputs[node])
                   if isinstance(img, dict) and isinstance(img.get("filename"), str)]
         saved = [img for img in images if img.get("type") == "output"] or images
         if len(saved) < n:
@@ -171,8 +174,8 @@ class ComfyUIBackend(HttpBackend):
         return saved[:n]
 
     async def _fetch(self, image: dict[str, Any]) -> bytes:
-        params = {"filename": image["filename"], "subfolder": image.get("subfolder") or "",
-                  "type": image.get("type") or "output"}
+        params = {"filename": image["filename"], "subfolder": _text(image.get("subfolder")),
+                  "type": _text(image.get("type")) or "output"}
         body, _ = await self.request("GET", "/view", params=params)
         return body
 
@@ -199,3 +202,15 @@ class ComfyUIBackend(HttpBackend):
             raise
         images = await gather_all(*(self._fetch(i) for i in self._pick(outputs, request.n)))
         return await to_pngs(self.name, images, request.size)
+
+
+def _node_images(node: Any) -> list[Any]:
+    """A history output node's ``images`` list; nodes without one (text, latents) or of
+    another shape contribute nothing."""
+    images = node.get("images") if isinstance(node, dict) else None
+    return images if isinstance(images, list) else []
+
+
+def _text(value: Any) -> str:
+    """A query value from history: only strings are passed on."""
+    return value if isinstance(value, str) else ""

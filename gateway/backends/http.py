@@ -3,8 +3,9 @@
 Every upstream failure leaves here as an :class:`UpstreamError` whose message names
 only the backend (its config name) and what went wrong. The upstream's URL, key and raw
 body never reach the client: bodies are parsed only to recognise a safety rejection,
-then dropped. Every returned image is decoded, checked and re-encoded as a PNG of the
-requested size, so what the gateway stores does not depend on the backend.
+then dropped. Every returned image is checked to decode in full and leaves as a PNG of
+the requested size, so what the gateway stores does not depend on the backend and a
+broken image is the upstream's failure, never cached.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _error_code(body: bytes) -> tuple[str, str]:
     """``(code, message)`` of an OpenAI-style error body, lower-cased; never returned."""
     try:
         err = json.loads(body).get("error")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: deep nesting
         return "", ""
     if isinstance(err, str):
         return "", err.lower()
@@ -167,9 +168,14 @@ def to_png(name: str, data: bytes, size: int) -> bytes:
     """Decode an upstream image, fit it to ``size`` squared, re-encode it as PNG.
 
     Re-encoding also drops metadata (SD WebUI writes its prompt into a PNG text chunk).
-    A plain PNG already of the right size only loses its metadata chunks.
+    A plain PNG already of the right size only loses its metadata chunks, once its pixel
+    data is known to inflate in full; anything else is decoded by Pillow. Either way an
+    image that does not decode is the upstream's failure, never stored.
     """
-    plain = png.plain_png_of_size(data, size)
+    try:
+        plain = png.plain_png_of_size(data, size)
+    except ValueError:
+        raise bad_response(name, "PNG with broken pixel data") from None
     if plain is not None:
         return plain
     try:
@@ -285,7 +291,7 @@ class HttpBackend:
         body, _ = await self.request(method, path, **kwargs)
         try:
             return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
             raise bad_response(self.name, "malformed JSON") from None
 
     async def download(self, url: str) -> bytes:

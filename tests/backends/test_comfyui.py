@@ -6,20 +6,25 @@ import json
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 from fakes_upstreams import ComfyUIFake, Recorded
 from instrumented_backend import poll, vary
 from support import png_bytes
 from upstream_cases import (
     FAULT_NAMES,
     KEY,
+    NAME,
     WORKFLOW,
+    backend_entry,
     make_fake,
     run_fault,
     sdk_matrix,
+    serve_fake,
     start_upstream,
 )
 
 from gateway.backends.comfyui import fill, load_workflow
+from gateway.keys import METRICS
 
 
 async def test_sdk_every_size_format_and_n(gateway_client: Any) -> None:
@@ -80,6 +85,47 @@ async def test_abandoned_prompt_is_removed_from_the_queue(gateway_client: Any) -
         # The interrupt follows the delete: wait for it too, then check what it named.
         await poll(lambda: bool(fake.calls("/interrupt")), "the run interrupted")
         assert fake.calls("/interrupt")[0].json == {"prompt_id": prompt_id}
+    finally:
+        await server.close()
+
+
+async def string_status_fake() -> tuple[TestServer, str]:
+    """A fork or proxy answering ``"status": "success"`` (and no outputs)."""
+    fake = make_fake("comfyui")
+    assert isinstance(fake, ComfyUIFake)
+    fake.status_as_string = True
+    return await serve_fake(fake)
+
+
+async def test_a_history_status_that_is_no_object_is_a_bad_response(
+        gateway_client: Any) -> None:
+    server, url = await string_status_fake()
+    try:
+        client = await gateway_client(backends=[backend_entry("comfyui", url)], route=[NAME])
+        answer = await vary(client, png_bytes(64), n=1)
+        assert answer.status == 502, answer.body
+        assert answer.body["error"]["code"] == "upstream_bad_response"
+    finally:
+        await server.close()
+
+
+async def test_a_history_status_that_is_no_object_falls_back(gateway_client: Any) -> None:
+    """The breaker counts it, and the route's next backend answers instead."""
+    server, url = await string_status_fake()
+    try:
+        client = await gateway_client(
+            backends=[backend_entry("comfyui", url), {"name": "local", "kind": "procedural"}],
+            route=[NAME, "local"])
+        answer = await vary(client, png_bytes(64), n=1)
+        assert answer.status == 200, answer.body
+        registry = client.app[METRICS].registry
+        assert registry.get_sample_value("variations_gateway_backend_errors_total",
+                                         {"backend": NAME, "kind": "bad_response"}) == 1
+        assert registry.get_sample_value("variations_gateway_images_generated_total",
+                                         {"backend": "local", "size": "256x256"}) == 1
+        async with client.get("/readyz") as r:
+            backends = (await r.json())["checks"]["backends"]
+        assert backends[NAME]["consecutive_failures"] == 1
     finally:
         await server.close()
 

@@ -67,3 +67,14 @@ async def test_upstream_urls_are_downloaded_without_the_key(gateway_client: Any)
 @pytest.mark.parametrize("fault", FAULT_NAMES)
 async def test_fault(gateway_client: Any, fault: str) -> None:
     await run_fault(gateway_client, "openai", fault)
+
+
+async def test_a_key_ending_in_a_newline_still_authenticates(gateway_client: Any) -> None:
+    """A key from a secret file (trailing newline) once made every request a 500."""
+    up, server = await start_upstream(gateway_client, "openai", key=KEY + "\n")
+    try:
+        answer = await vary(up.client, png_bytes(64), n=1)
+        assert answer.status == 200, answer.body
+        assert up.fake.calls()[0].headers["Authorization"] == f"Bearer {KEY}"
+    finally:
+        await server.close()
