@@ -59,7 +59,7 @@ def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> PngInfo:
     if not data:
         raise _bad("Uploaded image is empty. " + NOT_PNG, "invalid_image_format")
     if len(data) >= MAX_UPLOAD_BYTES:
-        raise ApiError(413, NOT_PNG, code="image_too_large", param="image")
+        raise ApiError(400, NOT_PNG, code="image_too_large", param="image")  # as OpenAI
     if not data.startswith(SIGNATURE):
         raise _bad()
     pos = len(SIGNATURE)

@@ -1,7 +1,7 @@
 """Reading the ``/v1/images/variations`` multipart form, per the wire contract.
 
 Every field arrives as a string; missing fields mean their defaults. The body is read
-part by part with hard caps, so an oversized upload is refused with 413 before it is
+part by part with hard caps, so an oversized upload is refused (400) before it is
 held in memory whole, and the request's read deadline bounds slow clients.
 """
 
@@ -38,7 +38,9 @@ class VariationForm:
 
 
 def _too_large() -> ApiError:
-    return ApiError(413, NOT_PNG, code="image_too_large", param="image")
+    # 400 as OpenAI answered it: the SDK raises BadRequestError (a 413 would be a bare
+    # APIStatusError that code catching bad input misses).
+    return ApiError(400, NOT_PNG, code="image_too_large", param="image")
 
 
 def _malformed(detail: str) -> ApiError:
