@@ -13,6 +13,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -511,8 +512,27 @@ def _mask(key: str, value: Any) -> Any:
     if key in _SECRET_KEYS:
         return "***"
     if key.endswith("_url") and isinstance(value, str):
-        return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", value)
+        return _mask_url(value)
     return value
+
+
+_SECRET_QUERY = re.compile(r"key|token|secret|pass|auth|sig", re.IGNORECASE)
+
+
+def _mask_url(url: str) -> str:
+    """The URL with its credentials masked: a password or a bare token in the userinfo
+    (``https://tok@host``), and query values whose names say secret (``?api-key=``)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    query = "&".join(
+        f"{name}={'***' if _SECRET_QUERY.search(name) else value}" if sep else name
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
+    ) if parts.query else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def to_plain(obj: Any, key: str = "") -> Any:

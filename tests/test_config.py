@@ -82,6 +82,16 @@ def test_dump_masks_secrets() -> None:
     assert "supersecret" not in text and "hunter2" not in text
     assert "redis://:***@redis:6379/0" in text
 
+    cfg = parse_config(
+        "backends:\n"
+        "  - {name: sd, kind: sdwebui, base_url: 'https://tok-SECRET@sd.internal:7860'}\n"
+        "  - {name: up, kind: openai, base_url: 'https://h.example/v1?api-key=SECRET2&x=1'}\n",
+        env={})
+    text = dump_config(cfg)
+    assert "SECRET" not in text
+    assert "https://***@sd.internal:7860" in text
+    assert "https://h.example/v1?api-key=***&x=1" in text
+
 
 def test_shipped_configs_validate() -> None:
     root = Path(__file__).resolve().parents[1]

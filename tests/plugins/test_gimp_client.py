@@ -446,3 +446,22 @@ def test_bad_url_and_token_are_settings_sentences() -> None:
     e = sentence_of(vg_client.get_usage, "http://127.0.0.1:9", token)
     assert e.kind == "settings"
     assert "tok-with" not in str(e) and "newline" not in str(e)
+
+
+def test_the_token_goes_only_to_the_gateway_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image URLs are signed; one on another host (a CDN behind public_base_url) must not
+    receive the member's token."""
+    sent: dict[str, dict[str, str]] = {}
+
+    def call(req: Any, url: str, timeout: float) -> tuple[bytes, dict[str, str]]:
+        sent[url] = dict(req.header_items())
+        return b"png", {}
+
+    monkeypatch.setattr(vg_client, "_call", call)
+    api = "http://gw.example:8080/v1/images/variations"
+    vg_client._download("/v1/images/files/a.png?sig=1", api, ALICE, 5)
+    vg_client._download("https://cdn.example/v1/images/files/b.png?sig=1", api, ALICE, 5)
+    own, cdn = sent["http://gw.example:8080/v1/images/files/a.png?sig=1"], \
+        sent["https://cdn.example/v1/images/files/b.png?sig=1"]
+    assert own["Authorization"] == f"Bearer {ALICE}"
+    assert "Authorization" not in cdn

@@ -388,9 +388,13 @@ def request_variations(
 
 def _download(image_url: str, api_url: str, token: str, timeout: float) -> bytes:
     full = urllib.parse.urljoin(api_url, image_url)
-    if urllib.parse.urlsplit(full).scheme not in ("http", "https"):
+    target, api = urllib.parse.urlsplit(full), urllib.parse.urlsplit(api_url)
+    if target.scheme not in ("http", "https"):
         raise ValueError("an image url is not an http(s) address")
-    req = urllib.request.Request(full, headers=_auth_headers(token))
+    # Image URLs are signed: the token goes only to the gateway itself, never to another
+    # host a public_base_url (a CDN, say) points at.
+    same_origin = (target.scheme, target.netloc) == (api.scheme, api.netloc)
+    req = urllib.request.Request(full, headers=_auth_headers(token if same_origin else ""))
     raw, _ = _call(req, full, timeout)
     return raw
 
