@@ -28,9 +28,21 @@ log = structlog.get_logger("gateway.cache")
 
 Status = Literal["HIT", "MISS", "PARTIAL", "BYPASS"]
 Policy = Literal["default", "no-cache", "no-store"]
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """What ``generate`` made. ``keep`` False: the images answer this request (and its
+    coalesced waiters) but are not pooled, because they are not what the key names (a
+    fallback backend made them while the route's first one was failing)."""
+
+    images: list[bytes]
+    keep: bool = True
+
+
 # generate(count, offset): ``count`` new images; ``offset`` is their pool position,
 # -1 for images that must not repeat earlier ones (``no-cache``, ``no-store``).
-Generate = Callable[[int, int], Awaitable[list[bytes]]]
+Generate = Callable[[int, int], Awaitable[Fresh]]
 
 
 def cache_key(pixels_sha256: str, size: int, model: str, identity: str) -> str:
@@ -372,10 +384,9 @@ class ResultCache:
     async def _serve(self, key: str, n: int, policy: Policy, generate: Generate
                      ) -> CacheResult:
         if not self.enabled or policy == "no-store":
-            images = await generate(n, -1)
-            return CacheResult([Item(_sha(d), len(d), data=d) for d in images], "BYPASS", n)
+            return CacheResult(_unpooled((await generate(n, -1)).images), "BYPASS", n)
         if policy == "no-cache":
-            return CacheResult(await self._store(key, await generate(n, -1)), "MISS", n)
+            return CacheResult(await self._keep(key, await generate(n, -1)), "MISS", n)
         waited = 0.0
         while True:
             pool = await self._pool_items(key)
@@ -385,13 +396,16 @@ class ResultCache:
             if flight is not None:
                 # the owner's quota or disconnect is not ours: then try as the owner
                 started = time.perf_counter()
+                shared: list[Item] | None = None
                 with contextlib.suppress(QuotaRejected, _OwnerGone):
-                    await asyncio.shield(flight)
+                    shared = await asyncio.shield(flight)
                 waited += time.perf_counter() - started
+                if shared is not None and len(shared) >= n:  # made but not pooled: ours too
+                    return CacheResult(shared[:n], "HIT", 0, waited)
                 continue
             # Claim the key here (local peers wait on the future), then across processes.
             flight = asyncio.get_running_loop().create_future()
-            self._flights[key] = flight
+            self._flights[key] = flight  # result: unpooled items for the waiters, or None
             owned = False
             try:
                 owned = await self.index.acquire_flight(key, self.flight_ttl)
@@ -420,17 +434,21 @@ class ResultCache:
         # We own the flight for this key: waiters are answered from what we store.
         missing = n - len(pool)
         try:
-            fresh = await self._store(key, await generate(missing, len(pool)))
+            made = await generate(missing, len(pool))
+            fresh = await self._keep(key, made)
         except BaseException as exc:
             flight.set_exception(exc if isinstance(exc, Exception) else _OwnerGone())
             flight.exception()  # retrieved here, so an unwaited flight logs nothing
             raise
         else:
-            flight.set_result(None)
+            flight.set_result(None if made.keep else pool + fresh)
         finally:
             self._flights.pop(key, None)
             await self.index.release_flight(key)
         return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing, waited)
+
+    async def _keep(self, key: str, made: Fresh) -> list[Item]:
+        return await self._store(key, made.images) if made.keep else _unpooled(made.images)
 
     async def stats(self) -> tuple[int, int]:
         return await self.index.stats()
@@ -441,5 +459,5 @@ class ResultCache:
         await self.index.close()
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _unpooled(images: list[bytes]) -> list[Item]:
+    return [Item(hashlib.sha256(d).hexdigest(), len(d), data=d) for d in images]

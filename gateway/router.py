@@ -100,8 +100,13 @@ class Router:
         return [self._backends[model]]
 
     def identity(self, model: str) -> str:
-        """Cache identity of what ``model`` would run: every backend in its chain."""
-        return "|".join(b.identity for b in self.chain(model))
+        """Cache identity of what ``model`` runs: its chain's first backend. Images a
+        fallback makes are served but never pooled under it (see ``cache.Fresh``)."""
+        return self.chain(model)[0].identity
+
+    def is_first(self, model: str, backend: str) -> bool:
+        """Whether ``backend`` is ``model``'s first choice (not a fallback)."""
+        return self.chain(model)[0].name == backend
 
     def report_breakers(self) -> None:
         """Re-report every breaker's current state to the metrics.

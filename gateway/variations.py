@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway import png, upload
 from gateway.backends.base import SourceImage, VariationRequest
-from gateway.cache import CacheResult, cache_key, policy_from_header
+from gateway.cache import CacheResult, Fresh, cache_key, policy_from_header
 from gateway.errors import ApiError
 from gateway.keys import (
     ANSWER_WAITS_FOR,
@@ -117,7 +117,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         price = config.pricing[form.size_label]
         reservation: Reservation | None = None
 
-        async def generate(count: int, offset: int) -> list[bytes]:
+        async def generate(count: int, offset: int) -> Fresh:
             nonlocal reservation
             reservation = await quota.reserve(principal, count, price * count,
                                               form.size_label)
@@ -132,7 +132,8 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
                 request[BACKEND_SECONDS] += time.perf_counter() - started
             record.backend = result.backend
             metrics.images_generated.labels(result.backend, form.size_label).inc(count)
-            return result.images
+            # A fallback's images answer now but are not what the key names: not pooled.
+            return Fresh(result.images, keep=router.is_first(form.model, result.backend))
 
         # Look up the cache, generating only what is missing; store (and sign) what we
         # answer, then settle the quota before the client sees it. Until the commit

@@ -14,7 +14,7 @@ from redis_server import RedisServer
 
 from gateway import state_redis as sr
 from gateway.auth import Principal
-from gateway.cache import BlobStore, CacheResult, Evicted, ResultCache
+from gateway.cache import BlobStore, CacheResult, Evicted, Fresh, ResultCache
 from gateway.config import QuotaLimits
 from gateway.quota import QuotaRejected
 
@@ -213,11 +213,11 @@ async def test_single_flight_across_replicas(redis_server: RedisServer, tmp_path
     calls: list[tuple[int, int]] = []
     release, started = asyncio.Event(), asyncio.Event()
 
-    async def generate(count: int, offset: int) -> list[bytes]:
+    async def generate(count: int, offset: int) -> Fresh:
         calls.append((count, offset))
         started.set()
         await release.wait()
-        return [b"png-%d" % (offset + i) for i in range(count)]
+        return Fresh([b"png-%d" % (offset + i) for i in range(count)])
 
     async def serve(cache: ResultCache) -> CacheResult:
         async with cache.serve("key", 2, "default", generate) as result:
