@@ -81,13 +81,16 @@ class CacheResult:
     items: list[Item]
     status: Status
     generated: int  # images this request caused the backend to generate
-    waited_seconds: float = 0.0  # spent waiting for an identical request's generation
 
 
 @dataclass(frozen=True)
 class Evicted:
-    orphans: list[str]  # blob shas no pool references any more: delete their files
-    held_back: bool = False  # a due pool was kept because a request was serving from it
+    """What a pass did: ``orphans`` are blob shas no pool references any more (delete
+    their files); ``held`` are due keys it kept because a request was serving from them
+    (a pass runs again when the last of those requests leaves)."""
+
+    orphans: list[str]
+    held: frozenset[str] = frozenset()
 
 
 class CacheIndex(Protocol):
@@ -192,14 +195,14 @@ class SqliteCacheIndex:
     async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
                     keep: frozenset[str] = frozenset()) -> Evicted:
         orphans: list[str] = []
-        held_back = False
+        held: set[str] = set()
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._flush_touches()
             for (key,) in self._db.execute(
                     "SELECT key FROM entries WHERE created < ?", (now - ttl_seconds,)).fetchall():
                 if key in keep:
-                    held_back = True
+                    held.add(key)
                 else:
                     orphans += self._drop(key)
             (total,) = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
@@ -210,11 +213,11 @@ class SqliteCacheIndex:
                     if total <= max_bytes:
                         break
                     if key in keep:
-                        held_back = True
+                        held.add(key)
                     else:
                         orphans += self._drop(key)
                         total -= size
-        return Evicted(orphans, held_back)
+        return Evicted(orphans, frozenset(held))
 
     async def stats(self) -> tuple[int, int]:
         (entries,) = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
@@ -279,7 +282,7 @@ class ResultCache:
         self.max_bytes = max_bytes
         self.ttl = ttl_seconds
         self.flight_ttl = flight_ttl_seconds  # how long another replica's flight may hold
-        self._flights: dict[str, asyncio.Future[None]] = {}
+        self._flights: dict[str, asyncio.Future[list[Item] | None]] = {}
         self._evicting: asyncio.Task[None] | None = None
         self._evict_again = False  # a store happened since the current pass began
         # Stores (blob write + index append) run concurrently with each other but never
@@ -290,10 +293,11 @@ class ResultCache:
         self._no_stores.set()
         self._barrier: asyncio.Future[None] | None = None  # a pass is waiting or running
         # Keys whose pool a request is serving from right now, and how many requests:
-        # a pass leaves them alone, so no file is deleted between lookup and answer
-        # (a PARTIAL top-up may take minutes). The next pass takes them if still due.
+        # this process's passes leave them alone, so no file is deleted between lookup
+        # and answer (a PARTIAL top-up may take minutes). The next pass takes them if
+        # still due. Replicas sharing Redis do not see each other's keys in use.
         self._in_use: dict[str, int] = {}
-        self._held_back = False  # the last pass kept a due pool that was in use
+        self._held: set[str] = set()  # due keys the last pass kept: they were in use
 
     async def _pool_items(self, key: str) -> list[Item]:
         rows = await self.index.pool(key, time.time())
@@ -344,7 +348,9 @@ class ResultCache:
             await self._no_stores.wait()
             evicted = await self.index.evict(self.max_bytes, self.ttl, time.time(),
                                              frozenset(self._in_use))
-            self._held_back = evicted.held_back
+            self._held = set(evicted.held)
+            if not self._held.issubset(self._in_use):  # a user left while the pass ran
+                self._pass_soon()
             if evicted.orphans:
                 await asyncio.get_running_loop().run_in_executor(
                     None, self.blobs.delete, evicted.orphans)
@@ -363,45 +369,49 @@ class ResultCache:
             await asyncio.sleep(interval)
 
     @contextlib.asynccontextmanager
-    async def serve(self, key: str, n: int, policy: Policy, generate: Generate
+    async def serve(self, key: str, n: int, policy: Policy, generate: Generate,
+                    on_wait: Callable[[float], None] | None = None
                     ) -> AsyncIterator[CacheResult]:
         """``n`` images for ``key`` per ``policy``, generating only what is missing.
 
         The result's files stay on disk until the block exits: answer inside it.
+        ``on_wait(seconds)`` is told of each wait for an identical request's generation
+        (succeeded or not): backend time, not the gateway's.
         """
         self._in_use[key] = self._in_use.get(key, 0) + 1
         try:
-            yield await self._serve(key, n, policy, generate)
+            yield await self._serve(key, n, policy, generate, on_wait or _ignore)
         finally:
             if self._in_use[key] > 1:
                 self._in_use[key] -= 1
             else:
                 del self._in_use[key]
-                if self._held_back:  # perhaps this key: the budget is enforced now
-                    self._held_back = False
+                if key in self._held:  # a pass kept it for us: enforce the budget now
+                    self._held.discard(key)
                     self._pass_soon()
 
-    async def _serve(self, key: str, n: int, policy: Policy, generate: Generate
-                     ) -> CacheResult:
+    async def _serve(self, key: str, n: int, policy: Policy, generate: Generate,
+                     on_wait: Callable[[float], None]) -> CacheResult:
         if not self.enabled or policy == "no-store":
             return CacheResult(_unpooled((await generate(n, -1)).images), "BYPASS", n)
         if policy == "no-cache":
             return CacheResult(await self._keep(key, await generate(n, -1)), "MISS", n)
-        waited = 0.0
         while True:
             pool = await self._pool_items(key)
             if len(pool) >= n:
-                return CacheResult(pool[:n], "HIT", 0, waited)
+                return CacheResult(pool[:n], "HIT", 0)
             flight = self._flights.get(key)
             if flight is not None:
                 # the owner's quota or disconnect is not ours: then try as the owner
                 started = time.perf_counter()
                 shared: list[Item] | None = None
-                with contextlib.suppress(QuotaRejected, _OwnerGone):
-                    shared = await asyncio.shield(flight)
-                waited += time.perf_counter() - started
+                try:
+                    with contextlib.suppress(QuotaRejected, _OwnerGone):
+                        shared = await asyncio.shield(flight)
+                finally:
+                    on_wait(time.perf_counter() - started)
                 if shared is not None and len(shared) >= n:  # made but not pooled: ours too
-                    return CacheResult(shared[:n], "HIT", 0, waited)
+                    return CacheResult(shared[:n], "HIT", 0)
                 continue
             # Claim the key here (local peers wait on the future), then across processes.
             flight = asyncio.get_running_loop().create_future()
@@ -415,11 +425,13 @@ class ResultCache:
                     if len(pool) >= n:
                         owned = False
                         await self.index.release_flight(key)
-                        return CacheResult(pool[:n], "HIT", 0, waited)
+                        return CacheResult(pool[:n], "HIT", 0)
                 elif not owned:  # another replica generates: wait, then everyone re-reads
                     started = time.perf_counter()
-                    await self.index.wait_flight(key, self.flight_ttl)
-                    waited += time.perf_counter() - started
+                    try:
+                        await self.index.wait_flight(key, self.flight_ttl)
+                    finally:
+                        on_wait(time.perf_counter() - started)
             except BaseException:
                 if owned:
                     owned = False
@@ -445,7 +457,7 @@ class ResultCache:
         finally:
             self._flights.pop(key, None)
             await self.index.release_flight(key)
-        return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing, waited)
+        return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing)
 
     async def _keep(self, key: str, made: Fresh) -> list[Item]:
         return await self._store(key, made.images) if made.keep else _unpooled(made.images)
@@ -457,6 +469,10 @@ class ResultCache:
         if self._evicting is not None:
             await asyncio.gather(self._evicting, return_exceptions=True)
         await self.index.close()
+
+
+def _ignore(seconds: float) -> None:
+    return None
 
 
 def _unpooled(images: list[bytes]) -> list[Item]:

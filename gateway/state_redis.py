@@ -559,16 +559,21 @@ local function drop(key)
 end
 local keep = {}
 for i = 4, #ARGV do keep[ARGV[i]] = true end
-local held = 0
+local held = {}
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])) do
-  if keep[key] then held = 1 else drop(key) end
+  if keep[key] then table.insert(held, key) else drop(key) end
 end
 local max = tonumber(ARGV[2])
 local kept = 0  -- kept keys stay at the front of the LRU order: skip past them
 while tonumber(redis.call('GET', KEYS[4]) or '0') > max do
   local oldest = redis.call('ZRANGE', KEYS[1], kept, kept)
   if #oldest == 0 then break end
-  if keep[oldest[1]] then kept, held = kept + 1, 1 else drop(oldest[1]) end
+  if keep[oldest[1]] then
+    kept = kept + 1
+    table.insert(held, oldest[1])
+  else
+    drop(oldest[1])
+  end
 end
 return {held, orphans}
 """
@@ -622,7 +627,7 @@ class RedisCacheIndex(_Guarded):
         held, orphans = await self._do(self._evict(
             keys=[_C + "lru", _C + "created", _C + "psize", _C + "total", _C + "refs"],
             args=[_C + "pool:", max_bytes, repr(now - ttl_seconds), *sorted(keep)]))
-        return Evicted([_s(o) for o in orphans], bool(int(held)))
+        return Evicted([_s(o) for o in orphans], frozenset(_s(k) for k in held))
 
     async def stats(self) -> tuple[int, int]:
         pipe = self.r.pipeline(transaction=False)

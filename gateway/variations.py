@@ -17,7 +17,7 @@ from functools import partial
 from aiohttp import web
 
 from gateway import png, upload
-from gateway.backends.base import SourceImage, VariationRequest
+from gateway.backends.base import VariationRequest
 from gateway.cache import CacheResult, Fresh, cache_key, policy_from_header
 from gateway.errors import ApiError
 from gateway.keys import (
@@ -89,28 +89,20 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     hashed_user = end_user_hash(app[USER_KEY], principal.name, form.user)
     record.end_user_hash = hashed_user
 
-    # A request that bypasses the cache skips the decode, but its pixel data is still
-    # checked (a corrupt upload is a 400, never sent upstream): started now, the check
-    # runs in a thread while admission and the reservation go on.
-    bypass = not app[CACHE].enabled or policy == "no-store"
-    checked: asyncio.Future[SourceImage] | None = None
-    if bypass:
-        checked = loop.run_in_executor(None, png.source_without_hash, form.image, info,
-                                       record.image_sha256)
-        checked.add_done_callback(_retrieved)
-
     # Admit: blocked users, the minute window and the in-flight limit.
     async with quota.admit(principal):
-        # The pixel hash keys the cache.
+        # The pixel hash keys the cache; a request that bypasses it skips the decode (its
+        # pixel data is still checked once: a corrupt upload is a 400, never sent on).
         key, pixels_sha256 = "", ""
+        hashes = app[PIXEL_HASHES]
         make_source = partial(png.source_without_hash, form.image, info,
-                              record.image_sha256)
-        if not bypass:
+                              record.image_sha256, hashes.checked(record.image_sha256))
+        if app[CACHE].enabled and policy != "no-store":
             if known is None:
                 decoded = await loop.run_in_executor(None, png.decode, form.image, info,
                                                      record.image_sha256)
                 known = png.Known(info, decoded.pixels_sha256)
-                app[PIXEL_HASHES].put(record.image_sha256, known)
+                hashes.put(record.image_sha256, known)
                 make_source = decoded.to_source
             pixels_sha256 = known.pixels_sha256
             key = cache_key(pixels_sha256, form.size, form.model, router.identity(form.model))
@@ -121,8 +113,8 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             nonlocal reservation
             reservation = await quota.reserve(principal, count, price * count,
                                               form.size_label)
-            source = await (checked if checked is not None
-                            else loop.run_in_executor(None, make_source))
+            source = await loop.run_in_executor(None, make_source)
+            hashes.mark_checked(record.image_sha256)
             job = VariationRequest(source, count, form.size, hashed_user,
                                    record.request_id, seed_for(pixels_sha256, offset))
             started = time.perf_counter()
@@ -140,7 +132,8 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         # begins, any failure or a disconnect (cancellation) refunds the reservation.
         try:
             result: CacheResult
-            async with app[CACHE].serve(key, form.n, policy, generate) as result:
+            async with app[CACHE].serve(key, form.n, policy, generate,
+                                        partial(_add_backend_time, request)) as result:
                 base = base_url(request, config.server.public_base_url)
                 data = app[RENDERER].from_memory(result.items, form.response_format, base)
                 if data is None:
@@ -163,7 +156,6 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             quota.count_request(principal, cache_hit=result.generated == 0))
         statuses = await quota.usage(principal)
 
-    request[BACKEND_SECONDS] += result.waited_seconds  # an identical request's backend call
     record.cache = result.status
     record.images_charged = result.generated
     record.cost_usd = cost
@@ -187,10 +179,9 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     return PartsResponse(parts, headers)
 
 
-def _retrieved(future: asyncio.Future[object]) -> None:
-    """Mark an outcome seen: a request refused before it awaits its check logs nothing."""
-    if not future.cancelled():
-        future.exception()
+def _add_backend_time(request: web.Request, seconds: float) -> None:
+    """Time waiting on a backend (an identical request's call) is not gateway overhead."""
+    request[BACKEND_SECONDS] += seconds
 
 
 class PartsResponse(web.StreamResponse):

@@ -340,9 +340,10 @@ async def test_index_eviction_keeps_keys_in_use(tmp_path: Path) -> None:
     await index.append("old", [("s1", 10)], 100.0)
     await index.append("new", [("s2", 10)], 101.0)
     # Both expired, budget 0: everything would go, but "old" is in use.
-    assert await index.evict(0, 1, 200.0, keep=frozenset({"old"})) == Evicted(["s2"], True)
+    assert await index.evict(0, 1, 200.0, keep=frozenset({"old"})) == Evicted(
+        ["s2"], frozenset({"old"}))
     assert await index.pool("old", 201.0) == [("s1", 10)]
-    assert await index.evict(0, 1, 202.0) == Evicted(["s1"], False)
+    assert await index.evict(0, 1, 202.0) == Evicted(["s1"])
     await index.close()
 
 

@@ -399,10 +399,12 @@ def drive(s: Stack, round_: int) -> None:
     url, alice, bob = s.gateway.url, TOKENS["alice"], TOKENS["bob"]
     seed = round_ * 10
     # The default route tries `broken` first: connect errors, a retry, then the breaker
-    # opens and `local` answers (round 1); afterwards `broken` is skipped.
-    assert vary(url, alice, seed=seed, user=f"end-user-{round_}") == 200       # miss
-    assert vary(url, alice, seed=seed) == 200                                  # hit
-    assert vary(url, alice, seed=seed, n=2) == 200                             # partial
+    # opens and `local` answers (round 1); afterwards `broken` is skipped. A fallback's
+    # images are not pooled, so the hit and partial go to `local` by name.
+    assert vary(url, alice, seed=seed, user=f"end-user-{round_}") == 200       # fallback
+    assert vary(url, alice, seed=seed, model="local") == 200                   # miss
+    assert vary(url, alice, seed=seed, model="local") == 200                   # hit
+    assert vary(url, alice, seed=seed, model="local", n=2) == 200              # partial
     assert vary(url, alice, seed=seed, headers={"Cache-Control": "no-store"}) == 200
     status = vary(url, alice, seed=seed + 1, model="broken")                   # pinned
     assert 500 <= status < 600, status

@@ -181,9 +181,11 @@ async def test_cache_index_pools_lru_ttl_and_refcounts(redis_server: RedisServer
     # Keys in use are skipped by TTL and by LRU; the others still go.
     await a.append("k4", [("s5", 10)], 106.0)
     await a.append("k5", [("s6", 10)], 107.0)
-    assert await a.evict(0, 1, 200.0, keep=frozenset({"k3", "k4"})) == Evicted(["s6"], True)
+    assert await a.evict(0, 1, 200.0, keep=frozenset({"k3", "k4"})) == Evicted(
+        ["s6"], frozenset({"k3", "k4"}))
     assert await b.stats() == (2, 20)
-    assert await b.evict(0, 10**6, 200.0, keep=frozenset({"k4"})) == Evicted(["s4"], True)
+    assert await b.evict(0, 10**6, 200.0, keep=frozenset({"k4"})) == Evicted(
+        ["s4"], frozenset({"k4"}))
     assert await a.stats() == (1, 10)
     await a.close()
     await b.close()

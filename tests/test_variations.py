@@ -25,6 +25,7 @@ from support import (
     ADMIN_TOKEN,
     TOKENS,
     GatewayProcess,
+    auth,
     base_config,
     png_bytes,
     start_gateway,
@@ -295,3 +296,43 @@ def test_readme_snippet_runs(gateway: GatewayProcess, tmp_path: Path) -> None:
     finally:
         os.chdir(cwd)
     assert len(list(tmp_path.glob("variation-*.png"))) == 2
+
+
+async def test_no_store_refuses_corrupt_pixel_data_and_checks_an_upload_once(
+        gateway_client, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """no-store never decodes, but a plain PNG whose pixel data is broken is still the
+    400 the cached path gives (not a backend's 500 the SDK would retry); good bytes are
+    inflated once, then remembered."""
+    from test_png import framed, rgb_ihdr
+
+    from gateway import png
+
+    calls: list[int] = []
+    real = png.check_pixel_data
+
+    def counted(data: bytes, info: png.PngInfo) -> None:
+        calls.append(len(data))
+        real(data, info)
+
+    monkeypatch.setattr(png, "check_pixel_data", counted)
+    client = await gateway_client()
+    no_store = {**auth(), "Cache-Control": "no-store"}
+
+    async def post(image: bytes) -> aiohttp.ClientResponse:
+        form = aiohttp.FormData()
+        form.add_field("image", image, filename="a.png", content_type="image/png")
+        form.add_field("size", "256x256")
+        return await client.post("/v1/images/variations", data=form, headers=no_store)
+
+    corrupt = framed(rgb_ihdr(64, 64), zlib.compress(b"\0" * 100))  # rows missing
+    for _ in range(2):
+        r = await post(corrupt)
+        assert r.status == 400
+        err = (await r.json())["error"]
+        assert (err["param"], err["code"]) == ("image", "invalid_image")
+    assert len(calls) == 2  # a failed check is not remembered
+    good = png_bytes(64)
+    for _ in range(3):
+        r = await post(good)
+        assert r.status == 200 and r.headers["X-Cache"] == "BYPASS"
+    assert len(calls) == 3
