@@ -203,6 +203,10 @@ class QuotaStore(Protocol):
 
     async def refund(self, reservation: Reservation) -> None: ...
 
+    def refund_soon(self, reservation: Reservation) -> None:
+        """:meth:`refund` without waiting for it (from a callback); never raises."""
+        ...
+
     def count_request(self, principal: Principal, cache_hit: bool) -> Awaitable[None]:
         """Count one answered request (a cache hit or not). Returns at once: await the
         result before answering, after whatever else the answer waits for."""
@@ -441,6 +445,9 @@ class SqliteQuota:
                                        settle=reservation))
 
     async def refund(self, reservation: Reservation) -> None:
+        self._release(reservation)
+
+    def refund_soon(self, reservation: Reservation) -> None:
         self._release(reservation)
 
     def count_request(self, principal: Principal, cache_hit: bool) -> Awaitable[None]:

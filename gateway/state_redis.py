@@ -334,12 +334,12 @@ class RedisQuota(_Guarded):
         task.add_done_callback(self._pending.discard)
 
     def _hand_back(self, make: Callable[[], Awaitable[object]]) -> None:
-        """Undo a take whose reply never came (a timeout, a dropped connection, or the
-        client leaving while the script ran): the script may have run, and nothing else
-        would give back what it took before its lease ends. Undoing an id the script
-        never took is a no-op, so this is always safe. One try, in the background: if
-        Redis is down it does not help to queue one retry per refused request, and the
-        lease still ends the hold."""
+        """Undo a take in the background: one whose reply never came (a timeout, a
+        dropped connection, or the client leaving while the script ran; the script may
+        have run, and nothing else would give back what it took before its lease ends),
+        or a refund nobody waits for. Undoing an id never taken is a no-op, so this is
+        always safe. One try: if Redis is down it does not help to queue one retry per
+        request, and the lease still ends the hold."""
 
         async def once() -> None:
             with contextlib.suppress(StateUnavailable):
@@ -478,6 +478,14 @@ class RedisQuota(_Guarded):
         rid = _rid(reservation)
         await self._release(lambda: self._refund(keys=[k.held, k.leases, k.leasev],
                                                  args=[rid]))
+
+    def refund_soon(self, reservation: Reservation) -> None:
+        if reservation.settled:
+            return
+        reservation.settled = True
+        k = _UserKeys(reservation.user, time.time())
+        rid = _rid(reservation)
+        self._hand_back(lambda: self._refund(keys=[k.held, k.leases, k.leasev], args=[rid]))
 
     def count_request(self, principal: Principal, cache_hit: bool) -> Awaitable[None]:
         return asyncio.ensure_future(self._count_request(principal, cache_hit))

@@ -35,7 +35,7 @@ from gateway.keys import (
     ROUTER,
     USER_KEY,
 )
-from gateway.quota import Reservation, budget_used, ratelimit_headers
+from gateway.quota import QuotaStore, Reservation, budget_used, ratelimit_headers
 
 
 def end_user_hash(key: bytes, member: str, user: str | None) -> str | None:
@@ -144,7 +144,13 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
                 # Once begun, the commit completes even if the client leaves meanwhile,
                 # so the audit can say what the ledger holds.
                 record.images_charged, record.cost_usd = result.generated, cost
-                await asyncio.shield(quota.commit(reservation, result.generated, cost))
+                commit = asyncio.ensure_future(
+                    quota.commit(reservation, result.generated, cost))
+                try:
+                    await asyncio.shield(commit)
+                except asyncio.CancelledError:
+                    commit.add_done_callback(partial(_refund_if_failed, quota, reservation))
+                    raise
         except BaseException as exc:
             if reservation is not None and not (
                     isinstance(exc, asyncio.CancelledError) and record.images_charged):
@@ -177,6 +183,13 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         return web.Response(body=b"".join(parts), content_type="application/json",
                             headers=headers)
     return PartsResponse(parts, headers)
+
+
+def _refund_if_failed(quota: QuotaStore, reservation: Reservation,
+                      commit: asyncio.Future[None]) -> None:
+    """A commit its client stopped waiting for failed: nobody else gives the hold back."""
+    if not commit.cancelled() and commit.exception() is not None:
+        quota.refund_soon(reservation)
 
 
 def _add_backend_time(request: web.Request, seconds: float) -> None:

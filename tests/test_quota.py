@@ -211,6 +211,33 @@ async def test_disconnect_during_the_commit_is_charged_and_audited_alike(
     assert row["images_charged"] == used
 
 
+async def test_a_commit_that_fails_after_the_client_left_gives_the_hold_back(
+        instrumented: Start, monkeypatch: Any) -> None:
+    client, _ = await instrumented(quota_defaults={"images_per_day": 1})
+    quota = client.app[QUOTA]
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = quota.commit
+
+    async def failing_commit(reservation: Any, images: int, cost: float) -> None:
+        entered.set()
+        await release.wait()
+        raise RuntimeError("the ledger's disk is full")
+
+    monkeypatch.setattr(quota, "commit", failing_commit)
+    task = asyncio.create_task(vary(client, png_bytes(seed=1)))
+    await poll(entered.is_set, "the commit in flight")
+    task.cancel()
+    await poll(lambda: _audited_status(client) == 499, "the 499 audit record")
+    release.set()
+    monkeypatch.setattr(quota, "commit", original)
+    # The one image of the day is not held for ever by the lost commit.
+    deadline = time.monotonic() + 10
+    while (await usage(client))["limits"]["images_per_day"]["used"] != 0:
+        assert time.monotonic() < deadline, "the reservation is still held"
+        await asyncio.sleep(0.01)
+    assert (await vary(client, png_bytes(seed=2))).status == 200
+
+
 def _audited_status(client: Any) -> int | None:
     rows = client.app[AUDIT].query(limit=1)
     return rows[0]["status"] if rows else None

@@ -382,3 +382,12 @@ async def test_the_refusal_names_the_limit_that_resets_last(redis_server: RedisS
     assert exc.value.limit == "images_per_month"
     assert "calendar month" in exc.value.message
     await q.close()
+
+
+async def test_refund_soon_gives_the_hold_back_without_being_awaited(
+        redis_server: RedisServer) -> None:
+    q = quota(redis_server)
+    p = who(images_per_day=2)
+    q.refund_soon(await q.reserve(p, 2, 0.0, "256x256"))
+    await _until(lambda: _held(q, p, 0), "the images to come back")
+    await q.close()
