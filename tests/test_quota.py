@@ -184,27 +184,37 @@ async def test_disconnect_after_generating_refunds(instrumented: Start, monkeypa
     assert len(backend.calls) == 2
 
 
-async def test_disconnect_during_the_commit_is_charged_and_audited_alike(
-        instrumented: Start, monkeypatch: Any) -> None:
-    """The client leaves while the ledger commit is in flight: the commit completes (the
-    images were made), and the 499 audit row says they were charged."""
-    client, _ = await instrumented(quota_defaults={"images_per_day": 5})
+async def leave_during_the_commit(client: Any, monkeypatch: Any, fails: bool) -> None:
+    """One request whose client leaves while the ledger commit is in flight; the commit
+    then lands (or fails, with ``fails``) after the 499 is audited."""
     quota = client.app[QUOTA]
     entered, release = asyncio.Event(), asyncio.Event()
     original = quota.commit
 
-    async def slow_commit(reservation: Any, images: int, cost: float) -> None:
-        landing = asyncio.ensure_future(original(reservation, images, cost))
+    async def held_commit(reservation: Any, images: int, cost: float) -> None:
+        landing = None if fails else asyncio.ensure_future(
+            original(reservation, images, cost))
         entered.set()
         await release.wait()
+        if landing is None:
+            raise RuntimeError("the ledger's disk is full")
         await landing
 
-    monkeypatch.setattr(quota, "commit", slow_commit)
+    monkeypatch.setattr(quota, "commit", held_commit)
     task = asyncio.create_task(vary(client, png_bytes(seed=1)))
     await poll(entered.is_set, "the commit in flight")
     task.cancel()
     await poll(lambda: _audited_status(client) == 499, "the 499 audit record")
     release.set()
+    monkeypatch.setattr(quota, "commit", original)
+
+
+async def test_disconnect_during_the_commit_is_charged_and_audited_alike(
+        instrumented: Start, monkeypatch: Any) -> None:
+    """The client leaves while the ledger commit is in flight: the commit completes (the
+    images were made), and the 499 audit row says they were charged."""
+    client, _ = await instrumented(quota_defaults={"images_per_day": 5})
+    await leave_during_the_commit(client, monkeypatch, fails=False)
     used = (await usage(client))["limits"]["images_per_day"]["used"]
     assert used == 1
     (row,) = [r for r in client.app[AUDIT].query(limit=10) if r["status"] == 499]
@@ -214,22 +224,7 @@ async def test_disconnect_during_the_commit_is_charged_and_audited_alike(
 async def test_a_commit_that_fails_after_the_client_left_gives_the_hold_back(
         instrumented: Start, monkeypatch: Any) -> None:
     client, _ = await instrumented(quota_defaults={"images_per_day": 1})
-    quota = client.app[QUOTA]
-    entered, release = asyncio.Event(), asyncio.Event()
-    original = quota.commit
-
-    async def failing_commit(reservation: Any, images: int, cost: float) -> None:
-        entered.set()
-        await release.wait()
-        raise RuntimeError("the ledger's disk is full")
-
-    monkeypatch.setattr(quota, "commit", failing_commit)
-    task = asyncio.create_task(vary(client, png_bytes(seed=1)))
-    await poll(entered.is_set, "the commit in flight")
-    task.cancel()
-    await poll(lambda: _audited_status(client) == 499, "the 499 audit record")
-    release.set()
-    monkeypatch.setattr(quota, "commit", original)
+    await leave_during_the_commit(client, monkeypatch, fails=True)
     # The one image of the day is not held for ever by the lost commit.
     deadline = time.monotonic() + 10
     while (await usage(client))["limits"]["images_per_day"]["used"] != 0:

@@ -261,27 +261,26 @@ failing_case("unreachable", job["dead_url"], job["tokens"]["alice"], 103)
 failing_case("not-a-gateway", job["not_gateway_url"], job["tokens"]["alice"], 104)
 
 
-@case("settings-not-a-gateway")
-def _settings_not_gateway():
-    set_settings(job["not_gateway_url"], job["tokens"]["alice"])
+def run_settings_procedure(url):
+    """The settings procedure, non-interactively, against ``url``: (status, its text)."""
+    set_settings(url, job["tokens"]["alice"])
     proc = Gimp.get_pdb().lookup_procedure("python-fu-generate-variations-settings")
     cfg = proc.create_config()
     cfg.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
     res = proc.run(cfg)
-    results["cases"]["settings-not-a-gateway"] = {
-        "status": res.index(0).value_nick,
-        "message": res.index(1) if res.length() > 1 else None}
+    return res.index(0).value_nick, res.index(1) if res.length() > 1 else None
+
+
+@case("settings-not-a-gateway")
+def _settings_not_gateway():
+    status, message = run_settings_procedure(job["not_gateway_url"])
+    results["cases"]["settings-not-a-gateway"] = {"status": status, "message": message}
 
 
 @case("settings-procedure")
 def _settings_proc():
-    set_settings(job["url"], job["tokens"]["alice"])
-    proc = Gimp.get_pdb().lookup_procedure("python-fu-generate-variations-settings")
-    cfg = proc.create_config()
-    cfg.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
-    res = proc.run(cfg)
-    results["cases"]["settings-procedure"] = {
-        "status": res.index(0).value_nick, "summary": res.index(1)}
+    status, summary = run_settings_procedure(job["url"])
+    results["cases"]["settings-procedure"] = {"status": status, "summary": summary}
 
 
 results["menu"] = {
