@@ -166,14 +166,13 @@ def reservation_refusal(statuses: list[LimitStatus], images: int, cost: float,
     ``fallback`` names a limit that refused elsewhere (a Redis script) in case these
     statuses, read a moment later, no longer show it.
     """
-    by_name = {s.name: s for s in statuses}
     failing = [s for s in statuses if s.limit is not None and (
         (s.name in ("images_per_day", "images_per_month") and (s.remaining or 0) < images)
         or (s.name == "budget_usd_per_month" and (s.remaining or 0) < cost - 1e-9))]
     if not failing:
         if fallback is None:
             return None
-        failing = [by_name[fallback]]
+        failing = [s for s in statuses if s.name == fallback]
     worst = max(failing, key=lambda s: s.reset_at or 0.0)
     if worst.name == "budget_usd_per_month":
         return _budget_rejection(worst, cost, ratelimit_headers(statuses))

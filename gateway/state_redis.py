@@ -443,8 +443,7 @@ class RedisQuota(_Guarded):
                 images, repr(float(cost)), _lim(q.images_per_day), _lim(q.images_per_month),
                 _lim(q.budget_usd_per_month), rid, self.lease])))
         except BaseException:
-            self._hand_back(lambda: self._refund(keys=[k.held, k.leases, k.leasev],
-                                                 args=[rid]))
+            self._hand_back(self._unlease(principal.name, rid))
             raise
         if verdict == "ok":
             return RedisReservation(principal.name, images, cost, size, rid=rid)
@@ -469,23 +468,21 @@ class RedisQuota(_Guarded):
             await self._do(self._commit(keys=keys, args=args))
         reservation.settled = True
 
+    def _unlease(self, user: str, rid: str) -> Callable[[], Awaitable[object]]:
+        """The refund script for lease ``rid``. If a commit's answer was lost but it ran,
+        the refund finds no lease: a no-op (so it is always safe to send)."""
+        k = _UserKeys(user, time.time())
+        return lambda: self._refund(keys=[k.held, k.leases, k.leasev], args=[rid])
+
     async def refund(self, reservation: Reservation) -> None:
-        if reservation.settled:
-            return
-        reservation.settled = True
-        k = _UserKeys(reservation.user, time.time())
-        # If a commit's answer was lost but it ran, the refund finds no lease: a no-op.
-        rid = _rid(reservation)
-        await self._release(lambda: self._refund(keys=[k.held, k.leases, k.leasev],
-                                                 args=[rid]))
+        if not reservation.settled:
+            reservation.settled = True
+            await self._release(self._unlease(reservation.user, _rid(reservation)))
 
     def refund_soon(self, reservation: Reservation) -> None:
-        if reservation.settled:
-            return
-        reservation.settled = True
-        k = _UserKeys(reservation.user, time.time())
-        rid = _rid(reservation)
-        self._hand_back(lambda: self._refund(keys=[k.held, k.leases, k.leasev], args=[rid]))
+        if not reservation.settled:
+            reservation.settled = True
+            self._hand_back(self._unlease(reservation.user, _rid(reservation)))
 
     def count_request(self, principal: Principal, cache_hit: bool) -> Awaitable[None]:
         return asyncio.ensure_future(self._count_request(principal, cache_hit))

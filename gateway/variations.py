@@ -121,7 +121,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             try:
                 result = await router.generate(form.model, job)
             finally:  # failed attempts and fallbacks are the backends' time too
-                request[BACKEND_SECONDS] += time.perf_counter() - started
+                _add_backend_time(request, time.perf_counter() - started)
             record.backend = result.backend
             metrics.images_generated.labels(result.backend, form.size_label).inc(count)
             # A fallback's images answer now but are not what the key names: not pooled.
@@ -130,6 +130,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         # Look up the cache, generating only what is missing; store (and sign) what we
         # answer, then settle the quota before the client sees it. Until the commit
         # begins, any failure or a disconnect (cancellation) refunds the reservation.
+        committing = False
         try:
             result: CacheResult
             async with app[CACHE].serve(key, form.n, policy, generate,
@@ -144,6 +145,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
                 # Once begun, the commit completes even if the client leaves meanwhile,
                 # so the audit can say what the ledger holds.
                 record.images_charged, record.cost_usd = result.generated, cost
+                committing = True
                 commit = asyncio.ensure_future(
                     quota.commit(reservation, result.generated, cost))
                 try:
@@ -153,7 +155,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
                     raise
         except BaseException as exc:
             if reservation is not None and not (
-                    isinstance(exc, asyncio.CancelledError) and record.images_charged):
+                    committing and isinstance(exc, asyncio.CancelledError)):
                 record.images_charged, record.cost_usd = 0, 0.0
                 await quota.refund(reservation)
             raise
@@ -193,7 +195,8 @@ def _refund_if_failed(quota: QuotaStore, reservation: Reservation,
 
 
 def _add_backend_time(request: web.Request, seconds: float) -> None:
-    """Time waiting on a backend (an identical request's call) is not gateway overhead."""
+    """Time spent on backends, or waiting for an identical request's call, is not the
+    gateway's overhead."""
     request[BACKEND_SECONDS] += seconds
 
 
