@@ -4,15 +4,24 @@ Two signals raise ``abuse_suspected``: one member's requests carrying many disti
 ``user`` values (a shared token being resold or scripted), and one member hitting a
 limit again and again. Raised at most once per window per member and signal, so a
 flood does not flood the logs too.
+
+Each observation costs O(1) and the state per member is bounded: a member sending
+thousands of requests a second must not make every later request slower (keeping every
+observation and counting distinct values per request once halved hit throughput within
+seconds and kept falling for the whole window).
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 
 from gateway.config import AbuseConfig
+
+# Distinct ``user`` values remembered per member (the most recently seen): enough to
+# count far past any sensible threshold, while a flood of unique values stays bounded.
+MAX_TRACKED_END_USERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -26,14 +35,12 @@ class Suspicion:
 class AbuseMonitor:
     def __init__(self, config: AbuseConfig) -> None:
         self._cfg = config
-        self._end_users: dict[str, deque[tuple[float, str]]] = defaultdict(deque)
-        self._limit_hits: dict[str, deque[float]] = defaultdict(deque)
+        # member -> end user -> when last seen, oldest sighting first
+        self._end_users: dict[str, OrderedDict[str, float]] = defaultdict(OrderedDict)
+        # member -> the times of the last ``limit_hits`` limit hits
+        self._limit_hits: dict[str, deque[float]] = defaultdict(
+            lambda: deque(maxlen=max(1, config.limit_hits)))
         self._raised: dict[tuple[str, str], float] = {}
-
-    def _prune(self, q: deque, now: float) -> None:  # type: ignore[type-arg]
-        cutoff = now - self._cfg.window_seconds
-        while q and (q[0][0] if isinstance(q[0], tuple) else q[0]) < cutoff:
-            q.popleft()
 
     def _raise_once(self, member: str, reason: str, count: int, now: float
                     ) -> Suspicion | None:
@@ -43,6 +50,24 @@ class AbuseMonitor:
         self._raised[(member, reason)] = now
         return Suspicion(member, reason, count, self._cfg.window_seconds)
 
+    def _distinct_end_users(self, member: str, end_user: str, now: float) -> int:
+        seen = self._end_users[member]
+        seen.pop(end_user, None)
+        seen[end_user] = now
+        cutoff = now - self._cfg.window_seconds
+        while seen and (len(seen) > MAX_TRACKED_END_USERS
+                        or next(iter(seen.values())) < cutoff):
+            seen.popitem(last=False)
+        return len(seen)
+
+    def _recent_limit_hits(self, member: str, now: float) -> int:
+        hits = self._limit_hits[member]
+        hits.append(now)
+        cutoff = now - self._cfg.window_seconds
+        while hits and hits[0] < cutoff:
+            hits.popleft()
+        return len(hits)
+
     def observe(self, member: str | None, end_user: str | None, limit_hit: bool,
                 now: float | None = None) -> list[Suspicion]:
         if member is None:
@@ -50,20 +75,15 @@ class AbuseMonitor:
         now = now or time.time()
         found: list[Suspicion] = []
         if end_user is not None:
-            q = self._end_users[member]
-            q.append((now, end_user))
-            self._prune(q, now)
-            distinct = len({u for _, u in q})
+            distinct = self._distinct_end_users(member, end_user, now)
             if distinct >= self._cfg.distinct_end_users:
                 s = self._raise_once(member, "many_end_users", distinct, now)
                 if s:
                     found.append(s)
         if limit_hit:
-            hits = self._limit_hits[member]
-            hits.append(now)
-            self._prune(hits, now)
-            if len(hits) >= self._cfg.limit_hits:
-                s = self._raise_once(member, "repeated_limit_hits", len(hits), now)
+            hits = self._recent_limit_hits(member, now)
+            if hits >= self._cfg.limit_hits:
+                s = self._raise_once(member, "repeated_limit_hits", hits, now)
                 if s:
                     found.append(s)
         return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import structlog
 from instrumented_backend import Start, register, vary
 from support import png_bytes
 
+from gateway import abuse
 from gateway.abuse import AbuseMonitor
 from gateway.config import AbuseConfig
 
@@ -81,3 +83,29 @@ def test_window_slides() -> None:
     assert monitor.observe("bob", None, True, now=1200) == []
     assert [s.reason for s in monitor.observe("bob", None, True, now=1201)] == [
         "repeated_limit_hits"]
+
+
+def test_state_stays_bounded_under_a_flood(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member's flood keeps O(1) state: every observation used to be kept for the
+    whole window (and counted again on each request), so a busy member made each later
+    request slower and the process larger."""
+    monkeypatch.setattr(abuse, "MAX_TRACKED_END_USERS", 50)
+    monitor = AbuseMonitor(AbuseConfig(window_seconds=600, distinct_end_users=20,
+                                       limit_hits=5))
+    raised: list[tuple[str, str, int]] = []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(50_000):  # 100 s of one artist's requests, all hitting a limit
+            found = monitor.observe("alice", "artist-7", True, now=1000 + i / 500)
+            found += monitor.observe("bob", f"scripted-{i}", False, now=1000 + i / 500)
+            raised += [(s.member, s.reason, s.count) for s in found]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 256 * 1024, f"abuse state grew by {grown} bytes"
+    assert sorted(raised) == [("alice", "repeated_limit_hits", 5),
+                              ("bob", "many_end_users", 20)]
+    # Past the tracking bound the count is a floor, and a later window raises again.
+    again = monitor.observe("bob", "scripted-new", False, now=1000 + 650)
+    assert [(s.reason, s.count) for s in again] == [("many_end_users", 50)]

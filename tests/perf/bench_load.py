@@ -231,7 +231,8 @@ def run_overhead(seconds: int = WRK_SECONDS, repeats: int = REPEATS) -> list[dic
         lua.write_text(bench.WRK_LUA)
         body = tmp / "miss.body"
         body.write_bytes(multipart_body(
-            {"n": "1", "size": "256x256", "response_format": "b64_json"}, upload, BOUNDARY))
+            {"n": "1", "size": "256x256", "response_format": "b64_json", "user": bench.END_USER},
+            upload, BOUNDARY))
         env = {"BENCH_BODY": str(body), "BENCH_BOUNDARY": BOUNDARY,
                "BENCH_CACHE_CONTROL": "no-store"}
         procs: list[subprocess.Popen[bytes]] = []
