@@ -196,16 +196,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                            thread_name_prefix="gateway"))
     await app[ROUTER].start()
-    app[AUDIT].purge()
-    sweeper = asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds))
-    refresher = asyncio.create_task(_refresh_gauges(app))
-    cache_sweeper = asyncio.create_task(app[CACHE].sweeper())
+    tasks = [asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds)),
+             asyncio.create_task(_refresh_gauges(app)),
+             asyncio.create_task(app[CACHE].sweeper()),
+             asyncio.create_task(app[AUDIT].keep_retention())]
     try:
         yield
     finally:
-        for task in (sweeper, refresher, cache_sweeper):
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(sweeper, refresher, cache_sweeper, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await app[ROUTER].close()
         await app[CACHE].close()
         await app[QUOTA].close()

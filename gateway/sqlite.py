@@ -21,6 +21,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: the gateway serves from POSIX hosts
     fcntl = None  # type: ignore[assignment]
 
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 Write = Callable[[sqlite3.Connection], object]
 OnCommit = Callable[[], object]
 
@@ -45,6 +46,9 @@ def open_db(path: str | Path, cache_kib: int = 1024, *, sole_writer: bool = Fals
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        # A checkpoint truncates the WAL back to this: a burst (or a batch of purged
+        # audit rows) must not leave a WAL of hundreds of MB on a small box for good.
+        db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     except BaseException:
         if db is not None:
             db.close()
