@@ -26,7 +26,7 @@ from gateway.abuse import AbuseMonitor
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
 from gateway.config import Config
-from gateway.errors import ApiError
+from gateway.errors import ApiError, storage_unavailable
 from gateway.keys import (
     ABUSE,
     ANSWER_WAITS_FOR,
@@ -101,10 +101,16 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
             record.status, record.error_code = 499, "client_closed_request"
             _finish(request, record, started, None, None)
             raise
-        except Exception:
-            log.exception("unhandled_error", request_id=request_id, path=request.path)
-            error = ApiError(500, "The gateway hit an internal error; the request id names it "
-                             "in the gateway's logs.", code="internal_error", should_retry=True)
+        except Exception as exc:
+            error = storage_unavailable(exc)
+            if error is not None:
+                log.error("storage_unavailable", request_id=request_id, path=request.path,
+                          error=type(exc).__name__, detail=str(exc))
+            else:
+                log.exception("unhandled_error", request_id=request_id, path=request.path)
+                error = ApiError(500, "The gateway hit an internal error; the request id "
+                                 "names it in the gateway's logs.", code="internal_error",
+                                 should_retry=True)
         if error is not None:
             response = error.response()
     finally:
@@ -123,15 +129,16 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
         for result in results[:len(ledger)]:
             if isinstance(result, Exception):
                 log.error("ledger_write_failed", request_id=request_id,
-                          error=type(result).__name__)
+                          error=type(result).__name__, detail=str(result))
     return response
 
 
 def _audit_done(metrics: Metrics, request_id: str, done: asyncio.Future[None]) -> None:
     if done.cancelled() or done.exception() is not None:
         metrics.audit_errors.inc()
+        exc = None if done.cancelled() else done.exception()
         log.error("audit_write_failed", request_id=request_id,
-                  error=None if done.cancelled() else type(done.exception()).__name__)
+                  error=type(exc).__name__ if exc else "CancelledError", detail=str(exc or ""))
     else:
         metrics.audit_events.inc()
 

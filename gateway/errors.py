@@ -8,11 +8,15 @@ own status-based rules, so bad input and exhausted daily quotas are not retried.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import aiohttp
 from aiohttp import web
+
+from gateway.sqlite import unavailable
 
 _TYPES = {
     400: "invalid_request_error",
@@ -74,3 +78,23 @@ class ApiError(Exception):
 def invalid(message: str, param: str | None, code: str | None = "invalid_value") -> ApiError:
     """A 400 for bad input: a retry cannot help."""
     return ApiError(400, message, code=code, param=param)
+
+
+# What a local file operation fails with when the disk is full, read-only or failing.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
+                   errno.EPERM}
+
+
+def storage_unavailable(exc: BaseException) -> ApiError | None:
+    """A 503 for a disk or database the gateway cannot write, else None.
+
+    Not retried (``x-should-retry: false``): a full disk stays full, and each SDK retry
+    of a miss would pay the backend again for images that cannot be delivered.
+    """
+    if not (unavailable(exc) or (isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
+                                 and not isinstance(exc, aiohttp.ClientError))):
+        return None
+    return ApiError(503, "The gateway cannot write to its storage right now (disk full, "
+                    "read-only or locked); nothing was charged. Tell the gateway's admin: "
+                    "the request id names the cause in the gateway's logs.",
+                    code="storage_unavailable", should_retry=False)

@@ -22,6 +22,13 @@ except ImportError:  # pragma: no cover - Windows: the gateway serves from POSIX
     fcntl = None  # type: ignore[assignment]
 
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+# Writes wait at most this long for a lock another process holds (an admin's sqlite3
+# shell with an open transaction): every SQLite call runs on the event-loop thread, so
+# the whole gateway waits with it. It used to be 5 s, retried once per queued write.
+BUSY_TIMEOUT_MS = 250
+# Primary result codes that mean the file, not the write, failed: busy or locked,
+# read-only, I/O error, disk full, cannot open.
+_UNAVAILABLE = {5, 6, 8, 10, 13, 14}
 Write = Callable[[sqlite3.Connection], object]
 OnCommit = Callable[[], object]
 
@@ -44,7 +51,7 @@ def open_db(path: str | Path, cache_kib: int = 1024, *, sole_writer: bool = Fals
         db.claim = claim
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         # A checkpoint truncates the WAL back to this: a burst (or a batch of purged
         # audit rows) must not leave a WAL of hundreds of MB on a small box for good.
@@ -56,6 +63,13 @@ def open_db(path: str | Path, cache_kib: int = 1024, *, sole_writer: bool = Fals
             claim.release()
         raise
     return db
+
+
+def unavailable(exc: BaseException) -> bool:
+    """The database file cannot be written right now: every other write would fail the
+    same way (it is locked by another process, full, read-only or failing)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _UNAVAILABLE
 
 
 class _Connection(sqlite3.Connection):
@@ -118,7 +132,8 @@ class GroupCommit:
     """Writes submitted during one event-loop turn, committed in one transaction.
 
     If the shared transaction fails, each write is retried in a transaction of its own,
-    so one bad write fails only its own caller. ``on_commit`` callbacks run right after
+    so one bad write fails only its own caller (unless the file itself is unavailable:
+    then all fail at once). ``on_commit`` callbacks run right after
     the commit that holds their write, before any other coroutine runs: in-memory
     mirrors of the table (the quota ledger) never see a state the file does not have.
     """
@@ -147,7 +162,11 @@ class GroupCommit:
             return
         try:
             self._transaction([w for w, _, _ in pending])
-        except Exception:
+        except Exception as exc:
+            if unavailable(exc):  # each retry would wait for the lock again, and fail
+                for _, _, done in pending:
+                    _settle(done, exc)
+                return
             for write, on_commit, done in pending:
                 try:
                     self._transaction([write])

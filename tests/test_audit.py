@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from instrumented_backend import Start, register, variation_form, vary
+from instrumented_backend import Start, poll, register, variation_form, vary
 from support import ADMIN_TOKEN, TOKENS, png_bytes
 
 from gateway.audit import AuditLog, AuditRecord
@@ -133,13 +131,13 @@ async def test_retention_days(instrumented: Start, monkeypatch: pytest.MonkeyPat
         return {r["request_id"] for r in restarted.app[AUDIT].query(limit=100)}
 
     restarted, _ = await instrumented(audit={"retention_days": 30})
-    await until(lambda: not any(i.startswith("req_old") for i in ids()))
+    await poll(lambda: not any(i.startswith("req_old") for i in ids()), "old rows purged")
     assert "req_recent" in ids()
 
     # Two days later, without a restart: the background task purges.
     later = types.SimpleNamespace(time=lambda: time.time() + 2 * 86400)
     monkeypatch.setattr("gateway.audit.time", later)
-    await until(lambda: "req_recent" not in ids())
+    await poll(lambda: "req_recent" not in ids(), "the recent row purged two days on")
 
 
 def test_member_and_end_user_queries_walk_an_index(tmp_path: Path) -> None:
@@ -154,15 +152,6 @@ def test_member_and_end_user_queries_walk_an_index(tmp_path: Path) -> None:
             assert f"INDEX audit_{column}_id" in plan and "TEMP B-TREE" not in plan, plan
     finally:
         audit.close()
-
-
-async def until(condition: Callable[[], bool], deadline: float = 10.0) -> None:
-    """Poll ``condition`` on the running loop until it holds (the gateway's background
-    tasks run meanwhile), failing after ``deadline`` seconds."""
-    stop = time.monotonic() + deadline
-    while not condition():
-        assert time.monotonic() < stop, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_refused_form_keeps_its_raw_fields(gateway_client) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import pytest
 from instrumented_backend import Answer, Start, poll, register, usage, vary
 from support import ADMIN_TOKEN, TOKENS, png_bytes, sha
 
-from gateway.keys import AUDIT, IMAGES, QUOTA
+from gateway.keys import AUDIT, CONFIG, IMAGES, QUOTA
 
 DURATION = re.compile(r"^(\d+h)?(\d+m)?\d+s$|^\d+ms$")
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
@@ -139,6 +139,28 @@ async def test_failing_backend_charges_nothing(instrumented: Start) -> None:
         row = (await r.json())["users"]["alice"]
     assert row["images_today"] == 0 and row["spend_usd_this_month"] == 0
 
+
+
+async def test_a_locked_state_file_is_a_503_that_charges_nothing(instrumented: Start) -> None:
+    """An admin's sqlite3 shell holding the ledger's write lock: the commit fails after a
+    short busy wait with a clear, unretried 503 (not a retried 500 that pays the
+    backend again on each SDK retry), the hold is refunded, and service resumes."""
+    client, _ = await instrumented(quota_defaults={"images_per_day": 5})
+    shell = sqlite3.connect(client.app[CONFIG].state.path, isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    try:
+        refused = await vary(client, png_bytes(seed=1))
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    assert refused.status == 503, refused.body
+    assert refused.body["error"]["code"] == "storage_unavailable"
+    assert "nothing was charged" in refused.body["error"]["message"]
+    assert refused.headers["x-should-retry"] == "false"
+    assert _audited_status(client) == 503
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 0
+    assert (await vary(client, png_bytes(seed=2))).status == 200
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 1
 
 async def test_disconnect_while_generating_refunds(instrumented: Start) -> None:
     """A client that goes away while the backend works is not charged."""

@@ -41,6 +41,28 @@ async def test_writes_of_one_loop_turn_share_one_commit(tmp_path: Path) -> None:
     assert _rows(tmp_path / "t.sqlite3") == list(range(20))
 
 
+
+async def test_a_locked_file_fails_every_write_at_once(tmp_path: Path) -> None:
+    """Another process holding the write lock (an admin's shell): the queued writes fail
+    together after one busy wait. Retrying each alone waited once per write, with the
+    event loop (and every request) held meanwhile."""
+    db, statements = _db(tmp_path)
+    writes = GroupCommit(db)
+    other = sqlite3.connect(tmp_path / "t.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        results = await asyncio.gather(
+            *(writes.submit(lambda d, v=v: d.execute("INSERT INTO t VALUES (?)", (v,)))
+              for v in range(5)), return_exceptions=True)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+    assert "database is locked" in str(results[0])
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    await writes.submit(lambda d: d.execute("INSERT INTO t VALUES (7)"))  # free again
+    assert _rows(tmp_path / "t.sqlite3") == [7]
+
 async def test_a_failing_write_fails_only_its_caller(tmp_path: Path) -> None:
     db, _ = _db(tmp_path)
     writes = GroupCommit(db)

@@ -310,6 +310,8 @@ def envelope(status: int, message: str, code: str | None) -> bytes:
         (504, "upstream_timeout", {}, "The image backend behind the gateway took too long",
          "timeout"),
         (500, "internal_error", {}, "The gateway failed (HTTP 500): backend said no", "server"),
+        (503, "storage_unavailable", {}, "The gateway cannot store images right now: its "
+         "disk is full", "server"),
     ],
 )
 def test_backend_errors_read_as_sentences(

@@ -227,6 +227,10 @@ def error_sentence(
         return make(
             "The image backend behind the gateway took too long and the gateway gave up. Try "
             f"again, or ask for fewer or smaller variations.{ref}", "timeout")
+    if code == "storage_unavailable":
+        return make(
+            "The gateway cannot store images right now: its disk is full or its storage is "
+            f"failing. Nothing was charged. Tell the gateway admin.{ref}", "server")
     if status in (502, 503) or code in ("upstream_error", "upstream_unavailable"):
         retry = h.get("retry-after")
         later = f" Try again in {_seconds_text(retry)}." if retry else " Try again later."
