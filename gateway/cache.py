@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 
 import structlog
 
+from gateway.errors import storage_unavailable
 from gateway.quota import QuotaRejected
 from gateway.sqlite import open_db
 from gateway.storage import atomic_write
@@ -27,6 +28,9 @@ from gateway.storage import atomic_write
 log = structlog.get_logger("gateway.cache")
 
 Status = Literal["HIT", "MISS", "PARTIAL", "BYPASS"]
+# A pool never holds more than the largest n a request may ask for: images past it could
+# never be served (a request takes the first n), yet every no-cache request appended.
+MAX_POOL = 10
 Policy = Literal["default", "no-cache", "no-store"]
 
 
@@ -103,9 +107,10 @@ class CacheIndex(Protocol):
     async def append(self, key: str, items: list[tuple[str, int]], now: float) -> None: ...
 
     async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
-                    keep: frozenset[str] = frozenset()) -> Evicted:
+                    keep: frozenset[str] = frozenset(), drop: frozenset[str] = frozenset()
+                    ) -> Evicted:
         """Drop expired and least-recently-used pools, except those in ``keep`` (in use
-        by a request right now)."""
+        by a request right now), and the pools in ``drop`` whatever their age."""
         ...
 
     async def stats(self) -> tuple[int, int]:
@@ -193,12 +198,15 @@ class SqliteCacheIndex:
                 is None]
 
     async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
-                    keep: frozenset[str] = frozenset()) -> Evicted:
+                    keep: frozenset[str] = frozenset(), drop: frozenset[str] = frozenset()
+                    ) -> Evicted:
         orphans: list[str] = []
         held: set[str] = set()
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._flush_touches()
+            for key in sorted(drop):
+                orphans += self._drop(key)
             for (key,) in self._db.execute(
                     "SELECT key FROM entries WHERE created < ?", (now - ttl_seconds,)).fetchall():
                 if key in keep:
@@ -300,8 +308,20 @@ class ResultCache:
         self._held: set[str] = set()  # due keys the last pass kept: they were in use
 
     async def _pool_items(self, key: str) -> list[Item]:
+        """The pool of ``key``; empty, and forgotten, if a file of it is gone.
+
+        A file deleted behind the gateway's back (or by another replica's eviction) used
+        to make every request for the image a 500 until the pool expired (30 days): now
+        the pool is generated again.
+        """
         rows = await self.index.pool(key, time.time())
-        return [Item(sha, size, path=self.blobs.path(sha)) for sha, size in rows]
+        items = [Item(sha, size, path=self.blobs.path(sha)) for sha, size in rows[:MAX_POOL]]
+        missing = [i.sha256 for i in items if not (i.path and i.path.exists())]
+        if missing:
+            log.warning("cache_file_missing", key=key, files=missing[:3])
+            await self.evict(drop=frozenset({key}))
+            return []
+        return items
 
     async def _store(self, key: str, images: list[bytes]) -> list[Item]:
         # Shielded: images the backend made are indexed even if the client leaves, so no
@@ -338,8 +358,9 @@ class ResultCache:
             self._evict_again = False
             await self.evict()
 
-    async def evict(self) -> None:
-        """One pass: drop expired and least-recently-used pools, delete orphaned blobs."""
+    async def evict(self, drop: frozenset[str] = frozenset()) -> None:
+        """One pass: drop expired and least-recently-used pools (and those in ``drop``,
+        even if in use), delete orphaned blobs."""
         barrier = asyncio.get_running_loop().create_future()
         while self._barrier is not None:
             await asyncio.shield(self._barrier)
@@ -347,7 +368,7 @@ class ResultCache:
         try:
             await self._no_stores.wait()
             evicted = await self.index.evict(self.max_bytes, self.ttl, time.time(),
-                                             frozenset(self._in_use))
+                                             frozenset(self._in_use) - drop, drop)
             self._held = set(evicted.held)
             if not self._held.issubset(self._in_use):  # a user left while the pass ran
                 self._pass_soon()
@@ -395,7 +416,9 @@ class ResultCache:
         if not self.enabled or policy == "no-store":
             return CacheResult(_unpooled((await generate(n, -1)).images), "BYPASS", n)
         if policy == "no-cache":
-            return CacheResult(await self._keep(key, await generate(n, -1)), "MISS", n)
+            made = await generate(n, -1)
+            room = MAX_POOL - len(await self._pool_items(key))
+            return CacheResult((await self._keep(key, made, room))[0], "MISS", n)
         while True:
             pool = await self._pool_items(key)
             if len(pool) >= n:
@@ -447,20 +470,35 @@ class ResultCache:
         missing = n - len(pool)
         try:
             made = await generate(missing, len(pool))
-            fresh = await self._keep(key, made)
+            fresh, pooled = await self._keep(key, made)
         except BaseException as exc:
             flight.set_exception(exc if isinstance(exc, Exception) else _OwnerGone())
             flight.exception()  # retrieved here, so an unwaited flight logs nothing
             raise
-        else:
-            flight.set_result(None if made.keep else pool + fresh)
+        else:  # waiters re-read a pool, or share what could not be pooled
+            flight.set_result(None if pooled else pool + fresh)
         finally:
             self._flights.pop(key, None)
             await self.index.release_flight(key)
         return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing)
 
-    async def _keep(self, key: str, made: Fresh) -> list[Item]:
-        return await self._store(key, made.images) if made.keep else _unpooled(made.images)
+    async def _keep(self, key: str, made: Fresh, room: int = MAX_POOL) -> tuple[list[Item], bool]:
+        """Store what fits in the pool (``room`` images); the rest answer unpooled.
+        Returns the items and whether all of them were pooled.
+
+        A store that fails for want of storage (disk full, read-only, locked) answers
+        the images unpooled: they were paid for, and the cache is only a saving.
+        """
+        if not made.keep or room <= 0:
+            return _unpooled(made.images), False
+        try:
+            stored = await self._store(key, made.images[:room])
+        except Exception as exc:
+            if storage_unavailable(exc) is None:
+                raise
+            log.warning("cache_store_failed", error=type(exc).__name__, detail=str(exc))
+            return _unpooled(made.images), False
+        return stored + _unpooled(made.images[room:]), room >= len(made.images)
 
     async def stats(self) -> tuple[int, int]:
         return await self.index.stats()

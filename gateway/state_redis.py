@@ -544,7 +544,8 @@ return 'ok'
 """
 
 # KEYS: lru, created, psize, total, refs.
-# ARGV: prefix of pool keys, max bytes, cutoff, then the keys to keep (in use).
+# ARGV: prefix of pool keys, max bytes, cutoff, the number of keys to drop whatever
+# their age, those keys, then the keys to keep (in use).
 _EVICT = """
 local orphans = {}
 local function drop(key)
@@ -562,8 +563,12 @@ local function drop(key)
   redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], key) or '0'))
   redis.call('HDEL', KEYS[3], key)
 end
+local ndrop = tonumber(ARGV[4])
+for i = 5, 4 + ndrop do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 then drop(ARGV[i]) end
+end
 local keep = {}
-for i = 4, #ARGV do keep[ARGV[i]] = true end
+for i = 5 + ndrop, #ARGV do keep[ARGV[i]] = true end
 local held = {}
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])) do
   if keep[key] then table.insert(held, key) else drop(key) end
@@ -628,10 +633,12 @@ class RedisCacheIndex(_Guarded):
                                           _C + "psize", _C + "total", _C + "refs"], args=args))
 
     async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
-                    keep: frozenset[str] = frozenset()) -> Evicted:
+                    keep: frozenset[str] = frozenset(), drop: frozenset[str] = frozenset()
+                    ) -> Evicted:
         held, orphans = await self._do(self._evict(
             keys=[_C + "lru", _C + "created", _C + "psize", _C + "total", _C + "refs"],
-            args=[_C + "pool:", max_bytes, repr(now - ttl_seconds), *sorted(keep)]))
+            args=[_C + "pool:", max_bytes, repr(now - ttl_seconds), len(drop), *sorted(drop),
+                  *sorted(keep)]))
         return Evicted([_s(o) for o in orphans], frozenset(_s(k) for k in held))
 
     async def stats(self) -> tuple[int, int]:

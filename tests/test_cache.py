@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import io
 import threading
@@ -344,6 +345,11 @@ async def test_index_eviction_keeps_keys_in_use(tmp_path: Path) -> None:
         ["s2"], frozenset({"old"}))
     assert await index.pool("old", 201.0) == [("s1", 10)]
     assert await index.evict(0, 1, 202.0) == Evicted(["s1"])
+    # A pool whose file is gone is dropped however fresh, even while in use.
+    await index.append("fresh", [("s3", 10)], 300.0)
+    assert await index.evict(10**6, 10**6, 301.0, keep=frozenset({"fresh"}),
+                             drop=frozenset({"fresh"})) == Evicted(["s3"])
+    assert await index.pool("fresh", 302.0) == []
     await index.close()
 
 
@@ -378,3 +384,61 @@ async def test_a_fallbacks_images_answer_but_are_not_pooled(
     assert again.headers["X-Cache"] == "MISS" and len(primary.calls) == 2
     assert (await vary(client, image, n=1)).headers["X-Cache"] == "HIT"
     assert len(fallback.calls) == 1
+
+
+async def test_no_cache_fills_the_pool_up_to_ten_and_no_further(instrumented: Start) -> None:
+    """Images past pool position 10 can never be served (n <= 10): no-cache used to
+    append them for ever, and every hit read the whole pool."""
+    client, backend = await instrumented()
+    image = png_bytes(seed=21)
+    first = await vary(client, image, n=6)
+    fresh = [await vary(client, image, n=6, headers={"Cache-Control": "no-cache"})
+             for _ in range(2)]
+    assert [f.headers["X-Cache"] for f in fresh] == ["MISS", "MISS"]
+    assert len({*images(first), *images(fresh[0]), *images(fresh[1])}) == 18
+    ten = await vary(client, image, n=10)
+    assert ten.headers["X-Cache"] == "HIT" and backend.calls == [6, 6, 6]
+    assert images(ten) == images(first) + images(fresh[0])[:4]
+    index = client.app[CACHE].index
+    pools = [await index.pool(k, 0.0) for k in list(index._pools)]
+    assert [len(p) for p in pools] == [10]
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 18
+
+
+async def test_a_cache_file_deleted_behind_its_back_is_generated_again(
+        instrumented: Start) -> None:
+    """An admin cleaning the disk (or another replica's eviction) removed a pooled file:
+    the next request generates again instead of a 500 until the pool expires."""
+    client, backend = await instrumented()
+    for seed, fmt in ((22, "b64_json"), (23, "url")):
+        image = png_bytes(seed=seed)
+        first = await vary(client, image, n=2, response_format=fmt)
+        assert first.status == 200 and first.headers["X-Cache"] == "MISS"
+        for blob in (Path(client.app[CONFIG].cache.dir) / "blobs").rglob("*.png"):
+            blob.unlink()
+        again = await vary(client, image, n=2, response_format=fmt)
+        assert again.status == 200, again.body
+        assert again.headers["X-Cache"] == "MISS"
+        hit = await vary(client, image, n=2, response_format=fmt)
+        assert hit.headers["X-Cache"] == "HIT"
+    assert backend.calls == [2, 2, 2, 2]
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 8
+
+
+async def test_a_full_cache_disk_answers_unpooled(instrumented: Start,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache is a saving: with its disk full, generated images (already paid for)
+    are answered, charged and not pooled, instead of a 500 the SDK retries."""
+    client, backend = await instrumented()
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("gateway.cache.atomic_write", full)
+    image = png_bytes(seed=24)
+    answers = await asyncio.gather(*(vary(client, image, n=2) for _ in range(3)))
+    assert [a.status for a in answers] == [200] * 3
+    assert backend.calls == [2]  # coalesced waiters share the unpooled images
+    assert {tuple(images(a)) for a in answers} == {tuple(images(answers[0]))}
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 2
+    assert not list((Path(client.app[CONFIG].cache.dir) / "blobs").rglob("*.png"))

@@ -187,6 +187,11 @@ async def test_cache_index_pools_lru_ttl_and_refcounts(redis_server: RedisServer
     assert await b.evict(0, 10**6, 200.0, keep=frozenset({"k4"})) == Evicted(
         ["s4"], frozenset({"k4"}))
     assert await a.stats() == (1, 10)
+    # A pool whose file is gone is dropped however fresh, even while in use.
+    await a.append("k6", [("s7", 10)], 300.0)
+    assert await b.evict(10**6, 10**6, 301.0, keep=frozenset({"k6"}),
+                         drop=frozenset({"k6", "gone"})) == Evicted(["s7"])
+    assert await a.pool("k6", 302.0) == [] and await a.stats() == (1, 10)
     await a.close()
     await b.close()
 
