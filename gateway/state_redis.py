@@ -614,6 +614,7 @@ class RedisCacheIndex(_Guarded):
         self._release = client.register_script(_RELEASE)
         self._tokens: dict[str, str] = {}
         self._wakers: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, int] = {}  # waiters per key: the last one drops its waker
         self._listener: asyncio.Task[None] | None = None
 
     async def pool(self, key: str, now: float) -> list[tuple[str, int]]:
@@ -670,19 +671,28 @@ class RedisCacheIndex(_Guarded):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         delay = 0.05
-        while True:
-            waker = self._wakers.setdefault(key, asyncio.Event())  # before the check
-            if not await self._do(self.r.exists(_C + "flight:" + key)):
-                return
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            try:
-                async with asyncio.timeout(min(delay, left)):
-                    await waker.wait()
-                return
-            except TimeoutError:
-                delay = min(delay * 2, 1.0)
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            while True:
+                waker = self._wakers.setdefault(key, asyncio.Event())  # before the check
+                if not await self._do(self.r.exists(_C + "flight:" + key)):
+                    return
+                left = deadline - loop.time()
+                if left <= 0:
+                    return
+                try:
+                    async with asyncio.timeout(min(delay, left)):
+                        await waker.wait()
+                    return
+                except TimeoutError:
+                    delay = min(delay * 2, 1.0)
+        finally:
+            # A flight that ended unseen (its lock expired, or it was over before the
+            # check) publishes nothing: the waker would stay here for ever.
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+                self._wakers.pop(key, None)
 
     def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():

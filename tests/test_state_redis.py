@@ -208,6 +208,8 @@ async def test_flight_lock_wakes_waiters_on_release(redis_server: RedisServer) -
     assert await b.acquire_flight("k", 0.2)
     # An owner that dies never releases: its lock expires and waiters go on.
     await asyncio.wait_for(a.wait_flight("k", 60), 10)
+    # ... and no waker is left behind for a release that will never be published.
+    assert a._wakers == {} and b._wakers == {}
     await a.close()
     await b.close()
 
