@@ -134,7 +134,12 @@ class SqliteCacheIndex:
     """The index of one process. Pools are also kept in memory and a hit's ``last_used``
     is recorded in memory, written out before each eviction pass (and at close): a hit
     then costs no SQLite statement. A crash loses only those recency updates, which
-    makes the next eviction slightly less exact, never wrong about what is stored."""
+    makes the next eviction slightly less exact, never wrong about what is stored.
+
+    The entry count and byte total are kept in memory too (this process is the only
+    writer), and a pass reads only what it evicts: summing and sorting the whole index
+    on each pass cost 35 ms of held event loop per miss at 80,000 images.
+    """
 
     shared = False
     MEMO_ENTRIES = 10_000
@@ -150,9 +155,13 @@ class SqliteCacheIndex:
                 bytes INTEGER NOT NULL, PRIMARY KEY (key, pos));
             CREATE INDEX IF NOT EXISTS items_sha ON items (sha);
             CREATE INDEX IF NOT EXISTS entries_lru ON entries (last_used);
+            CREATE INDEX IF NOT EXISTS entries_created ON entries (created);
             """)
         self._pools: dict[str, list[tuple[str, int]]] = {}
         self._touched: dict[str, float] = {}
+        (self._entries,) = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
+        (self._bytes,) = self._db.execute(
+            "SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
 
     async def pool(self, key: str, now: float) -> list[tuple[str, int]]:
         rows = self._pools.get(key)
@@ -177,6 +186,7 @@ class SqliteCacheIndex:
         self._pools.pop(key, None)
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            new = self._db.execute("SELECT 1 FROM entries WHERE key=?", (key,)).fetchone() is None
             self._db.execute(
                 "INSERT INTO entries VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
                 "last_used=excluded.last_used", (key, now, now))
@@ -185,52 +195,65 @@ class SqliteCacheIndex:
             self._db.executemany(
                 "INSERT INTO items VALUES (?, ?, ?, ?)",
                 [(key, start + i, sha, size) for i, (sha, size) in enumerate(items)])
+        # Counted once committed (a failed transaction changed nothing).
+        self._entries += new
+        self._bytes += sum(size for _, size in items)
         self._touched.pop(key, None)
 
-    def _drop(self, key: str) -> list[str]:
+    def _drop(self, key: str) -> tuple[list[str], int, int]:
+        """Delete ``key``'s pool: (orphaned shas, bytes freed, entries removed)."""
         self._pools.pop(key, None)
         self._touched.pop(key, None)
-        shas = [r[0] for r in self._db.execute("SELECT sha FROM items WHERE key=?", (key,))]
+        rows = self._db.execute("SELECT sha, bytes FROM items WHERE key=?", (key,)).fetchall()
         self._db.execute("DELETE FROM items WHERE key=?", (key,))
-        self._db.execute("DELETE FROM entries WHERE key=?", (key,))
-        return [s for s in shas
-                if self._db.execute("SELECT 1 FROM items WHERE sha=? LIMIT 1", (s,)).fetchone()
-                is None]
+        removed = self._db.execute("DELETE FROM entries WHERE key=?", (key,)).rowcount
+        orphans = [sha for sha, _ in rows if self._db.execute(
+            "SELECT 1 FROM items WHERE sha=? LIMIT 1", (sha,)).fetchone() is None]
+        return orphans, sum(size for _, size in rows), removed
 
     async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
                     keep: frozenset[str] = frozenset(), drop: frozenset[str] = frozenset()
                     ) -> Evicted:
         orphans: list[str] = []
         held: set[str] = set()
+        total, entries = self._bytes, self._entries
+
+        def drop_key(key: str) -> None:
+            nonlocal total, entries
+            gone, freed, removed = self._drop(key)
+            orphans.extend(gone)
+            total, entries = total - freed, entries - removed
+
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._flush_touches()
             for key in sorted(drop):
-                orphans += self._drop(key)
+                drop_key(key)
             for (key,) in self._db.execute(
                     "SELECT key FROM entries WHERE created < ?", (now - ttl_seconds,)).fetchall():
                 if key in keep:
                     held.add(key)
                 else:
-                    orphans += self._drop(key)
-            (total,) = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
-            if total > max_bytes:
-                for key, size in self._db.execute(
-                        "SELECT e.key, (SELECT COALESCE(SUM(bytes), 0) FROM items i "
-                        "WHERE i.key = e.key) FROM entries e ORDER BY last_used").fetchall():
+                    drop_key(key)
+            skipped = 0  # kept keys stay at the front of the LRU order: page past them
+            while total > max_bytes:
+                batch = self._db.execute("SELECT key FROM entries ORDER BY last_used "
+                                         "LIMIT 64 OFFSET ?", (skipped,)).fetchall()
+                if not batch:
+                    break
+                for (key,) in batch:
                     if total <= max_bytes:
                         break
                     if key in keep:
                         held.add(key)
+                        skipped += 1
                     else:
-                        orphans += self._drop(key)
-                        total -= size
+                        drop_key(key)
+        self._bytes, self._entries = total, entries  # committed
         return Evicted(orphans, frozenset(held))
 
     async def stats(self) -> tuple[int, int]:
-        (entries,) = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
-        (total,) = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
-        return entries, total
+        return self._entries, self._bytes
 
     # One process owns this index: the in-process futures already give single-flight.
     async def acquire_flight(self, key: str, ttl: float) -> bool:
