@@ -774,6 +774,31 @@ class RedisBlobStore(BlobStore):
             with contextlib.suppress(RedisError):
                 self.r.delete(*[self._key(s) for s in shas])
 
+    def prune(self) -> int:
+        """Delete spooled copies of blobs no longer in Redis; how many.
+
+        Only the replica whose pass evicts a blob deletes its own copy: without this the
+        other replicas' spools grew by every blob they ever read (53 MB after 2,000
+        misses on two replicas with a 100-blob budget, measured by a reviewer). A copy
+        pruned while its blob is being written is fetched again by :meth:`path`.
+        """
+        files = list(self.dir.glob("*/*.png"))
+        gone = 0
+        for start in range(0, len(files), 500):
+            batch = files[start:start + 500]
+            pipe = self.r.pipeline(transaction=False)
+            for f in batch:
+                pipe.exists(self._key(f.stem))
+            try:
+                present = pipe.execute()
+            except RedisError as exc:
+                raise StateUnavailable() from exc
+            for f, there in zip(batch, present, strict=True):
+                if not there:
+                    f.unlink(missing_ok=True)
+                    gone += 1
+        return gone
+
 
 _I = PREFIX + "{img}:"
 

@@ -283,6 +283,11 @@ async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
     assert blobs_b.path(item.sha256).read_bytes() == b"blob"
     blobs_a.delete([item.sha256])
     assert r.get(sr._C + "blob:" + item.sha256) is None
+    # B's spooled copy goes at its next sweep; a copy still in Redis stays.
+    (kept,) = blobs_a.write([b"kept"])
+    assert blobs_b.path(kept.sha256).exists() and blobs_b.path(item.sha256).exists()
+    assert blobs_b.prune() == 1
+    assert sorted(p.stem for p in (tmp_path / "sb").rglob("*.png")) == [kept.sha256]
 
 
 async def test_a_commit_whose_reply_was_lost_is_charged_once_and_succeeds(
