@@ -10,6 +10,7 @@ import ctypes.util
 import ipaddress
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,6 +127,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return asyncio.run(_serve(config, host, port))
         except StateInUse as exc:
             print(f"variations-gateway: {exc}", file=sys.stderr)
+            return 1
+        except sqlite3.Error as exc:  # SQLite's message names no file: list them
+            print(f"variations-gateway: cannot start: SQLite said \"{exc}\" opening "
+                  f"{config.state.path}, {config.cache.dir} or {config.audit.path}. Is the "
+                  "disk full or read-only, or is a file locked by another program?",
+                  file=sys.stderr)
+            return 1
+        except OSError as exc:  # a port in use, a directory that cannot be created
+            print(f"variations-gateway: cannot start: {exc}", file=sys.stderr)
             return 1
     return 0
 

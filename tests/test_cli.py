@@ -74,6 +74,18 @@ def test_a_second_gateway_on_the_same_sqlite_state_refuses_to_start(
         assert r.status == 200  # the first one is untouched
 
 
+def test_unusable_state_files_stop_serve_with_one_clear_line(tmp_path: Path) -> None:
+    """A corrupt (or full, or locked) SQLite file: one line naming the files, no
+    traceback for an admin to read through at 3 a.m."""
+    (tmp_path / "audit.sqlite3").write_bytes(b"this is not a database" * 100)
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(f"auth: {{mode: none}}\naudit: {{path: {tmp_path / 'audit.sqlite3'}}}\n")
+    out = run("serve", "--config", str(cfg), "--port", str(free_port()), cwd=tmp_path)
+    assert out.returncode == 1
+    assert "cannot start: SQLite said" in out.stderr and "audit.sqlite3" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_vary_writes_pngs(gateway_process, tmp_path: Path) -> None:
     g = gateway_process()
     src = tmp_path / "layer.png"
