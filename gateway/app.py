@@ -230,7 +230,8 @@ async def _refresh_gauges(app: web.Application, interval: float = 5.0) -> None:
 
 
 async def refresh_gauges(app: web.Application) -> None:
-    """Breaker states, cache size, and each member's budget share from the quota store.
+    """Breaker states, cache size, free disk space, and each member's budget share from
+    the quota store.
 
     A request only updates its own member on its own replica, and a breaker's cooldown
     ends with no request to see it: without this a new month (or usage through another
@@ -242,6 +243,10 @@ async def refresh_gauges(app: web.Application) -> None:
     app[ROUTER].report_breakers()  # open -> half_open happens with no request to see it
     with contextlib.suppress(Exception):
         metrics.set_cache_stats(*await app[CACHE].stats())
+    for store, directory in health.local_stores(app[CONFIG]).items():
+        ratio = health.free_ratio(directory)
+        if ratio is not None:
+            metrics.storage_free.labels(store).set(ratio)
     for principal in app[AUTH].principals():
         try:
             statuses = await app[QUOTA].usage(principal)

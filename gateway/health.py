@@ -5,12 +5,32 @@ from __future__ import annotations
 import hmac
 import importlib.resources
 import os
+from pathlib import Path
 
 from aiohttp import web
 
 from gateway.auth import bearer_token, token_sha256
+from gateway.config import Config
 from gateway.errors import ApiError
 from gateway.keys import CONFIG, IMAGES, METRICS, QUOTA, ROUTER
+
+
+def local_stores(config: Config) -> dict[str, Path]:
+    """The directories the gateway writes on this host, by store."""
+    stores = {"cache": Path(config.cache.dir), "images": Path(config.images.dir),
+              "audit": Path(config.audit.path).parent}
+    if config.state.kind == "sqlite":
+        stores["state"] = Path(config.state.path).parent
+    return stores
+
+
+def free_ratio(directory: Path) -> float | None:
+    """The free share of the file system under ``directory`` (None if it cannot be read)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail / st.f_blocks if st.f_blocks else None
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -179,6 +179,11 @@ class Metrics:
                                     registry=r)
         self.audit_errors = Counter(P + "audit_write_errors_total",
                                     "Audit records that could not be written.", registry=r)
+        self.storage_free = Gauge(
+            P + "storage_free_ratio",
+            "Free share of the file system under each local store (state, cache, images, "
+            "audit), read every 5 s: a full disk stops caching, image URLs, the ledger "
+            "and the audit trail.", ["store"], registry=r)
         self.abuse_suspected = Counter(P + "abuse_suspected_total",
                                        "abuse_suspected events (many_end_users, "
                                        "repeated_limit_hits).", ["reason", "user"],

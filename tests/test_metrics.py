@@ -52,6 +52,7 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     P + "audit_events": ("counter", frozenset()),
     P + "audit_write_errors": ("counter", frozenset()),
     P + "abuse_suspected": ("counter", frozenset({"reason", "user"})),
+    P + "storage_free_ratio": ("gauge", frozenset({"store"})),
 }
 USER_VALUES = frozenset({"alice", "bob", "anonymous", "_unknown"})
 Series = frozenset[tuple[str, tuple[tuple[str, str], ...]]]

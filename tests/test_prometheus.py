@@ -17,9 +17,11 @@ How each alert is made to fire once: the test copy of the rules sets every ``for
 ``0s``; the traffic itself satisfies the production thresholds of BackendDown (the
 breaker of the broken backend stays open), HighErrorRatio (pinned requests answer 5xx,
 well over 5 % of /v1 requests), UserNearBudget (bob uses 4 of 4 images per day) and
-AbuseSuspected (three distinct ``user`` values with ``distinct_end_users: 3``).
-HighOverhead's 0.25 s cannot be reached by a test, so its copy's threshold (the number
-after the final comparison, nothing else) is lowered to 0. GatewayDown fires after the
+AbuseSuspected (three distinct ``user`` values with ``distinct_end_users: 3``) and
+AuditWriteFailing (a request answered while the test holds the audit file's write
+lock). HighOverhead's 0.25 s and StorageLow's 5% free cannot be reached by a test, so
+their copies' thresholds (the number after the final comparison, nothing else) are
+moved to 0 and 1.01. GatewayDown fires after the
 test stops the gateway; ``promtool test rules`` checks its wording when no target
 exists. Each alert must be seen firing on ``/api/v1/alerts`` and its expression must
 return data from ``/api/v1/query``.
@@ -32,6 +34,7 @@ import json
 import math
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -67,7 +70,8 @@ P = "variations_gateway_"
 # Grafana's macros, as a Prometheus query needs them.
 MACROS = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "15s"}
 # Alerts whose production threshold a short test cannot reach: the test copy's threshold.
-TEST_THRESHOLDS = {"VariationsGatewayHighOverhead": "0"}
+TEST_THRESHOLDS = {"VariationsGatewayHighOverhead": "0",
+                   "VariationsGatewayStorageLow": "1.01"}
 DEADLINE_S = 60.0
 
 
@@ -412,6 +416,16 @@ def drive(s: Stack, round_: int) -> None:
     if round_ == 2:
         assert vary(url, bob, seed=seed + 3) == 429                            # images_per_day
         assert vary(url, alice, seed=seed, user="end-user-3") == 200           # 3rd end user
+        # An admin's sqlite3 shell holding the audit file's write lock: the answer still
+        # goes out, unrecorded (audit_write_errors_total).
+        audit_path = yaml.safe_load(s.gateway.config_path.read_text())["audit"]["path"]
+        shell = sqlite3.connect(audit_path, isolation_level=None)
+        shell.execute("BEGIN IMMEDIATE")
+        try:
+            assert vary(url, alice, seed=seed, model="local") == 200
+        finally:
+            shell.execute("ROLLBACK")
+            shell.close()
     assert vary(url, "vg-not-a-member-token", seed=seed) == 401
     assert _status(url + "/v1/no/such/route") == 404
     assert _status(urllib.request.Request(
