@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -107,10 +108,14 @@ class CacheIndex(Protocol):
     async def append(self, key: str, items: list[tuple[str, int]], now: float) -> None: ...
 
     async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
-                    keep: frozenset[str] = frozenset(), drop: frozenset[str] = frozenset()
-                    ) -> Evicted:
+                    keep: frozenset[str] = frozenset()) -> Evicted:
         """Drop expired and least-recently-used pools, except those in ``keep`` (in use
-        by a request right now), and the pools in ``drop`` whatever their age."""
+        by a request right now)."""
+        ...
+
+    async def forget(self, key: str, seen: list[tuple[str, int]]) -> list[str]:
+        """Drop the pool of ``key`` if it still begins with ``seen`` (a file of it is
+        gone); returns the blob shas no pool references any more."""
         ...
 
     async def stats(self) -> tuple[int, int]:
@@ -212,8 +217,7 @@ class SqliteCacheIndex:
         return orphans, sum(size for _, size in rows), removed
 
     async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
-                    keep: frozenset[str] = frozenset(), drop: frozenset[str] = frozenset()
-                    ) -> Evicted:
+                    keep: frozenset[str] = frozenset()) -> Evicted:
         orphans: list[str] = []
         held: set[str] = set()
         total, entries = self._bytes, self._entries
@@ -227,8 +231,6 @@ class SqliteCacheIndex:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._flush_touches()
-            for key in sorted(drop):
-                drop_key(key)
             for (key,) in self._db.execute(
                     "SELECT key FROM entries WHERE created < ?", (now - ttl_seconds,)).fetchall():
                 if key in keep:
@@ -251,6 +253,17 @@ class SqliteCacheIndex:
                         drop_key(key)
         self._bytes, self._entries = total, entries  # committed
         return Evicted(orphans, frozenset(held))
+
+    async def forget(self, key: str, seen: list[tuple[str, int]]) -> list[str]:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute("SELECT sha, bytes FROM items WHERE key=? ORDER BY pos",
+                                    (key,)).fetchall()
+            if not seen or [tuple(r) for r in rows[:len(seen)]] != seen:  # changed since
+                return []
+            orphans, freed, removed = self._drop(key)
+        self._bytes, self._entries = self._bytes - freed, self._entries - removed
+        return orphans
 
     async def stats(self) -> tuple[int, int]:
         return self._entries, self._bytes
@@ -283,15 +296,24 @@ class BlobStore:
     def path(self, sha: str) -> Path:
         return self.dir / sha[:2] / f"{sha}.png"
 
-    def write(self, images: list[bytes]) -> list[Item]:
-        out = []
-        for data in images:
-            sha = hashlib.sha256(data).hexdigest()
-            path = self.path(sha)
-            if not path.exists():
-                atomic_write(path, data)
-            out.append(Item(sha, len(data), data=data, path=path))
-        return out
+    def write(self, images: list[bytes]) -> tuple[list[Item], list[str]]:
+        """Store ``images``; returns their items and the shas of files this call created
+        (the caller deletes those if it cannot index them). A batch that fails part-way
+        (disk full) leaves none of its new files behind."""
+        out: list[Item] = []
+        created: list[str] = []
+        try:
+            for data in images:
+                sha = hashlib.sha256(data).hexdigest()
+                path = self.path(sha)
+                if not path.exists():
+                    atomic_write(path, data)
+                    created.append(sha)
+                out.append(Item(sha, len(data), data=data, path=path))
+        except BaseException:
+            self.delete(created)
+            raise
+        return out, created
 
     def delete(self, shas: list[str]) -> None:
         for sha in shas:
@@ -334,21 +356,25 @@ class ResultCache:
         self._in_use: dict[str, int] = {}
         self._held: set[str] = set()  # due keys the last pass kept: they were in use
 
-    async def _pool_items(self, key: str) -> list[Item]:
-        """The pool of ``key``; empty, and forgotten, if a file of it is gone.
+    async def _pool_items(self, key: str, n: int = MAX_POOL) -> list[Item]:
+        """The pool of ``key``; empty, and forgotten, if a file of its first ``n`` is gone.
 
         A file deleted behind the gateway's back (or by another replica's eviction) used
         to make every request for the image a 500 until the pool expired (30 days): now
-        the pool is generated again.
+        the pool is generated again (a backend's seeds follow pool positions, so the
+        whole pool goes). Its remaining files are deleted only if no other request here
+        is serving from it. A stat per served image; reading is left to the answer.
         """
         rows = await self.index.pool(key, time.time())
         items = [Item(sha, size, path=self.blobs.path(sha)) for sha, size in rows[:MAX_POOL]]
-        missing = [i.sha256 for i in items if not (i.path and i.path.exists())]
-        if missing:
-            log.warning("cache_file_missing", key=key, files=missing[:3])
-            await self.evict(drop=frozenset({key}))
-            return []
-        return items
+        missing = [i.sha256 for i in items[:n] if not (i.path and i.path.exists())]
+        if not missing:
+            return items
+        log.warning("cache_file_missing", key=key, files=missing[:3])
+        orphans = await self.index.forget(key, rows[:MAX_POOL])
+        if orphans and self._in_use.get(key, 0) <= 1:
+            await asyncio.get_running_loop().run_in_executor(None, self.blobs.delete, orphans)
+        return []
 
     async def _store(self, key: str, images: list[bytes]) -> list[Item]:
         # Shielded: images the backend made are indexed even if the client leaves, so no
@@ -362,8 +388,12 @@ class ResultCache:
         self._stores += 1
         self._no_stores.clear()
         try:
-            items = await loop.run_in_executor(None, self.blobs.write, images)
-            await self.index.append(key, [(i.sha256, i.size) for i in items], time.time())
+            items, created = await loop.run_in_executor(None, self.blobs.write, images)
+            try:
+                await self.index.append(key, [(i.sha256, i.size) for i in items], time.time())
+            except Exception:  # not indexed: its new files would be outside the budget
+                await loop.run_in_executor(None, self.blobs.delete, created)
+                raise
         finally:
             self._stores -= 1
             if self._stores == 0:
@@ -385,9 +415,8 @@ class ResultCache:
             self._evict_again = False
             await self.evict()
 
-    async def evict(self, drop: frozenset[str] = frozenset()) -> None:
-        """One pass: drop expired and least-recently-used pools (and those in ``drop``,
-        even if in use), delete orphaned blobs."""
+    async def evict(self) -> None:
+        """One pass: drop expired and least-recently-used pools, delete orphaned blobs."""
         barrier = asyncio.get_running_loop().create_future()
         while self._barrier is not None:
             await asyncio.shield(self._barrier)
@@ -395,7 +424,7 @@ class ResultCache:
         try:
             await self._no_stores.wait()
             evicted = await self.index.evict(self.max_bytes, self.ttl, time.time(),
-                                             frozenset(self._in_use) - drop, drop)
+                                             frozenset(self._in_use))
             self._held = set(evicted.held)
             if not self._held.issubset(self._in_use):  # a user left while the pass ran
                 self._pass_soon()
@@ -448,7 +477,7 @@ class ResultCache:
             room = MAX_POOL - len(await self._pool_items(key))
             return CacheResult((await self._keep(key, made, room))[0], "MISS", n)
         while True:
-            pool = await self._pool_items(key)
+            pool = await self._pool_items(key, n)
             if len(pool) >= n:
                 return CacheResult(pool[:n], "HIT", 0)
             flight = self._flights.get(key)
@@ -472,7 +501,7 @@ class ResultCache:
                 owned = await self.index.acquire_flight(key, self.flight_ttl)
                 if owned and self.index.shared:
                     # Another process may have filled the pool between our read and the lock.
-                    pool = await self._pool_items(key)
+                    pool = await self._pool_items(key, n)
                     if len(pool) >= n:
                         owned = False
                         await self.index.release_flight(key)
@@ -514,15 +543,18 @@ class ResultCache:
         """Store what fits in the pool (``room`` images); the rest answer unpooled.
         Returns the items and whether all of them were pooled.
 
-        A store that fails for want of storage (disk full, read-only, locked) answers
-        the images unpooled: they were paid for, and the cache is only a saving.
+        A store that fails for want of storage (disk full, read-only, the index locked)
+        answers the images unpooled: they were paid for, and the cache is only a saving.
         """
         if not made.keep or room <= 0:
             return _unpooled(made.images), False
         try:
             stored = await self._store(key, made.images[:room])
         except Exception as exc:
-            if storage_unavailable(exc) is None:
+            # A permission error is a configuration to fix, not a disk to wait for: left
+            # to fail loudly (503) rather than turn caching off without a word.
+            if storage_unavailable(exc) is None or (
+                    isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)):
                 raise
             log.warning("cache_store_failed", error=type(exc).__name__, detail=str(exc))
             return _unpooled(made.images), False

@@ -129,10 +129,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"variations-gateway: {exc}", file=sys.stderr)
             return 1
         except sqlite3.Error as exc:  # SQLite's message names no file: list them
-            print(f"variations-gateway: cannot start: SQLite said \"{exc}\" opening "
-                  f"{config.state.path}, {config.cache.dir} or {config.audit.path}. Is the "
-                  "disk full or read-only, or is a file locked by another program?",
-                  file=sys.stderr)
+            files = ([config.state.path, str(Path(config.cache.dir) / "index.sqlite3")]
+                     if config.state.kind == "sqlite" else []) + [config.audit.path]
+            print(f"variations-gateway: SQLite said \"{exc}\" with one of "
+                  f"{', '.join(files)}. Is the disk full or read-only, or is a file "
+                  "locked by another program?", file=sys.stderr)
             return 1
         except OSError as exc:  # a port in use, a directory that cannot be created
             print(f"variations-gateway: cannot start: {exc}", file=sys.stderr)

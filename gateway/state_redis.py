@@ -523,7 +523,7 @@ def _rid(r: Reservation) -> str:
 _C = PREFIX + "{c}:"
 
 _POOL = """
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local items = redis.call('LRANGE', KEYS[1], 0, 9)  -- at most MAX_POOL are ever served
 if #items > 0 then redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[2]) end
 return items
 """
@@ -544,8 +544,9 @@ return 'ok'
 """
 
 # KEYS: lru, created, psize, total, refs.
-# ARGV: prefix of pool keys, max bytes, cutoff, the number of keys to drop whatever
-# their age, those keys, then the keys to keep (in use).
+# ARGV: prefix of pool keys, max bytes, cutoff, then 0 and the keys to keep (in use);
+# or, to forget one pool, 1, its key and the items seen: it goes (whatever its age)
+# only if it still begins with them.
 _EVICT = """
 local orphans = {}
 local function drop(key)
@@ -564,8 +565,15 @@ local function drop(key)
   redis.call('HDEL', KEYS[3], key)
 end
 local ndrop = tonumber(ARGV[4])
-for i = 5, 4 + ndrop do
-  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 then drop(ARGV[i]) end
+if ndrop > 0 then  -- forget one key, if its pool is still what was seen
+  local seen = #ARGV - 5
+  local pool = redis.call('LRANGE', ARGV[1] .. ARGV[5], 0, seen - 1)
+  if seen == 0 or #pool ~= seen then return {{}, {}} end
+  for i = 1, seen do
+    if pool[i] ~= ARGV[5 + i] then return {{}, {}} end
+  end
+  drop(ARGV[5])
+  return {{}, orphans}
 end
 local keep = {}
 for i = 5 + ndrop, #ARGV do keep[ARGV[i]] = true end
@@ -634,13 +642,17 @@ class RedisCacheIndex(_Guarded):
                                           _C + "psize", _C + "total", _C + "refs"], args=args))
 
     async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
-                    keep: frozenset[str] = frozenset(), drop: frozenset[str] = frozenset()
-                    ) -> Evicted:
+                    keep: frozenset[str] = frozenset()) -> Evicted:
         held, orphans = await self._do(self._evict(
             keys=[_C + "lru", _C + "created", _C + "psize", _C + "total", _C + "refs"],
-            args=[_C + "pool:", max_bytes, repr(now - ttl_seconds), len(drop), *sorted(drop),
-                  *sorted(keep)]))
+            args=[_C + "pool:", max_bytes, repr(now - ttl_seconds), 0, *sorted(keep)]))
         return Evicted([_s(o) for o in orphans], frozenset(_s(k) for k in held))
+
+    async def forget(self, key: str, seen: list[tuple[str, int]]) -> list[str]:
+        _, orphans = await self._do(self._evict(
+            keys=[_C + "lru", _C + "created", _C + "psize", _C + "total", _C + "refs"],
+            args=[_C + "pool:", 0, 0, 1, key, *[f"{sha} {size}" for sha, size in seen]]))
+        return [_s(o) for o in orphans]
 
     async def stats(self) -> tuple[int, int]:
         pipe = self.r.pipeline(transaction=False)
@@ -757,16 +769,18 @@ class RedisBlobStore(BlobStore):
                 atomic_write(local, data)
         return local
 
-    def write(self, images: list[bytes]) -> list[Item]:
-        items = super().write(images)
+    def write(self, images: list[bytes]) -> tuple[list[Item], list[str]]:
+        """Spool and store ``images``; the shas created are those new in Redis."""
+        items, spooled = super().write(images)
         try:
             pipe = self.r.pipeline(transaction=False)
             for item, data in zip(items, images, strict=True):
                 pipe.set(self._key(item.sha256), data, nx=True)
-            pipe.execute()
+            created = [i.sha256 for i, new in zip(items, pipe.execute(), strict=True) if new]
         except RedisError as exc:
+            super().delete(spooled)
             raise StateUnavailable() from exc
-        return items
+        return items, created
 
     def delete(self, shas: list[str]) -> None:
         super().delete(shas)

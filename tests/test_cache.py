@@ -345,11 +345,11 @@ async def test_index_eviction_keeps_keys_in_use(tmp_path: Path) -> None:
         ["s2"], frozenset({"old"}))
     assert await index.pool("old", 201.0) == [("s1", 10)]
     assert await index.evict(0, 1, 202.0) == Evicted(["s1"])
-    # A pool whose file is gone is dropped however fresh, even while in use.
-    await index.append("fresh", [("s3", 10)], 300.0)
-    assert await index.evict(10**6, 10**6, 301.0, keep=frozenset({"fresh"}),
-                             drop=frozenset({"fresh"})) == Evicted(["s3"])
-    assert await index.pool("fresh", 302.0) == []
+    # A pool whose file is gone is forgotten however fresh, if it is still what was seen.
+    await index.append("fresh", [("s3", 10), ("s4", 10)], 300.0)
+    assert await index.forget("fresh", [("s9", 10)]) == []  # changed since: kept
+    assert await index.forget("fresh", [("s3", 10)]) == ["s3", "s4"]
+    assert await index.pool("fresh", 302.0) == [] and await index.stats() == (0, 0)
     await index.close()
 
 
@@ -425,23 +425,54 @@ async def test_a_cache_file_deleted_behind_its_back_is_generated_again(
     assert (await usage(client))["limits"]["images_per_day"]["used"] == 8
 
 
-async def test_a_full_cache_disk_answers_unpooled(instrumented: Start,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The cache is a saving: with its disk full, generated images (already paid for)
-    are answered, charged and not pooled, instead of a 500 the SDK retries."""
+@pytest.mark.parametrize("fault", ["disk_full", "index_locked"])
+async def test_a_cache_that_cannot_store_answers_unpooled(
+        instrumented: Start, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """The cache is a saving: with its disk full or its index locked by another program,
+    generated images (already paid for) are answered, charged and not pooled, in both
+    formats, instead of a 500 the SDK retried (paying again); no file is left behind."""
+    import sqlite3
+
     client, backend = await instrumented()
+    cache_dir = Path(client.app[CONFIG].cache.dir)
+    shell = None
+    if fault == "disk_full":
+        def full(path: Path, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    def full(path: Path, data: bytes) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    monkeypatch.setattr("gateway.cache.atomic_write", full)
-    image = png_bytes(seed=24)
-    answers = await asyncio.gather(*(vary(client, image, n=2) for _ in range(3)))
+        monkeypatch.setattr("gateway.cache.atomic_write", full)
+    else:
+        shell = sqlite3.connect(cache_dir / "index.sqlite3", isolation_level=None)
+        shell.execute("BEGIN IMMEDIATE")
+    try:
+        image = png_bytes(seed=24)
+        answers = await asyncio.gather(*(vary(client, image, n=2) for _ in range(3)))
+        url = await vary(client, png_bytes(seed=25), n=1, response_format="url")
+    finally:
+        if shell is not None:
+            shell.execute("ROLLBACK")
+            shell.close()
     assert [a.status for a in answers] == [200] * 3
-    assert backend.calls == [2]  # coalesced waiters share the unpooled images
     assert {tuple(images(a)) for a in answers} == {tuple(images(answers[0]))}
-    assert (await usage(client))["limits"]["images_per_day"]["used"] == 2
-    assert not list((Path(client.app[CONFIG].cache.dir) / "blobs").rglob("*.png"))
+    assert url.status == 200 and url.body["data"][0]["url"]
+    assert backend.calls == [2, 1]  # coalesced waiters share the unpooled images
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 3
+    assert not list((cache_dir / "blobs").rglob("*.png"))
+    assert await client.app[CACHE].stats() == (0, 0)
+
+
+async def test_a_cache_directory_without_permission_fails_loudly(
+        instrumented: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EACCES is a configuration to fix: a clear 503, not caching silently turned off."""
+    client, _ = await instrumented()
+
+    def denied(path: Path, data: bytes) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr("gateway.cache.atomic_write", denied)
+    refused = await vary(client, png_bytes(seed=26))
+    assert refused.status == 503 and refused.body["error"]["code"] == "storage_unavailable"
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 0
 
 
 async def test_index_totals_kept_in_memory_match_the_file(tmp_path: Path) -> None:
@@ -470,7 +501,10 @@ async def test_index_totals_kept_in_memory_match_the_file(tmp_path: Path) -> Non
         if step % 25 == 0:
             keep = frozenset({f"k{rng.randrange(40)}"})
             await index.evict(rng.randrange(500, 3000), rng.randrange(50, 400), float(step),
-                              keep=keep, drop=frozenset({f"k{rng.randrange(40)}"}))
+                              keep=keep)
+        if step % 11 == 0:
+            key = f"k{rng.randrange(40)}"
+            await index.forget(key, (await index.pool(key, float(step)))[:1])
         assert await index.stats() == recount(), step
     await index.evict(1000, 10**6, 400.0)
     assert (await index.stats())[1] <= 1000
@@ -478,3 +512,34 @@ async def test_index_totals_kept_in_memory_match_the_file(tmp_path: Path) -> Non
     reopened = SqliteCacheIndex(tmp_path / "index.sqlite3")
     assert await reopened.stats() == recount()
     await reopened.close()
+
+
+async def test_forgetting_a_broken_pool_spares_the_files_others_are_serving(
+        tmp_path: Path) -> None:
+    """A file of a pool is gone: the next request forgets the pool and generates, but
+    the files a request still answering from that pool reads stay until it is done."""
+    from gateway.cache import BlobStore, Fresh, ResultCache, SqliteCacheIndex
+
+    cache = ResultCache(SqliteCacheIndex(tmp_path / "index.sqlite3"),
+                        BlobStore(tmp_path / "blobs"), enabled=True, max_bytes=10**9,
+                        ttl_seconds=3600)
+    made: list[tuple[int, int]] = []
+
+    async def generate(count: int, offset: int) -> Fresh:
+        made.append((count, offset))
+        return Fresh([f"png-{len(made)}-{offset + i}".encode() for i in range(count)])
+
+    async with cache.serve("k", 3, "default", generate) as first:
+        assert first.status == "MISS"
+    async with cache.serve("k", 1, "default", generate) as serving:  # still answering
+        assert serving.status == "HIT"
+        gone = first.items[2].path
+        assert gone is not None
+        gone.unlink()
+        async with cache.serve("k", 3, "default", generate) as healed:
+            assert healed.status == "MISS" and made == [(3, 0), (3, 0)]
+        assert serving.items[0].read() == b"png-1-0"  # not deleted under the first
+    async with cache.serve("k", 3, "default", generate) as hit:
+        assert hit.status == "HIT" and [i.read() for i in hit.items] == [
+            b"png-2-0", b"png-2-1", b"png-2-2"]
+    await cache.close()

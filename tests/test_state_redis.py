@@ -187,10 +187,11 @@ async def test_cache_index_pools_lru_ttl_and_refcounts(redis_server: RedisServer
     assert await b.evict(0, 10**6, 200.0, keep=frozenset({"k4"})) == Evicted(
         ["s4"], frozenset({"k4"}))
     assert await a.stats() == (1, 10)
-    # A pool whose file is gone is dropped however fresh, even while in use.
-    await a.append("k6", [("s7", 10)], 300.0)
-    assert await b.evict(10**6, 10**6, 301.0, keep=frozenset({"k6"}),
-                         drop=frozenset({"k6", "gone"})) == Evicted(["s7"])
+    # A pool whose file is gone is forgotten however fresh, if it still is what was seen.
+    await a.append("k6", [("s7", 10), ("s8", 10)], 300.0)
+    assert await b.forget("k6", [("s8", 10)]) == []  # changed since: kept
+    assert await b.forget("gone", [("s8", 10)]) == []
+    assert sorted(await b.forget("k6", [("s7", 10)])) == ["s7", "s8"]
     assert await a.pool("k6", 302.0) == [] and await a.stats() == (1, 10)
     await a.close()
     await b.close()
@@ -279,12 +280,14 @@ async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
     # Cache blobs in Redis: written by one replica, read through another's spool.
     blobs_a = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "sa")
     blobs_b = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "sb")
-    (item,) = blobs_a.write([b"blob"])
+    (item,), created = blobs_a.write([b"blob"])
+    assert created == [item.sha256]
+    assert blobs_a.write([b"blob"])[1] == []  # already there: created by nobody now
     assert blobs_b.path(item.sha256).read_bytes() == b"blob"
     blobs_a.delete([item.sha256])
     assert r.get(sr._C + "blob:" + item.sha256) is None
     # B's spooled copy goes at its next sweep; a copy still in Redis stays.
-    (kept,) = blobs_a.write([b"kept"])
+    (kept,), _ = blobs_a.write([b"kept"])
     assert blobs_b.path(kept.sha256).exists() and blobs_b.path(item.sha256).exists()
     assert blobs_b.prune() == 1
     assert sorted(p.stem for p in (tmp_path / "sb").rglob("*.png")) == [kept.sha256]
