@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from gateway.config import AbuseConfig
 
@@ -30,6 +32,22 @@ class Suspicion:
     reason: str  # "many_end_users" | "repeated_limit_hits"
     count: int
     window_seconds: int
+
+
+OnSuspicion = Callable[[Suspicion], None]
+
+
+class Abuse(Protocol):
+    """Where the windows live: this process (one box), or Redis (every replica's
+    requests in one window, so N replicas do not each see a fraction of a member)."""
+
+    def report(self, member: str | None, end_user: str | None, limit_hit: bool,
+               on_suspicion: OnSuspicion) -> None:
+        """Record one request; call ``on_suspicion`` for each signal it raises (at once,
+        or later: never on the answer's path)."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class AbuseMonitor:
@@ -87,3 +105,11 @@ class AbuseMonitor:
                 if s:
                     found.append(s)
         return found
+
+    def report(self, member: str | None, end_user: str | None, limit_hit: bool,
+               on_suspicion: OnSuspicion) -> None:
+        for suspicion in self.observe(member, end_user, limit_hit):
+            on_suspicion(suspicion)
+
+    async def close(self) -> None:
+        return None

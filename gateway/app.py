@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 
 from gateway import admin, health, variations
-from gateway.abuse import AbuseMonitor
+from gateway.abuse import Suspicion
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
 from gateway.config import Config
@@ -143,6 +143,12 @@ def _audit_done(metrics: Metrics, request_id: str, done: asyncio.Future[None]) -
         metrics.audit_events.inc()
 
 
+def _abuse_suspected(metrics: Metrics, user_label: str, s: Suspicion) -> None:
+    metrics.abuse_suspected.labels(s.reason, user_label).inc()
+    log.warning("abuse_suspected", member=s.member, reason=s.reason, count=s.count,
+                window_seconds=s.window_seconds)
+
+
 def _finish(request: web.Request, record: AuditRecord, started: float,
             error: ApiError | None, bytes_out: int | None) -> asyncio.Future[None] | None:
     """Metrics, the audit record and the log line; returns the audit's commit (a
@@ -171,11 +177,8 @@ def _finish(request: web.Request, record: AuditRecord, started: float,
             log.exception("audit_write_failed", request_id=record.request_id)
         else:
             audited.add_done_callback(partial(_audit_done, metrics, record.request_id))
-        for s in app[ABUSE].observe(record.member, record.end_user,
-                                    isinstance(error, QuotaRejected)):
-            metrics.abuse_suspected.labels(s.reason, user_label).inc()
-            log.warning("abuse_suspected", member=s.member, reason=s.reason, count=s.count,
-                        window_seconds=s.window_seconds)
+        app[ABUSE].report(record.member, record.end_user, isinstance(error, QuotaRejected),
+                          partial(_abuse_suspected, metrics, user_label))
     if request.path in QUIET_PATHS and record.status < 400:
         return audited
     # One line per request; for API routes it carries the audit record's fields too.
@@ -216,6 +219,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await app[ROUTER].close()
         await app[CACHE].close()
         await app[QUOTA].close()
+        await app[ABUSE].close()
         app[AUDIT].close()
 
 
@@ -272,7 +276,7 @@ def build_app(config: Config) -> web.Application:
     app[CACHE] = state.cache
     app[AUDIT] = AuditLog(config.audit.path, config.audit.retention_days,
                           stdout=config.audit.stdout)
-    app[ABUSE] = AbuseMonitor(config.abuse)
+    app[ABUSE] = state.abuse
     app[PIXEL_HASHES] = PixelHashes()
     app[RENDERER] = Renderer(state.images, config.cache.memory_bytes)
     app[CLIENT_ADDRESS] = ClientAddress(config.server.trusted_proxies)

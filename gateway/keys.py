@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.abuse import AbuseMonitor
+from gateway.abuse import Abuse
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
 from gateway.cache import ResultCache
@@ -24,7 +24,7 @@ IMAGES = web.AppKey("images", ImageStore)
 QUOTA = web.AppKey("quota", QuotaStore)
 CACHE = web.AppKey("cache", ResultCache)
 AUDIT = web.AppKey("audit", AuditLog)
-ABUSE = web.AppKey("abuse", AbuseMonitor)
+ABUSE = web.AppKey("abuse", Abuse)
 METRICS = web.AppKey("metrics", Metrics)
 PIXEL_HASHES = web.AppKey("pixel_hashes", PixelHashes)
 RENDERER = web.AppKey("renderer", Renderer)

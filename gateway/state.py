@@ -1,8 +1,9 @@
 """One factory for the stateful parts, so ``build_app`` does not care where state lives.
 
 ``state.kind: sqlite`` is one edge box: quota ledger and cache index in SQLite, bytes
-and the signing key on local disk. ``state.kind: redis`` is N replicas: quotas, the cache
-index, the single-flight lock and the signing key in Redis; image and cache bytes in a
+and the signing key on local disk, abuse windows in memory. ``state.kind: redis`` is N
+replicas: quotas, the cache index, the single-flight lock, the signing key and the abuse
+windows in Redis; image and cache bytes in a
 shared directory (``images.store: fs``) or in Redis itself (``images.store: redis``).
 redis-py is imported only in Redis mode, so an edge box does not need it.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.abuse import Abuse, AbuseMonitor
 from gateway.cache import BlobStore, ResultCache, SqliteCacheIndex
 from gateway.config import Config
 from gateway.quota import QuotaStore, SqliteQuota
@@ -24,6 +26,7 @@ class State:
     cache: ResultCache
     images: ImageStore
     signing_key: bytes
+    abuse: Abuse
 
 
 def generation_deadline(config: Config) -> float:
@@ -49,7 +52,8 @@ def build_state(config: Config) -> State:
                      BlobStore(Path(config.cache.dir) / "blobs")),
         images=ImageStore(Path(config.images.dir), signing_key,
                           config.images.url_ttl_seconds),
-        signing_key=signing_key)
+        signing_key=signing_key,
+        abuse=AbuseMonitor(config.abuse))
 
 
 def _cache(config: Config, index: object, blobs: BlobStore, **extra: float) -> ResultCache:
@@ -80,4 +84,5 @@ def _redis_state(config: Config) -> State:
         cache=_cache(config, sr.RedisCacheIndex(sr.connect(url, timeout), timeout), blobs,
                      flight_ttl_seconds=deadline),
         images=images,
-        signing_key=signing_key)
+        signing_key=signing_key,
+        abuse=sr.RedisAbuseMonitor(sr.connect(url, timeout), timeout, config.abuse))

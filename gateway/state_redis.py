@@ -36,8 +36,10 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.abuse import MAX_TRACKED_END_USERS, OnSuspicion, Suspicion
 from gateway.auth import Principal
 from gateway.cache import BlobStore, Evicted, Item
+from gateway.config import AbuseConfig
 from gateway.errors import ApiError
 from gateway.quota import (
     LimitStatus,
@@ -738,6 +740,97 @@ class RedisCacheIndex(_Guarded):
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
+        await super().close()
+
+
+# --------------------------------------------------------------------------- abuse
+
+_A = PREFIX + "{a}:"
+
+# KEYS: member's end users (ZSET user -> last seen), member's limit hits (LIST of times),
+# raised markers for many_end_users and repeated_limit_hits. ARGV: window s, end user
+# ('' for none), 1 if a limit was hit, distinct end users, limit hits, users tracked.
+_ABUSE = _now_lua() + """
+local window = tonumber(ARGV[1])
+local cutoff = now - window
+local ttl = math.ceil(window * 1000)
+local out = {}
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[1], now, ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff)
+  local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[6])
+  if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, over - 1) end
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  local distinct = redis.call('ZCARD', KEYS[1])
+  if distinct >= tonumber(ARGV[4]) and redis.call('SET', KEYS[3], '1', 'NX', 'PX', ttl) then
+    table.insert(out, 'many_end_users')
+    table.insert(out, distinct)
+  end
+end
+if ARGV[3] == '1' then
+  local keep = math.max(1, tonumber(ARGV[5]))
+  redis.call('RPUSH', KEYS[2], tostring(now))
+  redis.call('LTRIM', KEYS[2], -keep, -1)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  local hits = 0
+  for _, t in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    if tonumber(t) >= cutoff then hits = hits + 1 end
+  end
+  if hits >= tonumber(ARGV[5]) and redis.call('SET', KEYS[4], '1', 'NX', 'PX', ttl) then
+    table.insert(out, 'repeated_limit_hits')
+    table.insert(out, hits)
+  end
+end
+return out
+"""
+
+
+class RedisAbuseMonitor(_Guarded):
+    """:class:`gateway.abuse.Abuse` with the windows in Redis: every replica's requests
+    count towards one window per member, and a signal is raised once across replicas.
+
+    The script runs in a task of its own after the answer: a request with a ``user``
+    field or a limit hit costs the client no Redis round trip. If Redis is away, the
+    observation is lost (logged by :meth:`_do`); nothing else is.
+    """
+
+    def __init__(self, client: Any, timeout: float, config: AbuseConfig) -> None:
+        super().__init__(client, timeout)
+        self._cfg = config
+        self._script = client.register_script(_ABUSE)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def report(self, member: str | None, end_user: str | None, limit_hit: bool,
+               on_suspicion: OnSuspicion) -> None:
+        if member is None or (end_user is None and not limit_hit):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._report(member, end_user, limit_hit, on_suspicion))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _report(self, member: str, end_user: str | None, limit_hit: bool,
+                      on_suspicion: OnSuspicion) -> None:
+        with contextlib.suppress(StateUnavailable):
+            for suspicion in await self.observe(member, end_user, limit_hit):
+                on_suspicion(suspicion)
+
+    async def observe(self, member: str, end_user: str | None, limit_hit: bool
+                      ) -> list[Suspicion]:
+        """Record one request now; the signals it raises across replicas."""
+        base = _A + member.encode("utf-8").hex() + ":"
+        found = await self._do(self._script(
+            keys=[base + "users", base + "hits", base + "raised:many_end_users",
+                  base + "raised:repeated_limit_hits"],
+            args=[self._cfg.window_seconds, end_user or "", int(limit_hit),
+                  self._cfg.distinct_end_users, self._cfg.limit_hits,
+                  MAX_TRACKED_END_USERS]))
+        return [Suspicion(member, _s(found[i]), int(found[i + 1]), self._cfg.window_seconds)
+                for i in range(0, len(found), 2)]
+
+    async def close(self) -> None:
+        if self._tasks:  # observations still on their way: let them land
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await super().close()
 
 

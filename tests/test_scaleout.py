@@ -35,12 +35,16 @@ def replica(tmp: Path, name: str, redis_url: str, state_timeout: float) -> Gatew
         cache={"dir": str(tmp / "shared" / "cache")},
         images={"dir": str(tmp / "shared" / "images")},
         quota_defaults={"images_per_day": 100, "images_per_month": None,
-                        "requests_per_minute": None, "max_concurrent": None})
+                        "requests_per_minute": None, "max_concurrent": None},
+        abuse={"distinct_end_users": 4, "window_seconds": 600})
     return start_gateway(raw, own)
 
 
-def form(image: bytes, response_format: str = "url") -> aiohttp.FormData:
+def form(image: bytes, response_format: str = "url", end_user: str | None = None
+         ) -> aiohttp.FormData:
     f = aiohttp.FormData()
+    if end_user is not None:
+        f.add_field("user", end_user)
     f.add_field("image", image, filename="layer.png", content_type="image/png")
     f.add_field("n", "1")
     f.add_field("size", "256x256")
@@ -49,10 +53,11 @@ def form(image: bytes, response_format: str = "url") -> aiohttp.FormData:
 
 
 async def post(session: aiohttp.ClientSession, base: str, image: bytes, user: str = "alice",
-               headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], float,
-                                                               dict[str, str]]:
+               headers: dict[str, str] | None = None, end_user: str | None = None
+               ) -> tuple[int, dict[str, Any], float, dict[str, str]]:
     started = time.monotonic()
-    async with session.post(base + "/v1/images/variations", data=form(image),
+    async with session.post(base + "/v1/images/variations",
+                            data=form(image, end_user=end_user),
                             headers={**auth(user), **(headers or {})},
                             timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)) as resp:
         body = await resp.json()
@@ -112,14 +117,43 @@ async def test_quota_exact_hit_and_url_across_replicas(two_replicas: list[Gatewa
         assert await images_today(session, b.url, "bob") == 1  # the HIT cost nothing
 
 
-async def budget_share(session: aiohttp.ClientSession, base: str, user: str) -> float:
+async def sample(session: aiohttp.ClientSession, base: str, name: str,
+                 labels: dict[str, str]) -> float:
     async with session.get(base + "/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
     (value,) = [s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "variations_gateway_user_budget_used_ratio"
-                and s.labels == {"user": user}]
+                if s.name == name and s.labels == labels]
     return value
+
+
+async def budget_share(session: aiohttp.ClientSession, base: str, user: str) -> float:
+    return await sample(session, base, "variations_gateway_user_budget_used_ratio",
+                        {"user": user})
+
+
+async def test_abuse_window_spans_the_replicas(two_replicas: list[GatewayProcess]) -> None:
+    """Four distinct end users behind alice's token, two through each replica: neither
+    replica alone reaches the threshold of 4, together they raise it once."""
+    a, b = two_replicas
+    image = png_bytes(34)
+
+    async def raised() -> float:
+        return sum([await sample(session, g.url, "variations_gateway_abuse_suspected_total",
+                                 {"reason": "many_end_users", "user": "alice"})
+                    for g in (a, b)])
+
+    async with aiohttp.ClientSession() as session:
+        for i in range(6):
+            status, *_ = await post(session, (a, b)[i % 2].url, image, end_user=f"e{i % 4}")
+            assert status == 200
+        deadline = time.monotonic() + 30
+        while await raised() < 1:  # reported after the answer
+            assert time.monotonic() < deadline, "abuse_suspected was never raised"
+            await asyncio.sleep(0.1)  # poll interval, bounded by the deadline
+        await post(session, a.url, image, end_user="e9")
+        await post(session, b.url, image, end_user="e8")
+        assert await raised() == 1
 
 
 async def test_budget_gauge_follows_usage_through_the_other_replica(

@@ -13,9 +13,10 @@ import pytest
 from redis_server import RedisServer
 
 from gateway import state_redis as sr
+from gateway.abuse import Suspicion
 from gateway.auth import Principal
 from gateway.cache import BlobStore, CacheResult, Evicted, Fresh, ResultCache
-from gateway.config import QuotaLimits
+from gateway.config import AbuseConfig, QuotaLimits
 from gateway.quota import QuotaRejected
 
 TIMEOUT = 1.0
@@ -406,3 +407,37 @@ async def test_refund_soon_gives_the_hold_back_without_being_awaited(
     q.refund_soon(await q.reserve(p, 2, 0.0, "256x256"))
     await _until(lambda: _held(q, p, 0), "the images to come back")
     await q.close()
+
+
+async def test_abuse_windows_are_shared_by_replicas(redis_server: RedisServer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member's requests spread over replicas count in one window, and each signal is
+    raised once across them (per-replica windows each saw only part of a member)."""
+    cfg = AbuseConfig(window_seconds=600, distinct_end_users=4, limit_hits=3)
+    a, b = (sr.RedisAbuseMonitor(sr.connect(redis_server.url, TIMEOUT), TIMEOUT, cfg)
+            for _ in range(2))
+
+    def signals(found: list[Suspicion]) -> list[tuple[str, int]]:
+        return [(f.reason, f.count) for f in found]
+
+    for monitor, user in ((a, "u1"), (b, "u2"), (a, "u1"), (b, "u3")):
+        assert await monitor.observe("alice", user, False) == []  # 3 distinct: not yet
+    assert await b.observe("bob", "u4", False) == []  # bob's own window
+    assert signals(await a.observe("alice", "u4", False)) == [("many_end_users", 4)]
+    assert await b.observe("alice", "u5", False) == []  # once per window, everywhere
+    assert await a.observe("alice", None, True) == []
+    assert await b.observe("alice", None, True) == []
+    assert signals(await a.observe("alice", None, True)) == [("repeated_limit_hits", 3)]
+
+    # report() runs after the answer and calls back; a flood stays bounded in Redis.
+    monkeypatch.setattr(sr, "MAX_TRACKED_END_USERS", 10)
+    got: list[Suspicion] = []
+    for i in range(30):
+        b.report("carol", f"scripted-{i}", False, got.append)
+    b.report(None, "x", True, got.append)  # unknown member: nothing to record
+    await b.close()
+    assert signals(got) == [("many_end_users", 4)]
+    r = redis_server.client()
+    assert r.zcard(sr._A + b"carol".hex() + ":users") == 10
+    assert 0 < r.pttl(sr._A + b"carol".hex() + ":users") <= 600_000
+    await a.close()
