@@ -310,6 +310,8 @@ class _Builder:
             return cls(**self.dataclass(cls, raw, path))
         except TypeError as exc:  # a required field missing
             raise self.error(str(exc).split(".__init__() ")[-1], path) from None
+        except ConfigError:  # a nested key's error already names its line and path
+            raise
         except ValueError as exc:  # a dataclass's own range checks (__post_init__)
             raise self.error(str(exc), path) from None
 

@@ -50,6 +50,7 @@ def test_check_config_error_names_the_line(tmp_path: Path) -> None:
     out = run("check-config", str(cfg))
     assert out.returncode != 0
     assert "line 3" in out.stderr and "quota_defaults.images_per_day" in out.stderr
+    assert out.stderr.count("line 3") == 1, out.stderr  # not wrapped again by its parent
 
 
 def test_serve_refuses_open_gateway_off_loopback(tmp_path: Path) -> None:

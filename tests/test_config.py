@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,21 @@ def test_shipped_configs_validate() -> None:
     root = Path(__file__).resolve().parents[1]
     for name in ("gateway.yaml", "gateway.example.yaml"):
         load_config(root / "config" / name, env={"UPSTREAM_API_KEY": "x", "SD_PASSWORD": "x"})
+
+
+def test_the_example_config_names_every_backend_option() -> None:
+    """The README says config/gateway.example.yaml lists every option: each backend
+    kind's options must appear in it (live, or in a commented-out entry)."""
+    import dataclasses
+
+    from gateway import backends
+
+    text = (Path(__file__).resolve().parents[1] / "config" / "gateway.example.yaml"
+            ).read_text()
+    for kind in backends.KINDS:
+        options = backends.options_class(kind)
+        for f in dataclasses.fields(options):
+            assert re.search(rf"^\s*#?\s*(- )?{f.name}:", text, re.M), (kind, f.name)
 
 
 def test_header_values_lose_surrounding_whitespace() -> None:
