@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 
 import structlog
 
-from gateway.errors import storage_unavailable
+from gateway.errors import ApiError, storage_unavailable
 from gateway.quota import QuotaRejected
 from gateway.sqlite import open_db
 from gateway.storage import atomic_write
@@ -116,6 +116,10 @@ class CacheIndex(Protocol):
     async def forget(self, key: str, seen: list[tuple[str, int]]) -> list[str]:
         """Drop the pool of ``key`` if it still begins with ``seen`` (a file of it is
         gone); returns the blob shas no pool references any more."""
+        ...
+
+    async def unreferenced(self, shas: list[str]) -> list[str]:
+        """Those of ``shas`` that no pool references."""
         ...
 
     async def stats(self) -> tuple[int, int]:
@@ -265,6 +269,10 @@ class SqliteCacheIndex:
         self._bytes, self._entries = self._bytes - freed, self._entries - removed
         return orphans
 
+    async def unreferenced(self, shas: list[str]) -> list[str]:
+        return [sha for sha in shas if self._db.execute(
+            "SELECT 1 FROM items WHERE sha=? LIMIT 1", (sha,)).fetchone() is None]
+
     async def stats(self) -> tuple[int, int]:
         return self._entries, self._bytes
 
@@ -296,24 +304,19 @@ class BlobStore:
     def path(self, sha: str) -> Path:
         return self.dir / sha[:2] / f"{sha}.png"
 
-    def write(self, images: list[bytes]) -> tuple[list[Item], list[str]]:
-        """Store ``images``; returns their items and the shas of files this call created
-        (the caller deletes those if it cannot index them). A batch that fails part-way
-        (disk full) leaves none of its new files behind."""
+    def write(self, images: list[bytes], created: list[str]) -> list[Item]:
+        """Store ``images``; the shas of files this call created are added to ``created``
+        as it goes, so a caller whose batch failed part-way (or that cannot index it)
+        knows which files may now be nobody's."""
         out: list[Item] = []
-        created: list[str] = []
-        try:
-            for data in images:
-                sha = hashlib.sha256(data).hexdigest()
-                path = self.path(sha)
-                if not path.exists():
-                    atomic_write(path, data)
-                    created.append(sha)
-                out.append(Item(sha, len(data), data=data, path=path))
-        except BaseException:
-            self.delete(created)
-            raise
-        return out, created
+        for data in images:
+            sha = hashlib.sha256(data).hexdigest()
+            path = self.path(sha)
+            if not path.exists():
+                created.append(sha)
+                atomic_write(path, data)
+            out.append(Item(sha, len(data), data=data, path=path))
+        return out
 
     def delete(self, shas: list[str]) -> None:
         for sha in shas:
@@ -355,6 +358,13 @@ class ResultCache:
         # still due. Replicas sharing Redis do not see each other's keys in use.
         self._in_use: dict[str, int] = {}
         self._held: set[str] = set()  # due keys the last pass kept: they were in use
+        # Blob files that may no longer be referenced (a store that could not index its
+        # new files, a forgotten pool): the next pass deletes those the index does not
+        # name, while no store runs (another store may have just indexed the same bytes).
+        self._suspects: set[str] = set()
+        # Files of forgotten pools that requests here still serve: suspects once the
+        # last of those requests leaves.
+        self._deferred: dict[str, set[str]] = {}
 
     async def _pool_items(self, key: str, n: int = MAX_POOL) -> list[Item]:
         """The pool of ``key``; empty, and forgotten, if a file of its first ``n`` is gone.
@@ -372,8 +382,11 @@ class ResultCache:
             return items
         log.warning("cache_file_missing", key=key, files=missing[:3])
         orphans = await self.index.forget(key, rows[:MAX_POOL])
-        if orphans and self._in_use.get(key, 0) <= 1:
-            await asyncio.get_running_loop().run_in_executor(None, self.blobs.delete, orphans)
+        if self._in_use.get(key, 0) > 1:  # others here still answer from these files
+            self._deferred.setdefault(key, set()).update(orphans)
+        elif orphans:
+            self._suspects.update(orphans)
+            self._pass_soon()
         return []
 
     async def _store(self, key: str, images: list[bytes]) -> list[Item]:
@@ -388,11 +401,13 @@ class ResultCache:
         self._stores += 1
         self._no_stores.clear()
         try:
-            items, created = await loop.run_in_executor(None, self.blobs.write, images)
+            created: list[str] = []
             try:
+                items = await loop.run_in_executor(None, self.blobs.write, images, created)
                 await self.index.append(key, [(i.sha256, i.size) for i in items], time.time())
-            except Exception:  # not indexed: its new files would be outside the budget
-                await loop.run_in_executor(None, self.blobs.delete, created)
+            except Exception:  # perhaps not indexed: new files would be outside the budget
+                self._suspects.update(created)
+                self._pass_soon()
                 raise
         finally:
             self._stores -= 1
@@ -428,9 +443,13 @@ class ResultCache:
             self._held = set(evicted.held)
             if not self._held.issubset(self._in_use):  # a user left while the pass ran
                 self._pass_soon()
-            if evicted.orphans:
+            suspects, self._suspects = self._suspects, set()
+            orphans = evicted.orphans
+            if suspects:
+                orphans = [*orphans, *await self.index.unreferenced(sorted(suspects))]
+            if orphans:
                 await asyncio.get_running_loop().run_in_executor(
-                    None, self.blobs.delete, evicted.orphans)
+                    None, self.blobs.delete, orphans)
         finally:
             self._barrier = None
             barrier.set_result(None)
@@ -466,6 +485,9 @@ class ResultCache:
                 del self._in_use[key]
                 if key in self._held:  # a pass kept it for us: enforce the budget now
                     self._held.discard(key)
+                    self._pass_soon()
+                if key in self._deferred:  # a forgotten pool's files: free to go now
+                    self._suspects.update(self._deferred.pop(key))
                     self._pass_soon()
 
     async def _serve(self, key: str, n: int, policy: Policy, generate: Generate,
@@ -543,8 +565,9 @@ class ResultCache:
         """Store what fits in the pool (``room`` images); the rest answer unpooled.
         Returns the items and whether all of them were pooled.
 
-        A store that fails for want of storage (disk full, read-only, the index locked)
-        answers the images unpooled: they were paid for, and the cache is only a saving.
+        A store that fails for want of storage (disk full, read-only, the index locked
+        or Redis away) answers the images unpooled: they were paid for, and the cache is
+        only a saving.
         """
         if not made.keep or room <= 0:
             return _unpooled(made.images), False
@@ -553,8 +576,9 @@ class ResultCache:
         except Exception as exc:
             # A permission error is a configuration to fix, not a disk to wait for: left
             # to fail loudly (503) rather than turn caching off without a word.
-            if storage_unavailable(exc) is None or (
-                    isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)):
+            redis_away = isinstance(exc, ApiError) and exc.code == "state_unavailable"
+            if not redis_away and (storage_unavailable(exc) is None or (
+                    isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM))):
                 raise
             log.warning("cache_store_failed", error=type(exc).__name__, detail=str(exc))
             return _unpooled(made.images), False

@@ -161,6 +161,12 @@ class AbuseConfig:
     distinct_end_users: int = 20
     limit_hits: int = 10
 
+    def __post_init__(self) -> None:
+        # 0 would raise on every request here, and never in Redis (a 0 ms expiry).
+        if self.window_seconds < 1 or self.distinct_end_users < 1 or self.limit_hits < 1:
+            raise ValueError("window_seconds, distinct_end_users and limit_hits must be at "
+                             "least 1")
+
 
 @dataclass(frozen=True)
 class MetricsConfig:

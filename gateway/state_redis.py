@@ -650,6 +650,10 @@ class RedisCacheIndex(_Guarded):
             args=[_C + "pool:", max_bytes, repr(now - ttl_seconds), 0, *sorted(keep)]))
         return Evicted([_s(o) for o in orphans], frozenset(_s(k) for k in held))
 
+    async def unreferenced(self, shas: list[str]) -> list[str]:
+        counts = await self._do(self.r.hmget(_C + "refs", shas))
+        return [sha for sha, n in zip(shas, counts, strict=True) if n is None or int(n) <= 0]
+
     async def forget(self, key: str, seen: list[tuple[str, int]]) -> list[str]:
         _, orphans = await self._do(self._evict(
             keys=[_C + "lru", _C + "created", _C + "psize", _C + "total", _C + "refs"],
@@ -811,9 +815,15 @@ class RedisAbuseMonitor(_Guarded):
 
     async def _report(self, member: str, end_user: str | None, limit_hit: bool,
                       on_suspicion: OnSuspicion) -> None:
-        with contextlib.suppress(StateUnavailable):
-            for suspicion in await self.observe(member, end_user, limit_hit):
+        try:
+            found = await self.observe(member, end_user, limit_hit)
+        except StateUnavailable:  # logged by _do; this observation is lost, nothing else
+            return
+        for suspicion in found:
+            try:
                 on_suspicion(suspicion)
+            except Exception:  # a task's error would otherwise go unseen
+                log.exception("abuse_report_failed", member=member)
 
     async def observe(self, member: str, end_user: str | None, limit_hit: bool
                       ) -> list[Suspicion]:
@@ -862,18 +872,21 @@ class RedisBlobStore(BlobStore):
                 atomic_write(local, data)
         return local
 
-    def write(self, images: list[bytes]) -> tuple[list[Item], list[str]]:
-        """Spool and store ``images``; the shas created are those new in Redis."""
-        items, spooled = super().write(images)
+    def write(self, images: list[bytes], created: list[str]) -> list[Item]:
+        """Spool and store ``images``; ``created`` gets the shas new here or in Redis
+        (if the pipeline fails, all of them: it may have run)."""
+        items = super().write(images, created)
         try:
             pipe = self.r.pipeline(transaction=False)
             for item, data in zip(items, images, strict=True):
                 pipe.set(self._key(item.sha256), data, nx=True)
-            created = [i.sha256 for i, new in zip(items, pipe.execute(), strict=True) if new]
+            new = pipe.execute()
         except RedisError as exc:
-            super().delete(spooled)
+            created.extend(i.sha256 for i in items if i.sha256 not in created)
             raise StateUnavailable() from exc
-        return items, created
+        created.extend(i.sha256 for i, n in zip(items, new, strict=True)
+                       if n and i.sha256 not in created)
+        return items
 
     def delete(self, shas: list[str]) -> None:
         super().delete(shas)

@@ -457,6 +457,7 @@ async def test_a_cache_that_cannot_store_answers_unpooled(
     assert url.status == 200 and url.body["data"][0]["url"]
     assert backend.calls == [2, 1]  # coalesced waiters share the unpooled images
     assert (await usage(client))["limits"]["images_per_day"]["used"] == 3
+    await client.app[CACHE].evict()  # the next pass (the sweeper's, at the latest)
     assert not list((cache_dir / "blobs").rglob("*.png"))
     assert await client.app[CACHE].stats() == (0, 0)
 
@@ -538,8 +539,52 @@ async def test_forgetting_a_broken_pool_spares_the_files_others_are_serving(
         gone.unlink()
         async with cache.serve("k", 3, "default", generate) as healed:
             assert healed.status == "MISS" and made == [(3, 0), (3, 0)]
+        await cache.evict()
         assert serving.items[0].read() == b"png-1-0"  # not deleted under the first
     async with cache.serve("k", 3, "default", generate) as hit:
         assert hit.status == "HIT" and [i.read() for i in hit.items] == [
             b"png-2-0", b"png-2-1", b"png-2-2"]
+    await cache.evict()  # ... and once it has left, the forgotten pool's files go
+    assert sorted(p.read_bytes() for p in (tmp_path / "blobs").rglob("*.png")) == [
+        b"png-2-0", b"png-2-1", b"png-2-2"]
+    await cache.close()
+
+
+async def test_cleanup_never_deletes_a_file_another_pool_indexed(tmp_path: Path,
+                                                                monkeypatch: Any) -> None:
+    """Files a failed store created are deleted by the next pass, while no store runs,
+    and only if no pool names them: two stores carrying the same bytes may both have
+    written the file, and the one that failed must not delete what the other indexed."""
+    import hashlib as _hashlib
+
+    from gateway import cache as cache_module
+    from gateway.cache import BlobStore, Fresh, ResultCache, SqliteCacheIndex
+
+    cache = ResultCache(SqliteCacheIndex(tmp_path / "index.sqlite3"),
+                        BlobStore(tmp_path / "blobs"), enabled=True, max_bytes=10**9,
+                        ttl_seconds=3600)
+    real = cache_module.atomic_write
+
+    def full_for_y(path: Path, data: bytes) -> None:
+        if data == b"Y":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(cache_module, "atomic_write", full_for_y)
+
+    def only(images: list[bytes]) -> Any:
+        async def generate(count: int, offset: int) -> Fresh:
+            return Fresh(images)
+        return generate
+
+    async with cache.serve("k2", 2, "default", only([b"W", b"Y"])) as failed:
+        assert failed.status == "MISS"  # answered unpooled: its disk was "full"
+    # The race, made explicit: X is suspect (a failed store wrote it) when k1 indexes it.
+    cache._suspects.add(_hashlib.sha256(b"X").hexdigest())
+    async with cache.serve("k1", 1, "default", only([b"X"])) as first:
+        assert first.status == "MISS"
+    await cache.evict()
+    assert sorted(p.read_bytes() for p in (tmp_path / "blobs").rglob("*.png")) == [b"X"]
+    async with cache.serve("k1", 1, "default", only([b"Z"])) as again:
+        assert again.status == "HIT" and again.items[0].read() == b"X"
     await cache.close()

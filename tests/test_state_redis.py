@@ -281,14 +281,17 @@ async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
     # Cache blobs in Redis: written by one replica, read through another's spool.
     blobs_a = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "sa")
     blobs_b = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "sb")
-    (item,), created = blobs_a.write([b"blob"])
+    created: list[str] = []
+    (item,) = blobs_a.write([b"blob"], created)
     assert created == [item.sha256]
-    assert blobs_a.write([b"blob"])[1] == []  # already there: created by nobody now
+    again: list[str] = []
+    blobs_a.write([b"blob"], again)
+    assert again == []  # already there: created by nobody now
     assert blobs_b.path(item.sha256).read_bytes() == b"blob"
     blobs_a.delete([item.sha256])
     assert r.get(sr._C + "blob:" + item.sha256) is None
     # B's spooled copy goes at its next sweep; a copy still in Redis stays.
-    (kept,), _ = blobs_a.write([b"kept"])
+    (kept,) = blobs_a.write([b"kept"], [])
     assert blobs_b.path(kept.sha256).exists() and blobs_b.path(item.sha256).exists()
     assert blobs_b.prune() == 1
     assert sorted(p.stem for p in (tmp_path / "sb").rglob("*.png")) == [kept.sha256]
