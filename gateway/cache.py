@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +20,7 @@ from typing import Literal, Protocol
 
 import structlog
 
-from gateway.errors import ApiError, storage_unavailable
+from gateway.errors import storage_failing
 from gateway.quota import QuotaRejected
 from gateway.sqlite import open_db
 from gateway.storage import atomic_write
@@ -576,9 +575,7 @@ class ResultCache:
         except Exception as exc:
             # A permission error is a configuration to fix, not a disk to wait for: left
             # to fail loudly (503) rather than turn caching off without a word.
-            redis_away = isinstance(exc, ApiError) and exc.code == "state_unavailable"
-            if not redis_away and (storage_unavailable(exc) is None or (
-                    isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM))):
+            if not storage_failing(exc):
                 raise
             log.warning("cache_store_failed", error=type(exc).__name__, detail=str(exc))
             return _unpooled(made.images), False

@@ -114,6 +114,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs
     from gateway.sqlite import StateInUse
+    from gateway.state import sqlite_files
 
     limit_malloc_arenas()
 
@@ -129,11 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"variations-gateway: {exc}", file=sys.stderr)
             return 1
         except sqlite3.Error as exc:  # SQLite's message names no file: list them
-            files = ([config.state.path, str(Path(config.cache.dir) / "index.sqlite3")]
-                     if config.state.kind == "sqlite" else []) + [config.audit.path]
             print(f"variations-gateway: SQLite said \"{exc}\" with one of "
-                  f"{', '.join(files)}. Is the disk full or read-only, or is a file "
-                  "locked by another program?", file=sys.stderr)
+                  f"{', '.join(map(str, sqlite_files(config)))}. Is the disk full or "
+                  "read-only, or is a file locked by another program?", file=sys.stderr)
             return 1
         except OSError as exc:  # a port in use, a directory that cannot be created
             print(f"variations-gateway: cannot start: {exc}", file=sys.stderr)

@@ -80,9 +80,22 @@ def invalid(message: str, param: str | None, code: str | None = "invalid_value")
     return ApiError(400, message, code=code, param=param)
 
 
-# What a local file operation fails with when the disk is full, read-only or failing.
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
-                   errno.EPERM}
+# What a local file operation fails with when the disk is full, read-only or failing
+# (waiting, or freeing space, helps), and when it lacks permission (a setup to fix).
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+_PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+def _local_os_error(exc: BaseException, errnos: set[int]) -> bool:
+    return (isinstance(exc, OSError) and exc.errno in errnos
+            and not isinstance(exc, aiohttp.ClientError))
+
+
+def storage_failing(exc: BaseException) -> bool:
+    """A store that is full, failing or away: a disk (ENOSPC, EROFS, EIO), a SQLite file
+    (locked, full) or the Redis state store. A cache can answer without storing."""
+    return (unavailable(exc) or _local_os_error(exc, _STORAGE_ERRNOS)
+            or (isinstance(exc, ApiError) and exc.code == "state_unavailable"))
 
 
 def storage_unavailable(exc: BaseException) -> ApiError | None:
@@ -91,8 +104,7 @@ def storage_unavailable(exc: BaseException) -> ApiError | None:
     Not retried (``x-should-retry: false``): a full disk stays full, and each SDK retry
     of a miss would pay the backend again for images that cannot be delivered.
     """
-    if not (unavailable(exc) or (isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
-                                 and not isinstance(exc, aiohttp.ClientError))):
+    if not (unavailable(exc) or _local_os_error(exc, _STORAGE_ERRNOS | _PERMISSION_ERRNOS)):
         return None
     return ApiError(503, "The gateway cannot write to its storage right now (disk full, "
                     "read-only or locked); nothing was charged. Tell the gateway's admin: "

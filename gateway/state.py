@@ -29,6 +29,17 @@ class State:
     abuse: Abuse
 
 
+def sqlite_files(config: Config) -> list[Path]:
+    """The SQLite files this config opens: state and cache index (SQLite state), audit."""
+    files = [Path(config.state.path), cache_index_path(config)
+             ] if config.state.kind == "sqlite" else []
+    return [*files, Path(config.audit.path)]
+
+
+def cache_index_path(config: Config) -> Path:
+    return Path(config.cache.dir) / "index.sqlite3"
+
+
 def generation_deadline(config: Config) -> float:
     """The longest one generation can take (every routed backend queued, retried and
     timed out in turn), plus a margin: how long reservations, in-flight slots and
@@ -48,7 +59,7 @@ def build_state(config: Config) -> State:
     signing_key = load_signing_key(config.images.signing_key, Path(config.state.path).parent)
     return State(
         quota=SqliteQuota(config.state.path),
-        cache=_cache(config, SqliteCacheIndex(Path(config.cache.dir) / "index.sqlite3"),
+        cache=_cache(config, SqliteCacheIndex(cache_index_path(config)),
                      BlobStore(Path(config.cache.dir) / "blobs")),
         images=ImageStore(Path(config.images.dir), signing_key,
                           config.images.url_ttl_seconds),
