@@ -1,13 +1,17 @@
 """Reading the ``/v1/images/variations`` multipart form, per the wire contract.
 
-Every field arrives as a string; missing fields mean their defaults. The body is read
-part by part with hard caps, so an oversized upload is refused (400) before it is
-held in memory whole, and the request's read deadline bounds slow clients.
+Every field arrives as a string; missing fields mean their defaults. An oversized upload
+is refused (400) before it is held in memory whole: a declared length over the cap at
+once, a chunked body part by part as it arrives. The request's read deadline bounds
+slow clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import multipart
@@ -23,6 +27,9 @@ MAX_FIELD_BYTES = 1024
 MAX_USER_CHARS = 256
 # The whole body: the image plus generous room for the text parts and boundaries.
 MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 64 * 1024
+MAX_PARTS = len(FIELDS) + 1
+_MAX_SIMPLE_HEADERS = 1024
+_PLAIN_TYPE = re.compile(rb" ?[!-~][ -~]{0,200}")  # printable ASCII: the parser's too
 DEFAULT_MODEL = "dall-e-2"
 
 
@@ -53,47 +60,145 @@ def _field_too_long(name: str) -> ApiError:
                    f"length {limit}.", name, "string_above_max_length")
 
 
-async def _read_parts(request: web.Request, boundary: str) -> dict[str, bytes]:
-    """Stream the body through the parser, enforcing every cap while it arrives."""
-    parts: dict[str, list[bytes]] = {}
-    sizes: dict[str, int] = {}
-    current: str | None = None
-    received = 0
-    parser = multipart.PushMultipartParser(boundary, max_segment_count=len(FIELDS) + 1,
-                                           strict=True)
+class _Parts:
+    """The parts read so far, each cap applied as they arrive (streamed or whole)."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[str, list[bytes]] = {}
+        self._sizes: dict[str, int] = {}
+        self._current: str | None = None
+
+    def start(self, name: str) -> None:
+        if name not in FIELDS:
+            raise invalid(f"Unknown parameter: '{_printable(name)}'.", name,
+                          "unknown_parameter")
+        if name in self._chunks:
+            raise invalid(f"Duplicate parameter: '{name}' was sent more than once.", name,
+                          "duplicate_parameter")
+        self._current = name
+        self._chunks[name], self._sizes[name] = [], 0
+
+    def add(self, data: bytes) -> None:
+        current = self._current
+        if current is None:
+            return
+        self._sizes[current] += len(data)
+        limit = MAX_UPLOAD_BYTES - 1 if current == "image" else MAX_FIELD_BYTES
+        if self._sizes[current] > limit:
+            raise _too_large() if current == "image" else _field_too_long(current)
+        self._chunks[current].append(data)
+
+    def joined(self) -> dict[str, bytes]:
+        return {name: b"".join(chunks) for name, chunks in self._chunks.items()}
+
+
+@contextlib.contextmanager
+def _framing_errors() -> Iterator[None]:
+    """The parser's errors as ``invalid_multipart`` 400s."""
     try:
-        async for chunk in request.content.iter_chunked(256 * 1024):
-            received += len(chunk)
-            if received > MAX_BODY_BYTES:
-                raise _too_large()
-            for event in parser.parse(chunk):
-                if isinstance(event, multipart.MultipartSegment):
-                    name = event.name or ""
-                    if name not in FIELDS:
-                        raise invalid(f"Unknown parameter: '{_printable(name)}'.", name,
-                                      "unknown_parameter")
-                    if name in parts:
-                        raise invalid(f"Duplicate parameter: '{name}' was sent more than "
-                                      "once.", name, "duplicate_parameter")
-                    current = name
-                    parts[name], sizes[name] = [], 0
-                elif event is not None and current is not None:
-                    sizes[current] += len(event)
-                    limit = MAX_UPLOAD_BYTES - 1 if current == "image" else MAX_FIELD_BYTES
-                    if sizes[current] > limit:
-                        raise _too_large() if current == "image" else _field_too_long(current)
-                    parts[current].append(event)
-        for _ in parser.parse(b""):  # end of input: an unterminated body is an error
-            pass
+        yield
     except multipart.ParserLimitReached:
         raise _malformed("too many parts or headers") from None
     except multipart.ParserError as exc:
         # Some carry a (text, UnicodeDecodeError) pair: show the text, not the repr.
         detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
         raise _malformed(detail.rstrip(".")) from None
+
+
+def _parser(boundary: str) -> multipart.PushMultipartParser:
+    return multipart.PushMultipartParser(boundary, max_segment_count=MAX_PARTS, strict=True)
+
+
+def _feed(parser: multipart.PushMultipartParser, chunk: bytes, parts: _Parts) -> None:
+    for event in parser.parse(chunk):
+        if isinstance(event, multipart.MultipartSegment):
+            parts.start(event.name or "")
+        elif event is not None:
+            parts.add(event)
+
+
+async def _stream_parts(request: web.Request, boundary: str) -> dict[str, bytes]:
+    """A body of unknown length (chunked): parsed as it arrives, refused once too big."""
+    parts, parser, received = _Parts(), _parser(boundary), 0
+    with _framing_errors():
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            received += len(chunk)
+            if received > MAX_BODY_BYTES:
+                raise _too_large()
+            _feed(parser, chunk, parts)
+        _feed(parser, b"", parts)  # end of input: an unterminated body is an error
     if not parser.closed:
         raise _malformed("the closing boundary is missing")
-    return {name: b"".join(chunks) for name, chunks in parts.items()}
+    return parts.joined()
+
+
+def _whole_parts(body: bytes, boundary: str) -> dict[str, bytes]:
+    """A body read whole (its length was declared and within the cap)."""
+    parts = _Parts()
+    simple = simple_parts(body, boundary.encode())
+    if simple is None:  # anything unusual: the parser judges it, errors and all
+        parser = _parser(boundary)
+        with _framing_errors():
+            _feed(parser, body, parts)
+            _feed(parser, b"", parts)
+        return parts.joined()
+    for name, data in simple:
+        parts.start(name)
+        parts.add(data)
+    return parts.joined()
+
+
+def simple_parts(body: bytes, boundary: bytes) -> list[tuple[str, bytes]] | None:
+    """The parts of a body framed the way the SDKs, curl and the GIMP plug-in frame it,
+    or ``None`` for anything else, which :mod:`multipart` then parses.
+
+    Only a shape the parser reads exactly so is accepted, so the result is always what
+    it would give: no preamble; each part's headers are a ``Content-Disposition:
+    form-data; name="..."`` (optionally ``; filename="..."``, matching the parser's own
+    fast path) and at most one ``Content-Type`` in printable ASCII. It exists for speed: the parser
+    spends ~3 us of Python per part, a sixth of a cache hit's cost before it.
+    """
+    pos = len(boundary) + 4
+    if not body.startswith(b"--%s\r\n" % boundary):
+        return None
+    delimiter = b"\r\n--" + boundary
+    parts: list[tuple[str, bytes]] = []
+    while len(parts) < MAX_PARTS:
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0 or head_end - pos > _MAX_SIMPLE_HEADERS:
+            return None
+        name: str | None = None
+        typed = False
+        for line in body[pos:head_end].split(b"\r\n"):
+            key, _, value = line.partition(b":")
+            key = key.lower()
+            if key == b"content-disposition" and name is None:
+                try:
+                    split = value.decode().lstrip(" \t").split('"', 4)
+                except UnicodeDecodeError:
+                    return None
+                if (split[0] != "form-data; name=" or split[-1] != "" or "%" in split[1]
+                        or not (len(split) == 3
+                                or (len(split) == 5 and split[2] == "; filename="))):
+                    return None
+                name = split[1]
+            elif key == b"content-type" and not typed and _PLAIN_TYPE.fullmatch(value):
+                typed = True
+            else:
+                return None
+        if name is None:
+            return None
+        data_end = body.find(delimiter, head_end + 4)
+        if data_end < 0:
+            return None
+        parts.append((name, body[head_end + 4:data_end]))
+        pos = data_end + len(delimiter) + 2
+        tail = body[pos - 2:pos]
+        if tail == b"--":  # the closing delimiter: what follows is an epilogue
+            return parts
+        if tail != b"\r\n":
+            return None
+    return None
 
 
 def _text(raw: bytes, name: str) -> str:
@@ -145,7 +250,10 @@ async def read_fields(request: web.Request, read_timeout: float | None = None
         raise _malformed("the Content-Type header has no valid boundary")
     try:
         async with asyncio.timeout(read_timeout):
-            raw = await _read_parts(request, boundary)
+            if request.content_length is None:
+                raw = await _stream_parts(request, boundary)
+            else:  # at most MAX_BODY_BYTES (checked above): one read, one parse
+                raw = _whole_parts(await request.read(), boundary)
     except TimeoutError:
         # A client trickling its body (slowloris) would otherwise hold a slot forever.
         raise ApiError(408, "Timed out reading the request body.", code="request_timeout"

@@ -1,0 +1,188 @@
+"""Reading the multipart form: the fast framing path agrees with the :mod:`multipart`
+parser on every body it accepts, real clients' bodies take it, and a body sent whole
+or chunked gets the same answer."""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import multipart
+import openai
+import pytest
+from aiohttp import web
+from support import auth, multipart_body, png_bytes
+
+from gateway.upload import MAX_PARTS, simple_parts
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins" / "gimp" / "generate-variations"))
+sys.path.insert(0, str(ROOT / "tests" / "robustness"))
+
+import vg_client  # noqa: E402
+from hostile_corpus import BOUNDARY, image_part, part  # noqa: E402
+from hostile_corpus import multipart as framed  # noqa: E402
+
+B = "bench-boundary-0123456789"
+PNG = png_bytes(32, seed=5)
+
+
+def parser_parts(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
+    """What the library parser reads from ``body`` in one chunk (raises if it refuses)."""
+    parser = multipart.PushMultipartParser(boundary, max_segment_count=MAX_PARTS, strict=True)
+    parts: list[tuple[str, bytes]] = []
+    for chunk in (body, b""):
+        for event in parser.parse(chunk):
+            if isinstance(event, multipart.MultipartSegment):
+                parts.append((event.name or "", b""))
+            elif event is not None:
+                parts[-1] = (parts[-1][0], parts[-1][1] + event)
+    return parts
+
+
+def agrees(body: bytes, boundary: str = B) -> bool:
+    """Whether the fast path took ``body``; asserts it read what the parser reads."""
+    fast = simple_parts(body, boundary.encode())
+    if fast is not None:
+        assert fast == parser_parts(body, boundary), body[:300]
+    return fast is not None
+
+
+def boundary_of(content_type: str) -> str:
+    return multipart.parse_options_header(content_type)[1]["boundary"]
+
+
+@pytest.fixture
+async def captured(aiohttp_server: Any) -> AsyncIterator[tuple[str, list[tuple[str, bytes]]]]:
+    """A server that keeps each POST's Content-Type and body and answers like OpenAI."""
+    seen: list[tuple[str, bytes]] = []
+
+    async def keep(request: web.Request) -> web.Response:
+        seen.append((request.headers["Content-Type"], await request.read()))
+        return web.json_response({"created": 1, "data": [{"url": "http://x/a.png"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/images/variations", keep)
+    server = await aiohttp_server(app)
+    yield str(server.make_url("/v1")), seen
+
+
+async def test_real_clients_bodies_take_the_fast_path(
+        captured: tuple[str, list[tuple[str, bytes]]]) -> None:
+    base, seen = captured
+    sdk = openai.AsyncOpenAI(base_url=base, api_key="k", max_retries=0)
+    await sdk.images.create_variation(image=("layer.png", PNG, "image/png"), n=2,
+                                      size="512x512", response_format="url",
+                                      user="artist-7", model="dall-e-2")
+    await sdk.images.create_variation(image=PNG)  # bytes without a file name
+    form = aiohttp.FormData()
+    form.add_field("n", "3")
+    form.add_field("image", PNG, filename="a.png", content_type="image/png")
+    async with aiohttp.ClientSession() as session, session.post(
+            base + "/images/variations", data=form) as r:
+        assert r.status == 200
+    bodies = [(ctype, body) for ctype, body in seen]
+    body, ctype = vg_client.build_multipart(
+        {"n": "4", "size": "256x256", "response_format": "b64_json", "user": "ann"},
+        [("image", "layer.png", "image/png", PNG)])
+    bodies += [(ctype, body), (f"multipart/form-data; boundary={B}",
+                               multipart_body({"n": "1"}, PNG, B))]
+    assert len(bodies) == 5
+    for ctype, body in bodies:
+        boundary = boundary_of(ctype)
+        assert agrees(body, boundary), body[:400]
+        assert dict(simple_parts(body, boundary.encode()) or [])["image"] == PNG
+
+
+def test_fast_path_reads_only_what_the_parser_reads() -> None:
+    """Hand-made framings the fast path must leave to the parser, or read identically."""
+    img = image_part(PNG)
+    cases = {
+        "plain": (framed([img, part("n", b"2")]), True),
+        "empty value": (framed([img, part("user", b"")]), True),
+        "epilogue": (framed([img], epilogue=b"junk\r\n--x"), True),
+        "seven parts": (framed([img] + [part("n", b"1")] * 6), True),
+        "eight parts": (framed([img] + [part("n", b"1")] * 7), False),
+        "preamble": (framed([img], preamble=b"hello\r\n"), False),
+        "percent name": (framed([img, part("n%22", b"1")]), False),
+        "escaped quote": (framed([img, part(b'n\\"x', b"1")]), False),
+        "unquoted name": (framed([img, b"Content-Disposition: form-data; name=n\r\n\r\n1"]),
+                          False),
+        "lowercase headers": (framed([b'content-disposition: form-data; name="n"\r\n'
+                                      b"content-type: text/plain\r\n\r\n1"]), True),
+        "extra header": (framed([part("image", PNG, "a.png", extra=b"X-Pad: 1\r\n")]), False),
+        "part length": (framed([part("n", b"1", extra=b"Content-Length: 1\r\n")]), False),
+        "continuation": (framed([b'Content-Disposition: form-data;\r\n name="n"\r\n\r\n1']),
+                         False),
+        "two dispositions": (framed([b'Content-Disposition: form-data; name="n"\r\n'
+                                     b'Content-Disposition: form-data; name="size"\r\n\r\n1']),
+                             False),
+        "type with options": (framed([part("n", b"1", None, "text/plain; charset=utf-8")]),
+                              True),
+        "type not ascii": (framed([part("n", b"1", None, "text/pl\u00e4in")]), False),
+        "no headers": (framed([b"\r\n" + PNG]), False),
+        "non-utf8 name": (framed([part(b"n\xff", b"1")]), False),
+        "lf only": (framed([img]).replace(b"\r\n", b"\n"), False),
+        "no closing": (framed([img], close=False), False),
+        "lookalike": (framed([image_part(PNG + b"\r\n--" + BOUNDARY.encode() + b"X")]), False),
+        "other boundary": (framed([img], boundary="other"), False),
+    }
+    for name, (body, taken) in cases.items():
+        assert agrees(body, BOUNDARY) is taken, name
+
+
+def test_fast_path_agrees_with_the_parser_on_mutated_bodies() -> None:
+    """Random byte edits of an SDK-shaped body, mostly near the framing: whatever the
+    fast path accepts, the parser reads the same (and the parser never refuses it)."""
+    rng = random.Random(7)
+    base = framed([image_part(png_bytes(8, seed=1)), part("n", b"2"), part("user", b"ann")])
+    marks = [i for i in range(len(base)) if base[i:i + 2] in (b"\r\n", b'"', b"--", b";")]
+    taken = refused = 0
+    for _ in range(4000):
+        body = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            if not body:
+                break
+            at = rng.choice(marks) + rng.randint(-3, 3) if rng.random() < 0.8 else \
+                rng.randrange(len(body))
+            at = max(0, min(len(body) - 1, at))
+            kind = rng.random()
+            if kind < 0.4:
+                body[at] = rng.choice(b'\r\n-";:= aZ%\\\x00\xff')
+            elif kind < 0.7:
+                del body[at]
+            elif kind < 0.9:
+                body.insert(at, rng.choice(b'\r\n-";:= aZ%\\'))
+            else:
+                del body[at:]
+        if agrees(bytes(body), BOUNDARY):
+            taken += 1
+        else:
+            refused += 1
+    assert taken > 100 and refused > 100  # both sides of the fast path were exercised
+
+
+@pytest.mark.parametrize(("fields", "status", "code"), [
+    ({"n": "2"}, 200, None),
+    ({"n": "2", "quality": "hd"}, 400, "unknown_parameter"),
+    ({"n": "0"}, 400, "integer_below_min_value"),
+])
+async def test_whole_and_chunked_bodies_get_the_same_answer(
+        gateway_client: Any, fields: dict[str, str], status: int, code: str | None) -> None:
+    client = await gateway_client()
+    body = multipart_body(fields, PNG, B)
+    headers = {**auth(), "Content-Type": f"multipart/form-data; boundary={B}"}
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 1000):
+            yield body[i:i + 1000]
+
+    answers = []
+    for data in (body, chunks()):
+        async with client.post("/v1/images/variations", data=data, headers=headers) as r:
+            answers.append((r.status, (await r.json()).get("error", {}).get("code")))
+    assert answers == [(status, code)] * 2
