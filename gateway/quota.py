@@ -400,8 +400,8 @@ class SqliteQuota:
              cache_hits: int = 0, settle: Reservation | None = None) -> asyncio.Future[None]:
         """Add to today's and this month's ledger rows; resolves once committed.
 
-        Everything added until the batch is committed is summed per row into one
-        :class:`_LedgerBatch`, written in one transaction: 16
+        Everything added during one loop turn is summed per row into one
+        :class:`_LedgerBatch`, written in the transaction this turn's writes share: 16
         cache hits of one member are two upserts, not 32. ``settle`` is released when
         the in-memory rows take the addition, so its images are never counted twice.
         """
@@ -410,8 +410,6 @@ class SqliteQuota:
             batch = self._batch = _LedgerBatch()
             batch.done = self._writes.submit(functools.partial(self._write_batch, batch),
                                              functools.partial(self._apply_batch, batch))
-        else:
-            self._writes.join()  # one more request's write rides in this batch
         day, _, month, _ = _periods(int(time.time() // 86400))
         for period in (day, month):
             i, r, h, sp = batch.deltas.get((user, period), (0, 0, 0, 0.0))

@@ -4,9 +4,8 @@ The ledger, the cache index and the audit trail each live in a SQLite file writt
 only from the event-loop thread. A commit in WAL mode costs a WAL write and lock
 round trips (~30 µs); paying it once per request was the largest part of a cache hit.
 :class:`GroupCommit` lets every request that writes during one turn of the event loop
-(or, under load, within a short delay) share one transaction, and each still waits for
-that commit before it answers, so whatever a client is told was recorded is on disk
-(the WAL) first.
+share one transaction, and each still waits for that commit before it answers, so
+whatever a client is told was recorded is on disk (the WAL) first.
 """
 
 from __future__ import annotations
@@ -30,11 +29,6 @@ BUSY_TIMEOUT_MS = 250
 # Primary result codes that mean the file, not the write, failed: busy or locked,
 # read-only, I/O error, disk full, cannot open.
 _UNAVAILABLE = {5, 6, 8, 10, 13, 14}
-# How long a commit waits for more writes while they come from concurrent requests (the
-# last batch held more than one): like PostgreSQL's commit_delay with commit_siblings.
-# Each commit writes every page it changed to the WAL; under load, one commit per 16
-# requests instead of every few raised cache-hit throughput by ~6% in make bench.
-COMMIT_DELAY = 0.0005
 Write = Callable[[sqlite3.Connection], object]
 OnCommit = Callable[[], object]
 
@@ -135,8 +129,7 @@ class SoleWriter:
 
 
 class GroupCommit:
-    """Writes submitted together, committed in one transaction: those of one event-loop
-    turn, or while writes come from concurrent requests, those of :data:`COMMIT_DELAY`.
+    """Writes submitted during one event-loop turn, committed in one transaction.
 
     If the shared transaction fails, each write is retried in a transaction of its own,
     so one bad write fails only its own caller (unless the file itself is unavailable:
@@ -145,10 +138,8 @@ class GroupCommit:
     mirrors of the table (the quota ledger) never see a state the file does not have.
     """
 
-    def __init__(self, db: sqlite3.Connection, delay: float = COMMIT_DELAY) -> None:
+    def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        self._delay = delay
-        self._last_batch = self._joined = 0
         self._pending: list[tuple[Write, OnCommit | None, asyncio.Future[None]]] = []
 
     def submit(self, write: Write, on_commit: OnCommit | None = None) -> asyncio.Future[None]:
@@ -156,18 +147,10 @@ class GroupCommit:
         cancelled future's write still lands: callers that give up change nothing."""
         loop = asyncio.get_running_loop()
         if not self._pending:
-            if self._last_batch > 1:  # concurrent writers: wait for more of them
-                loop.call_later(self._delay, self._flush)
-            else:  # one writer at a time: no wait added to its answer
-                loop.call_soon(self._flush)
+            loop.call_soon(self._flush)
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append((write, on_commit, done))
         return done
-
-    def join(self) -> None:
-        """Another writer shares a queued write (its caller merges writes): counted like
-        a write of its own when deciding whether to wait for more."""
-        self._joined += 1
 
     def flush(self) -> None:
         """Commit what is queued now (shutdown, tests)."""
@@ -177,7 +160,6 @@ class GroupCommit:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        self._last_batch, self._joined = len(pending) + self._joined, 0
         try:
             self._transaction([w for w, _, _ in pending])
         except Exception as exc:

@@ -1,4 +1,4 @@
-"""Group commit: one transaction per batch of writes, each caller waits for its own commit."""
+"""Group commit: one transaction per loop turn, each caller waits for its own commit."""
 
 from __future__ import annotations
 
@@ -40,42 +40,6 @@ async def test_writes_of_one_loop_turn_share_one_commit(tmp_path: Path) -> None:
     assert statements.count("COMMIT") == 1
     assert _rows(tmp_path / "t.sqlite3") == list(range(20))
 
-
-
-async def _turns(n: int = 20) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
-async def test_a_commit_waits_for_more_writes_only_while_they_come_concurrently(
-        tmp_path: Path) -> None:
-    """One writer at a time is committed at once; after a batch of several, the next
-    commit waits (``delay``, an hour here) for others to join it, like PostgreSQL's
-    commit_delay. A merged write (the ledger's) counts each writer that joined it."""
-    db, statements = _db(tmp_path)
-    writes = GroupCommit(db, delay=3600)
-
-    def insert(v: int) -> asyncio.Future[None]:
-        return writes.submit(lambda d: d.execute("INSERT INTO t VALUES (?)", (v,)))
-
-    for v in range(3):  # sequential writers: no wait
-        await asyncio.wait_for(insert(v), 10)
-    await asyncio.gather(insert(3), insert(4))  # two at once: this commit did not wait...
-    waiting = insert(5)  # ...but the next one does
-    await _turns()
-    assert not waiting.done() and _rows(tmp_path / "t.sqlite3") == [0, 1, 2, 3, 4]
-    writes.flush()
-    await waiting
-    await asyncio.wait_for(insert(6), 10)  # a batch of one again: back to no wait
-    first = insert(7)
-    writes.join()  # another writer merged into the queued write
-    await first
-    late = insert(8)
-    await _turns()
-    assert not late.done()
-    writes.flush()
-    await late
-    assert statements.count("COMMIT") == 8  # 0, 1, 2, 3+4, 5, 6, 7, 8
 
 
 async def test_a_locked_file_fails_every_write_at_once(tmp_path: Path) -> None:
