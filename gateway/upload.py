@@ -1,9 +1,9 @@
 """Reading the ``/v1/images/variations`` multipart form, per the wire contract.
 
-Every field arrives as a string; missing fields mean their defaults. An oversized upload
-is refused (400) before it is held in memory whole: a declared length over the cap at
-once, a chunked body part by part as it arrives. The request's read deadline bounds
-slow clients.
+Every field arrives as a string; missing fields mean their defaults. The body is read
+with a hard cap, so an oversized upload is refused (400) before it is held in memory
+whole: a declared length over the cap at once, any other as soon as it passes it. Then
+it is parsed whole. The request's read deadline bounds slow clients.
 """
 
 from __future__ import annotations
@@ -117,23 +117,26 @@ def _feed(parser: multipart.PushMultipartParser, chunk: bytes, parts: _Parts) ->
             parts.add(event)
 
 
-async def _stream_parts(request: web.Request, boundary: str) -> dict[str, bytes]:
-    """A body of unknown length (chunked): parsed as it arrives, refused once too big."""
-    parts, parser, received = _Parts(), _parser(boundary), 0
-    with _framing_errors():
-        async for chunk in request.content.iter_chunked(256 * 1024):
-            received += len(chunk)
-            if received > MAX_BODY_BYTES:
-                raise _too_large()
-            _feed(parser, chunk, parts)
-        _feed(parser, b"", parts)  # end of input: an unterminated body is an error
-    if not parser.closed:
-        raise _malformed("the closing boundary is missing")
-    return parts.joined()
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, refused (400) as soon as it passes the cap while it arrives.
+
+    Counted here, not from ``Content-Length``: aiohttp inflates a ``Content-Encoding:
+    gzip`` body, so a few declared KB can be megabytes (``request.read()`` would only
+    stop at ``client_max_size``, with a 413, and keep its copy for the request's life).
+    """
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.content.iter_chunked(256 * 1024):
+        received += len(chunk)
+        if received > MAX_BODY_BYTES:
+            raise _too_large()
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _whole_parts(body: bytes, boundary: str) -> dict[str, bytes]:
-    """A body read whole (its length was declared and within the cap)."""
+    """The parts of a whole body: the fast path when it takes the framing, else the
+    parser (on one chunk, so its verdict does not depend on how the body arrived)."""
     parts = _Parts()
     simple = simple_parts(body, boundary.encode())
     if simple is None:  # anything unusual: the parser judges it, errors and all
@@ -250,10 +253,7 @@ async def read_fields(request: web.Request, read_timeout: float | None = None
         raise _malformed("the Content-Type header has no valid boundary")
     try:
         async with asyncio.timeout(read_timeout):
-            if request.content_length is None:
-                raw = await _stream_parts(request, boundary)
-            else:  # at most MAX_BODY_BYTES (checked above): one read, one parse
-                raw = _whole_parts(await request.read(), boundary)
+            raw = _whole_parts(await _read_body(request), boundary)
     except TimeoutError:
         # A client trickling its body (slowloris) would otherwise hold a slot forever.
         raise ApiError(408, "Timed out reading the request body.", code="request_timeout"

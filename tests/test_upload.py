@@ -4,6 +4,7 @@ or chunked gets the same answer."""
 
 from __future__ import annotations
 
+import gzip
 import random
 import sys
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import pytest
 from aiohttp import web
 from support import auth, multipart_body, png_bytes
 
+from gateway.png import MAX_UPLOAD_BYTES
 from gateway.upload import MAX_PARTS, simple_parts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,15 +168,18 @@ def test_fast_path_agrees_with_the_parser_on_mutated_bodies() -> None:
     assert taken > 100 and refused > 100  # both sides of the fast path were exercised
 
 
-@pytest.mark.parametrize(("fields", "status", "code"), [
-    ({"n": "2"}, 200, None),
-    ({"n": "2", "quality": "hd"}, 400, "unknown_parameter"),
-    ({"n": "0"}, 400, "integer_below_min_value"),
+@pytest.mark.parametrize(("fields", "epilogue", "status", "code"), [
+    ({"n": "2"}, b"", 200, None),
+    # Streamed, an epilogue in a later chunk than the closing boundary was refused.
+    ({"n": "2"}, b"trailing junk" * 1000, 200, None),
+    ({"n": "2", "quality": "hd"}, b"", 400, "unknown_parameter"),
+    ({"n": "0"}, b"", 400, "integer_below_min_value"),
 ])
 async def test_whole_and_chunked_bodies_get_the_same_answer(
-        gateway_client: Any, fields: dict[str, str], status: int, code: str | None) -> None:
+        gateway_client: Any, fields: dict[str, str], epilogue: bytes, status: int,
+        code: str | None) -> None:
     client = await gateway_client()
-    body = multipart_body(fields, PNG, B)
+    body = multipart_body(fields, PNG, B) + epilogue
     headers = {**auth(), "Content-Type": f"multipart/form-data; boundary={B}"}
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -186,3 +191,23 @@ async def test_whole_and_chunked_bodies_get_the_same_answer(
         async with client.post("/v1/images/variations", data=data, headers=headers) as r:
             answers.append((r.status, (await r.json()).get("error", {}).get("code")))
     assert answers == [(status, code)] * 2
+
+
+@pytest.mark.parametrize(("epilogue", "status", "code"), [
+    (0, 200, None),
+    (400_000, 400, "image_too_large"),  # inflates past the cap: refused while it arrives
+    (2_000_000, 400, "image_too_large"),  # past client_max_size too: still ours, no 413
+])
+async def test_a_gzip_body_is_capped_by_its_inflated_size(
+        gateway_client: Any, epilogue: int, status: int, code: str | None) -> None:
+    """aiohttp inflates ``Content-Encoding: gzip`` bodies: a few KB on the wire can be
+    megabytes. Read whole, such a body used to be a 200 past the cap, or a 413."""
+    client = await gateway_client()
+    image = PNG if not epilogue else PNG + b"\0" * (MAX_UPLOAD_BYTES - 10 - len(PNG))
+    body = multipart_body({"n": "1"}, image, B) + b"\0" * epilogue
+    headers = {**auth(), "Content-Type": f"multipart/form-data; boundary={B}",
+               "Content-Encoding": "gzip"}
+    async with client.post("/v1/images/variations", data=gzip.compress(body),
+                           headers=headers) as r:
+        answer = (r.status, (await r.json()).get("error", {}).get("code"))
+    assert answer == (status, code)
