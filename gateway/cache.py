@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -293,26 +294,47 @@ class SqliteCacheIndex:
             self._db.close()
 
 
+def _file_size(path: Path) -> int | None:
+    """The size of the file at ``path``; ``None`` if there is none. Other errors (no
+    permission) are raised: a cache directory the gateway cannot read is a loud 503."""
+    try:
+        return os.stat(path).st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 class BlobStore:
     """Content-addressed PNG files: ``<dir>/<sha[:2]>/<sha>.png``."""
+
+    #: :meth:`missing` may download (from Redis): then it runs in an executor.
+    remote = False
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha: str) -> Path:
+        """Where a blob's file is, or goes (no disk access)."""
         return self.dir / sha[:2] / f"{sha}.png"
+
+    def missing(self, blobs: list[tuple[str, int]]) -> list[str]:
+        """The shas of ``(sha, size)`` blobs without a file of that size here: deleted,
+        or damaged (truncated) behind the gateway's back. Such a file is never served."""
+        return [sha for sha, size in blobs if _file_size(self.path(sha)) != size]
 
     def write(self, images: list[bytes], created: list[str]) -> list[Item]:
         """Store ``images``; the shas of files this call created are added to ``created``
         as it goes, so a caller whose batch failed part-way (or that cannot index it)
-        knows which files may now be nobody's."""
+        knows which files may now be nobody's. A damaged file of the same bytes is
+        replaced: a pool made again after :meth:`missing` found it must not keep it."""
         out: list[Item] = []
         for data in images:
             sha = hashlib.sha256(data).hexdigest()
             path = self.path(sha)
-            if not path.exists():
-                created.append(sha)
+            present = _file_size(path)
+            if present != len(data):
+                if present is None:
+                    created.append(sha)
                 atomic_write(path, data)
             out.append(Item(sha, len(data), data=data, path=path))
         return out
@@ -366,21 +388,28 @@ class ResultCache:
         self._deferred: dict[str, set[str]] = {}
 
     async def _pool_items(self, key: str, n: int = MAX_POOL) -> list[Item]:
-        """The pool of ``key``; empty, and forgotten, if a file of its first ``n`` is gone.
+        """The pool of ``key``; empty, and forgotten, if a file of its first ``n`` is
+        gone or damaged.
 
         A file deleted behind the gateway's back (or by another replica's eviction) used
-        to make every request for the image a 500 until the pool expired (30 days): now
-        the pool is generated again (a backend's seeds follow pool positions, so the
-        whole pool goes). Its remaining files are deleted only if no other request here
-        is serving from it. A stat per served image; reading is left to the answer.
+        to make every request for the image a 500 until the pool expired (30 days), and a
+        truncated one was served as it was: now the pool is generated again (a backend's
+        seeds follow pool positions, so the whole pool goes). Its remaining files are
+        deleted only if no other request here is serving from it. A stat per served
+        image (a download, off the loop, for blobs in Redis not spooled here yet);
+        reading is left to the answer.
         """
-        rows = await self.index.pool(key, time.time())
-        items = [Item(sha, size, path=self.blobs.path(sha)) for sha, size in rows[:MAX_POOL]]
-        missing = [i.sha256 for i in items[:n] if not (i.path and i.path.exists())]
+        rows = (await self.index.pool(key, time.time()))[:MAX_POOL]
+        items = [Item(sha, size, path=self.blobs.path(sha)) for sha, size in rows]
+        if self.blobs.remote:
+            missing = await asyncio.get_running_loop().run_in_executor(
+                None, self.blobs.missing, rows[:n])
+        else:
+            missing = self.blobs.missing(rows[:n])
         if not missing:
             return items
         log.warning("cache_file_missing", key=key, files=missing[:3])
-        orphans = await self.index.forget(key, rows[:MAX_POOL])
+        orphans = await self.index.forget(key, rows)
         if self._in_use.get(key, 0) > 1:  # others here still answer from these files
             self._deferred.setdefault(key, set()).update(orphans)
         elif orphans:

@@ -854,6 +854,8 @@ class RedisBlobStore(BlobStore):
     orphaned shas and :meth:`delete` drops them. Blocking client: called from executors.
     """
 
+    remote = True
+
     def __init__(self, client: Any, spool: Path) -> None:
         super().__init__(spool)
         self.r = client
@@ -861,16 +863,22 @@ class RedisBlobStore(BlobStore):
     def _key(self, sha: str) -> str:
         return _C + "blob:" + sha
 
-    def path(self, sha: str) -> Path:
-        local = super().path(sha)
-        if not local.exists():
+    def missing(self, blobs: list[tuple[str, int]]) -> list[str]:
+        """Spool the blobs not here yet, downloading only these (``blobs`` are the ones
+        a request serves, not its whole pool); the shas that are in Redis neither."""
+        gone = super().missing(blobs)
+        sizes = dict(blobs)
+        lost = []
+        for sha in gone:
             try:
                 data = self.r.get(self._key(sha))
             except RedisError as exc:
                 raise StateUnavailable() from exc
-            if data is not None:
-                atomic_write(local, data)
-        return local
+            if data is None or len(data) != sizes[sha]:
+                lost.append(sha)
+            else:
+                atomic_write(self.path(sha), data)
+        return lost
 
     def write(self, images: list[bytes], created: list[str]) -> list[Item]:
         """Spool and store ``images``; ``created`` gets the shas new here or in Redis

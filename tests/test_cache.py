@@ -550,6 +550,39 @@ async def test_forgetting_a_broken_pool_spares_the_files_others_are_serving(
     await cache.close()
 
 
+async def test_a_damaged_cache_file_is_never_served_and_is_replaced(tmp_path: Path) -> None:
+    """A pooled file truncated behind the gateway's back (a failing disk, a half copy
+    by hand) used to be served as it was: now its pool is made again, and the same
+    bytes made again replace the damaged file instead of keeping it."""
+    from gateway.cache import BlobStore, Fresh, ResultCache, SqliteCacheIndex
+
+    cache = ResultCache(SqliteCacheIndex(tmp_path / "index.sqlite3"),
+                        BlobStore(tmp_path / "blobs"), enabled=True, max_bytes=10**9,
+                        ttl_seconds=3600)
+    made: list[tuple[int, int]] = []
+
+    async def generate(count: int, offset: int) -> Fresh:
+        made.append((count, offset))  # seeds follow pool positions: the same bytes again
+        return Fresh([b"png-%d-bytes" % (offset + i) for i in range(count)])
+
+    for key in ("k", "same-bytes"):  # two pools naming the same files
+        async with cache.serve(key, 2, "default", generate) as first:
+            assert first.status == "MISS"
+    damaged = first.items[1].path
+    assert damaged is not None
+    damaged.write_bytes(b"png-1")
+    async with cache.serve("k", 2, "default", generate) as again:
+        assert again.status == "MISS" and made == [(2, 0), (2, 0), (2, 0)]
+    for key in ("k", "same-bytes"):  # the other pool's file was repaired too
+        async with cache.serve(key, 2, "default", generate) as hit:
+            assert hit.status == "HIT"
+            assert [i.read() for i in hit.items] == [b"png-0-bytes", b"png-1-bytes"]
+    await cache.evict()  # the pool made again names both files: both stay
+    assert sorted(f.read_bytes() for f in (tmp_path / "blobs").rglob("*.png")) == [
+        b"png-0-bytes", b"png-1-bytes"]
+    await cache.close()
+
+
 async def test_cleanup_never_deletes_a_file_another_pool_indexed(tmp_path: Path,
                                                                 monkeypatch: Any) -> None:
     """Files a failed store created are deleted by the next pass, while no store runs,

@@ -246,6 +246,37 @@ async def test_single_flight_across_replicas(redis_server: RedisServer, tmp_path
         await c.close()
 
 
+async def test_a_replica_downloads_only_the_blobs_it_serves_off_the_loop(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """With blobs in Redis, a replica's first hit on a pool spools the images it answers
+    from an executor thread. It used to fetch the whole pool (up to ten images), on the
+    event loop, holding every other request meanwhile."""
+    def cache(spool: str) -> ResultCache:
+        blobs = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / spool)
+        return ResultCache(index(redis_server), blobs, enabled=True, max_bytes=10**9,
+                           ttl_seconds=3600)
+
+    async def generate(count: int, offset: int) -> Fresh:
+        return Fresh([b"png-%d" % (offset + i) for i in range(count)])
+
+    a, b = cache("a"), cache("b")
+    async with a.serve("key", 3, "default", generate) as made:
+        assert made.status == "MISS"
+    client = b.blobs.r  # type: ignore[attr-defined]
+    real_get, reads = client.get, []
+
+    def get(name: str) -> Any:
+        reads.append(threading.current_thread())
+        return real_get(name)
+
+    client.get = get
+    async with b.serve("key", 1, "default", generate) as hit:
+        assert hit.status == "HIT" and hit.items[0].read() == b"png-0"
+    assert len(reads) == 1 and threading.current_thread() not in reads
+    for c in (a, b):
+        await c.close()
+
+
 async def test_signing_key_is_shared(redis_server: RedisServer) -> None:
     first = sr.shared_signing_key(sr.connect_sync(redis_server.url, TIMEOUT), "")
     second = sr.shared_signing_key(sr.connect_sync(redis_server.url, TIMEOUT), "")
@@ -287,11 +318,17 @@ async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
     again: list[str] = []
     blobs_a.write([b"blob"], again)
     assert again == []  # already there: created by nobody now
+    assert blobs_b.missing([(item.sha256, 4)]) == []  # downloaded into B's spool
+    assert blobs_b.path(item.sha256).read_bytes() == b"blob"
+    blobs_b.path(item.sha256).write_bytes(b"bl")  # damaged: fetched again
+    assert blobs_b.missing([(item.sha256, 4)]) == []
     assert blobs_b.path(item.sha256).read_bytes() == b"blob"
     blobs_a.delete([item.sha256])
     assert r.get(sr._C + "blob:" + item.sha256) is None
+    assert blobs_a.missing([(item.sha256, 4)]) == [item.sha256]  # in Redis neither
     # B's spooled copy goes at its next sweep; a copy still in Redis stays.
     (kept,) = blobs_a.write([b"kept"], [])
+    assert blobs_b.missing([(kept.sha256, 4)]) == []
     assert blobs_b.path(kept.sha256).exists() and blobs_b.path(item.sha256).exists()
     assert blobs_b.prune() == 1
     assert sorted(p.stem for p in (tmp_path / "sb").rglob("*.png")) == [kept.sha256]
