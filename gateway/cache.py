@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import time
@@ -294,19 +295,25 @@ class SqliteCacheIndex:
             self._db.close()
 
 
+# What Path.exists() takes for "no file": a symlink loop too. Others (no permission) are
+# raised: a cache directory the gateway cannot read is a loud 503.
+_NO_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+
+
 def _file_size(path: Path) -> int | None:
-    """The size of the file at ``path``; ``None`` if there is none. Other errors (no
-    permission) are raised: a cache directory the gateway cannot read is a loud 503."""
+    """The size of the file at ``path``; ``None`` if there is none."""
     try:
         return os.stat(path).st_size
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    except OSError as exc:
+        if exc.errno in _NO_FILE:
+            return None
+        raise
 
 
 class BlobStore:
     """Content-addressed PNG files: ``<dir>/<sha[:2]>/<sha>.png``."""
 
-    #: :meth:`missing` may download (from Redis): then it runs in an executor.
+    #: Blobs may be elsewhere (Redis): :meth:`fetch` downloads, in an executor.
     remote = False
 
     def __init__(self, directory: Path) -> None:
@@ -321,6 +328,11 @@ class BlobStore:
         """The shas of ``(sha, size)`` blobs without a file of that size here: deleted,
         or damaged (truncated) behind the gateway's back. Such a file is never served."""
         return [sha for sha, size in blobs if _file_size(self.path(sha)) != size]
+
+    def fetch(self, blobs: list[tuple[str, int]]) -> list[str]:
+        """Bring ``blobs`` (found :meth:`missing` here) from where they are kept; the shas
+        that are nowhere. Blocking. Here: nowhere else."""
+        return [sha for sha, _ in blobs]
 
     def write(self, images: list[bytes], created: list[str]) -> list[Item]:
         """Store ``images``; the shas of files this call created are added to ``created``
@@ -396,16 +408,16 @@ class ResultCache:
         truncated one was served as it was: now the pool is generated again (a backend's
         seeds follow pool positions, so the whole pool goes). Its remaining files are
         deleted only if no other request here is serving from it. A stat per served
-        image (a download, off the loop, for blobs in Redis not spooled here yet);
+        image (and a download, off the loop, for one in Redis not spooled here yet);
         reading is left to the answer.
         """
         rows = (await self.index.pool(key, time.time()))[:MAX_POOL]
         items = [Item(sha, size, path=self.blobs.path(sha)) for sha, size in rows]
-        if self.blobs.remote:
+        missing = self.blobs.missing(rows[:n])
+        if missing and self.blobs.remote:
+            absent = [row for row in rows[:n] if row[0] in missing]
             missing = await asyncio.get_running_loop().run_in_executor(
-                None, self.blobs.missing, rows[:n])
-        else:
-            missing = self.blobs.missing(rows[:n])
+                None, self.blobs.fetch, absent)
         if not missing:
             return items
         log.warning("cache_file_missing", key=key, files=missing[:3])
@@ -524,7 +536,8 @@ class ResultCache:
             return CacheResult(_unpooled((await generate(n, -1)).images), "BYPASS", n)
         if policy == "no-cache":
             made = await generate(n, -1)
-            room = MAX_POOL - len(await self._pool_items(key))
+            # The index alone: a hit checks (or downloads) the files it serves, not this.
+            room = MAX_POOL - len((await self.index.pool(key, time.time()))[:MAX_POOL])
             return CacheResult((await self._keep(key, made, room))[0], "MISS", n)
         while True:
             pool = await self._pool_items(key, n)

@@ -863,18 +863,16 @@ class RedisBlobStore(BlobStore):
     def _key(self, sha: str) -> str:
         return _C + "blob:" + sha
 
-    def missing(self, blobs: list[tuple[str, int]]) -> list[str]:
-        """Spool the blobs not here yet, downloading only these (``blobs`` are the ones
-        a request serves, not its whole pool); the shas that are in Redis neither."""
-        gone = super().missing(blobs)
-        sizes = dict(blobs)
+    def fetch(self, blobs: list[tuple[str, int]]) -> list[str]:
+        """Spool ``blobs`` from Redis (those a request serves, not its whole pool); the
+        shas Redis does not have (at that size) either."""
         lost = []
-        for sha in gone:
+        for sha, size in blobs:
             try:
                 data = self.r.get(self._key(sha))
             except RedisError as exc:
                 raise StateUnavailable() from exc
-            if data is None or len(data) != sizes[sha]:
+            if data is None or len(data) != size:
                 lost.append(sha)
             else:
                 atomic_write(self.path(sha), data)
@@ -908,7 +906,7 @@ class RedisBlobStore(BlobStore):
         Only the replica whose pass evicts a blob deletes its own copy: without this the
         other replicas' spools grew by every blob they ever read (53 MB after 2,000
         misses on two replicas with a 100-blob budget, measured by a reviewer). A copy
-        pruned while its blob is being written is fetched again by :meth:`path`.
+        pruned while its blob is being written is fetched again by :meth:`fetch`.
         """
         files = list(self.dir.glob("*/*.png"))
         gone = 0

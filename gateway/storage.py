@@ -86,21 +86,26 @@ class ImageStore:
         """Expose an already stored file (a cache blob) under ``image_id``.
 
         A hard link costs no copy and lets the sweeper and the cache evict
-        independently; a copy is the fallback across filesystems.
+        independently; a copy is the fallback across filesystems. A file here of
+        another size than ``source`` is replaced: the cache repairs a blob damaged in
+        place (so this link was damaged with it) by writing a new file.
         """
         path = self.path(image_id)
         try:
-            os.utime(path)
-            return image_id
+            if os.stat(path).st_size == os.stat(source).st_size:
+                os.utime(path)
+                return image_id
         except FileNotFoundError:
             pass
         path.parent.mkdir(parents=True, exist_ok=True)
+        link = path.with_name(f".link-{secrets.token_hex(8)}")
         try:
-            os.link(source, path)
-            os.utime(path)  # the link shares the blob's old mtime; the URL is new
-        except FileExistsError:
-            pass
+            os.link(source, link)
+            os.utime(link)  # the link shares the blob's old mtime; the URL is new
+            os.replace(link, path)
         except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(link)
             atomic_write(path, source.read_bytes())
         return image_id
 

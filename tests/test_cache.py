@@ -578,6 +578,11 @@ async def test_a_damaged_cache_file_is_never_served_and_is_replaced(tmp_path: Pa
             assert hit.status == "HIT"
             assert [i.read() for i in hit.items] == [b"png-0-bytes", b"png-1-bytes"]
     await cache.evict()  # the pool made again names both files: both stay
+    loop = tmp_path / "blobs" / "ab" / ("ab" + "0" * 62 + ".png")
+    loop.parent.mkdir(exist_ok=True)
+    loop.symlink_to(loop)  # a symlink loop is no file, as for Path.exists()
+    assert cache.blobs.missing([(loop.stem, 1)]) == [loop.stem]
+    loop.unlink()
     assert sorted(f.read_bytes() for f in (tmp_path / "blobs").rglob("*.png")) == [
         b"png-0-bytes", b"png-1-bytes"]
     await cache.close()

@@ -250,7 +250,7 @@ async def test_a_replica_downloads_only_the_blobs_it_serves_off_the_loop(
         redis_server: RedisServer, tmp_path: Path) -> None:
     """With blobs in Redis, a replica's first hit on a pool spools the images it answers
     from an executor thread. It used to fetch the whole pool (up to ten images), on the
-    event loop, holding every other request meanwhile."""
+    event loop, holding every other request meanwhile; no-cache fetched it too."""
     def cache(spool: str) -> ResultCache:
         blobs = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / spool)
         return ResultCache(index(redis_server), blobs, enabled=True, max_bytes=10**9,
@@ -273,6 +273,11 @@ async def test_a_replica_downloads_only_the_blobs_it_serves_off_the_loop(
     async with b.serve("key", 1, "default", generate) as hit:
         assert hit.status == "HIT" and hit.items[0].read() == b"png-0"
     assert len(reads) == 1 and threading.current_thread() not in reads
+    async with b.serve("key", 1, "default", generate) as again:  # spooled: no download
+        assert again.status == "HIT"
+    async with b.serve("key", 1, "no-cache", generate) as fresh:  # counts the index only
+        assert fresh.status == "MISS"
+    assert len(reads) == 1
     for c in (a, b):
         await c.close()
 
@@ -318,17 +323,19 @@ async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
     again: list[str] = []
     blobs_a.write([b"blob"], again)
     assert again == []  # already there: created by nobody now
-    assert blobs_b.missing([(item.sha256, 4)]) == []  # downloaded into B's spool
+    assert blobs_b.missing([(item.sha256, 4)]) == [item.sha256]  # not spooled in B yet
+    assert blobs_b.fetch([(item.sha256, 4)]) == []
     assert blobs_b.path(item.sha256).read_bytes() == b"blob"
     blobs_b.path(item.sha256).write_bytes(b"bl")  # damaged: fetched again
-    assert blobs_b.missing([(item.sha256, 4)]) == []
+    assert blobs_b.missing([(item.sha256, 4)]) == [item.sha256]
+    assert blobs_b.fetch([(item.sha256, 4)]) == []
     assert blobs_b.path(item.sha256).read_bytes() == b"blob"
     blobs_a.delete([item.sha256])
     assert r.get(sr._C + "blob:" + item.sha256) is None
-    assert blobs_a.missing([(item.sha256, 4)]) == [item.sha256]  # in Redis neither
+    assert blobs_a.fetch([(item.sha256, 4)]) == [item.sha256]  # in Redis neither
     # B's spooled copy goes at its next sweep; a copy still in Redis stays.
     (kept,) = blobs_a.write([b"kept"], [])
-    assert blobs_b.missing([(kept.sha256, 4)]) == []
+    assert blobs_b.fetch([(kept.sha256, 4)]) == []
     assert blobs_b.path(kept.sha256).exists() and blobs_b.path(item.sha256).exists()
     assert blobs_b.prune() == 1
     assert sorted(p.stem for p in (tmp_path / "sb").rglob("*.png")) == [kept.sha256]

@@ -72,3 +72,24 @@ def test_signing_key_is_generated_once_and_kept(tmp_path: Path) -> None:
     assert load_signing_key("", tmp_path) == k1 and len(k1) == 32
     assert (tmp_path / "signing.key").stat().st_mode & 0o777 == 0o600
     assert load_signing_key("configured", tmp_path) == b"configured"
+
+
+def test_put_file_links_a_cache_file_and_replaces_a_damaged_link(
+        store: ImageStore, tmp_path: Path) -> None:
+    """A cache blob is exposed by a hard link. Damaged in place (truncated), the link is
+    damaged too; once the cache has written a good file again, the next put_file links
+    that one instead of renewing the damaged link forever."""
+    blob = tmp_path / "blob.png"
+    blob.write_bytes(b"\x89PNG whole image")
+    image_id = store.put_file(blob, "ab" * 32)
+    served = store.path(image_id)
+    assert served.read_bytes() == b"\x89PNG whole image"
+    assert os.stat(served).st_ino == os.stat(blob).st_ino  # a link, not a copy
+    with open(blob, "r+b") as f:  # damaged in place: the link shares the inode
+        f.truncate(4)
+    assert served.read_bytes() == b"\x89PNG"
+    blob.unlink()
+    blob.write_bytes(b"\x89PNG whole image")  # the cache's repair: a new file
+    assert store.put_file(blob, image_id) == image_id
+    assert served.read_bytes() == b"\x89PNG whole image"
+    assert not list(served.parent.glob(".link-*"))
