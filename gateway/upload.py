@@ -61,7 +61,7 @@ def _field_too_long(name: str) -> ApiError:
 
 
 class _Parts:
-    """The parts read so far, each cap applied as they arrive (streamed or whole)."""
+    """The parts read so far, each cap applied part by part as the framing yields them."""
 
     def __init__(self) -> None:
         self._chunks: dict[str, list[bytes]] = {}
@@ -158,8 +158,8 @@ def simple_parts(body: bytes, boundary: bytes) -> list[tuple[str, bytes]] | None
     Only a shape the parser reads exactly so is accepted, so the result is always what
     it would give: no preamble; each part's headers are a ``Content-Disposition:
     form-data; name="..."`` (optionally ``; filename="..."``, matching the parser's own
-    fast path) and at most one ``Content-Type`` in printable ASCII. It exists for speed: the parser
-    spends ~3 us of Python per part, a sixth of a cache hit's cost before it.
+    fast path) and at most one ``Content-Type`` in printable ASCII. It exists for speed:
+    the parser spends ~3 us of Python per part, ~13 us of a url cache hit's ~220 us.
     """
     pos = len(boundary) + 4
     if not body.startswith(b"--%s\r\n" % boundary):
