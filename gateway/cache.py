@@ -313,9 +313,6 @@ def _file_size(path: Path) -> int | None:
 class BlobStore:
     """Content-addressed PNG files: ``<dir>/<sha[:2]>/<sha>.png``."""
 
-    #: Blobs may be elsewhere (Redis): :meth:`fetch` downloads, in an executor.
-    remote = False
-
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -330,8 +327,8 @@ class BlobStore:
         return [sha for sha, size in blobs if _file_size(self.path(sha)) != size]
 
     def fetch(self, blobs: list[tuple[str, int]]) -> list[str]:
-        """Bring ``blobs`` (found :meth:`missing` here) from where they are kept; the shas
-        that are nowhere. Blocking. Here: nowhere else."""
+        """Bring ``blobs`` (found :meth:`missing` here) from where they are kept, such as
+        Redis; the shas that are nowhere. Blocking: an executor. Here: nowhere else."""
         return [sha for sha, _ in blobs]
 
     def write(self, images: list[bytes], created: list[str]) -> list[Item]:
@@ -414,7 +411,7 @@ class ResultCache:
         rows = (await self.index.pool(key, time.time()))[:MAX_POOL]
         items = [Item(sha, size, path=self.blobs.path(sha)) for sha, size in rows]
         missing = self.blobs.missing(rows[:n])
-        if missing and self.blobs.remote:
+        if missing:  # rare: not spooled here yet, or gone
             absent = [row for row in rows[:n] if row[0] in missing]
             missing = await asyncio.get_running_loop().run_in_executor(
                 None, self.blobs.fetch, absent)

@@ -854,8 +854,6 @@ class RedisBlobStore(BlobStore):
     orphaned shas and :meth:`delete` drops them. Blocking client: called from executors.
     """
 
-    remote = True
-
     def __init__(self, client: Any, spool: Path) -> None:
         super().__init__(spool)
         self.r = client

@@ -87,7 +87,7 @@ async def test_real_clients_bodies_take_the_fast_path(
     async with aiohttp.ClientSession() as session, session.post(
             base + "/images/variations", data=form) as r:
         assert r.status == 200
-    bodies = [(ctype, body) for ctype, body in seen]
+    bodies = list(seen)
     body, ctype = vg_client.build_multipart(
         {"n": "4", "size": "256x256", "response_format": "b64_json", "user": "ann"},
         [("image", "layer.png", "image/png", PNG)])
