@@ -251,6 +251,8 @@ async def read_fields(request: web.Request, read_timeout: float | None = None
     boundary = options.get("boundary", "")
     if not boundary or len(boundary) > 70:
         raise _malformed("the Content-Type header has no valid boundary")
+    if request.content.is_eof():  # all here already (the usual case): no timer to set
+        read_timeout = None
     try:
         async with asyncio.timeout(read_timeout):
             raw = _whole_parts(await _read_body(request), boundary)

@@ -333,6 +333,21 @@ def test_label_guard_caps_free_text_labels() -> None:
     assert len([s for s in series(text) if s[0] == P + "backend_errors_total"]) == 1
 
 
+def test_family_keeps_children_only_for_values_its_guard_passes() -> None:
+    m = Metrics(["alice"])
+    child = m.requests.labels("/v1/images/variations", "4xx", "invalid_value")
+    assert m.requests.labels("/v1/images/variations", "4xx", "invalid_value") is child
+    assert m.request_seconds.labels("/healthz") is m.request_seconds.labels("/healthz")
+    # A value the guard maps to "other" reaches the "other" child and is not kept.
+    other = m.requests.labels("/v1/images/variations", "5xx", "Not A Code")
+    assert other is m.requests.labels("/v1/images/variations", "5xx", OTHER)
+    assert len(m.requests._children) == 2
+    other.inc()
+    text = m.exposition().decode()
+    assert (f'{P}requests_total{{error_code="other",route="/v1/images/variations",'
+            f'status_class="5xx"}} 1.0') in text
+
+
 def test_user_label_only_for_configured_members() -> None:
     m = Metrics(["alice", "bob"])
     assert m.user_label("alice") == "alice"
