@@ -81,7 +81,8 @@ class Family(Generic[M]):
     on every call, and a request makes seven. Call sites use it like the family itself:
     ``.labels(...)`` (positional values) returns the child. ``guarded`` names a label
     that passes a :class:`LabelGuard`; only values it lets through unchanged are kept
-    in the dict, so the dict is as bounded as the family's series.
+    in the dict, so the dict is as bounded as the family's series. No series is ever
+    removed here; one that was (``metric.remove``) would need its child dropped too.
     """
 
     def __init__(self, metric: M, guarded: str | None = None) -> None:

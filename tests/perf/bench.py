@@ -461,13 +461,13 @@ def bench_cache_hits(seconds: int = 5) -> list[dict[str, Any]]:
                    f"process that only reads the 78 KB upload and answers already needs "
                    f"{1e6 / floor['rps']:.0f} us (floor ratio {floor['rps'] / n_rps:.2f})")
             if duties is not None:
-                why += (f"; every duty of a hit done as leanly as possible, with no "
-                        f"middleware or error handling, needs {1e6 / duties['rps']:.0f} us "
-                        f"(ratio {duties['rps'] / n_rps:.2f})")
+                why += (f"; every duty of a hit done as leanly as I could, with no "
+                        f"middleware or error handling (floor_server.py duties), needs "
+                        f"{1e6 / duties['rps']:.0f} us (ratio {duties['rps'] / n_rps:.2f})")
                 if duties["rps"] / n_rps < 0.25:
-                    why += (": no code on one CPython process meets the goal; it needs "
-                            "several worker processes on shared (Redis) state, or a "
-                            "goal relative to that sketch")
+                    why += (", itself short of the goal: closing it needs several worker "
+                            "processes on shared (Redis) state, or a goal set against "
+                            "that sketch (the gateway's share of it is the column before)")
         rows.append({
             "format": fmt, "response bytes": len(bodies[fmt]),
             "gateway p50 ms (c=1)": g1["p50"], "gateway p99 ms (c=1)": g1["p99"],
