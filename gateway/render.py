@@ -6,7 +6,8 @@ cost, so both are remembered:
 
 - a URL minted for an image is handed out again for a short while, at most 1/60 of the
   URL lifetime (and at most 60 s), so it is still valid for at least 59/60 of
-  ``images.url_ttl_seconds`` when a client receives it;
+  ``images.url_ttl_seconds`` when a client receives it; its ``{"url": ...}`` element is
+  kept ready-made too;
 - the ``{"b64_json": ...}`` elements of cached images are kept ready-made in a
   byte-bounded LRU (``cache.memory_bytes``).
 
@@ -39,7 +40,8 @@ class Renderer:
         self.memory_bytes = memory_bytes
         # Shared by the event loop and executor threads: every access holds the lock.
         self._lock = threading.Lock()
-        self._urls: LRUCache[tuple[str, str], tuple[str, float]] = LRUCache(URL_MEMO_ENTRIES)
+        self._urls: LRUCache[tuple[str, str], tuple[bytes, float]] = LRUCache(
+            URL_MEMO_ENTRIES)
         self._b64: LRUCache[str, bytes] = LRUCache(memory_bytes, getsizeof=len)
         self._url_reuse = min(URL_REUSE_MAX_SECONDS, store.ttl / 60)
 
@@ -54,34 +56,34 @@ class Renderer:
                 encoded = [self._b64.get(item.sha256) for item in items]
             if any(e is None for e in encoded):
                 return None
-            return _b64_array(encoded)  # type: ignore[arg-type]
+            return _array(encoded)  # type: ignore[arg-type]
         now = time.time()
         with self._lock:
-            urls = []
+            elements = []
             for item in items:
                 found = self._urls.get((base, item.sha256))
                 if found is None or now - found[1] >= self._url_reuse:
                     return None
-                urls.append(found[0])
-        return _url_array(urls)
+                elements.append(found[0])
+        return _array(elements)
 
     def render(self, items: list[Item], response_format: str, base: str) -> list[bytes]:
         """The data array, reading and storing files as needed (blocking: an executor)."""
         if response_format == "b64_json":
-            return _b64_array([self._encode(item) for item in items])
+            return _array([self._encode(item) for item in items])
         now = time.time()
-        urls = []
+        elements = []
         for item in items:
             if item.path is not None and item.path.exists():
                 image_id = self.store.put_file(item.path, item.sha256)
             else:
                 image_id = self.store.put(item.read())
-            url = self.store.url(base, image_id, now)
-            urls.append(url)
+            element = json.dumps({"url": self.store.url(base, image_id, now)}).encode()
+            elements.append(element)
             if _reused(item):
                 with self._lock:
-                    self._urls[(base, item.sha256)] = (url, now)
-        return _url_array(urls)
+                    self._urls[(base, item.sha256)] = (element, now)
+        return _array(elements)
 
     def _encode(self, item: Item) -> bytes:
         with self._lock:
@@ -107,14 +109,10 @@ def _reused(item: Item) -> bool:
     return item.path is not None and item.data is None
 
 
-def _b64_array(elements: list[bytes]) -> list[bytes]:
-    # Base64 needs no JSON escaping: elements are kept ready-made, never json.dumps'd.
+def _array(elements: list[bytes]) -> list[bytes]:
+    """A JSON array of ready-made elements, as parts (a large base64 one is not copied)."""
     parts = [b"["]
     for i, element in enumerate(elements):
         parts += (b"," if i else b"", element)
     parts.append(b"]")
     return parts
-
-
-def _url_array(urls: list[str]) -> list[bytes]:
-    return [json.dumps([{"url": u} for u in urls]).encode()]
