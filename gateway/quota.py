@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.auth import Principal
 from gateway.errors import ApiError
@@ -33,9 +33,9 @@ from gateway.sqlite import GroupCommit, open_db
 NO_RETRY_AFTER_SECONDS = 120
 
 
-@dataclass(frozen=True)
-class LimitStatus:
-    """One limit as ``/v1/usage`` and the ``x-ratelimit-*`` headers show it."""
+class LimitStatus(NamedTuple):
+    """One limit as ``/v1/usage`` and the ``x-ratelimit-*`` headers show it (a named
+    tuple: five are made per request, at a third of a frozen dataclass's cost)."""
 
     name: str
     limit: float | None
