@@ -53,6 +53,9 @@ class AuditRecord:
     error_code: str | None = None
     latency_ms: float = 0.0
     upload_bytes: int = 0
+    # The upstream's reported token usage (gpt-image), when it bills per token.
+    usage_input_tokens: int | None = None
+    usage_output_tokens: int | None = None
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(AuditRecord)]
@@ -62,7 +65,7 @@ class AuditLog:
     def __init__(self, path: str | Path, retention_days: int, *, stdout: bool = False) -> None:
         self._db = open_db(path, cache_kib=256)  # append-mostly: inserts need few pages
         cols = ", ".join(
-            f"{c} {'REAL' if c in ('ts', 'latency_ms', 'cost_usd') else 'INTEGER' if c in ('n', 'images_charged', 'status', 'upload_bytes') else 'TEXT'}"  # noqa: E501
+            f"{c} {'REAL' if c in ('ts', 'latency_ms', 'cost_usd') else 'INTEGER' if c in ('n', 'images_charged', 'status', 'upload_bytes', 'usage_input_tokens', 'usage_output_tokens') else 'TEXT'}"  # noqa: E501
             for c in _COLUMNS)
         self._db.executescript(
             f"""
@@ -78,6 +81,11 @@ class AuditLog:
             CREATE INDEX IF NOT EXISTS audit_end_user_id ON audit (end_user, id);
             CREATE INDEX IF NOT EXISTS audit_end_user_hash_id ON audit (end_user_hash, id);
             """)
+        # Columns added since the table was first made (SQLite adds them in place).
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}
+        for column in ("usage_input_tokens", "usage_output_tokens"):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE audit ADD COLUMN {column} INTEGER")
         self._insert = (f"INSERT INTO audit ({', '.join(_COLUMNS)}) VALUES "
                         f"({', '.join('?' for _ in _COLUMNS)})")
         self._writes = GroupCommit(self._db)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from gateway import backends
+from gateway.backends.base import TokenUsage
 from gateway.proxies import parse_networks
 
 SIZES: tuple[str, ...] = ("256x256", "512x512", "1024x1024")
@@ -129,8 +130,27 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class TokenPrices:
+    """USD per million tokens, as an upstream that bills per token lists them (gpt-image:
+    text input, image input, image output)."""
+
+    text_input: float = 0.0
+    image_input: float = 0.0
+    image_output: float = 0.0
+
+    def cost(self, usage: TokenUsage) -> float:
+        return (usage.text_input_tokens * self.text_input
+                + usage.image_input_tokens * self.image_input
+                + usage.output_tokens * self.image_output) / 1_000_000
+
+
+@dataclass(frozen=True)
 class BackendConfig:
-    """One ``backends[]`` entry: common resilience settings plus kind-specific options."""
+    """One ``backends[]`` entry: common resilience settings plus kind-specific options.
+
+    ``pricing`` is complete after loading: the kind's defaults (see
+    ``BackendOptions.default_pricing``) with the admin's entries over them.
+    """
 
     name: str
     kind: str
@@ -141,6 +161,19 @@ class BackendConfig:
     queue_timeout_seconds: float = 30.0
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    pricing: Mapping[str, float] = field(default_factory=dict)
+    token_prices: TokenPrices | None = None
+
+    def image_price(self, size_label: str) -> float:
+        """USD one image of ``size_label`` is estimated to cost on this backend."""
+        return self.pricing.get(self.options.price_key(size_label), 0.0)
+
+    def cost(self, size_label: str, images: int, usage: TokenUsage | None) -> float:
+        """What ``images`` generated here cost: from the upstream's reported token usage
+        when token prices are set, else the per-image estimate."""
+        if usage is not None and self.token_prices is not None:
+            return self.token_prices.cost(usage)
+        return self.image_price(size_label) * images
 
 
 _BACKEND_COMMON = {f.name for f in dataclasses.fields(BackendConfig)} - {"options"}
@@ -187,9 +220,6 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     users: Mapping[str, UserConfig] = field(default_factory=dict)
     quota_defaults: QuotaLimits = field(default_factory=QuotaLimits)
-    pricing: Mapping[str, float] = field(
-        default_factory=lambda: {"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.020}
-    )
     state: StateConfig = field(default_factory=StateConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
@@ -205,6 +235,13 @@ class Config:
             if b.name == name:
                 return b
         raise KeyError(name)
+
+    def price_ceiling(self, model: str, size_label: str) -> float:
+        """The most one image of ``size_label`` may cost for ``model`` (the route, or one
+        backend by name): what a reservation holds before the backend that answers is
+        known; the commit charges that backend's actual price."""
+        names = self.route if model not in {b.name for b in self.backends} else (model,)
+        return max((self.backend(n).image_price(size_label) for n in names), default=0.0)
 
     def quota_for(self, user: str) -> QuotaLimits:
         u = self.users.get(user)
@@ -322,6 +359,8 @@ class _Builder:
             raise self.error(str(exc), path) from None
 
     def value(self, tp: Any, raw: Any, path: str) -> Any:
+        if tp is Any:  # free-form (a backend's extra pipeline arguments)
+            return raw
         origin = typing.get_origin(tp)
         args = typing.get_args(tp)
         if origin in (typing.Union, types.UnionType):
@@ -401,7 +440,10 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
     if not isinstance(raw, Mapping):
         raise b.error("the top level must be a mapping", "")
     raw = dict(raw)
-    special = {"users", "quota_defaults", "backends", "pricing", "route"}
+    if "pricing" in raw:
+        raise b.error("prices are set per backend now: move this table under the "
+                      "backends that generate (backends[].pricing)", "pricing")
+    special = {"users", "quota_defaults", "backends", "route"}
     kwargs = b.dataclass(Config, {k: v for k, v in raw.items() if k not in special}, "",
                          skip=frozenset())
 
@@ -431,13 +473,6 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
         users[str(name)] = UserConfig(str(name), token, dataclasses.replace(defaults, **override))
     kwargs["users"] = users
 
-    pricing = dict(Config().pricing)
-    pricing.update(b.value(Mapping[str, float], raw.get("pricing") or {}, "pricing"))
-    for size in pricing:
-        if size not in SIZES:
-            raise b.error(f"unknown size {size!r} (sizes: {', '.join(SIZES)})", f"pricing.{size}")
-    kwargs["pricing"] = pricing
-
     backend_list = []
     seen: set[str] = set()
     for i, entry in enumerate(raw.get("backends") or []):
@@ -458,10 +493,18 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
                     for k, v in entry.items() if k not in _BACKEND_COMMON}
         common_kwargs = b.dataclass(BackendConfig, common, path, skip=frozenset({"options"}))
         options = b.make(backends.options_class(kind), specific, path)
+        pricing = options.default_pricing()
+        for key, price in common_kwargs.get("pricing", {}).items():
+            if key not in pricing:
+                raise b.error(f"unknown price key {key!r} for kind {kind} (keys: "
+                              f"{', '.join(pricing)})", f"{path}.pricing.{key}")
+            pricing[key] = price
+        common_kwargs["pricing"] = pricing
         backend_list.append(BackendConfig(options=options, **common_kwargs))
     if not backend_list:
-        backend_list.append(BackendConfig(name="local", kind="procedural",
-                                          options=backends.options_class("procedural")()))
+        options = backends.options_class("procedural")()
+        backend_list.append(BackendConfig(name="local", kind="procedural", options=options,
+                                          pricing=options.default_pricing()))
     kwargs["backends"] = tuple(backend_list)
 
     route = b.value(tuple[str, ...], raw.get("route") or [], "route")

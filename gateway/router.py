@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import structlog
 
 from gateway import backends as registry
-from gateway.backends.base import Backend, BackendError, BackendState, VariationRequest
+from gateway.backends.base import (
+    Backend,
+    BackendError,
+    BackendState,
+    Generation,
+    TokenUsage,
+    VariationRequest,
+)
 from gateway.backends.http import UpstreamError, bad_response, timeout_error
 from gateway.config import BackendConfig, Config
 from gateway.metrics import Metrics
@@ -37,6 +44,7 @@ class Generated:
     images: list[bytes]
     backend: str
     seconds: float
+    usage: TokenUsage | None = None
 
 
 @dataclass
@@ -70,6 +78,7 @@ class Router:
                 CircuitBreaker(b.breaker, on_change=self._breaker_reporter(b.name)),
                 ConcurrencyLimiter(b.name, b.max_concurrent, b.queue_timeout_seconds))
         self._route = tuple(config.route)
+        self._order = [b.name for b in config.backends]
         self._metrics = metrics
 
     @property
@@ -160,7 +169,7 @@ class Router:
                 continue
             started = time.perf_counter()
             try:
-                images = await self._call(backend, guard, request)
+                generation = await self._call(backend, guard, request)
             except BackendError as exc:
                 self._observe(backend.name, started)
                 if getattr(exc, "trips_breaker", False):
@@ -169,6 +178,8 @@ class Router:
                     guard.breaker.release()
                 log.warning("backend_failed", backend=backend.name, kind=exc.kind,
                             status=exc.status, code=exc.code, request_id=request.request_id)
+                if exc.code == "upstream_model_retired":
+                    self._model_retired(backend)
                 last = exc
                 if not exc.retryable:
                     raise
@@ -178,12 +189,12 @@ class Router:
                 raise
             seconds = self._observe(backend.name, started)
             guard.breaker.success()
-            return Generated(images, backend.name, seconds)
+            return Generated(generation.images, backend.name, seconds, generation.usage)
         assert last is not None
         raise last
 
     async def _call(self, backend: Backend, guard: Guard, request: VariationRequest
-                    ) -> list[bytes]:
+                    ) -> Generation:
         """Attempts under one deadline, holding one concurrency slot throughout."""
         async with guard.limiter.slot():
             loop = asyncio.get_running_loop()
@@ -193,7 +204,7 @@ class Router:
                 attempt += 1
                 try:
                     async with asyncio.timeout_at(deadline):
-                        images = await backend.generate(request)
+                        generation = await backend.generate(request)
                 except TimeoutError:
                     self._error(backend.name, "timeout")
                     raise timeout_error(backend.name) from None
@@ -221,11 +232,19 @@ class Router:
                                   request_id=request.request_id)
                     self._error(backend.name, "unexpected")
                     raise bad_response(backend.name, "unexpected answer") from None
-                if len(images) != request.n:
+                if len(generation.images) != request.n:
                     self._error(backend.name, "bad_response")
-                    raise bad_response(backend.name,
-                                       f"{len(images)} images instead of {request.n}")
-                return images
+                    raise bad_response(backend.name, f"{len(generation.images)} images "
+                                       f"instead of {request.n}")
+                return generation
+
+    def _model_retired(self, backend: Backend) -> None:
+        """Say which config line to change: a retired model fails every request."""
+        index = self._order.index(backend.name)
+        log.error("upstream_model_retired", backend=backend.name,
+                  model=getattr(backend, "model", None),
+                  fix=f"set backends[{index}].model (backend {backend.name!r}) to a model "
+                      "the upstream serves today, or take the backend out of route")
 
     def _error(self, name: str, kind: str) -> None:
         if (m := self.metrics) is not None:

@@ -106,11 +106,14 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
                 make_source = decoded.to_source
             pixels_sha256 = known.pixels_sha256
             key = cache_key(pixels_sha256, form.size, form.model, router.identity(form.model))
-        price = config.pricing[form.size_label]
+        # Held at the dearest backend the request may reach; charged at the price of the
+        # backend that generated (or its reported token usage).
+        price = config.price_ceiling(form.model, form.size_label)
         reservation: Reservation | None = None
+        spent = 0.0
 
         async def generate(count: int, offset: int) -> Fresh:
-            nonlocal reservation
+            nonlocal reservation, spent
             reservation = await quota.reserve(principal, count, price * count,
                                               form.size_label)
             source = await loop.run_in_executor(None, make_source)
@@ -123,6 +126,11 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             finally:  # failed attempts and fallbacks are the backends' time too
                 _add_backend_time(request, time.perf_counter() - started)
             record.backend = result.backend
+            spent += config.backend(result.backend).cost(form.size_label, count, result.usage)
+            if result.usage is not None:
+                record.usage_input_tokens = (result.usage.text_input_tokens
+                                             + result.usage.image_input_tokens)
+                record.usage_output_tokens = result.usage.output_tokens
             metrics.images_generated.labels(result.backend, form.size_label).inc(count)
             # A fallback's images answer now but are not what the key names: not pooled.
             return Fresh(result.images, keep=router.is_first(form.model, result.backend))
@@ -140,7 +148,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
                 if data is None:
                     data = await loop.run_in_executor(
                         None, app[RENDERER].render, result.items, form.response_format, base)
-            cost = price * result.generated
+            cost = round(spent, 6) if result.generated else 0.0
             if reservation is not None:
                 # Once begun, the commit completes even if the client leaves meanwhile,
                 # so the audit can say what the ledger holds.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import json
 import struct
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 HTTP_FAULTS = frozenset({"hang", "reset", "500", "503", "429", "bad_json", "deep_json",
                          "deep_error", "auth", "content_policy"})
@@ -66,6 +67,36 @@ def image_bytes(width: int, height: int, index: int, fmt: str = "PNG") -> bytes:
     img.putpixel((0, 0), (index % 256, 255 - index % 256, 7))
     buf = io.BytesIO()
     img.save(buf, fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=8)
+def _photo_base(width: int, height: int) -> Image.Image:
+    """Smooth shapes, gradients and film grain: compresses like a photograph (a 1024 px
+    PNG of it is about 1.7 MB, as gpt-image's answers are 1.5-3 MB; backends.md)."""
+    w4, h4 = max(1, width // 4), max(1, height // 4)
+    noise = Image.effect_noise((w4, h4), 40).resize((width, height),
+                                                    Image.Resampling.BICUBIC)
+    grad = Image.linear_gradient("L").resize((width, height))
+    img = Image.merge("RGB", (grad, noise, grad.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    draw = ImageDraw.Draw(img)
+    for i in range(12):
+        x, y = i * width // 14, i * height // 20
+        draw.ellipse((x, y, x + width // 3, y + height // 5),
+                     fill=((i * 40) % 256, (i * 90) % 256, (i * 20) % 256))
+    img = img.filter(ImageFilter.GaussianBlur(3))
+    grain = Image.effect_noise((width, height), 18)
+    return Image.blend(img, Image.merge("RGB", (grain, grain, grain)), 0.25)
+
+
+def photo_like(width: int, height: int, index: int, fmt: str = "PNG") -> bytes:
+    """A photo-like image of real-world size, distinct per ``index`` (a coloured block)."""
+    img = _photo_base(width, height).copy()
+    colour = ((index * 53) % 256, (index * 101 + 40) % 256, (index * 197 + 80) % 256)
+    img.paste(colour, (0, 0, width // 4, height // 4))
+    buf = io.BytesIO()
+    options: dict[str, Any] = {"compress_level": 1} if fmt == "PNG" else {"quality": 90}
+    img.save(buf, fmt, **options)
     return buf.getvalue()
 
 
@@ -105,6 +136,10 @@ class FakeUpstream:
         self._fault: str | None = None
         self._times: int | None = None
         self.app = web.Application(middlewares=[self._record], client_max_size=64 << 20)
+
+    def error_body(self, message: str, code: str | None = None) -> dict[str, Any]:
+        """An error body in this upstream's own shape (OpenAI's envelope by default)."""
+        return {"error": {"message": message, "type": "server_error", "code": code}}
 
     # ---- switch
     def inject(self, fault: str | None, times: int | None = None) -> None:
@@ -179,13 +214,12 @@ class FakeUpstream:
             request.transport.abort()
             return resp
         if fault == "500":
-            return web.json_response({"error": {"message": f"boom (auth was {echo})",
-                                                "type": "server_error"}}, status=500)
+            return web.json_response(self.error_body(f"boom (auth was {echo})"), status=500)
         if fault == "503":
             headers = {"retry-after": self.retry_after}
             if self.retry_after_ms is not None:
                 headers["retry-after-ms"] = self.retry_after_ms
-            return web.json_response({"error": {"message": f"overloaded {echo}"}},
+            return web.json_response(self.error_body(f"overloaded {echo}"),
                                      status=503, headers=headers)
         if fault == "429":
             return web.json_response(
@@ -207,8 +241,10 @@ class FakeUpstream:
                       f"({echo})", "content_policy_violation")
 
     # ---- images
-    def make_image(self, width: int, height: int, index: int) -> bytes:
-        """An output image, with an image fault applied if one is switched on."""
+    def make_image(self, width: int, height: int, index: int, fmt: str = "PNG",
+                   photo: bool = False) -> bytes:
+        """An output image, with an image fault applied if one is switched on;
+        ``photo``: a photo-like picture of real-world size (see :func:`photo_like`)."""
         fault = self._take(IMAGE_FAULTS)
         if fault == "wrong_size":
             return image_bytes(300, 200, index)
@@ -216,7 +252,8 @@ class FakeUpstream:
             return image_bytes(width, height, index, "GIF")
         if fault == "corrupt_idat":
             return corrupt_idat_png(width, height)
-        data = image_bytes(width, height, index)
+        data = photo_like(width, height, index, fmt) if photo else image_bytes(
+            width, height, index, fmt)
         if fault == "truncated_b64":
             return data[: len(data) // 2]
         if fault == "trailing_bytes":
@@ -232,9 +269,11 @@ def _is_png(data: bytes) -> bool:
 
 
 class OpenAIVariationsFake(FakeUpstream):
-    """``POST /v1/images/variations`` as OpenAI documented it; URLs served at /files/."""
+    """``POST /v1/images/variations`` exactly as OpenAI documented it (the contract this
+    gateway itself serves: another instance of it as an upstream); URLs at /files/."""
 
     main_path = "/v1/images/variations"
+    FIELDS = frozenset({"model", "n", "size", "response_format", "user"})
 
     def __init__(self, api_key: str | None = None) -> None:
         super().__init__(api_key)
@@ -254,7 +293,7 @@ class OpenAIVariationsFake(FakeUpstream):
             return reject(400, "'image' is a required property")
         if not _is_png(image[2]):
             return reject(400, "Uploaded image must be a PNG and less than 4 MB.")
-        unknown = set(rec.fields) - {"model", "n", "size", "response_format", "user"}
+        unknown = set(rec.fields) - self.FIELDS
         if unknown:
             return reject(400, f"Unknown parameter: '{sorted(unknown)[0]}'.",
                           "unknown_parameter")
@@ -281,16 +320,203 @@ class OpenAIVariationsFake(FakeUpstream):
         return web.Response(body=body, content_type="image/png")
 
 
+def _wxh(size: str) -> tuple[int, int] | None:
+    w, sep, h = size.partition("x")
+    return (int(w), int(h)) if sep and w.isdigit() and h.isdigit() else None
+
+
+class XinferenceFake(FakeUpstream):
+    """Xinference's ``create_variations`` (xorbitsai/inference
+    ``xinference/api/restful_api.py``, 2026-08, as summarised in backends.md).
+
+    ``model`` must be the UID of a launched model (else 404 FastAPI ``{"detail"}``, the
+    supervisor's "Model not found in the model list, uid: ..."); the img2img pipeline
+    refuses a missing ``prompt`` (a diffusers ValueError, answered 500); ``size`` is any
+    ``WxH``; ``response_format=url`` answers a path on the server's own disk; ``kwargs``
+    is a JSON string of pipeline arguments; ``user`` is ignored; errors are
+    ``{"detail"}``; 503 with ``Retry-After`` while a model loads (the ``503`` fault).
+    """
+
+    main_path = "/v1/images/variations"
+
+    def __init__(self, api_key: str | None = None, models: tuple[str, ...] = ("sd-img2img",),
+                 image_format: str = "PNG") -> None:
+        super().__init__(api_key)
+        self.models = set(models)
+        self.image_format = image_format  # the pipeline's base64 may be PNG or JPEG
+        # A proxy or fork that answers paths whatever response_format says.
+        self.always_paths = False
+        self.app.router.add_post(self.main_path, self.variations)
+
+    def error_body(self, message: str, code: str | None = None) -> dict[str, Any]:
+        return {"detail": message}  # FastAPI's HTTPException body
+
+    async def variations(self, request: web.Request) -> web.Response:
+        rec: Recorded = request[REC]
+        model = rec.fields.get("model")
+        if model is None:
+            return web.json_response({"detail": [{"type": "missing", "loc": ["body", "model"],
+                                                  "msg": "Field required"}]}, status=422)
+        if model not in self.models:
+            return web.json_response(
+                {"detail": f"Model not found in the model list, uid: {model}"}, status=404)
+        image = rec.files.get("image")
+        if image is None:
+            return web.json_response({"detail": [{"type": "missing", "loc": ["body", "image"],
+                                                  "msg": "Field required"}]}, status=422)
+        if not rec.fields.get("prompt"):
+            return web.json_response({"detail": "`prompt` has to be of type `str` or `list` "
+                                                "but is <class 'NoneType'>"}, status=500)
+        try:
+            json.loads(rec.fields.get("kwargs") or "{}")
+        except ValueError:
+            return web.json_response({"detail": "kwargs is not valid JSON"}, status=400)
+        n = int(rec.fields.get("n", "1"))
+        wh = _wxh(rec.fields.get("size", "1024x1024"))
+        if wh is None:
+            return web.json_response({"detail": "invalid size"}, status=500)
+        if self.always_paths or rec.fields.get("response_format", "url") == "url":
+            data = [{"url": f"/home/xinference/.xinference/image/{uuid.uuid4().hex}.jpg"}
+                    for _ in range(n)]
+        else:
+            data = [{"b64_json": base64.b64encode(self.make_image(
+                wh[0], wh[1], i, self.image_format)).decode()} for i in range(n)]
+        return web.json_response({"created": int(time.time()), "data": data})
+
+
+class LemonadeFake(FakeUpstream):
+    """AMD Lemonade's image variations handler (lemonade-sdk/lemonade
+    ``src/cpp/server/server.cpp``, 2026-08, as summarised in backends.md): the same
+    handler under ``/v1/``, ``/api/v1/``, ``/v0/`` and ``/api/v0/``; multipart only (else
+    400 with an ``error`` object); ``model`` required and known (else 404); ``n`` 1..10;
+    ``size`` passed through; ``response_format`` not honoured (always base64); ``user``
+    accepted; generation errors are 500 with an ``error`` object."""
+
+    main_path = "/v1/images/variations"
+
+    def __init__(self, api_key: str | None = None,
+                 models: tuple[str, ...] = ("SD-Turbo",)) -> None:
+        super().__init__(api_key)
+        self.models = set(models)
+        for prefix in ("/v1", "/api/v1", "/v0", "/api/v0"):
+            self.app.router.add_post(prefix + "/images/variations", self.variations)
+
+    def calls(self, path: str | None = None) -> list[Recorded]:
+        if path is not None:
+            return super().calls(path)
+        return [r for r in self.requests if r.path.endswith("/images/variations")]
+
+    async def variations(self, request: web.Request) -> web.Response:
+        rec: Recorded = request[REC]
+        if request.content_type != "multipart/form-data":
+            return web.json_response({"error": {"message": "Expected multipart/form-data",
+                                                "type": "invalid_request_error"}}, status=400)
+        model = rec.fields.get("model")
+        if not model:
+            return web.json_response({"error": {"message": "model is required",
+                                                "type": "invalid_request_error"}}, status=400)
+        if model not in self.models:
+            return web.json_response({"error": {"message": f"Model {model} not found",
+                                                "type": "not_found"}}, status=404)
+        if "image" not in rec.files:
+            return web.json_response({"error": {"message": "image is required",
+                                                "type": "invalid_request_error"}}, status=400)
+        n = int(rec.fields.get("n", "1"))
+        if not 1 <= n <= 10:
+            return web.json_response({"error": {"message": "n must be between 1 and 10",
+                                                "type": "invalid_request_error"}}, status=400)
+        wh = _wxh(rec.fields.get("size", "512x512")) or (512, 512)
+        data = [{"b64_json": self.b64_image(wh[0], wh[1], i)} for i in range(n)]
+        return web.json_response({"created": int(time.time()), "data": data})
+
+
+# OpenAI's image models on 2026-12-03 (developers.openai.com/api/docs/deprecations):
+ALIVE_IMAGE_MODELS = frozenset({"gpt-image-2", "gpt-image-2-2026-04-21",
+                                "gpt-image-2.5-flare", "gpt-image-2.5-sunburst",
+                                "gpt-image-2.6-flare", "gpt-image-2.6-sunburst"})
+RETIRED_IMAGE_MODELS = frozenset({"dall-e-2", "gpt-image-1", "gpt-image-1-mini",
+                                  "gpt-image-1.5", "chatgpt-image-latest"})
+
+
 class OpenAIEditsFake(FakeUpstream):
-    """``POST /v1/images/edits`` for gpt-image: base64 only, 1024 px and larger."""
+    """``POST /v1/images/edits`` for gpt-image, as strict as the real one.
+
+    Sources: openai/openai-openapi ``CreateImageEditRequest`` (2026-08) and
+    openai-python ``resources/images.py``, as summarised in backends.md. Unknown fields
+    are a 400 ``unknown_parameter``; retired or unknown models ``model_not_found``;
+    ``quality`` ``xhigh``/``max`` only on 2.5/2.6, ``complexity`` only on 2.6,
+    ``input_fidelity`` refused by gpt-image-2; sizes 1024x1024/1536x1024/1024x1536/auto,
+    and from gpt-image-2 on any WxH in multiples of 16 up to 3840 px at most 3:1. Answers
+    are base64 only, photo-like (a 1024 px PNG is 1.5-2 MB) in the ``output_format``
+    asked for, with ``usage``; the safety refusal is ``moderation_blocked``.
+    """
 
     main_path = "/v1/images/edits"
-    EDIT_SIZES = {"1024x1024": (1024, 1024), "1536x1024": (1536, 1024),
-                  "1024x1536": (1024, 1536), "auto": (1024, 1024)}
+    FIELDS = frozenset({"image", "image[]", "mask", "prompt", "model", "n", "size",
+                        "quality", "output_format", "output_compression", "background",
+                        "moderation", "input_fidelity", "complexity", "safety_identifier",
+                        "user", "partial_images", "stream", "response_format"})
+    FIXED_SIZES = {"1024x1024": (1024, 1024), "1536x1024": (1536, 1024),
+                   "1024x1536": (1024, 1536), "auto": (1024, 1024)}
 
     def __init__(self, api_key: str | None = None) -> None:
         super().__init__(api_key)
         self.app.router.add_post(self.main_path, self.edits)
+
+    async def http_fault(self, request: web.Request, fault: str) -> web.StreamResponse:
+        if fault == "content_policy":  # gpt-image's safety refusal
+            return web.json_response({"error": {
+                "message": "Your request was rejected by the safety system. "
+                           f"({request.headers.get('Authorization', '')})",
+                "type": "image_generation_user_error", "param": None,
+                "code": "moderation_blocked"}}, status=400)
+        return await super().http_fault(request, fault)
+
+    def _size(self, model: str, size: str) -> tuple[int, int] | None:
+        if size in self.FIXED_SIZES:
+            return self.FIXED_SIZES[size]
+        wh = _wxh(size)
+        if wh is None or model.startswith("gpt-image-1"):
+            return None
+        w, h = wh
+        ok = w % 16 == 0 and h % 16 == 0 and max(w, h) <= 3840 and max(w, h) <= 3 * min(w, h)
+        return wh if ok else None
+
+    def _refusal(self, rec: Recorded) -> web.Response | None:
+        f = rec.fields
+        unknown = set(f) - self.FIELDS
+        if unknown:
+            return reject(400, f"Unknown parameter: '{sorted(unknown)[0]}'.",
+                          "unknown_parameter")
+        model = f.get("model", "")
+        if model not in ALIVE_IMAGE_MODELS:
+            return reject(404, f"The model `{model}` does not exist or you do not have "
+                          "access to it.", "model_not_found")
+        if not f.get("prompt"):
+            return reject(400, "'prompt' is a required property")
+        quality = f.get("quality", "auto")
+        late = model.startswith(("gpt-image-2.5", "gpt-image-2.6"))
+        if quality not in ("low", "medium", "high", "auto") and not (
+                late and quality in ("xhigh", "max")):
+            return reject(400, f"Invalid value: '{quality}'.", "invalid_value")
+        if "complexity" in f and not model.startswith("gpt-image-2.6"):
+            return reject(400, "complexity is not supported for this model.",
+                          "invalid_value")
+        if "input_fidelity" in f and model.startswith("gpt-image-2"):
+            return reject(400, "input_fidelity is not supported for this model.",
+                          "invalid_value")
+        fmt = f.get("output_format", "png")
+        if fmt not in ("png", "jpeg", "webp") or (
+                "output_compression" in f and fmt == "png"):
+            return reject(400, "Invalid output_format or output_compression.",
+                          "invalid_value")
+        if f.get("background", "auto") not in ("auto", "opaque", "transparent") or \
+                f.get("moderation", "auto") not in ("auto", "low"):
+            return reject(400, "Invalid value.", "invalid_value")
+        if not 1 <= int(f.get("n", "1")) <= 10 or self._size(
+                model, f.get("size", "auto")) is None:
+            return reject(400, "Invalid value.", "invalid_value")
+        return None
 
     async def edits(self, request: web.Request) -> web.Response:
         rec: Recorded = request[REC]
@@ -299,23 +525,25 @@ class OpenAIEditsFake(FakeUpstream):
             return reject(400, "'image' is a required property")
         if not (_is_png(image[2]) or image[2][:3] == b"\xff\xd8\xff"):
             return reject(400, "Invalid image file or mode.")
-        if not rec.fields.get("prompt"):
-            return reject(400, "'prompt' is a required property")
-        if not rec.fields.get("model", "").startswith("gpt-image"):
-            return reject(400, "Invalid model for edits.", "invalid_value")
-        n = int(rec.fields.get("n", "1"))
-        size = rec.fields.get("size", "auto")
-        if not 1 <= n <= 10 or size not in self.EDIT_SIZES:
-            return reject(400, "Invalid value.", "invalid_value")
-        if rec.fields.get("quality", "auto") not in ("low", "medium", "high", "auto"):
-            return reject(400, "Invalid quality.", "invalid_value")
-        w, h = self.EDIT_SIZES[size]
+        refusal = self._refusal(rec)
+        if refusal is not None:
+            return refusal
+        f = rec.fields
+        n = int(f.get("n", "1"))
+        size = self._size(f["model"], f.get("size", "auto"))
+        assert size is not None
+        fmt = f.get("output_format", "png")
         offset = len(self.calls()) * 100
+        data = [{"b64_json": base64.b64encode(self.make_image(
+            size[0], size[1], offset + i, {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt],
+            photo=True)).decode()} for i in range(n)]
         return web.json_response({
-            "created": int(time.time()),
-            "data": [{"b64_json": self.b64_image(w, h, offset + i)} for i in range(n)],
-            "usage": {"input_tokens": 50, "output_tokens": 272 * n, "total_tokens": 50 + 272 * n,
-                      "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}},
+            "created": int(time.time()), "data": data,
+            "usage": {"input_tokens": 50 + 323, "output_tokens": 272 * n,
+                      "total_tokens": 373 + 272 * n,
+                      "input_tokens_details": {"text_tokens": 50, "image_tokens": 323}},
+            "size": f"{size[0]}x{size[1]}", "quality": f.get("quality", "auto"),
+            "output_format": fmt, "background": f.get("background", "opaque"),
         })
 
 

@@ -28,7 +28,13 @@ from PIL import Image
 from support import auth
 
 from gateway import backends
-from gateway.backends.base import BackendError, BackendOptions, BackendState, VariationRequest
+from gateway.backends.base import (
+    BackendError,
+    BackendOptions,
+    BackendState,
+    Generation,
+    VariationRequest,
+)
 from gateway.keys import ROUTER
 
 KIND = "instrumented"
@@ -70,7 +76,7 @@ class InstrumentedBackend:
     async def check(self) -> BackendState:
         return BackendState(self.name, KIND, True)
 
-    async def generate(self, request: VariationRequest) -> list[bytes]:
+    async def generate(self, request: VariationRequest) -> Generation:
         self.calls.append(request.n)
         self.requests.append(request)
         self.in_flight += 1
@@ -79,7 +85,7 @@ class InstrumentedBackend:
             await self.gate.wait()
             if self.options.fail:
                 raise BackendError(502, "instrumented backend failure", kind="http_5xx")
-            return [_image(request, i) for i in range(request.n)]
+            return Generation([_image(request, i) for i in range(request.n)])
         finally:
             self.in_flight -= 1
 
@@ -120,9 +126,12 @@ def register(monkeypatch: pytest.MonkeyPatch, gateway_client: Any) -> Start:
 
 
 def variation_form(image: bytes, n: int = 1, size: str = "256x256", user: str | None = None,
-                   response_format: str = "b64_json") -> aiohttp.FormData:
+                   response_format: str = "b64_json", model: str | None = None
+                   ) -> aiohttp.FormData:
     form = aiohttp.FormData()
     form.add_field("image", image, filename="layer.png", content_type="image/png")
+    if model is not None:
+        form.add_field("model", model)
     form.add_field("n", str(n))
     form.add_field("size", size)
     form.add_field("response_format", response_format)

@@ -86,7 +86,7 @@ def test_dump_masks_secrets() -> None:
     cfg = parse_config(
         "backends:\n"
         "  - {name: sd, kind: sdwebui, base_url: 'https://tok-SECRET@sd.internal:7860'}\n"
-        "  - {name: up, kind: openai, base_url: 'https://h.example/v1?api-key=SECRET2&x=1'}\n",
+        "  - {name: up, kind: openai, model: sd-xl, base_url: 'https://h.example/v1?api-key=SECRET2&x=1'}\n",
         env={})
     text = dump_config(cfg)
     assert "SECRET" not in text
@@ -135,7 +135,7 @@ def test_header_values_lose_surrounding_whitespace() -> None:
     every upstream request fail on an invalid header while /readyz said ready."""
     cfg = parse_config(
         "auth: {mode: none}\nbackends:\n"
-        "  - {name: up, kind: openai, base_url: 'http://u/v1', api_key: '${KEY}',\n"
+        "  - {name: up, kind: openai, model: m, base_url: 'http://u/v1', api_key: '${KEY}',\n"
         "     organization: ' org-1 ', project: \"proj\\t\"}\n"
         "  - {name: sd, kind: sdwebui, base_url: 'http://s', username: \"art\\n\",\n"
         "     password: '${PW}'}\n",
@@ -151,9 +151,9 @@ def test_a_key_with_a_control_character_inside_is_refused_without_showing_it(
         inner: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("auth: {mode: none}\nbackends:\n"
-                     "  - name: up\n    kind: openai\n    base_url: 'http://u/v1'\n"
+                     "  - name: up\n    kind: openai\n    model: m\n    base_url: 'http://u/v1'\n"
                      "    api_key: '${KEY}'\n", env={"KEY": inner})
     message = str(info.value)
-    assert "line 6" in message and "backends[0].api_key" in message
+    assert "line 7" in message and "backends[0].api_key" in message
     assert "control character" in message
     assert "sk-abc" not in message and "def" not in message

@@ -21,9 +21,9 @@ from fakes_upstreams import (
     ComfyUIFake,
     FakeUpstream,
     OpenAIEditsFake,
-    OpenAIVariationsFake,
     Recorded,
     SdWebUIFake,
+    XinferenceFake,
 )
 from instrumented_backend import Answer, usage, vary
 from PIL import Image
@@ -35,6 +35,7 @@ KEY = "sk-test-upstream-" + secrets.token_hex(8)
 SD_USER = "artist"
 WORKFLOW = str(ROOT / "config" / "comfyui-workflow.json")
 NAME = "up"
+XINFERENCE_MODEL = "sd-img2img-7f3a"  # a launched model's UID
 # Fast figures so the fault matrix runs in seconds; the policy is the same.
 FAST: dict[str, Any] = {
     "timeout_seconds": 1.0, "connect_timeout_seconds": 0.5,
@@ -46,8 +47,8 @@ HANG_GUARD_S = 20.0
 
 
 def make_fake(kind: str, key: str = KEY) -> FakeUpstream:
-    if kind == "openai":
-        return OpenAIVariationsFake(key)
+    if kind == "openai":  # the maintained variations server most teams run
+        return XinferenceFake(key, models=(XINFERENCE_MODEL,))
     if kind == "openai_edits":
         return OpenAIEditsFake(key)
     if kind == "sdwebui":
@@ -61,7 +62,9 @@ def backend_entry(kind: str, url: str, key: str = KEY, name: str = NAME, **extra
                   ) -> dict[str, Any]:
     """A ``backends[]`` entry for ``kind`` at ``url`` (the fake's origin)."""
     entry: dict[str, Any] = {"name": name, "kind": kind, **FAST}
-    if kind in ("openai", "openai_edits"):
+    if kind == "openai":
+        entry.update(base_url=url + "/v1", api_key=key, model=XINFERENCE_MODEL)
+    elif kind == "openai_edits":
         entry.update(base_url=url + "/v1", api_key=key)
     elif kind == "sdwebui":
         entry.update(base_url=url, username=SD_USER, password=key)

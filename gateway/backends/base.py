@@ -44,8 +44,49 @@ class VariationRequest:
 
 
 @dataclass(frozen=True)
+class TokenUsage:
+    """What an upstream that bills per token reported for one generation (gpt-image's
+    ``usage``), summed over the calls that made it."""
+
+    text_input_tokens: int = 0
+    image_input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(self.text_input_tokens + other.text_input_tokens,
+                          self.image_input_tokens + other.image_input_tokens,
+                          self.output_tokens + other.output_tokens)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What :meth:`Backend.generate` returns: the images, and the upstream's token usage
+    where it reports one (the actual cost of the call, when token prices are set)."""
+
+    images: list[bytes]
+    usage: TokenUsage | None = None
+
+
+SIZE_LABELS = ("256x256", "512x512", "1024x1024")
+
+
+@dataclass(frozen=True)
 class BackendOptions:
-    """Base for a backend's typed options (the keys beside ``name`` and ``kind``)."""
+    """Base for a backend's typed options (the keys beside ``name`` and ``kind``).
+
+    Pricing is per backend: :meth:`default_pricing` gives the table an admin's
+    ``pricing`` entries override, and :meth:`price_key` picks the entry one image costs.
+    Self-hosted backends cost no upstream money by default (set ``pricing`` to charge
+    GPU time against budgets).
+    """
+
+    def default_pricing(self) -> dict[str, float]:
+        """USD per image, by size label (or by another key :meth:`price_key` returns)."""
+        return dict.fromkeys(SIZE_LABELS, 0.0)
+
+    def price_key(self, size_label: str) -> str:
+        """The ``pricing`` entry an image of ``size_label`` costs."""
+        return size_label
 
 
 class BackendError(ApiError):
@@ -105,7 +146,7 @@ class Backend(Protocol):
         """Release what ``start`` opened."""
         ...
 
-    async def generate(self, request: VariationRequest) -> list[bytes]:
+    async def generate(self, request: VariationRequest) -> Generation:
         """Return exactly ``request.n`` PNG images of ``request.size`` squared pixels.
 
         Raises :class:`BackendError` for upstream failures.

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import aiohttp
 import structlog
 
-from gateway.backends.base import BackendOptions, VariationRequest
+from gateway.backends.base import BackendOptions, Generation, VariationRequest
 from gateway.backends.http import (
     HttpBackend,
     UpstreamError,
@@ -192,7 +192,7 @@ class ComfyUIBackend(HttpBackend):
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def generate(self, request: VariationRequest) -> list[bytes]:
+    async def generate(self, request: VariationRequest) -> Generation:
         image = await self._upload(request)
         prompt_id = await self._queue(request, image)
         try:
@@ -201,7 +201,7 @@ class ComfyUIBackend(HttpBackend):
             self._forget(prompt_id)
             raise
         images = await gather_all(*(self._fetch(i) for i in self._pick(outputs, request.n)))
-        return await to_pngs(self.name, images, request.size)
+        return Generation(await to_pngs(self.name, images, request.size))
 
 
 def _node_images(node: Any) -> list[Any]:

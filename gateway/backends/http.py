@@ -72,30 +72,69 @@ def bad_response(name: str, what: str) -> UpstreamError:
                          code="upstream_bad_response", kind="bad_response")
 
 
-def _error_code(body: bytes) -> tuple[str, str]:
-    """``(code, message)`` of an OpenAI-style error body, lower-cased; never returned."""
+def _error_fields(body: bytes) -> tuple[str, str]:
+    """``(code, text)`` of an upstream error body, lower-cased; for classification only,
+    never returned. Knows the OpenAI envelope ``{"error": {code, type, message}}`` (also
+    Lemonade's), FastAPI's ``{"detail": ...}`` (Xinference, Forge) and A1111's
+    ``{"error", "detail", "errors"}``; ``text`` joins every message-like field."""
     try:
-        err = json.loads(body).get("error")
-    except (ValueError, AttributeError, RecursionError):  # RecursionError: deep nesting
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: deep nesting
         return "", ""
-    if isinstance(err, str):
-        return "", err.lower()
-    if not isinstance(err, dict):
+    if not isinstance(doc, dict):
         return "", ""
-    return str(err.get("code") or "").lower(), str(err.get("message") or "").lower()
+    err, texts, code = doc.get("error"), [], ""
+    if isinstance(err, dict):
+        code = str(err.get("code") or "")
+        texts += [str(err.get(k) or "") for k in ("message", "type")]
+    elif isinstance(err, str):
+        texts.append(err)
+    for key in ("detail", "errors", "message"):
+        if isinstance(doc.get(key), str):
+            texts.append(doc[key])
+    return code.lower(), " ".join(texts).lower()
 
 
-def status_error(name: str, status: int, headers: Mapping[str, str], body: bytes
-                 ) -> UpstreamError:
-    """Map an upstream HTTP error status to what the client and the router need."""
+# A 5xx whose body says the failure is in the input or the configuration: the same call
+# fails the same way again, so it is not retried against the same backend (the route may
+# still fall back). WebUI: "Invalid encoded image" (A1111 api.py decode_base64_to_image);
+# Lemonade: ``model_load_error``; Xinference: pipeline ValueErrors surface as 500 with the
+# exception text in ``detail``.
+_DETERMINISTIC_5XX = ("invalid encoded image", "model_load_error", "validation error",
+                      "invalid input image", "cannot identify image file",
+                      "invalid image", "not found in the model list", "model not found")
+_MODEL_GONE = ("model_not_found", "model not found", "does not exist", "not found in the "
+               "model list", "has been deprecated", "was retired", "has been retired")
+
+
+def model_retired(name: str, model: str) -> UpstreamError:
+    """The upstream says ``model`` does not exist (any more): no retry fixes that, but it
+    is this backend's fault (a breaker failure) and the route's next backend may serve."""
+    return UpstreamError(
+        502, f"Backend {name!r} asked for model {model!r}, which its upstream says does not "
+        "exist or was retired; the gateway admin must change the backend's model.",
+        code="upstream_model_retired", kind="model_retired", should_retry=False)
+
+
+def status_error(name: str, status: int, headers: Mapping[str, str], body: bytes,
+                 model: str | None = None) -> UpstreamError:
+    """Map an upstream HTTP error status to what the client and the router need.
+
+    ``model``: the upstream model name the call asked for, so that an answer saying it
+    does not exist becomes ``upstream_model_retired`` rather than a generic 4xx.
+    """
     retry_after = parse_retry_after(headers)
-    if status == 400:
-        code, message = _error_code(body)
-        if code in _CONTENT_POLICY_CODES or "safety system" in message:
-            return UpstreamError(
-                400, "Your request was rejected as a result of the upstream's safety system.",
-                code="content_policy_violation", kind="content_policy", retryable=False,
-                trips_breaker=False)
+    code, text = _error_fields(body)
+    if status == 400 and (code in _CONTENT_POLICY_CODES or "safety system" in text):
+        return UpstreamError(
+            400, "Your request was rejected as a result of the upstream's safety system.",
+            code="content_policy_violation", kind="content_policy", retryable=False,
+            trips_breaker=False)
+    if model and 400 <= status < 500 and status not in (401, 403, 408, 409, 429) and (
+            code == "model_not_found"
+            or (status == 404 and model.lower() in text)
+            or (status == 404 and any(marker in text for marker in _MODEL_GONE))):
+        return model_retired(name, model)
     if status in (401, 403):
         return UpstreamError(502, f"Backend {name!r} rejected the gateway's credentials; "
                              "the gateway admin must fix its upstream key.",
@@ -109,8 +148,11 @@ def status_error(name: str, status: int, headers: Mapping[str, str], body: bytes
                              code="upstream_unavailable", kind="http_503", transient=True,
                              retry_after=retry_after)
     if status >= 500:
+        deterministic = code == "model_load_error" or any(
+            marker in text for marker in _DETERMINISTIC_5XX)
         return UpstreamError(502, f"Backend {name!r} failed (HTTP {status}).",
-                             code="upstream_error", kind="http_5xx", transient=True)
+                             code="upstream_error", kind="http_5xx",
+                             transient=not deterministic)
     if status in (408, 409):
         return UpstreamError(502, f"Backend {name!r} failed (HTTP {status}).",
                              code="upstream_error", kind="http_4xx", transient=True)
@@ -254,11 +296,13 @@ class HttpBackend:
         return self._session
 
     async def request(self, method: str, path: str, *, url: str | None = None,
-                      authed: bool = True, **kwargs: Any) -> tuple[bytes, str]:
+                      authed: bool = True, model: str | None = None, **kwargs: Any
+                      ) -> tuple[bytes, str]:
         """One HTTP exchange: ``(body, content_type)`` of a 2xx, else ``UpstreamError``.
 
         ``path`` is joined to ``base_url``; ``url`` (a URL the upstream handed out) is
-        used as is and gets none of our credentials.
+        used as is and gets none of our credentials. ``model``: the upstream model the
+        call names (see :func:`status_error`).
         """
         session = self._require_session()
         target = url if url is not None else self.base_url + path
@@ -268,7 +312,7 @@ class HttpBackend:
                                        allow_redirects=False, **kwargs) as resp:
                 body = await _read(resp, self.name)
                 if resp.status >= 300:
-                    raise status_error(self.name, resp.status, resp.headers, body)
+                    raise status_error(self.name, resp.status, resp.headers, body, model)
                 return body, resp.content_type
         except UpstreamError:
             raise
@@ -297,7 +341,9 @@ class HttpBackend:
     async def download(self, url: str) -> bytes:
         """An image URL the upstream returned (signed URLs need no key)."""
         if not re.match(r"^https?://", url):
-            raise bad_response(self.name, "image URL is not http(s)")
+            # Xinference answers response_format=url with a path on its own disk.
+            raise bad_response(self.name, "an image 'url' that is not an http(s) URL, "
+                               "perhaps a path on the upstream's own disk")
         body, _ = await self.request("GET", "", url=url, authed=False)
         return body
 

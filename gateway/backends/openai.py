@@ -1,18 +1,26 @@
 """``kind: openai``: any server that still speaks ``POST /v1/images/variations``.
 
-Another instance of this gateway, a self-hosted or vendor server. The request is the
-multipart form the OpenAI SDK writes (an ``image`` file part, every other field a text
-part), sent with the gateway's own upstream key and the HMAC-hashed end user only.
+Xinference, AMD Lemonade, another instance of this gateway. OpenAI itself stopped
+serving the route with dall-e-2 (2026-05-12), so there is no default ``model``: these
+servers want one of their own model names (Xinference: the UID of a launched model).
+The request is the multipart form the OpenAI SDK writes (an ``image`` file part, every
+other field a text part), sent with the gateway's own upstream key and the HMAC-hashed
+end user only. ``b64_json`` is always asked for: Xinference answers ``url`` with a path
+on its own disk, and Lemonade answers base64 whatever is asked. Xinference's img2img
+pipelines refuse a missing ``prompt``, so one is always sent; ``extra`` goes as its
+``kwargs`` JSON (xorbitsai/inference ``restful_api.py`` ``create_variations``).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import aiohttp
 
-from gateway.backends.base import BackendOptions, VariationRequest
+from gateway.backends.base import BackendOptions, Generation, VariationRequest
 from gateway.backends.http import (
     HttpBackend,
     check_base_url,
@@ -22,23 +30,33 @@ from gateway.backends.http import (
     to_pngs,
 )
 
+DEFAULT_PROMPT = "A variation of this image."
+MODEL_REQUIRED = (
+    "model is required: the upstream expects one of its own model names (Xinference: "
+    "the UID of a model launched on it; Lemonade: a model it lists; another gateway: "
+    "dall-e-2 or one of its backend names)")
+
 
 @dataclass(frozen=True)
 class OpenAIOptions(BackendOptions):
-    """``base_url`` ends in ``/v1`` (the SDK's convention); ``response_format`` is what we
-    ask the upstream for: both are stored by the gateway either way."""
+    """``base_url`` ends in ``/v1`` (the SDK's convention)."""
 
     base_url: str
+    model: str = ""
     api_key: str = field(default="", repr=False)
     organization: str | None = None
     project: str | None = None
-    model: str = "dall-e-2"
-    response_format: str = "b64_json"
+    # Xinference's img2img pipelines need a prompt; null for an upstream that refuses
+    # the field (another instance of this gateway refuses fields beyond the contract).
+    prompt: str | None = DEFAULT_PROMPT
+    negative_prompt: str | None = None
+    # Extra pipeline arguments, sent as Xinference's ``kwargs`` JSON (e.g. strength).
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_base_url(self.base_url)
-        if self.response_format not in ("url", "b64_json"):
-            raise ValueError("response_format must be 'url' or 'b64_json'")
+        if not self.model.strip():
+            raise ValueError(MODEL_REQUIRED)
 
 
 def openai_headers(api_key: str, organization: str | None, project: str | None
@@ -63,23 +81,41 @@ class OpenAIBackend(HttpBackend):
         self.options = options
 
     @property
+    def model(self) -> str:
+        return self.options.model
+
+    @property
     def identity(self) -> str:
-        return f"openai:{strip_userinfo(self.base_url)}:{self.options.model}"
+        o = self.options
+        extra = json.dumps(dict(o.extra), sort_keys=True)
+        return (f"openai:{strip_userinfo(self.base_url)}:{o.model}:{o.prompt}:"
+                f"{o.negative_prompt}:{extra}")
 
     def headers(self) -> dict[str, str]:
         o = self.options
         return {**super().headers(), **openai_headers(o.api_key, o.organization, o.project)}
 
-    async def generate(self, request: VariationRequest) -> list[bytes]:
+    def form(self, request: VariationRequest) -> aiohttp.FormData:
+        o = self.options
         form = aiohttp.FormData()
         form.add_field("image", request.image.png, filename="image.png",
                        content_type="image/png")
-        form.add_field("model", self.options.model)
+        form.add_field("model", o.model)
+        if o.prompt:
+            form.add_field("prompt", o.prompt)
+        if o.negative_prompt:
+            form.add_field("negative_prompt", o.negative_prompt)
         form.add_field("n", str(request.n))
         form.add_field("size", f"{request.size}x{request.size}")
-        form.add_field("response_format", self.options.response_format)
+        form.add_field("response_format", "b64_json")
+        if o.extra:
+            form.add_field("kwargs", json.dumps(dict(o.extra)))
         if request.user is not None:
             form.add_field("user", request.user)
-        payload = await self.request_json("POST", "/images/variations", data=form)
+        return form
+
+    async def generate(self, request: VariationRequest) -> Generation:
+        payload = await self.request_json("POST", "/images/variations", model=self.model,
+                                          data=self.form(request))
         images = await openai_images(self, data_items(self.name, payload, request.n))
-        return await to_pngs(self.name, images, request.size)
+        return Generation(await to_pngs(self.name, images, request.size))

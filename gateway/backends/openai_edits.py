@@ -2,18 +2,30 @@
 
 dall-e-2 is gone; a variation is now an edit of the source with a prompt asking for a
 close variation. gpt-image answers only base64 and only at 1024 px or more, so results
-are resized to the requested size. ``images_per_call`` splits ``n`` for models or
-accounts that cap ``n`` per call; the calls run concurrently.
+are resized to the requested size; since they are resized anyway, the upstream is asked
+for JPEG by default (a tenth of a PNG's bytes, and much cheaper to decode).
+``images_per_call`` splits ``n`` for models or accounts that cap ``n`` per call; the calls
+run concurrently.
+
+Field facts (openai/openai-openapi ``CreateImageEditRequest``; backends.md): the end
+user goes as ``safety_identifier`` (it supersedes ``user``); ``quality`` ``xhigh`` and
+``max`` exist on the 2.5 and 2.6 models only, ``complexity`` on 2.6 only; unknown fields
+are refused, so optional fields are sent only when the admin set them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import aiohttp
 
-from gateway.backends.base import BackendOptions, VariationRequest
+from gateway.backends.base import (
+    BackendOptions,
+    Generation,
+    TokenUsage,
+    VariationRequest,
+)
 from gateway.backends.http import (
     HttpBackend,
     batches,
@@ -26,8 +38,19 @@ from gateway.backends.http import (
 )
 from gateway.backends.openai import openai_headers
 
+# A model alive on 2026-12-03 with a dated snapshot (gpt-image-2-2026-04-21) and
+# published per-image estimates. Models retire on a schedule: the lifecycle watcher
+# warns before this one does.
+DEFAULT_MODEL = "gpt-image-2"
 DEFAULT_PROMPT = ("A close variation of this image: the same subject, composition and "
                   "style, with different details.")
+QUALITIES = ("low", "medium", "high", "auto", "xhigh", "max")
+# USD per 1024x1024 image for gpt-image-2: ESTIMATES (gpt-image bills per token), the
+# upper end of the published figures in backends.md, so budgets err on the safe side.
+# ``auto`` lets the upstream pick, up to ``high``; ``xhigh``/``max`` (2.5/2.6 models
+# only) have no published figure: set ``pricing`` or ``token_prices`` for them.
+ESTIMATED_PRICES = {"low": 0.02, "medium": 0.07, "high": 0.21, "auto": 0.21,
+                    "xhigh": 0.21, "max": 0.21}
 
 
 @dataclass(frozen=True)
@@ -36,20 +59,66 @@ class OpenAIEditsOptions(BackendOptions):
     api_key: str = field(default="", repr=False)
     organization: str | None = None
     project: str | None = None
-    model: str = "gpt-image-1-mini"
+    model: str = DEFAULT_MODEL
     prompt: str = DEFAULT_PROMPT
-    quality: str = "auto"  # low | medium | high | auto
+    quality: str = "auto"  # low | medium | high | auto | xhigh | max (2.5/2.6 only)
+    complexity: str | None = None  # low | medium | high: gpt-image-2.6 only
+    background: str | None = None  # auto | opaque | transparent
+    moderation: str | None = None  # auto | low
+    # What the upstream encodes its answer as: the gateway re-encodes to PNG at the
+    # asked size either way, so jpeg (small, fast to decode) is the default.
+    output_format: str = "jpeg"  # png | jpeg | webp
+    output_compression: int | None = 90  # 0..100, jpeg and webp only
     upstream_size: str = "1024x1024"  # square: the gateway answers squares
     images_per_call: int = 10
 
     def __post_init__(self) -> None:
         check_base_url(self.base_url)
-        if self.quality not in ("low", "medium", "high", "auto"):
-            raise ValueError("quality must be one of low, medium, high, auto")
+        if not self.model.strip():
+            raise ValueError("model must not be empty")
+        if self.quality not in QUALITIES:
+            raise ValueError(f"quality must be one of {', '.join(QUALITIES)}")
+        for name, allowed in (("complexity", ("low", "medium", "high")),
+                              ("background", ("auto", "opaque", "transparent")),
+                              ("moderation", ("auto", "low"))):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+        if self.output_format not in ("png", "jpeg", "webp"):
+            raise ValueError("output_format must be one of png, jpeg, webp")
+        if self.output_compression is not None and not 0 <= self.output_compression <= 100:
+            raise ValueError("output_compression must be between 0 and 100")
         if not self.prompt.strip():
             raise ValueError("prompt must not be empty")
         if not 1 <= self.images_per_call <= 10:
             raise ValueError("images_per_call must be between 1 and 10")
+
+    def default_pricing(self) -> dict[str, float]:
+        """Per quality, not per size: the upstream always draws ``upstream_size``."""
+        return dict(ESTIMATED_PRICES)
+
+    def price_key(self, size_label: str) -> str:
+        return self.quality
+
+
+def usage_of(payload: Any) -> TokenUsage | None:
+    """gpt-image's ``usage``: ``input_tokens`` split by ``input_tokens_details`` into
+    text and image tokens, and ``output_tokens`` (image output)."""
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("input_tokens_details")
+    details = details if isinstance(details, dict) else {}
+
+    def count(mapping: dict[str, Any], key: str) -> int:
+        value = mapping.get(key)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    total_in = count(usage, "input_tokens")
+    image_in = count(details, "image_tokens")
+    text_in = count(details, "text_tokens") if "text_tokens" in details else max(
+        0, total_in - image_in)
+    return TokenUsage(text_in, image_in, count(usage, "output_tokens"))
 
 
 class OpenAIEditsBackend(HttpBackend):
@@ -61,33 +130,50 @@ class OpenAIEditsBackend(HttpBackend):
         self.options = options
 
     @property
+    def model(self) -> str:
+        return self.options.model
+
+    @property
     def identity(self) -> str:
         o = self.options
         return (f"openai_edits:{strip_userinfo(self.base_url)}:{o.model}:{o.quality}:"
-                f"{o.upstream_size}:{o.prompt}")
+                f"{o.complexity}:{o.background}:{o.moderation}:{o.upstream_size}:{o.prompt}")
 
     def headers(self) -> dict[str, str]:
         o = self.options
         return {**super().headers(), **openai_headers(o.api_key, o.organization, o.project)}
 
-    async def _edit(self, request: VariationRequest, count: int) -> list[bytes]:
+    def form(self, request: VariationRequest, count: int) -> aiohttp.FormData:
+        """The multipart body the official SDK would send; optional fields only when set
+        (the upstream refuses fields a model does not take)."""
         o = self.options
         form = aiohttp.FormData()
         form.add_field("image", request.image.png, filename="image.png",
                        content_type="image/png")
-        form.add_field("prompt", o.prompt)
-        form.add_field("model", o.model)
-        form.add_field("n", str(count))
-        form.add_field("size", o.upstream_size)
-        form.add_field("quality", o.quality)
-        if request.user is not None:
-            form.add_field("user", request.user)
-        payload = await self.request_json("POST", "/images/edits", data=form)
-        return await openai_images(self, data_items(self.name, payload, count))
+        fields: dict[str, str | int | None] = {
+            "prompt": o.prompt, "model": o.model, "n": count, "size": o.upstream_size,
+            "quality": o.quality, "complexity": o.complexity, "background": o.background,
+            "moderation": o.moderation, "output_format": o.output_format,
+            "output_compression": o.output_compression if o.output_format != "png" else None,
+            "safety_identifier": request.user,
+        }
+        for key, value in fields.items():
+            if value is not None:
+                form.add_field(key, str(value))
+        return form
 
-    async def generate(self, request: VariationRequest) -> list[bytes]:
+    async def _edit(self, request: VariationRequest, count: int
+                    ) -> tuple[list[bytes], TokenUsage | None]:
+        payload = await self.request_json("POST", "/images/edits", model=self.options.model,
+                                          data=self.form(request, count))
+        images = await openai_images(self, data_items(self.name, payload, count))
+        return images, usage_of(payload)
+
+    async def generate(self, request: VariationRequest) -> Generation:
         parts = await gather_all(*(
             self._edit(request, count)
             for _, count in batches(request.n, self.options.images_per_call)))
-        images = [image for part in parts for image in part]
-        return await to_pngs(self.name, images, request.size)
+        images = [image for part, _ in parts for image in part]
+        usages = [usage for _, usage in parts if usage is not None]
+        total = sum(usages, TokenUsage()) if usages else None
+        return Generation(await to_pngs(self.name, images, request.size), total)

@@ -41,7 +41,13 @@ from typing import ClassVar, Literal
 
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
-from gateway.backends.base import BackendError, BackendOptions, BackendState, VariationRequest
+from gateway.backends.base import (
+    BackendError,
+    BackendOptions,
+    BackendState,
+    Generation,
+    VariationRequest,
+)
 
 # Bump when a change to the recipe would change the images for the same seed: it is part
 # of ``identity`` and so of the cache key.
@@ -406,14 +412,14 @@ class ProceduralBackend:
             },
         )
 
-    async def generate(self, request: VariationRequest) -> list[bytes]:
+    async def generate(self, request: VariationRequest) -> Generation:
         """Split the ``n`` images into one chunk per worker and run them in parallel."""
         executor = self._executor
         if executor is None:
             raise BackendError(503, f"backend {self.name!r} is not started",
                                kind="not_started", retryable=True)
         if request.n <= 0:
-            return []
+            return Generation([])
         seeds = [request.seed + i for i in range(request.n)]
         chunks = [seeds[k::self.workers] for k in range(min(self.workers, request.n))]
         loop = asyncio.get_running_loop()
@@ -444,4 +450,4 @@ class ProceduralBackend:
         images: list[bytes] = [b""] * request.n
         for k, chunk_images in enumerate(results):
             images[k::self.workers] = chunk_images
-        return images
+        return Generation(images)

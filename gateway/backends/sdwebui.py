@@ -11,7 +11,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from gateway.backends.base import BackendOptions, VariationRequest
+from gateway.backends.base import BackendOptions, Generation, VariationRequest
 from gateway.backends.http import (
     HttpBackend,
     bad_response,
@@ -110,8 +110,8 @@ class SdWebUIBackend(HttpBackend):
         # Extensions (ControlNet ...) may append extra images after the batch.
         return [decode_b64(self.name, item) for item in images[:count]]
 
-    async def generate(self, request: VariationRequest) -> list[bytes]:
+    async def generate(self, request: VariationRequest) -> Generation:
         images: list[bytes] = []
         for offset, count in batches(request.n, self.options.max_batch_size):
             images += await self._img2img(request, offset, count)
-        return await to_pngs(self.name, images, request.size)
+        return Generation(await to_pngs(self.name, images, request.size))

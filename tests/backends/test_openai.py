@@ -1,26 +1,39 @@
-"""``kind: openai``: another server that still speaks ``/v1/images/variations``."""
+"""``kind: openai``: servers that still speak ``/v1/images/variations``.
+
+The shared matrix runs against a Xinference-shaped fake (the default of
+``upstream_cases.make_fake``), then the Lemonade-shaped one and another instance of this
+gateway's contract (strict: no fields beyond OpenAI's).
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
-from fakes_upstreams import Recorded
+from fakes_upstreams import LemonadeFake, OpenAIVariationsFake, Recorded, XinferenceFake
 from instrumented_backend import vary
 from support import png_bytes
 from upstream_cases import (
     FAULT_NAMES,
     KEY,
+    XINFERENCE_MODEL,
     assert_hashed_user,
+    backend_entry,
     run_fault,
     sdk_matrix,
+    serve_fake,
     start_upstream,
 )
 
+from gateway.backends.openai import DEFAULT_PROMPT, MODEL_REQUIRED
+from gateway.config import ConfigError, parse_config
 
-async def test_sdk_every_size_format_and_n(gateway_client: Any) -> None:
+
+async def test_xinference_every_size_format_and_n(gateway_client: Any) -> None:
     up, server = await start_upstream(gateway_client, "openai", organization="org-art",
-                                      project="proj-1")
+                                      project="proj-1", negative_prompt="blurry",
+                                      extra={"strength": 0.6, "seed": 7})
 
     def check(calls: list[Recorded], n: int, size: int) -> None:
         assert len(calls) == 1
@@ -31,10 +44,14 @@ async def test_sdk_every_size_format_and_n(gateway_client: Any) -> None:
         assert c.headers["Content-Type"].startswith("multipart/form-data; boundary=")
         _, content_type, body = c.files["image"]
         assert content_type == "image/png" and body.startswith(b"\x89PNG")
-        assert set(c.fields) == {"model", "n", "size", "response_format", "user"}
-        assert c.fields["model"] == "dall-e-2" and c.fields["n"] == str(n)
+        assert set(c.fields) == {"model", "prompt", "negative_prompt", "n", "size",
+                                 "response_format", "kwargs", "user"}
+        assert c.fields["model"] == XINFERENCE_MODEL and c.fields["n"] == str(n)
+        assert c.fields["prompt"] == DEFAULT_PROMPT
+        assert c.fields["negative_prompt"] == "blurry"
+        assert json.loads(c.fields["kwargs"]) == {"strength": 0.6, "seed": 7}
         assert c.fields["size"] == f"{size}x{size}"
-        assert c.fields["response_format"] == "b64_json"
+        assert c.fields["response_format"] == "b64_json"  # url would be a server path
         assert_hashed_user(c.fields["user"])
 
     try:
@@ -43,25 +60,93 @@ async def test_sdk_every_size_format_and_n(gateway_client: Any) -> None:
         await server.close()
 
 
-async def test_upstream_urls_are_downloaded_without_the_key(gateway_client: Any) -> None:
-    """An upstream answering URLs: the gateway fetches and stores the bytes itself."""
-    up, server = await start_upstream(gateway_client, "openai", response_format="url")
+async def test_xinference_jpeg_answers_are_stored_as_png(gateway_client: Any) -> None:
+    fake = XinferenceFake(KEY, models=(XINFERENCE_MODEL,), image_format="JPEG")
+    up, server = await start_upstream(gateway_client, "openai", fake=fake)
     try:
-        answer = await vary(up.client, png_bytes(64, seed=3), n=3, size="512x512",
-                            response_format="url")
+        answer = await vary(up.client, png_bytes(64, seed=2), n=2, size="512x512")
         assert answer.status == 200, answer.body
-        assert up.fake.calls()[0].fields["response_format"] == "url"
-        downloads = up.fake.calls("/files/" + next(iter(up.fake.files)))
-        assert len([r for r in up.fake.requests if r.path.startswith("/files/")]) == 3
-        for r in up.fake.requests:
-            if r.path.startswith("/files/"):
-                assert "Authorization" not in r.headers
-        for item in answer.body["data"]:
-            assert item["url"].startswith(str(up.client.make_url("/v1/images/files/")))
-            assert up.url not in item["url"]
-        assert downloads
     finally:
         await server.close()
+
+
+async def test_a_server_path_for_a_url_is_a_plain_bad_response(gateway_client: Any) -> None:
+    """Xinference answers ``response_format=url`` with a path on its own disk: should a
+    server send one although b64_json was asked for, the gateway says so."""
+    fake = XinferenceFake(KEY, models=(XINFERENCE_MODEL,))
+    fake.always_paths = True
+    up, server = await start_upstream(gateway_client, "openai", fake=fake)
+    try:
+        answer = await vary(up.client, png_bytes(64), n=1)
+        assert answer.status == 502
+        assert answer.body["error"]["code"] == "upstream_bad_response"
+        assert "not an http(s) URL" in answer.body["error"]["message"]
+    finally:
+        await server.close()
+
+
+async def test_lemonade_every_size_format_and_n(gateway_client: Any) -> None:
+    fake = LemonadeFake(KEY, models=("SD-Turbo",))
+    up, server = await start_upstream(gateway_client, "openai", fake=fake, model="SD-Turbo",
+                                      prompt=None)
+
+    def check(calls: list[Recorded], n: int, size: int) -> None:
+        assert len(calls) == 1
+        c = calls[0]
+        assert c.fields["model"] == "SD-Turbo" and c.fields["n"] == str(n)
+        assert "prompt" not in c.fields
+        assert c.fields["size"] == f"{size}x{size}"
+        assert_hashed_user(c.fields["user"])
+
+    try:
+        await sdk_matrix(up, check)
+    finally:
+        await server.close()
+
+
+async def test_another_gateway_with_prompt_off(gateway_client: Any) -> None:
+    """Another instance of this gateway refuses fields beyond OpenAI's contract."""
+    up, server = await start_upstream(gateway_client, "openai", fake=OpenAIVariationsFake(KEY),
+                                      model="dall-e-2", prompt=None)
+    try:
+        answer = await vary(up.client, png_bytes(64, seed=3), n=3, size="512x512")
+        assert answer.status == 200, answer.body
+        assert set(up.fake.calls()[0].fields) == {"model", "n", "size", "response_format"}
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("fake_kind", ["xinference", "lemonade"])
+async def test_an_unknown_model_is_retired_and_the_route_falls_back(
+        gateway_client: Any, fake_kind: str) -> None:
+    fake = (XinferenceFake(KEY, models=("other",)) if fake_kind == "xinference"
+            else LemonadeFake(KEY, models=("other",)))
+    server, url = await serve_fake(fake)
+    try:
+        entry = backend_entry("openai", url)
+        client = await gateway_client(
+            backends=[entry, {"name": "local", "kind": "procedural", "executor": "thread"}],
+            route=["up", "local"])
+        answer = await vary(client, png_bytes(64, seed=5), n=1)
+        assert answer.status == 200, answer.body  # served by the fallback
+        pinned = await vary(client, png_bytes(64, seed=6), n=1, model="up")
+        assert pinned.status == 502
+        error = pinned.body["error"]
+        assert error["code"] == "upstream_model_retired"
+        assert XINFERENCE_MODEL in error["message"] and "'up'" in error["message"]
+        assert url not in error["message"] and KEY not in error["message"]
+        assert pinned.headers["x-should-retry"] == "false"
+        assert len(fake.calls()) == 2  # never retried against the same backend
+    finally:
+        await server.close()
+
+
+def test_check_config_refuses_an_openai_backend_without_a_model() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("backends:\n  - {name: x, kind: openai, base_url: 'http://x/v1'}\n",
+                     env={})
+    assert MODEL_REQUIRED in str(info.value) and "Xinference" in str(info.value)
+    assert "backends[0]" in str(info.value)
 
 
 @pytest.mark.parametrize("fault", FAULT_NAMES)

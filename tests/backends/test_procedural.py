@@ -115,7 +115,7 @@ def scene_png() -> bytes:
 async def test_exact_count_and_size(backend: ProceduralBackend, scene_png: bytes,
                                     size: int) -> None:
     for n in (1, 10):
-        images = await backend.generate(request(scene_png, n=n, size=size))
+        images = (await backend.generate(request(scene_png, n=n, size=size))).images
         assert len(images) == n
         for png in images:
             image = decode(png)
@@ -125,7 +125,7 @@ async def test_exact_count_and_size(backend: ProceduralBackend, scene_png: bytes
 
 async def test_zero_images_is_an_empty_list(backend: ProceduralBackend,
                                             scene_png: bytes) -> None:
-    assert await backend.generate(request(scene_png, n=0, size=256)) == []
+    assert (await backend.generate(request(scene_png, n=0, size=256))).images == []
 
 
 # --------------------------------------------------------------------------- determinism
@@ -148,7 +148,7 @@ def test_image_i_is_seeded_by_seed_plus_i(scene_png: bytes) -> None:
 async def test_backend_matches_the_pure_function(backend: ProceduralBackend,
                                                  scene_png: bytes) -> None:
     """Worker processes and chunking must not change a single byte."""
-    images = await backend.generate(request(scene_png, n=5, size=256, seed=9))
+    images = (await backend.generate(request(scene_png, n=5, size=256, seed=9))).images
     assert images == make_variations(scene_png, 5, 256, seed=9, strength=0.5)
 
 
@@ -214,7 +214,7 @@ def test_one_pixel_input() -> None:
 
 async def test_large_input(backend: ProceduralBackend) -> None:
     big = scene(2048)
-    images = await backend.generate(request(to_png(big), n=2, size=1024))
+    images = (await backend.generate(request(to_png(big), n=2, size=1024))).images
     assert [decode(p).size for p in images] == [(1024, 1024)] * 2
     assert likeness(decode(images[0]), big) > LIKENESS
 
@@ -238,7 +238,7 @@ async def test_generate_does_not_block_the_event_loop(backend: ProceduralBackend
             await asyncio.sleep(0)
 
     task = asyncio.create_task(ticker())
-    images = await backend.generate(request(to_png(scene(1024)), n=4, size=1024))
+    images = (await backend.generate(request(to_png(scene(1024)), n=4, size=1024))).images
     done.set()
     await task
     assert len(images) == 4
@@ -258,7 +258,7 @@ async def test_lifecycle(scene_png: bytes) -> None:
     state = await backend.check()
     assert state.ready and state.kind == "procedural" and state.name == "local"
     assert "not a neural model" in state.detail
-    first = await backend.generate(request(scene_png, n=2, size=256))
+    first = (await backend.generate(request(scene_png, n=2, size=256))).images
 
     await backend.close()
     await backend.close()  # idempotent
@@ -268,7 +268,7 @@ async def test_lifecycle(scene_png: bytes) -> None:
 
     await backend.start()  # a closed backend can be started again
     try:
-        assert await backend.generate(request(scene_png, n=2, size=256)) == first
+        assert (await backend.generate(request(scene_png, n=2, size=256))).images == first
     finally:
         await backend.close()
 
@@ -277,7 +277,7 @@ async def test_thread_executor(scene_png: bytes) -> None:
     backend = ProceduralBackend("threads", ProceduralOptions(executor="thread", workers=2))
     await backend.start()
     try:
-        images = await backend.generate(request(scene_png, n=3, size=256, seed=4))
+        images = (await backend.generate(request(scene_png, n=3, size=256, seed=4))).images
     finally:
         await backend.close()
     assert images == make_variations(scene_png, 3, 256, seed=4, strength=0.5)
@@ -292,7 +292,7 @@ async def test_a_crashed_worker_is_replaced(backend: ProceduralBackend,
     with pytest.raises(BackendError) as crashed:
         await backend.generate(request(scene_png, n=2, size=256))
     assert crashed.value.kind == "worker_crash" and crashed.value.retryable
-    assert len(await backend.generate(request(scene_png, n=2, size=256))) == 2
+    assert len((await backend.generate(request(scene_png, n=2, size=256))).images) == 2
 
 
 async def test_undecodable_input_is_a_backend_error(backend: ProceduralBackend) -> None:

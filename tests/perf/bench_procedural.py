@@ -73,7 +73,7 @@ async def _measure(options: ProceduralOptions, repeats: int) -> list[dict[str, o
                 ticker = asyncio.create_task(_ticker(lags_ms, stop))
                 for rep in range(repeats):
                     started = time.perf_counter()
-                    images = await backend.generate(_request(png, edge, n, size, rep))
+                    images = (await backend.generate(_request(png, edge, n, size, rep))).images
                     times_ms.append((time.perf_counter() - started) * 1000.0)
                     assert len(images) == n
                 stop.set()
