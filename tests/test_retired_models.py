@@ -13,8 +13,8 @@ from pathlib import Path
 
 from support import ROOT
 
-# dall-e-2 stays the *contract's* model name (clients send it; it means "the route"),
-# so it is checked only where it would be sent upstream: as a backend's ``model:``.
+# dall-e-2 is not in the list: it stays the *contract's* model name (clients send it and
+# it means "the route"; another instance of this gateway takes it as an upstream model).
 RETIRED = ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "chatgpt-image-latest")
 NAME = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(m) for m in RETIRED)
                   + r")(?![\w.-]*\d)(?![\w-])")
@@ -60,9 +60,3 @@ def test_no_retired_model_where_it_could_be_used() -> None:
                 if (bad := offending_lines(p.read_text(encoding="utf-8", errors="replace")))}
     assert not problems, problems
 
-
-def test_dall_e_2_is_never_a_backends_upstream_model() -> None:
-    pattern = re.compile(r"^\s*#?\s*model:\s*dall-e-2\b", re.MULTILINE)
-    for path in _files():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        assert not pattern.search(text), path
