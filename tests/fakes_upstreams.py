@@ -29,6 +29,7 @@ import binascii
 import functools
 import io
 import json
+import random
 import struct
 import time
 import uuid
@@ -260,8 +261,8 @@ class FakeUpstream:
             return data + b"\x00\x00"
         return data
 
-    def b64_image(self, width: int, height: int, index: int) -> str:
-        return base64.b64encode(self.make_image(width, height, index)).decode()
+    def b64_image(self, width: int, height: int, index: int, fmt: str = "PNG") -> str:
+        return base64.b64encode(self.make_image(width, height, index, fmt)).decode()
 
 
 def _is_png(data: bytes) -> bool:
@@ -547,50 +548,207 @@ class OpenAIEditsFake(FakeUpstream):
         })
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """One entry of WebUI's checkpoint list, as ``GET /sdapi/v1/sd-models`` shows it.
+
+    ``aliases`` are what ``override_settings.sd_model_checkpoint`` may name: A1111
+    ``modules/sd_models.py`` ``CheckpointInfo.ids`` (title, file name, name without
+    extension, old hash, shorthash, sha256, "name [hash]" forms).
+    """
+
+    filename: str  # relative to models/Stable-diffusion, e.g. "sd_xl_base_1.0.safetensors"
+    sha256: str
+    old_hash: str = "0badf00d"  # the pre-sha256 8-digit "model hash"
+
+    @property
+    def name_for_extra(self) -> str:
+        """What ``info.sd_model_name`` says: the basename without extension."""
+        return self.filename.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+    @property
+    def shorthash(self) -> str:
+        return self.sha256[:10]
+
+    @property
+    def title(self) -> str:
+        return f"{self.filename} [{self.shorthash}]"
+
+    @property
+    def aliases(self) -> frozenset[str]:
+        model_name = self.filename.replace("/", "_").rsplit(".", 1)[0]
+        return frozenset({self.old_hash, model_name, self.title, self.filename,
+                          self.name_for_extra, f"{self.filename} [{self.old_hash}]",
+                          self.shorthash, self.sha256,
+                          f"{self.name_for_extra} [{self.shorthash}]"})
+
+
+SD15 = Checkpoint("v1-5-pruned-emaonly.safetensors",
+                  "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa")
+SDXL = Checkpoint("sd_xl_base_1.0.safetensors",
+                  "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b")
+# Fields of A1111's StableDiffusionImg2ImgProcessingAPI (modules/api/models.py, built
+# from StableDiffusionProcessingImg2Img in modules/processing.py) the fake uses: every
+# one has a default, and pydantic checks only their types.
+IMG2IMG_DEFAULTS: dict[str, Any] = {
+    "init_images": None, "prompt": "", "negative_prompt": "", "seed": -1, "width": 512,
+    "height": 512, "batch_size": 1, "n_iter": 1, "steps": 50, "cfg_scale": 7.0,
+    "denoising_strength": 0.75, "sampler_name": None, "sampler_index": "Euler",
+    "send_images": True, "save_images": False, "override_settings": None,
+}
+_INT_FIELDS = ("seed", "width", "height", "batch_size", "n_iter", "steps")
+SAMPLES_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
 class SdWebUIFake(FakeUpstream):
-    """AUTOMATIC1111/Forge ``--api`` with optional ``--api-auth user:pass``."""
+    """AUTOMATIC1111/Forge ``--api`` with optional ``--api-auth user:pass``.
+
+    Sources: AUTOMATIC1111/stable-diffusion-webui ``modules/api/api.py`` (commit
+    2fec947: ``img2imgapi``, ``decode_base64_to_image``, ``encode_pil_to_base64``,
+    ``api_middleware``, ``auth``), ``modules/api/models.py``, ``modules/processing.py``
+    (``process_images``, ``Processed.js``), ``modules/sd_models.py``; Forge
+    (lllyasviel/stable-diffusion-webui-forge) for the ``{"detail"}`` error bodies.
+
+    ``flavour``: ``"a1111"`` (also Forge Classic/Neo) answers errors as
+    ``{"error", "detail", "body", "errors"}``; ``"forge"`` as FastAPI's ``{"detail"}``.
+    ``checkpoints``/``loaded``: the installed models and the one in memory.
+    ``samples_format``: the server's output format option. ``name_model_in_info``:
+    ``False`` drops ``sd_model_name``/``sd_model_hash`` from ``info`` (a trimmed fork).
+    """
 
     main_path = "/sdapi/v1/img2img"
-    REQUIRED = {"init_images", "denoising_strength", "prompt", "steps", "cfg_scale",
-                "width", "height", "batch_size", "seed", "sampler_name"}
 
-    def __init__(self, basic: tuple[str, str] | None = None) -> None:
+    def __init__(self, basic: tuple[str, str] | None = None, flavour: str = "a1111",
+                 checkpoints: tuple[Checkpoint, ...] = (SD15, SDXL),
+                 loaded: Checkpoint = SD15, samples_format: str = "png") -> None:
         super().__init__(None)
+        assert flavour in ("a1111", "forge"), flavour
+        assert samples_format in SAMPLES_FORMATS, samples_format
         self.basic = basic
+        self.flavour = flavour
+        self.checkpoints = list(checkpoints)
+        self.loaded = loaded
+        self.samples_format = samples_format
+        self.name_model_in_info = True
+        self.interrupts = 0
         self.app.router.add_post(self.main_path, self.img2img)
         self.app.router.add_get("/sdapi/v1/progress", self.progress)
+        self.app.router.add_post("/sdapi/v1/interrupt", self.interrupt)
+        self.app.router.add_get("/sdapi/v1/sd-models", self.sd_models)
+
+    def error(self, status: int, detail: Any, headers: dict[str, str] | None = None
+              ) -> web.Response:
+        """An ``HTTPException`` as each flavour answers it. A1111's ``api_middleware``
+        ``handle_exception`` wraps every exception; Forge leaves FastAPI's own body."""
+        if self.flavour == "forge":
+            body: dict[str, Any] = {"detail": detail}
+        else:
+            body = {"error": "HTTPException", "detail": detail, "body": "",
+                    "errors": f"{status}: {detail}"}
+        return web.json_response(body, status=status, headers=headers)
 
     def check_auth(self, request: web.Request) -> web.Response | None:
+        """``Api.auth`` behind FastAPI's ``HTTPBasic`` (fastapi/security/http.py): no
+        basic credentials are "Not authenticated", undecodable ones "Invalid
+        authentication credentials", wrong ones "Incorrect username or password"; all
+        401 with ``WWW-Authenticate: Basic``. Every ``/sdapi`` route is guarded. Unlike
+        the fault bodies, these do not echo what was sent (the real ones do not)."""
         if self.basic is None:
             return None
-        expected = "Basic " + base64.b64encode(":".join(self.basic).encode()).decode()
-        given = request.headers.get("Authorization", "")
-        if given != expected:
-            # FastAPI's HTTPBasic answer, plus an echo of what was sent.
-            return web.json_response({"detail": f"Incorrect credentials {given}"}, status=401,
-                                     headers={"WWW-Authenticate": "Basic"})
+        challenge = {"WWW-Authenticate": "Basic"}
+        scheme, _, param = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return self.error(401, "Not authenticated", challenge)
+        try:
+            user, sep, password = base64.b64decode(param, validate=True).decode().partition(":")
+        except (binascii.Error, ValueError):
+            user, sep, password = "", "", ""
+        if not sep:
+            return self.error(401, "Invalid authentication credentials", challenge)
+        if (user, password) != self.basic:
+            return self.error(401, "Incorrect username or password", challenge)
         return None
+
+    def checkpoint(self, alias: object) -> Checkpoint | None:
+        return next((c for c in self.checkpoints if alias in c.aliases), None)
+
+    def decode_init(self, encoding: str) -> bool:
+        """``decode_base64_to_image``: a ``data:image/...;base64,`` prefix is stripped;
+        anything PIL cannot open is a 500 "Invalid encoded image". (A malformed prefix
+        is an IndexError there, also a 500, reported under another ``error`` name.)"""
+        try:
+            if encoding.startswith("data:image/"):
+                encoding = encoding.split(";")[1].split(",")[1]
+            with Image.open(io.BytesIO(base64.b64decode(encoding))) as img:
+                img.load()
+        except Exception:  # A1111 catches everything here too
+            return False
+        return True
 
     async def img2img(self, request: web.Request) -> web.Response:
         body = request[REC].json
-        if not isinstance(body, dict) or self.REQUIRED - set(body):
-            return web.json_response({"detail": "missing fields"}, status=422)
-        try:
-            init = base64.b64decode(body["init_images"][0], validate=True)
-        except (binascii.Error, IndexError, TypeError):
-            return web.json_response({"detail": "bad init image"}, status=422)
-        if not _is_png(init) or not 0 <= body["denoising_strength"] <= 1:
-            return web.json_response({"detail": "bad init image or strength"}, status=422)
-        w, h, count, seed = body["width"], body["height"], body["batch_size"], body["seed"]
-        images = [self.b64_image(w, h, seed + i) for i in range(count)]
-        params = {k: v for k, v in body.items() if k != "init_images"}
-        info = {"seed": seed, "all_seeds": [seed + i for i in range(count)],
-                "width": w, "height": h}
+        if not isinstance(body, dict):
+            return web.json_response({"detail": [{"loc": ["body"], "msg": "not a dict",
+                                                  "type": "type_error.dict"}]}, status=422)
+        # Unknown keys are ignored; missing ones take the model's defaults.
+        req = {**IMG2IMG_DEFAULTS, **{k: v for k, v in body.items() if k in IMG2IMG_DEFAULTS}}
+        bad = [k for k in _INT_FIELDS if not isinstance(req[k], int) or isinstance(req[k], bool)]
+        if not isinstance(req["denoising_strength"], (int, float)):
+            bad.append("denoising_strength")
+        if bad:  # pydantic's RequestValidationError keeps FastAPI's own 422 body
+            return web.json_response({"detail": [{"loc": ["body", k], "msg": "wrong type",
+                                                  "type": "type_error"} for k in bad]},
+                                     status=422)
+        init_images = req["init_images"]
+        if init_images is None:
+            return self.error(404, "Init image not found")
+        if not isinstance(init_images, list) or not all(isinstance(i, str)
+                                                          for i in init_images):
+            return web.json_response({"detail": [{"loc": ["body", "init_images"],
+                                                  "msg": "not a list of str",
+                                                  "type": "type_error.list"}]}, status=422)
+        if not all(self.decode_init(i) for i in init_images):
+            return self.error(500, "Invalid encoded image")
+        # process_images: an override naming no known checkpoint alias is dropped and
+        # the loaded model draws; a known one is loaded (and, with
+        # override_settings_restore_afterwards, the old one comes back after).
+        overrides = req["override_settings"] or {}
+        used = self.checkpoint(overrides.get("sd_model_checkpoint")) or self.loaded
+        fmt = SAMPLES_FORMATS[str(overrides.get("samples_format", self.samples_format))]
+        w, h = req["width"], req["height"]
+        seed = req["seed"] if req["seed"] != -1 else random.randrange(2**32)
+        count = req["batch_size"] * req["n_iter"]
+        seeds = [seed + i for i in range(count)]  # image i of the job gets seed + i
+        images = [self.b64_image(w, h, s, fmt) for s in seeds]
+        if req["save_images"] and count > 1:
+            # A grid (opts.return_grid) comes first unless saving is off.
+            images.insert(0, base64.b64encode(image_bytes(w * count, h, 0, fmt)).decode())
+        if not req["send_images"]:
+            images = []
+        params = {k: v for k, v in req.items() if k != "init_images"}
+        info: dict[str, Any] = {"prompt": req["prompt"], "seed": seed, "all_seeds": seeds,
+                                "subseed": -1, "width": w, "height": h,
+                                "steps": req["steps"], "cfg_scale": req["cfg_scale"],
+                                "denoising_strength": req["denoising_strength"],
+                                "batch_size": req["batch_size"]}
+        if self.name_model_in_info:
+            info.update(sd_model_name=used.name_for_extra, sd_model_hash=used.shorthash)
         return web.json_response({"images": images, "parameters": params,
                                   "info": json.dumps(info)})
 
     async def progress(self, request: web.Request) -> web.Response:
         return web.json_response({"progress": 0.0, "eta_relative": 0.0, "state": {}})
+
+    async def interrupt(self, request: web.Request) -> web.Response:
+        """``interruptapi``: stops whatever runs, for every client; answers ``{}``."""
+        self.interrupts += 1
+        return web.json_response({})
+
+    async def sd_models(self, request: web.Request) -> web.Response:
+        return web.json_response([{"title": c.title, "model_name": c.name_for_extra,
+                                   "hash": c.shorthash, "sha256": c.sha256,
+                                   "filename": c.filename, "config": None}
+                                  for c in self.checkpoints])
 
 
 class ComfyUIFake(FakeUpstream):

@@ -3,17 +3,29 @@
 One call with ``batch_size = n``: WebUI gives image ``i`` of a batch the seed
 ``seed + i``, so the variations differ and a pool position keeps its seed. Images are
 generated at the model's native size and resized, since SD models draw poorly off it.
+
+A configured ``checkpoint`` is sent as ``override_settings.sd_model_checkpoint``, which
+WebUI silently ignores when the name is not one of its checkpoint aliases: it then draws
+with whatever model is loaded (A1111 ``modules/processing.py``, ``process_images``). The
+cache key holds the configured checkpoint, so those images would be stored under the
+wrong model. The response's ``info`` names the model actually used (``sd_model_name``,
+``sd_model_hash``); a mismatch is the upstream's failure and nothing is stored.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
+
+import structlog
 
 from gateway.backends.base import BackendOptions, Generation, VariationRequest
 from gateway.backends.http import (
     HttpBackend,
+    UpstreamError,
     bad_response,
     batches,
     check_base_url,
@@ -21,6 +33,80 @@ from gateway.backends.http import (
     strip_userinfo,
     to_pngs,
 )
+
+log = structlog.get_logger("gateway.backends.sdwebui")
+
+# Checkpoint file extensions WebUI lists (A1111 modules/sd_models.py, list_models).
+_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+# "name.safetensors [31e35c80fc]": a title, as /sdapi/v1/sd-models lists it.
+_TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
+_HASH = re.compile(r"^[0-9a-fA-F]{8,64}$")
+# Hashes shorter than this are not compared by prefix (the old 8-digit model hash is
+# not a sha256 prefix, so only an exact match counts).
+_SHORTHASH = 10
+_SHOWN = re.compile(r"[^A-Za-z0-9._\-+ \[\]()]")
+
+
+class ModelId(NamedTuple):
+    """A checkpoint reduced to what WebUI reports: the file's stem and a hash."""
+
+    name: str | None  # lower-cased basename without extension
+    hash: str | None  # lower-case hex: old 8-digit hash, 10-digit shorthash or sha256
+
+
+def model_id(name: str | None, model_hash: str | None = None) -> ModelId:
+    """Normalise a checkpoint as configured or as ``info`` names it.
+
+    Accepts a title (``sd_xl_base_1.0.safetensors [31e35c80fc]``), a file name with or
+    without extension or sub-folder, or a bare hash. ``info``'s ``sd_model_name`` is
+    the basename without extension (A1111 ``CheckpointInfo.name_for_extra``), so that is
+    the form both sides are reduced to.
+    """
+    stem: str | None = None
+    digest = model_hash.strip().lower() if isinstance(model_hash, str) and \
+        _HASH.match(model_hash.strip()) else None
+    if isinstance(name, str) and name.strip():
+        text = name.strip()
+        if (m := _TITLE.match(text)) is not None:
+            text, digest = m["name"], digest or m["hash"].lower()
+        if _HASH.match(text) and digest is None:
+            return ModelId(None, text.lower())  # a bare hash is an alias, not a file
+        text = re.split(r"[\\/]", text)[-1]
+        for ext in _EXTENSIONS:
+            if text.lower().endswith(ext):
+                text = text[: -len(ext)]
+                break
+        stem = text.lower() or None
+    return ModelId(stem, digest)
+
+
+def _hashes_match(a: str, b: str) -> bool:
+    if min(len(a), len(b)) < _SHORTHASH:
+        return a == b
+    return a.startswith(b) or b.startswith(a)
+
+
+def same_model(configured: ModelId, used: ModelId) -> bool | None:
+    """``True``/``False``, or ``None`` when nothing the two share can be compared.
+
+    A match by name or by hash is enough: the hash may be missing (``--no-hashing``) or
+    of another kind (old 8-digit hash vs sha256), and a renamed file keeps its hash.
+    """
+    comparable = False
+    if configured.name and used.name:
+        comparable = True
+        if configured.name == used.name:
+            return True
+    if configured.hash and used.hash:
+        comparable = True
+        if _hashes_match(configured.hash, used.hash):
+            return True
+    return False if comparable else None
+
+
+def _shown(value: str) -> str:
+    """An upstream-provided model name, safe for a client message: short, plain."""
+    return _SHOWN.sub("?", value)[:80]
 
 
 @dataclass(frozen=True)
@@ -60,6 +146,8 @@ class SdWebUIBackend(HttpBackend):
     def __init__(self, name: str, options: SdWebUIOptions) -> None:
         super().__init__(name, options.base_url)
         self.options = options
+        self._wanted = model_id(options.checkpoint) if options.checkpoint else None
+        self._warned_unnamed = False  # "info names no model" is logged once per backend
 
     @property
     def identity(self) -> str:
@@ -107,8 +195,44 @@ class SdWebUIBackend(HttpBackend):
         images = payload.get("images") if isinstance(payload, dict) else None
         if not isinstance(images, list) or len(images) < count:
             raise bad_response(self.name, "fewer images than asked for")
+        self.check_model(payload.get("info"))
         # Extensions (ControlNet ...) may append extra images after the batch.
         return [decode_b64(self.name, item) for item in images[:count]]
+
+    def check_model(self, info: object) -> None:
+        """Raise ``upstream_model_mismatch`` when ``info`` names another checkpoint.
+
+        The error counts against the breaker (the upstream is misconfigured for us), is
+        not retried on this backend (the next call would draw with the same model) and
+        lets the route fall back to its next backend. An ``info`` that names no model
+        (an older or trimmed fork) is accepted, with one warning per backend.
+        """
+        if self._wanted is None:
+            return
+        try:
+            fields = json.loads(info) if isinstance(info, str) else info
+        except (ValueError, RecursionError):
+            fields = None
+        if not isinstance(fields, dict):
+            fields = {}
+        name, digest = fields.get("sd_model_name"), fields.get("sd_model_hash")
+        used = model_id(name if isinstance(name, str) else None,
+                        digest if isinstance(digest, str) else None)
+        verdict = same_model(self._wanted, used)
+        if verdict is None:
+            if not self._warned_unnamed:
+                self._warned_unnamed = True
+                log.warning("sdwebui_model_unverified", backend=self.name,
+                            reason="response info names no comparable model")
+            return
+        if verdict:
+            return
+        shown = _shown(name if isinstance(name, str) and name else str(digest))
+        raise UpstreamError(
+            502, f"Backend {self.name!r} drew with model {shown!r}, not the configured "
+            f"checkpoint {self.options.checkpoint!r}; the gateway admin must install or "
+            "rename it.", code="upstream_model_mismatch", kind="model_mismatch",
+            transient=False, retryable=True, trips_breaker=True, should_retry=False)
 
     async def generate(self, request: VariationRequest) -> Generation:
         images: list[bytes] = []
