@@ -231,7 +231,38 @@ def _is_png(data: bytes) -> bool:
     return data.startswith(b"\x89PNG\r\n\x1a\n")
 
 
-class OpenAIVariationsFake(FakeUpstream):
+class OpenAIModelsFake(FakeUpstream):
+    """OpenAI's ``GET /v1/models`` and ``GET /v1/models/{id}`` (API reference "Models:
+    list / retrieve"; ``shutdown_date`` per developers.openai.com/api/docs/deprecations).
+
+    Any model is known, with ``shutdown_dates[id]`` (``YYYY-MM-DD``) or null, except the
+    ``retired_models``: 404 ``model_not_found``, as OpenAI answers for a removed model.
+    """
+
+    def __init__(self, api_key: str | None = None) -> None:
+        super().__init__(api_key)
+        self.shutdown_dates: dict[str, str] = {}
+        self.retired_models: set[str] = set()
+        self.app.router.add_get("/v1/models", self.list_models)
+        self.app.router.add_get("/v1/models/{model}", self.retrieve_model)
+
+    def model_json(self, model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": 1_700_000_000,
+                "owned_by": "system", "shutdown_date": self.shutdown_dates.get(model)}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        known = sorted(set(self.shutdown_dates) - self.retired_models)
+        return web.json_response({"object": "list", "data": [self.model_json(m) for m in known]})
+
+    async def retrieve_model(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model in self.retired_models:
+            return reject(404, f"The model `{model}` does not exist or you do not have "
+                          "access to it.", "model_not_found")
+        return web.json_response(self.model_json(model))
+
+
+class OpenAIVariationsFake(OpenAIModelsFake):
     """``POST /v1/images/variations`` as OpenAI documented it; URLs served at /files/."""
 
     main_path = "/v1/images/variations"
@@ -281,7 +312,7 @@ class OpenAIVariationsFake(FakeUpstream):
         return web.Response(body=body, content_type="image/png")
 
 
-class OpenAIEditsFake(FakeUpstream):
+class OpenAIEditsFake(OpenAIModelsFake):
     """``POST /v1/images/edits`` for gpt-image: base64 only, 1024 px and larger."""
 
     main_path = "/v1/images/edits"

@@ -66,6 +66,10 @@ class OpenAIBackend(HttpBackend):
     def identity(self) -> str:
         return f"openai:{strip_userinfo(self.base_url)}:{self.options.model}"
 
+    @property
+    def lifecycle_model(self) -> str | None:
+        return self.options.model  # OpenAI publishes its shutdown_date (gateway.lifecycle)
+
     def headers(self) -> dict[str, str]:
         o = self.options
         return {**super().headers(), **openai_headers(o.api_key, o.organization, o.project)}
