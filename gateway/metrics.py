@@ -18,6 +18,7 @@ multiprocess mode: each instance is scraped on its own and dashboards sum instan
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from typing import Generic, TypeVar
@@ -184,6 +185,18 @@ class Metrics:
         self.backend_up = Family(Gauge(P + "backend_up",
                                        "1 when the backend's circuit is closed, else 0.",
                                        ["backend"], registry=r))
+        # The upstream model's published lifecycle (gateway.lifecycle): plain gauges,
+        # because a withdrawn announcement removes its series.
+        self.model_shutdown = Gauge(
+            P + "backend_model_shutdown_timestamp_seconds",
+            "Unix time of the shutdown_date (midnight UTC) the upstream announces for the "
+            "backend's model, read at start and every 6 h; no series while none is "
+            "announced.", ["backend"], registry=r)
+        self.model_available = Gauge(
+            P + "backend_model_available",
+            "1 while the upstream's GET /models/{model} answers the backend's model, 0 once "
+            "it answers model_not_found (retired); no series before the first reading or "
+            "for upstreams that publish no model records.", ["backend"], registry=r)
 
         # Audit and abuse (gateway.app).
         self.audit_events = Counter(P + "audit_events_total", "Audit records written.",
@@ -226,6 +239,17 @@ class Metrics:
         # Half-open is not "down": the cooldown is over and the next request tries it.
         # Otherwise an idle night after one outage would keep BackendDown firing.
         self.backend_up.labels(backend).set(0 if state == "open" else 1)
+
+    def set_model_lifecycle(self, backend: str, available: bool | None,
+                            shutdown: float | None) -> None:
+        """The lifecycle gauges of ``backend``; None removes the series (unknown, or
+        no date announced)."""
+        for gauge, value in ((self.model_available, available), (self.model_shutdown, shutdown)):
+            if value is None:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(backend)
+            else:
+                gauge.labels(backend).set(float(value))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

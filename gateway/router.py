@@ -32,6 +32,7 @@ from gateway.backends.base import (
 )
 from gateway.backends.http import UpstreamError, bad_response, timeout_error
 from gateway.config import BackendConfig, Config
+from gateway.lifecycle import LifecycleWatcher
 from gateway.metrics import Metrics
 from gateway.resilience import CircuitBreaker, ConcurrencyLimiter, RetryPolicy
 from gateway.upload import DEFAULT_MODEL
@@ -80,6 +81,7 @@ class Router:
         self._route = tuple(config.route)
         self._order = [b.name for b in config.backends]
         self._metrics = metrics
+        self.lifecycle = LifecycleWatcher(self._backends.values(), lambda: self.metrics)
 
     @property
     def metrics(self) -> Metrics | None:
@@ -133,8 +135,10 @@ class Router:
         self.report_breakers()
         for b in self._backends.values():
             await b.start()
+        self.lifecycle.start()
 
     async def close(self) -> None:
+        await self.lifecycle.close()
         for b in self._backends.values():
             await b.close()
 
@@ -149,6 +153,7 @@ class Router:
                 "retry_in_seconds": round(guard.breaker.retry_in(), 1),
                 "in_flight": guard.limiter.in_flight,
                 "queued": guard.limiter.waiting,
+                **self.lifecycle.detail(b.name),
             })
             states.append(state)
         return states

@@ -269,7 +269,38 @@ def _is_png(data: bytes) -> bool:
     return data.startswith(b"\x89PNG\r\n\x1a\n")
 
 
-class OpenAIVariationsFake(FakeUpstream):
+class OpenAIModelsFake(FakeUpstream):
+    """OpenAI's ``GET /v1/models`` and ``GET /v1/models/{id}`` (API reference "Models:
+    list / retrieve"; ``shutdown_date`` per developers.openai.com/api/docs/deprecations).
+
+    Any model is known, with ``shutdown_dates[id]`` (``YYYY-MM-DD``) or null, except the
+    ``retired_models``: 404 ``model_not_found``, as OpenAI answers for a removed model.
+    """
+
+    def __init__(self, api_key: str | None = None) -> None:
+        super().__init__(api_key)
+        self.shutdown_dates: dict[str, str] = {}
+        self.retired_models: set[str] = set()
+        self.app.router.add_get("/v1/models", self.list_models)
+        self.app.router.add_get("/v1/models/{model}", self.retrieve_model)
+
+    def model_json(self, model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": 1_700_000_000,
+                "owned_by": "system", "shutdown_date": self.shutdown_dates.get(model)}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        known = sorted(set(self.shutdown_dates) - self.retired_models)
+        return web.json_response({"object": "list", "data": [self.model_json(m) for m in known]})
+
+    async def retrieve_model(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model in self.retired_models:
+            return reject(404, f"The model `{model}` does not exist or you do not have "
+                          "access to it.", "model_not_found")
+        return web.json_response(self.model_json(model))
+
+
+class OpenAIVariationsFake(OpenAIModelsFake):
     """``POST /v1/images/variations`` exactly as OpenAI documented it (the contract this
     gateway itself serves: another instance of it as an upstream); URLs at /files/."""
 
@@ -439,7 +470,7 @@ RETIRED_IMAGE_MODELS = frozenset({"dall-e-2", "gpt-image-1", "gpt-image-1-mini",
                                   "gpt-image-1.5", "chatgpt-image-latest"})
 
 
-class OpenAIEditsFake(FakeUpstream):
+class OpenAIEditsFake(OpenAIModelsFake):
     """``POST /v1/images/edits`` for gpt-image, as strict as the real one.
 
     Sources: openai/openai-openapi ``CreateImageEditRequest`` (2026-08) and
@@ -462,6 +493,7 @@ class OpenAIEditsFake(FakeUpstream):
 
     def __init__(self, api_key: str | None = None) -> None:
         super().__init__(api_key)
+        self.retired_models = set(RETIRED_IMAGE_MODELS)
         self.app.router.add_post(self.main_path, self.edits)
 
     async def http_fault(self, request: web.Request, fault: str) -> web.StreamResponse:

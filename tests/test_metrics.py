@@ -49,6 +49,8 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     P + "backend_retries": ("counter", frozenset({"backend"})),
     P + "backend_circuit_state": ("gauge", frozenset({"backend", "state"})),
     P + "backend_up": ("gauge", frozenset({"backend"})),
+    P + "backend_model_shutdown_timestamp_seconds": ("gauge", frozenset({"backend"})),
+    P + "backend_model_available": ("gauge", frozenset({"backend"})),
     P + "audit_events": ("counter", frozenset()),
     P + "audit_write_errors": ("counter", frozenset()),
     P + "abuse_suspected": ("counter", frozenset({"reason", "user"})),

@@ -11,24 +11,29 @@ grows and ``rate``/``increase`` see the growth. It covers every family: cache hi
 partial, miss and bypass; a bad token, a 404; a member running into a daily image quota;
 an ``openai`` backend pointed at a closed loopback port (connect errors, a retry, the
 breaker opening, a fallback to the procedural backend, 5xx answers when pinned to it);
-and one member sending three distinct end-user ids (``abuse_suspected``).
+and one member sending three distinct end-user ids (``abuse_suspected``). Two
+``openai_edits`` backends outside the route point at a fake OpenAI (on its own thread)
+whose ``GET /v1/models/{id}`` announces a shutdown date 10 days ahead for one model and
+answers ``model_not_found`` for the other: the lifecycle gauges.
 
 How each alert is made to fire once: the test copy of the rules sets every ``for`` to
 ``0s``; the traffic itself satisfies the production thresholds of BackendDown (the
 breaker of the broken backend stays open), HighErrorRatio (pinned requests answer 5xx,
-well over 5 % of /v1 requests), UserNearBudget (bob uses 4 of 4 images per day) and
-AbuseSuspected (three distinct ``user`` values with ``distinct_end_users: 3``) and
+well over 5 % of /v1 requests), UserNearBudget (bob uses 4 of 4 images per day),
+AbuseSuspected (three distinct ``user`` values with ``distinct_end_users: 3``),
 AuditWriteFailing (a request answered while the test holds the audit file's write
-lock). HighOverhead's 0.25 s and StorageLow's 5% free cannot be reached by a test, so
-their copies' thresholds (the number after the final comparison, nothing else) are
-moved to 0 and 1.01. GatewayDown fires after the
-test stops the gateway; ``promtool test rules`` checks its wording when no target
-exists. Each alert must be seen firing on ``/api/v1/alerts`` and its expression must
-return data from ``/api/v1/query``.
+lock), BackendModelRetiring (the date 10 days ahead) and BackendModelRetired (the model
+the fake has retired; ``promtool test rules`` checks the date-passed branch).
+HighOverhead's 0.25 s and StorageLow's 5% free cannot be reached by a test, so their
+copies' thresholds (the number after the final comparison, nothing else) are moved to
+0 and 1.01. GatewayDown fires after the test stops the gateway; ``promtool test
+rules`` checks its wording when no target exists. Each alert must be seen firing on
+``/api/v1/alerts`` and its expression must return data from ``/api/v1/query``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -37,16 +42,20 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
+from fakes_upstreams import OpenAIEditsFake
 from support import (
     IN_CI,
     ROOT,
@@ -135,6 +144,44 @@ def test_gateway_down_reads_well_with_and_without_a_target(
     spec = tmp_path / "down_test.yml"
     spec.write_text(yaml.safe_dump({"rule_files": [str(PROM_DIR / "alerts.yml")],
                                     "evaluation_interval": "1m", "tests": tests}))
+    r = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_model_lifecycle_alerts_by_date(promtool: str, tmp_path: Path) -> None:
+    """Retiring within 30 days of the announced date (not before, not after it passed);
+    Retired once it passed. promtool's clock starts at 0, so ``time()`` is eval_time."""
+    day = 86400
+    shutdown = (P + "backend_model_shutdown_timestamp_seconds"
+                f'{{job="{JOB}", backend="b"}}')
+    labels = {"job": JOB, "backend": "b"}
+
+    rules = {r["alert"]: r for r in alert_rules()}
+    summaries = {"VariationsGatewayBackendModelRetiring":
+                 "Backend b's upstream model shuts down in 25 days",
+                 "VariationsGatewayBackendModelRetired": "Backend b's upstream model is retired"}
+
+    def at(days: int, alert: str, firing: bool) -> dict[str, Any]:
+        rule = rules[alert]
+        annotations = {"summary": summaries[alert], "description":
+                       rule["annotations"]["description"].replace("{{ $labels.backend }}", "b")}
+        return {"eval_time": f"{days}d", "alertname": alert,
+                "exp_alerts": [{"exp_labels": {**rule["labels"], **labels},
+                                "exp_annotations": annotations}] if firing else []}
+
+    # Shutdown at day 35; the series is scraped every 3 minutes for 37 days.
+    tests = [{"interval": "3m",
+              "input_series": [{"series": shutdown, "values": f"{35 * day}x17760"}],
+              "alert_rule_test": [
+                  at(3, "VariationsGatewayBackendModelRetiring", False),
+                  at(10, "VariationsGatewayBackendModelRetiring", True),
+                  at(10, "VariationsGatewayBackendModelRetired", False),
+                  at(36, "VariationsGatewayBackendModelRetiring", False),
+                  at(36, "VariationsGatewayBackendModelRetired", True)]}]
+    spec = tmp_path / "lifecycle_test.yml"
+    spec.write_text(yaml.safe_dump({"rule_files": [str(PROM_DIR / "alerts.yml")],
+                                    "evaluation_interval": "5m", "tests": tests}))
     r = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -292,12 +339,54 @@ def rules_for_test(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def broken_backend() -> dict[str, Any]:
     """An ``openai`` backend whose upstream is a closed loopback port."""
-    return {"name": "broken", "kind": "openai",
+    return {"name": "broken", "kind": "openai", "model": "dall-e-2", "prompt": None,
             "base_url": f"http://127.0.0.1:{free_port()}/v1", "api_key": "sk-test-not-a-key",
             "timeout_seconds": 5, "connect_timeout_seconds": 1,
             "retry": {"max_attempts": 2, "backoff_initial_seconds": 0.01,
                       "backoff_max_seconds": 0.01},
             "breaker": {"failure_threshold": 2, "cooldown_seconds": 3600}}
+
+
+UPSTREAM_KEY = "sk-test-models-not-a-key"
+RETIRING_MODEL, RETIRED_MODEL = "gpt-image-2.6-sunburst", "gpt-image-1"
+
+
+class ModelsUpstream:
+    """The fake OpenAI on its own thread and loop (the gateway under test is a process):
+    RETIRING_MODEL announced to shut down in 10 days, RETIRED_MODEL gone."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30), "fake upstream did not start"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        fake = OpenAIEditsFake(UPSTREAM_KEY)
+        day = datetime.now(UTC).date() + timedelta(days=10)
+        fake.shutdown_dates[RETIRING_MODEL] = day.isoformat()
+        fake.retired_models.add(RETIRED_MODEL)
+        runner = web.AppRunner(fake.app)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+        self._loop.close()
+
+    def backend(self, name: str, model: str) -> dict[str, Any]:
+        return {"name": name, "kind": "openai_edits", "base_url": self.url,
+                "api_key": UPSTREAM_KEY, "model": model}
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -308,13 +397,16 @@ def stack(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             pytest.fail(message)
         pytest.skip(message)
     tmp = tmp_path_factory.mktemp("prometheus")
+    upstream = ModelsUpstream()
     raw = base_config(
         tmp,
         users={"alice": {"token_sha256": sha(TOKENS["alice"])},
                "bob": {"token_sha256": sha(TOKENS["bob"]),
                        "quota": {"images_per_day": 4}}},
         backends=[{"name": "local", "kind": "procedural",
-                   "executor": "thread", "workers": 1}, broken_backend()],
+                   "executor": "thread", "workers": 1}, broken_backend(),
+                  upstream.backend("retiring", RETIRING_MODEL),
+                  upstream.backend("retired", RETIRED_MODEL)],
         route=["broken", "local"],
         abuse={"distinct_end_users": 3, "window_seconds": 600})
     gateway = start_gateway(raw, tmp / "gateway")
@@ -353,6 +445,7 @@ def stack(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         stop_process(prom, 30)
         log.close()
         gateway.stop()
+        upstream.stop()
 
 
 def _ready(s: Stack) -> bool:
@@ -441,7 +534,7 @@ def test_promtool_check_metrics_on_the_gateway_exposition(stack: Stack, promtool
                         text=True, timeout=60)
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert P + "backend_errors_total" in text
-    for secret in ("sk-test-not-a-key", *TOKENS.values(), "end-user-"):
+    for secret in ("sk-test-not-a-key", UPSTREAM_KEY, *TOKENS.values(), "end-user-"):
         assert secret not in text, secret
 
 
@@ -496,6 +589,8 @@ def test_every_alert_fires_once(stack: Stack) -> None:
     assert labels["VariationsGatewayUserNearBudget"]["user"] == "bob"
     assert labels["VariationsGatewayAbuseSuspected"]["user"] == "alice"
     assert labels["VariationsGatewayAbuseSuspected"]["reason"] == "many_end_users"
+    assert labels["VariationsGatewayBackendModelRetiring"]["backend"] == "retiring"
+    assert labels["VariationsGatewayBackendModelRetired"]["backend"] == "retired"
 
     assert stack.gateway.stop() == 0
     poll(lambda: fired({"VariationsGatewayDown"}), "VariationsGatewayDown", stack)

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from fakes_upstreams import OpenAIVariationsFake
 from instrumented_backend import poll, vary
 from support import png_bytes
-from upstream_cases import FAST, KEY, backend_entry, serve_fake
+from upstream_cases import FAST, GATEWAY_UPSTREAM, KEY, backend_entry, serve_fake
 
 from gateway.backends.base import VariationRequest
 from gateway.config import build_config
@@ -65,7 +65,7 @@ async def pair(gateway_client: Any) -> AsyncIterator[Make]:
             server, url = await serve_fake(fake)
             servers.append(server)
             fakes.append(fake)
-            entries.append(backend_entry("openai", url, name=name, **extra))
+            entries.append(backend_entry("openai", url, name=name, **GATEWAY_UPSTREAM, **extra))
         client = await gateway_client(backends=entries, route=list(route))
         now = [1000.0]
         client.app[ROUTER].guard("a").breaker.clock = lambda: now[0]
@@ -263,7 +263,7 @@ async def test_an_exception_no_backend_mapped_falls_back(pair: Make) -> None:
 def test_report_breakers_shows_half_open_once_the_cool_down_passed() -> None:
     """open -> half_open is only the clock passing; without traffic nothing reports it,
     so the periodic re-report must."""
-    entry = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", **BREAKER}
+    entry = {"kind": "openai", **GATEWAY_UPSTREAM, "base_url": "http://127.0.0.1:9/v1", **BREAKER}
     config = build_config({"backends": [{"name": "a", **entry}, {"name": "b", **entry}],
                            "route": ["a", "b"]})
     metrics = Metrics([])

@@ -18,7 +18,7 @@ import pytest
 from fakes_upstreams import OpenAIVariationsFake
 from instrumented_backend import poll, variation_form
 from support import TOKENS, GatewayProcess, png_bytes
-from upstream_cases import KEY, backend_entry, serve_fake
+from upstream_cases import GATEWAY_UPSTREAM, KEY, backend_entry, serve_fake
 
 
 @pytest.fixture
@@ -60,7 +60,8 @@ async def wait_refused(gateway: GatewayProcess, deadline_s: float = 20.0) -> Non
 async def test_sigterm_finishes_the_request_in_flight(
         gateway_process: Any, held_upstream: tuple[OpenAIVariationsFake, str]) -> None:
     fake, url = held_upstream
-    gateway = gateway_process(backends=[backend_entry("openai", url)], route=["up"],
+    gateway = gateway_process(backends=[backend_entry("openai", url, **GATEWAY_UPSTREAM)],
+                              route=["up"],
                               server={"shutdown_timeout_seconds": 30})
     async with aiohttp.ClientSession() as session:
         in_flight = asyncio.create_task(post(session, gateway))
@@ -79,7 +80,8 @@ async def test_sigterm_finishes_the_request_in_flight(
 async def test_shutdown_deadline_bounds_a_stuck_request(
         gateway_process: Any, held_upstream: tuple[OpenAIVariationsFake, str]) -> None:
     fake, url = held_upstream
-    gateway = gateway_process(backends=[backend_entry("openai", url, timeout_seconds=60)],
+    gateway = gateway_process(backends=[backend_entry("openai", url, timeout_seconds=60,
+                                                      **GATEWAY_UPSTREAM)],
                               route=["up"], server={"shutdown_timeout_seconds": 0.5})
     async with aiohttp.ClientSession() as session:
         in_flight = asyncio.create_task(post(session, gateway))

@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Awaitable, Mapping
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -330,6 +330,28 @@ class HttpBackend:
         except aiohttp.ClientError:
             raise UpstreamError(502, f"Backend {self.name!r} failed.", code="upstream_error",
                                 kind="client_error", transient=True) from None
+
+    @property
+    def lifecycle_model(self) -> str | None:
+        """The model whose published lifecycle ``gateway.lifecycle`` watches; None for
+        upstreams that publish none (the OpenAI backends name their ``model``)."""
+        return None
+
+    async def model_record(self, model: str) -> tuple[int, bytes]:
+        """``GET {base}/models/{model}`` with our credentials: ``(status, body)`` of any
+        answer (a 4xx ``model_not_found`` is news, not a failure); connection failures
+        raise :class:`UpstreamError`. Outside the router: no breaker, retry or limiter;
+        the caller bounds its time."""
+        session = self._require_session()
+        try:
+            async with session.get(f"{self.base_url}/models/{quote(model, safe='')}",
+                                   headers=self.headers(), allow_redirects=False) as resp:
+                return resp.status, await _read(resp, self.name)
+        except TimeoutError:
+            raise timeout_error(self.name) from None
+        except aiohttp.ClientError:
+            raise UpstreamError(502, f"Backend {self.name!r} cannot be reached.",
+                                code="upstream_unavailable", kind="connect") from None
 
     async def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
         body, _ = await self.request(method, path, **kwargs)

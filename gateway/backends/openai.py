@@ -91,6 +91,10 @@ class OpenAIBackend(HttpBackend):
         return (f"openai:{strip_userinfo(self.base_url)}:{o.model}:{o.prompt}:"
                 f"{o.negative_prompt}:{extra}")
 
+    @property
+    def lifecycle_model(self) -> str | None:
+        return self.options.model  # OpenAI publishes its shutdown_date (gateway.lifecycle)
+
     def headers(self) -> dict[str, str]:
         o = self.options
         return {**super().headers(), **openai_headers(o.api_key, o.organization, o.project)}

@@ -139,6 +139,10 @@ class OpenAIEditsBackend(HttpBackend):
         return (f"openai_edits:{strip_userinfo(self.base_url)}:{o.model}:{o.quality}:"
                 f"{o.complexity}:{o.background}:{o.moderation}:{o.upstream_size}:{o.prompt}")
 
+    @property
+    def lifecycle_model(self) -> str | None:
+        return self.options.model  # OpenAI publishes its shutdown_date (gateway.lifecycle)
+
     def headers(self) -> dict[str, str]:
         o = self.options
         return {**super().headers(), **openai_headers(o.api_key, o.organization, o.project)}

@@ -197,8 +197,9 @@ def fake_upstream() -> Iterator[str]:
 
 def openai_config(tmp: Path, fake: str) -> dict[str, Any]:
     return bench.raw_config(
-        tmp, backends=[{"name": "fake", "kind": "openai", "base_url": fake + "/v1",
-                        "api_key": "bench", "response_format": "b64_json",
+        tmp, backends=[{"name": "fake", "kind": "openai", "model": "dall-e-2", "prompt": None,
+                        "base_url": fake + "/v1",
+                        "api_key": "bench",
                         "retry": {"max_attempts": 1}}],
         route=["fake"])
 

@@ -226,7 +226,8 @@ async def test_soak_ledger_matches_and_nothing_leaks(gateway_client: Any,
     try:
         client = await gateway_client(
             backends=[
-                {"name": "up", "kind": "openai", "base_url": upstream.url + "/v1",
+                {"name": "up", "kind": "openai", "model": "dall-e-2", "prompt": None,
+                 "base_url": upstream.url + "/v1",
                  "api_key": UPSTREAM_KEY, "timeout_seconds": 1.0,
                  "connect_timeout_seconds": 0.5,
                  "retry": {"max_attempts": 2, "backoff_initial_seconds": 0.01,
