@@ -416,6 +416,7 @@ class ComfyUIFake(FakeUpstream):
         self.interrupted = False
         self.vanish = False
         self.status_as_string = False  # a fork or proxy answering "status": "success"
+        self.stall_cleanup = False  # cancel, queue and interrupt calls never answer
         # (type, subfolder, filename) -> bytes; type is input, temp or output.
         self.files: dict[tuple[str, str, str], bytes] = {}
         self.prompts: dict[str, dict[str, Any]] = {}  # every accepted prompt, by id
@@ -444,6 +445,10 @@ class ComfyUIFake(FakeUpstream):
             r.add_post(prefix + "/queue", self.post_queue)
             r.add_post(prefix + "/interrupt", self.interrupt)
         r.add_post("/api/jobs/{job_id}/cancel", self.cancel_job)
+
+    async def _stall(self) -> None:
+        if self.stall_cleanup:  # until the test ends (see release)
+            await self._unhang.wait()
 
     @property
     def uploads(self) -> dict[str, bytes]:
@@ -667,6 +672,7 @@ class ComfyUIFake(FakeUpstream):
 
     async def post_queue(self, request: web.Request) -> web.Response:
         """Deletes pending items only; a running prompt is untouched. 200, empty body."""
+        await self._stall()
         body = request[REC].json or {}
         if body.get("clear"):
             for prompt_id in self.pending:
@@ -682,6 +688,7 @@ class ComfyUIFake(FakeUpstream):
     async def interrupt(self, request: web.Request) -> web.Response:
         """Since 2025-09 (PR 9607) a ``prompt_id`` limits it to that prompt, and only
         while it runs; before, and without one, whatever runs is stopped."""
+        await self._stall()
         body = request[REC].json
         self.interrupts.append(body)
         prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
@@ -692,6 +699,7 @@ class ComfyUIFake(FakeUpstream):
     async def cancel_job(self, request: web.Request) -> web.Response:
         """PR 14493 (2026-06): cancel one job, running or pending; an unknown or
         finished id is a 200 that did nothing. Absent on older servers."""
+        await self._stall()
         if self.old_server:
             return web.Response(status=404, text="404: Not Found")
         prompt_id = request.match_info["job_id"]
