@@ -41,6 +41,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -183,6 +184,11 @@ class ComfyUIBackend(HttpBackend):
         except _Finished as done:  # failed, but the history entry exists: ours to drop
             self._background(self._delete_history(prompt_id))
             raise done.error from None
+        except UpstreamError:
+            # It may be queued or running still (a cut-off POST /prompt, partial
+            # node_errors, a failed poll), and the router may queue a fresh one.
+            self._background(self._cancel(prompt_id, request.request_id))
+            raise
         try:
             images = await gather_all(*(self._fetch(i) for i in self._pick(outputs, request.n)))
         finally:
@@ -214,9 +220,9 @@ class ComfyUIBackend(HttpBackend):
             raise bad_response(self.name, "no prompt_id")
         node_errors = answer.get("node_errors")
         if node_errors:
-            # Only the outputs that validated would run: not the workflow we were given.
-            self._background(self._cancel(given, request.request_id))
-            summary = _node_error_summary(node_errors)
+            # Only the outputs that validated would run: not the workflow we were given
+            # (generate cancels what was queued).
+            summary = self._scrub(_node_error_summary(node_errors), _LOG_TEXT)
             log.warning("comfyui_node_errors", backend=self.name,
                         request_id=request.request_id, nodes=summary)
             raise UpstreamError(
@@ -244,7 +250,11 @@ class ComfyUIBackend(HttpBackend):
                     return outputs
             elif loop.time() - last_queue_check >= queue_every:
                 last_queue_check = now = loop.time()
-                if await self._queued(prompt_id) is not None:
+                try:
+                    state = await self._queued(prompt_id)
+                except UpstreamError:  # a proxy that does not pass /queue: no verdict
+                    state = "unknown"
+                if state is not None:
                     last_seen, misses = now, 0
                 else:
                     # Two misses in a row, with a history poll between: a run that
@@ -291,6 +301,16 @@ class ComfyUIBackend(HttpBackend):
             return outputs
         return None
 
+    def _scrub(self, value: Any, limit: int) -> str:
+        """:func:`untrusted`, and never our key or the upstream's address (a proxy or a
+        custom node may quote them)."""
+        text = untrusted(value, max(limit, _LOG_TEXT))
+        host = urlsplit(self.base_url).netloc
+        for secret in (self.options.api_key, strip_userinfo(self.base_url), host):
+            if secret:
+                text = text.replace(secret, "<redacted>")
+        return untrusted(text, limit)
+
     def _execution_error(self, data: dict[str, Any], request_id: str) -> UpstreamError:
         """Node and exception in the log (never the traceback or the inputs); a short,
         cleaned summary for the client."""
@@ -299,9 +319,9 @@ class ComfyUIBackend(HttpBackend):
         message = data.get("exception_message")
         log.warning("comfyui_execution_error", backend=self.name, request_id=request_id,
                     node_id=untrusted(data.get("node_id"), 64), node_type=node_type,
-                    exception_type=exc_type, exception_message=untrusted(message, _LOG_TEXT))
+                    exception_type=exc_type, exception_message=self._scrub(message, _LOG_TEXT))
         where = f" in node {node_type}" if node_type else ""
-        short = untrusted(message, _CLIENT_TEXT)
+        short = self._scrub(message, _CLIENT_TEXT)
         if short and exc_type:
             short = f"{exc_type.rpartition('.')[2]}: {short}"
         detail = f" ({short})" if short else ""

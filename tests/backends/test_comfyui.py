@@ -405,3 +405,14 @@ def test_template_placeholders(tmp_path: Any) -> None:
 @pytest.mark.parametrize("fault", FAULT_NAMES)
 async def test_fault(gateway_client: Any, fault: str) -> None:
     await run_fault(gateway_client, "comfyui", fault)
+
+
+def test_upstream_text_is_scrubbed() -> None:
+    backend = ComfyUIBackend(NAME, ComfyUIOptions(
+        base_url="http://gpu-box:8188", workflow=WORKFLOW, api_key=KEY))
+    text = (f"HTTP 401 from http://gpu-box:8188/x?k={KEY}\r\n\x1b[31mkey {KEY} at "
+            "gpu-box:8188\u2028" + "x" * 1000)
+    clean = backend._scrub(text, 160)
+    assert KEY not in clean and "gpu-box" not in clean and "http" not in clean
+    assert not any(c in clean for c in "\r\n\x1b\u2028") and len(clean) <= 160
+    assert clean.startswith("HTTP 401 from <url> [31mkey <redacted> at <redacted>")
