@@ -176,7 +176,9 @@ class ComfyUIBackend(HttpBackend):
         # POST /prompt is cut off can still be cancelled by it.
         prompt_id = str(uuid.uuid4())
         try:
-            prompt_id = await self._queue(request, image, prompt_id)
+            prompt_id, node_errors = await self._queue(request, image, prompt_id)
+            if node_errors:
+                raise self._partial(node_errors, request.request_id)
             outputs = await self._wait(prompt_id, request.request_id)
         except asyncio.CancelledError:  # deadline passed or the client left
             self._background(self._cancel(prompt_id, request.request_id))
@@ -207,7 +209,10 @@ class ComfyUIBackend(HttpBackend):
         subfolder = answer.get("subfolder") or ""
         return f"{subfolder}/{answer['name']}" if subfolder else answer["name"]
 
-    async def _queue(self, request: VariationRequest, image: str, prompt_id: str) -> str:
+    async def _queue(self, request: VariationRequest, image: str, prompt_id: str
+                     ) -> tuple[str, Any]:
+        """The id ComfyUI queued the run under (a fork may pick its own) and its
+        ``node_errors``."""
         o = self.options
         workflow = fill(self.template, {
             "image": image, "seed": request.seed, "batch_size": request.n,
@@ -218,18 +223,18 @@ class ComfyUIBackend(HttpBackend):
         given = answer.get("prompt_id") if isinstance(answer, dict) else None
         if not isinstance(given, str) or not given:
             raise bad_response(self.name, "no prompt_id")
-        node_errors = answer.get("node_errors")
-        if node_errors:
-            # Only the outputs that validated would run: not the workflow we were given
-            # (generate cancels what was queued).
-            summary = self._scrub(_node_error_summary(node_errors), _LOG_TEXT)
-            log.warning("comfyui_node_errors", backend=self.name,
-                        request_id=request.request_id, nodes=summary)
-            raise UpstreamError(
-                502, f"Backend {self.name!r}: ComfyUI rejected part of the workflow "
-                f"({untrusted(summary, _CLIENT_TEXT) or 'node errors'}).",
-                code="upstream_rejected", kind="workflow_invalid", trips_breaker=False)
-        return given
+        return given, answer.get("node_errors")
+
+    def _partial(self, node_errors: Any, request_id: str) -> UpstreamError:
+        """A 200 with ``node_errors``: only the outputs that validated would run, which
+        is not the workflow we were given (generate cancels what was queued)."""
+        summary = self._scrub(_node_error_summary(node_errors), _LOG_TEXT)
+        log.warning("comfyui_node_errors", backend=self.name, request_id=request_id,
+                    nodes=summary)
+        return UpstreamError(
+            502, f"Backend {self.name!r}: ComfyUI rejected part of the workflow "
+            f"({untrusted(summary, _CLIENT_TEXT) or 'node errors'}).",
+            code="upstream_rejected", kind="workflow_invalid", trips_breaker=False)
 
     async def _wait(self, prompt_id: str, request_id: str) -> dict[str, Any]:
         """Poll the history until the run is done; ``_Finished`` if it failed."""
