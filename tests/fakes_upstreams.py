@@ -29,6 +29,7 @@ import binascii
 import functools
 import io
 import json
+import posixpath
 import random
 import struct
 import time
@@ -783,104 +784,372 @@ class SdWebUIFake(FakeUpstream):
                                   for c in self.checkpoints])
 
 
+# ComfyUI's behaviour below follows Comfy-Org/ComfyUI server.py and execution.py at
+# a125cd84 (2025-10-12) unless a comment names another source; backends.md lists them.
+COMFY_SRC = "Comfy-Org/ComfyUI@a125cd84"
+OOM_MESSAGE = (
+    "Allocation on device 0 would exceed allowed memory. (out of memory)\n"
+    "Currently allocated     : 3.20 GiB\x1b[0m\nRequested               : 1.50 GiB\n"
+    "See https://pytorch.org/docs/stable/notes/cuda.html#environment-variables\n"
+    "This error means you ran out of memory on your GPU.\n\nTIPS: If the workflow worked "
+    "before you might have accidentally set the batch_size to a large number.")
+TRACEBACK_LINE = '  File "/srv/ComfyUI/execution.py", line 496, in execute\n'
+
+
+def _is_canonical_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def _escapes(base: str, sub: str) -> bool:
+    """``os.path.commonpath((base, join(base, sub))) != base`` on a POSIX server."""
+    full = posixpath.normpath(posixpath.join(base, sub))
+    return full != base and not full.startswith(base + "/")
+
+
 class ComfyUIFake(FakeUpstream):
-    """ComfyUI's HTTP API: upload, prompt, history (pending for a few polls), view."""
+    """ComfyUI's HTTP API: upload, prompt (validated), a one-at-a-time queue, history,
+    view, queue/history deletion, interrupt and (newer servers) the jobs cancel call.
+
+    A prompt waits in ``queue_pending`` until nothing runs, then runs; it finishes on
+    the history poll after ``pending_polls`` polls. Switches: ``old_server`` (before
+    2025-09: ``/interrupt`` stops whatever runs, no ``/api/jobs``, any ``prompt_id``),
+    ``busy`` (another client's prompt runs, so ours stay pending), ``partial_node_errors``,
+    ``execution_error``, ``interrupted`` (someone else interrupts our run), ``vanish``
+    (deleted by someone else at once), ``status_as_string`` (a fork's history).
+    """
 
     main_path = "/prompt"
+    FOREIGN = "f0000000-0000-4000-8000-000000000000"  # another client's prompt
 
     def __init__(self, api_key: str | None = None, pending_polls: int = 2) -> None:
         super().__init__(api_key)
         self.pending_polls = pending_polls
-        self.uploads: dict[str, bytes] = {}
-        self.outputs: dict[str, bytes] = {}
-        self.prompts: dict[str, dict[str, Any]] = {}
-        self.polls: dict[str, int] = {}
-        self.results: dict[str, dict[str, Any]] = {}
-        self.deleted: list[str] = []
-        self.workflow_error = False
+        self.old_server = False
+        self.busy = False
+        self.partial_node_errors = False
+        self.execution_error = False
+        self.interrupted = False
+        self.vanish = False
         self.status_as_string = False  # a fork or proxy answering "status": "success"
+        self.stall_cleanup = False  # cancel, queue and interrupt calls never answer
+        # (type, subfolder, filename) -> bytes; type is input, temp or output.
+        self.files: dict[tuple[str, str, str], bytes] = {}
+        self.prompts: dict[str, dict[str, Any]] = {}  # every accepted prompt, by id
+        self.items: dict[str, list[Any]] = {}  # queue items [number, id, prompt, extra, outs]
+        self.pending: list[str] = []
+        self.running: str | None = None
+        self.history_entries: dict[str, dict[str, Any]] = {}
+        self.polls: dict[str, int] = {}
+        self.deleted: list[str] = []  # ids named by POST /queue {"delete"}
+        self.history_deleted: list[str] = []  # ids named by POST /history {"delete"}
+        self.interrupts: list[Any] = []  # bodies of POST /interrupt
+        self.job_cancels: list[str] = []  # ids of POST /api/jobs/{id}/cancel
+        self.foreign_interrupted = 0  # another client's run stopped by us
+        self.number = 0
+        self.counter = 0
         r = self.app.router
-        r.add_post("/upload/image", self.upload)
-        r.add_post("/prompt", self.prompt)
-        r.add_get("/history/{prompt_id}", self.history)
-        r.add_get("/view", self.view)
-        r.add_post("/queue", self.queue)
-        r.add_post("/interrupt", self.interrupt)
+        # server.py add_routes: every route also under /api (the jobs route is only
+        # declared there, so it is the one without a plain twin).
+        for prefix in ("", "/api"):
+            r.add_post(prefix + "/upload/image", self.upload)
+            r.add_post(prefix + "/prompt", self.prompt)
+            r.add_get(prefix + "/history/{prompt_id}", self.history)
+            r.add_post(prefix + "/history", self.post_history)
+            r.add_get(prefix + "/view", self.view)
+            r.add_get(prefix + "/queue", self.get_queue)
+            r.add_post(prefix + "/queue", self.post_queue)
+            r.add_post(prefix + "/interrupt", self.interrupt)
+        r.add_post("/api/jobs/{job_id}/cancel", self.cancel_job)
 
+    async def _stall(self) -> None:
+        if self.stall_cleanup:  # until the test ends (see release)
+            await self._unhang.wait()
+
+    @property
+    def uploads(self) -> dict[str, bytes]:
+        """Input images by the name LoadImage takes (``subfolder/name``)."""
+        return {(f"{sub}/{name}" if sub else name): body
+                for (kind, sub, name), body in self.files.items() if kind == "input"}
+
+    # ---- upload
     async def upload(self, request: web.Request) -> web.Response:
+        """server.py image_upload: ``image`` needs a filename; ``overwrite`` "true"/"1"
+        replaces, else a same-content file is reused and another gets " (1)"; errors
+        are a bare 400."""
         rec: Recorded = request[REC]
         image = rec.files.get("image")
-        if image is None:
+        if image is None or not image[0]:
             return web.Response(status=400)
-        self.uploads[image[0]] = image[2]
-        return web.json_response({"name": image[0], "subfolder": "", "type": "input"})
+        kind = rec.fields.get("type") or "input"
+        if kind not in ("input", "temp", "output"):  # get_dir_by_type: unbound -> 500
+            return web.Response(status=500)
+        sub = rec.fields.get("subfolder", "")
+        filename = image[0]
+        if _escapes("/" + kind, posixpath.join(sub, filename)):
+            return web.Response(status=400)
+        if rec.fields.get("overwrite") not in ("true", "1"):
+            stem, dot, ext = filename.rpartition(".")
+            i = 1
+            while (kind, sub, filename) in self.files:
+                if self.files[(kind, sub, filename)] == image[2]:
+                    break  # duplicate: same name back, nothing written
+                filename = f"{stem} ({i}){dot}{ext}" if dot else f"{image[0]} ({i})"
+                i += 1
+        self.files[(kind, sub, filename)] = image[2]
+        return web.json_response({"name": filename, "subfolder": sub, "type": kind})
+
+    # ---- prompt
+    @staticmethod
+    def _error(kind: str, message: str, details: str = "",
+               node_errors: dict[str, Any] | None = None) -> web.Response:
+        """server.py post_prompt's 400: ``{error: {type, message, details, extra_info},
+        node_errors}``."""
+        return web.json_response({"error": {"type": kind, "message": message,
+                                             "details": details, "extra_info": {}},
+                                  "node_errors": node_errors or {}}, status=400)
+
+    @staticmethod
+    def _node_error(node_id: str, class_type: str, kind: str, message: str, details: str,
+                    outputs: list[str]) -> dict[str, Any]:
+        """execution.py validate_prompt's ``node_errors[node_id]``."""
+        return {node_id: {"errors": [{"type": kind, "message": message, "details": details,
+                                      "extra_info": {}}],
+                          "dependent_outputs": outputs, "class_type": class_type}}
 
     async def prompt(self, request: web.Request) -> web.Response:
         body = request[REC].json
-        workflow = body.get("prompt") if isinstance(body, dict) else None
-        if not isinstance(workflow, dict):
-            return web.json_response({"error": {"type": "no_prompt"}, "node_errors": {}},
-                                     status=400)
-        loads = [n for n in workflow.values() if n.get("class_type") == "LoadImage"]
-        if not loads or loads[0]["inputs"]["image"] not in self.uploads:
-            return web.json_response({"error": {"type": "prompt_outputs_failed_validation",
-                                                "message": "image not uploaded"},
-                                      "node_errors": {}}, status=400)
-        for node in workflow.values():
-            for key, value in node["inputs"].items():
-                if isinstance(value, str) and "{{" in value:
-                    return web.json_response({"error": {"type": "unfilled " + key},
-                                              "node_errors": {}}, status=400)
-        prompt_id = str(uuid.uuid4())
+        if not isinstance(body, dict) or "prompt" not in body:
+            return self._error("no_prompt", "No prompt provided", "No prompt provided")
+        workflow = body["prompt"]
+        prompt_id = body.get("prompt_id")
+        if prompt_id is None:
+            prompt_id = str(uuid.uuid4())
+        elif not self.old_server and not (isinstance(prompt_id, str)
+                                          and _is_canonical_uuid(prompt_id)):
+            # Newer servers (backends.md, 2026 copy): a chosen id must be a canonical UUID.
+            return self._error("invalid_prompt_id", "Invalid prompt_id",
+                               "prompt_id must be a canonical UUID")
+        prompt_id = str(prompt_id)
+        if not isinstance(workflow, dict) or not workflow:
+            return self._error("prompt_no_outputs", "Prompt has no outputs")
+        for node_id, node in workflow.items():
+            if not isinstance(node, dict) or "class_type" not in node:
+                return self._error("invalid_prompt", "Cannot execute because a node is "
+                                   "missing the class_type property.", f"Node ID '#{node_id}'")
+        outputs = [k for k, n in workflow.items()
+                   if n["class_type"] in ("SaveImage", "PreviewImage")]
+        if not outputs:
+            return self._error("prompt_no_outputs", "Prompt has no outputs")
+        node_errors: dict[str, Any] = {}
+        for node_id, node in workflow.items():
+            for key, value in node.get("inputs", {}).items():
+                if isinstance(value, str) and "{{" in value and key != "text":
+                    node_errors.update(self._node_error(
+                        node_id, node["class_type"], "invalid_input_type",
+                        "Failed to convert an input value to a INT value",
+                        f"{key}, {value}, invalid literal for int()", outputs))
+            if node["class_type"] == "LoadImage" and node["inputs"].get("image") \
+                    not in self.uploads:
+                # nodes.py LoadImage.VALIDATE_INPUTS
+                node_errors.update(self._node_error(
+                    node_id, "LoadImage", "custom_validation_failed",
+                    "Custom validation failed for node",
+                    f"image - Invalid image file: {node['inputs'].get('image')}", outputs))
+        if node_errors:
+            return self._error("prompt_outputs_failed_validation",
+                               "Prompt outputs failed validation", "", node_errors)
+        if self.partial_node_errors:
+            # validate_prompt: some outputs invalid, others good -> 200, the good run.
+            node_errors = self._node_error(
+                "11", "CheckpointLoaderSimple", "value_not_in_list", "Value not in list",
+                "ckpt_name: 'sdxl.safetensors' not in ['v1-5-pruned-emaonly.safetensors']",
+                ["12"])
+        self.number += 1
+        extra = {"client_id": body["client_id"]} if "client_id" in body else {}
         self.prompts[prompt_id] = workflow
         self.polls[prompt_id] = 0
-        return web.json_response({"prompt_id": prompt_id, "number": len(self.prompts),
-                                  "node_errors": {}})
+        if not self.vanish:  # else: deleted by someone else before we ever look
+            self.items[prompt_id] = [self.number, prompt_id, workflow, extra, outputs]
+            self.pending.append(prompt_id)
+            self._advance()
+        return web.json_response({"prompt_id": prompt_id, "number": self.number,
+                                  "node_errors": node_errors})
+
+    # ---- the queue
+    def _advance(self) -> None:
+        """main.py prompt_worker: one prompt runs at a time, the next when it is done."""
+        if self.running is None and not self.busy and self.pending:
+            self.running = self.pending.pop(0)
+
+    def _finish(self, prompt_id: str, messages: list[list[Any]], outputs: dict[str, Any],
+                ok: bool) -> None:
+        """PromptQueue.task_done: the history entry, and the next prompt runs."""
+        item = self.items.pop(prompt_id)
+        ts = int(time.time() * 1000)
+        start = [["execution_start", {"prompt_id": prompt_id, "timestamp": ts}],
+                 ["execution_cached", {"nodes": [], "prompt_id": prompt_id, "timestamp": ts}]]
+        self.history_entries[prompt_id] = {
+            "prompt": item, "outputs": outputs,
+            "status": {"status_str": "success" if ok else "error", "completed": ok,
+                       "messages": start + messages},
+            "meta": {k: {"node_id": k, "display_node": k, "parent_node": None,
+                         "real_node_id": k} for k in outputs}}
+        if self.running == prompt_id:
+            self.running = None
+        self._advance()
+
+    def _interrupt_running(self) -> None:
+        """nodes.interrupt_processing: the running prompt ends with
+        ``execution_interrupted`` (execution.py handle_execution_error)."""
+        if self.busy:
+            self.foreign_interrupted += 1
+            return
+        prompt_id = self.running
+        if prompt_id is None:
+            return
+        workflow = self.prompts[prompt_id]
+        node_id = next((k for k, n in workflow.items() if n["class_type"] == "KSampler"),
+                       next(iter(workflow)))
+        self._finish(prompt_id, [["execution_interrupted", {
+            "prompt_id": prompt_id, "node_id": node_id,
+            "node_type": workflow[node_id]["class_type"],
+            "executed": [], "timestamp": int(time.time() * 1000)}]], {}, ok=False)
 
     def _run(self, prompt_id: str) -> dict[str, Any]:
+        """SaveImage/PreviewImage outputs: ``{prefix}_{counter:05}_.png``, one per latent,
+        the size the workflow asked for."""
         workflow = self.prompts[prompt_id]
         inputs = {k: v for node in workflow.values() for k, v in node["inputs"].items()}
         count, seed = int(inputs["amount"]), int(inputs["seed"])
         w, h = int(inputs["width"]), int(inputs["height"])
-        images = []
-        for i in range(count):
-            name = f"variations-gateway_{prompt_id[:8]}_{i:05}_.png"
-            self.outputs[name] = self.make_image(w, h, seed + i)
-            images.append({"filename": name, "subfolder": "", "type": "output"})
-        return {"10": {"images": images}}
+        outputs: dict[str, Any] = {}
+        for node_id, node in workflow.items():
+            kind = {"SaveImage": "output", "PreviewImage": "temp"}.get(node["class_type"])
+            if kind is None:
+                continue
+            prefix = node["inputs"].get("filename_prefix", "ComfyUI") if kind == "output" \
+                else "ComfyUI_temp_abcde"
+            sub, _, prefix = prefix.rpartition("/")
+            images = []
+            for i in range(count):
+                self.counter += 1
+                name = f"{prefix}_{self.counter:05}_.png"
+                self.files[(kind, sub, name)] = self.make_image(w, h, seed + i)
+                images.append({"filename": name, "subfolder": sub, "type": kind})
+            outputs[node_id] = {"images": images}
+        return outputs
 
     async def history(self, request: web.Request) -> web.Response:
+        """``{}`` until the run is done (and for an id it never had), then the entry."""
         prompt_id = request.match_info["prompt_id"]
-        if prompt_id not in self.prompts:
+        if prompt_id in self.polls:
+            self.polls[prompt_id] += 1
+            if self.running == prompt_id and self.polls[prompt_id] > self.pending_polls:
+                self._complete(prompt_id)
+        entry = self.history_entries.get(prompt_id)
+        if entry is None:
             return web.json_response({})
-        self.polls[prompt_id] += 1
-        if self.polls[prompt_id] <= self.pending_polls:
-            return web.json_response({})  # still queued or running
-        if self.workflow_error:
-            status = {"status_str": "error", "completed": False, "messages": []}
-            return web.json_response({prompt_id: {"outputs": {}, "status": status}})
-        if prompt_id not in self.results:
-            self.results[prompt_id] = self._run(prompt_id)
         if self.status_as_string:  # and no outputs: nothing the gateway can use
             return web.json_response({prompt_id: {"status": "success", "outputs": {}}})
-        entry = self.results[prompt_id]
-        return web.json_response({prompt_id: {
-            "prompt": [1, prompt_id, {}, {}, ["10"]], "outputs": entry,
-            "status": {"status_str": "success", "completed": True, "messages": []}}})
+        return web.json_response({prompt_id: entry})
 
-    async def view(self, request: web.Request) -> web.Response:
-        q = request.query
-        if q.get("type") != "output" or "subfolder" not in q:
-            return web.Response(status=400)
-        body = self.outputs.get(q.get("filename", ""))
-        if body is None:
-            return web.Response(status=404)
-        return web.Response(body=body, content_type="image/png")
+    def _complete(self, prompt_id: str) -> None:
+        ts = int(time.time() * 1000)
+        if self.interrupted:
+            self._interrupt_running()
+        elif self.execution_error:
+            self._finish(prompt_id, [["execution_error", {
+                "prompt_id": prompt_id, "node_id": "8", "node_type": "KSampler",
+                "executed": ["1", "2", "3"], "exception_message": OOM_MESSAGE,
+                "exception_type": "torch.OutOfMemoryError",
+                "traceback": [TRACEBACK_LINE], "current_inputs": {"seed": [7]},
+                "current_outputs": ["1", "2"], "timestamp": ts}]], {}, ok=False)
+        else:
+            self._finish(prompt_id, [["execution_success", {"prompt_id": prompt_id,
+                                                            "timestamp": ts}]],
+                         self._run(prompt_id), ok=True)
 
-    async def queue(self, request: web.Request) -> web.Response:
+    async def post_history(self, request: web.Request) -> web.Response:
         body = request[REC].json or {}
-        self.deleted += body.get("delete", [])
-        return web.json_response({})
+        if body.get("clear"):
+            self.history_entries.clear()
+        for prompt_id in body.get("delete", []):
+            self.history_deleted.append(prompt_id)
+            self.history_entries.pop(prompt_id, None)
+        return web.Response(status=200)
+
+    async def get_queue(self, request: web.Request) -> web.Response:
+        running = [self.items[self.running]] if self.running else []
+        if self.busy:
+            running = [[0, self.FOREIGN, {}, {}, []]]
+        return web.json_response({"queue_running": running,
+                                  "queue_pending": [self.items[p] for p in self.pending]})
+
+    async def post_queue(self, request: web.Request) -> web.Response:
+        """Deletes pending items only; a running prompt is untouched. 200, empty body."""
+        await self._stall()
+        body = request[REC].json or {}
+        if body.get("clear"):
+            for prompt_id in self.pending:
+                self.items.pop(prompt_id, None)
+            self.pending.clear()
+        for prompt_id in body.get("delete", []):
+            self.deleted.append(prompt_id)
+            if prompt_id in self.pending:
+                self.pending.remove(prompt_id)
+                self.items.pop(prompt_id, None)
+        return web.Response(status=200)
 
     async def interrupt(self, request: web.Request) -> web.Response:
-        return web.json_response({})
+        """Since 2025-09 (PR 9607) a ``prompt_id`` limits it to that prompt, and only
+        while it runs; before, and without one, whatever runs is stopped."""
+        await self._stall()
+        body = request[REC].json
+        self.interrupts.append(body)
+        prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+        if self.old_server or not prompt_id or (prompt_id == self.running and not self.busy):
+            self._interrupt_running()
+        return web.Response(status=200)
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        """PR 14493 (2026-06): cancel one job, running or pending; an unknown or
+        finished id is a 200 that did nothing. Absent on older servers."""
+        await self._stall()
+        if self.old_server:
+            return web.Response(status=404, text="404: Not Found")
+        prompt_id = request.match_info["job_id"]
+        self.job_cancels.append(prompt_id)
+        if prompt_id == self.running and not self.busy:
+            self._interrupt_running()
+            return web.json_response({"job_id": prompt_id, "cancelled": True})
+        if prompt_id in self.pending:
+            self.pending.remove(prompt_id)
+            self.items.pop(prompt_id, None)
+            return web.json_response({"job_id": prompt_id, "cancelled": True})
+        return web.json_response({"job_id": prompt_id, "cancelled": False})
+
+    # ---- view
+    async def view(self, request: web.Request) -> web.Response:
+        """``type`` defaults to output (temp: previews); a name with ``..`` or a leading
+        ``/`` is a 400, a subfolder outside the folder a 403, a missing file a 404."""
+        q = request.query
+        if "filename" not in q:
+            return web.Response(status=404)
+        filename = q["filename"]
+        if not filename or filename[0] == "/" or ".." in filename:
+            return web.Response(status=400)
+        kind = q.get("type", "output")
+        if kind not in ("input", "temp", "output"):
+            return web.Response(status=400)
+        sub = q.get("subfolder", "")
+        if _escapes("/" + kind, sub):
+            return web.Response(status=403)
+        body = self.files.get((kind, posixpath.normpath(sub) if sub else "",
+                               posixpath.basename(filename)))
+        if body is None:
+            return web.Response(status=404)
+        return web.Response(body=body, content_type="image/png",
+                            headers={"Content-Disposition": f'filename="{filename}"'})
