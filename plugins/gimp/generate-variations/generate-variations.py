@@ -295,9 +295,9 @@ def _settings_dialog(settings):
     grid = Gtk.Grid(row_spacing=6, column_spacing=12, border_width=12)
     dialog.get_content_area().pack_start(grid, True, True, 0)
 
-    def row(y, text, widget):
+    def row(y, text, widget, focus=None):
         label = Gtk.Label(label=text, xalign=0.0, use_underline=True)
-        label.set_mnemonic_widget(widget)
+        label.set_mnemonic_widget(focus or widget)
         grid.attach(label, 0, y, 1, 1)
         grid.attach(widget, 1, y, 1, 1)
 
@@ -318,7 +318,7 @@ def _settings_dialog(settings):
     row(0, "Gateway _URL", url)
     row(1, "_Token", token)
     row(2, "T_imeout (seconds)", timeout)
-    row(3, "Studio _CA file", ca_box)
+    row(3, "Studio CA _file", ca_box, ca_file)
     for key, widget in (("url", url), ("token", token), ("timeout", timeout),
                         ("ca_file", ca_box)):
         if key in settings.from_env:

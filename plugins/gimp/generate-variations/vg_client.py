@@ -276,7 +276,8 @@ def _transport_error(exc: BaseException, url: str, timeout: float) -> GatewayErr
     """Any failure below HTTP status level (connection, TLS, a broken or non-HTTP answer)
     as a sentence. Never quotes what the server sent, so nothing echoed back (the token)
     can end up in the message."""
-    reason: Any = getattr(exc, "reason", exc)
+    # Only URLError wraps the cause in .reason (SSLError's .reason is OpenSSL's text).
+    reason: Any = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(exc, TimeoutError):
         return GatewayError(
             f"The gateway at {url} did not answer within {timeout:g} seconds. It may be busy: "
