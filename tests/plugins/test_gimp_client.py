@@ -4,15 +4,24 @@ the right sentence, the usage call works. No GIMP needed."""
 
 from __future__ import annotations
 
+import ast
 import base64
+import contextlib
 import io
 import json
+import queue
+import shutil
 import socket
+import ssl
+import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import urllib.error
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,7 @@ sys.path.insert(0, str(HERE.parents[1] / "plugins" / "gimp" / "generate-variatio
 sys.path.insert(0, str(HERE / "gimp"))
 
 import vg_client  # noqa: E402
+import vg_settings  # noqa: E402
 from vg_gateway_proc import Gateway, raw_server, running_gateway, write_config  # noqa: E402
 
 from gateway.errors import ApiError  # noqa: E402
@@ -455,7 +465,7 @@ def test_the_token_goes_only_to_the_gateway_itself(monkeypatch: pytest.MonkeyPat
     receive the member's token."""
     sent: dict[str, dict[str, str]] = {}
 
-    def call(req: Any, url: str, timeout: float) -> tuple[bytes, dict[str, str]]:
+    def call(req: Any, url: str, timeout: float, **_: Any) -> tuple[bytes, dict[str, str]]:
         sent[url] = dict(req.header_items())
         return b"png", {}
 
@@ -467,3 +477,342 @@ def test_the_token_goes_only_to_the_gateway_itself(monkeypatch: pytest.MonkeyPat
         sent["https://cdn.example/v1/images/files/b.png?sig=1"]
     assert own["Authorization"] == f"Bearer {ALICE}"
     assert "Authorization" not in cdn
+
+
+# ------------------------------------------------------------------ issue 19: redirects
+
+Route = Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, str], bytes]]
+
+
+@dataclass
+class Seen:
+    """One request a test server received."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@contextlib.contextmanager
+def http_server(route: Route, tls: ssl.SSLContext | None = None) -> Iterator[
+        tuple[str, list[Seen]]]:
+    """A small HTTP(S) server on 127.0.0.1 that records every request's method, path and
+    headers (lower-case names) and answers with ``route(handler)``; yields its base URL
+    and the record."""
+    seen: list[Seen] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            if length:
+                self.rfile.read(length)
+            seen.append(Seen(self.command, self.path,
+                             {k.lower(): v for k, v in self.headers.items()}))
+            status, headers, body = route(self)
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    if tls is not None:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True)
+    t.start()
+    scheme = "https" if tls is not None else "http"
+    try:
+        yield f"{scheme}://127.0.0.1:{srv.server_address[1]}", seen
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join()
+
+
+def json_answer(data: Any) -> tuple[int, dict[str, str], bytes]:
+    return 200, {"Content-Type": "application/json"}, json.dumps(data).encode()
+
+
+USAGE = {"user": "alice", "blocked": False, "limits": {}}
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+
+
+@pytest.mark.parametrize("code", REDIRECT_CODES)
+def test_api_calls_follow_no_redirect_and_name_its_target(code: int) -> None:
+    """A 3xx from the gateway URL (a moved gateway, a proxy sending http to https, a
+    hostile server) is a sentence naming the target; the server it points at, on another
+    port, receives nothing, so never the token (urllib would follow 301/302/303 for the
+    POST and all five for the GET, Authorization included)."""
+    with http_server(lambda h: json_answer(USAGE)) as (other, other_seen), \
+            http_server(lambda h: (code, {"Location": other + h.path + "?sig=s3cret"}, b"")
+                        ) as (gw, gw_seen):
+        errors = both_calls(gw)
+    assert other_seen == []
+    assert [s.headers.get("authorization") for s in gw_seen] == [f"Bearer {ALICE}"] * 2
+    for e, path in zip(errors, ("/v1/images/variations", "/v1/usage"), strict=True):
+        assert (e.kind, e.status) == ("redirect", code)
+        assert str(e).startswith(
+            f"The gateway URL answered with a redirect (HTTP {code}) from {gw}{path} to "
+            f"{other}{path}. GIMP does not follow redirects")
+        assert "Filters > Generate Variations Settings" in str(e)
+        assert "s3cret" not in str(e) and ALICE not in str(e)
+
+
+def test_a_relative_redirect_is_named_in_full() -> None:
+    with http_server(lambda h: (302, {"Location": "/gateway/v1/usage"}, b"")) as (gw, _):
+        e = sentence_of(vg_client.get_usage, gw, ALICE, timeout=5)
+    assert e.kind == "redirect"
+    assert f"to {gw}/gateway/v1/usage." in str(e)
+
+
+def test_image_downloads_never_carry_the_token_off_the_gateway() -> None:
+    """url items: one on the gateway that redirects to another origin, one on another
+    origin outright. The other origin gets both requests, neither with the token; the
+    gateway itself gets it (its own signed URL)."""
+    png = png_bytes(8, 8)
+    with http_server(lambda h: (200, {"Content-Type": "image/png"}, png)) as (cdn, cdn_seen):
+        def gateway(h: BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+            if h.command == "POST":
+                return json_answer({"created": 1, "data": [
+                    {"url": "/v1/images/files/a.png?sig=1"}, {"url": cdn + "/b.png?sig=2"}]})
+            return 302, {"Location": cdn + "/a.png?sig=1"}, b""
+
+        with http_server(gateway) as (gw, gw_seen):
+            res = vg_client.request_variations(gw, ALICE, png, n=2, size="256x256", timeout=5)
+    assert res.images == [png, png]
+    assert [(s.method, s.path) for s in gw_seen] == [
+        ("POST", "/v1/images/variations"), ("GET", "/v1/images/files/a.png?sig=1")]
+    assert all(s.headers.get("authorization") == f"Bearer {ALICE}" for s in gw_seen)
+    assert sorted(s.path for s in cdn_seen) == ["/a.png?sig=1", "/b.png?sig=2"]
+    assert all("authorization" not in s.headers for s in cdn_seen)
+
+
+# ------------------------------------------------------------------ issue 19: studio CA
+
+
+@dataclass
+class StudioCA:
+    ca: Path
+    server: ssl.SSLContext
+
+
+@pytest.fixture(scope="module")
+def studio_ca(tmp_path_factory: pytest.TempPathFactory) -> StudioCA:
+    """A throw-away CA and a server certificate for 127.0.0.1 it signed, made with the
+    openssl command line (the venv has no ``cryptography``). The extensions are those
+    Python 3.13+'s strict verification wants (key usage, key identifiers)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    d = tmp_path_factory.mktemp("studio-ca")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True,
+                       timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=Test Studio CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "subjectKeyIdentifier=hash")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1")
+    (d / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "server.pem", d / "server.key")
+    return StudioCA(d / "ca.pem", ctx)
+
+
+def test_https_gateway_with_a_private_ca(studio_ca: StudioCA, tmp_path: Path) -> None:
+    """Without the CA file: the 'not trusted' sentence (never the old 'check http:// or
+    https://', which pushed people to plain http). With it, from the settings file or
+    VARIATIONS_GATEWAY_CA_FILE: both calls work."""
+    png = png_bytes(8, 8)
+
+    def gateway(h: BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+        if h.command == "POST":
+            return json_answer({"created": 1, "data": [
+                {"b64_json": base64.b64encode(png).decode()}]})
+        return json_answer(USAGE)
+
+    with http_server(gateway, tls=studio_ca.server) as (url, seen):
+        assert url.startswith("https://")
+        for e in both_calls(url):
+            assert e.kind == "untrusted"
+            assert "the certificate is not trusted: add your studio's CA file in Settings" \
+                in str(e)
+            assert "VARIATIONS_GATEWAY_CA_FILE" in str(e)
+            assert "(http:// or https://)" not in str(e)
+        assert seen == []  # no request went out over the unverified connection
+
+        assert vg_client.get_usage(url, ALICE, timeout=5, ca_file=str(studio_ca.ca)) == USAGE
+        vg_settings.save(str(tmp_path), url, ALICE, 30, ca_file=str(studio_ca.ca))
+        for env in ({}, {vg_settings.ENV_CA_FILE: str(studio_ca.ca)}):
+            s = vg_settings.load(str(tmp_path / "no-file" if env else tmp_path), env)
+            res = vg_client.request_variations(url, ALICE, png, n=1, size="256x256",
+                                               timeout=5, ca_file=s.ca_file)
+            assert res.images == [png]
+    assert [s.headers["authorization"] for s in seen] == [f"Bearer {ALICE}"] * 3
+
+
+def test_a_ca_file_that_cannot_be_used_is_a_settings_sentence(tmp_path: Path) -> None:
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate\n")
+    for path, why in ((tmp_path / "missing.pem", "no such file"), (junk, "no pem")):
+        e = sentence_of(vg_client.get_usage, "https://127.0.0.1:9", ALICE, timeout=5,
+                        ca_file=str(path))
+        assert e.kind == "settings"
+        assert str(e).startswith(f"The CA file {path} cannot be used (")
+        assert why in str(e).lower()
+
+
+# ------------------------------------------------------------------ issue 19: 18 (client)
+
+
+def test_state_store_outage_has_its_own_sentence() -> None:
+    """503 state_unavailable (Redis down) is not the image backend being down."""
+    body = envelope(503, "The gateway's state store (Redis) is unavailable; retry shortly.",
+                    "state_unavailable")
+    e = vg_client.error_sentence(503, body, {"retry-after": "2", "x-request-id": "req_9"},
+                                 "http://gw/v1/images/variations")
+    assert e.kind == "state" and e.code == "state_unavailable"
+    assert str(e).startswith("The gateway cannot reach its shared state store (Redis)")
+    assert "image backend" not in str(e)
+    assert "Try again in 2 seconds" in str(e) and "req_9" in str(e)
+
+
+def test_http_errors_are_closed(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HTTPError holds the open response; left unclosed it leaks the socket
+    (ResourceWarning on Python 3.14). Each error answer is closed once."""
+    closed: list[int] = []
+    original = urllib.error.HTTPError.close
+
+    def close(self: urllib.error.HTTPError) -> None:
+        closed.append(self.code)
+        original(self)
+
+    monkeypatch.setattr(urllib.error.HTTPError, "close", close)
+    sentence_of(vg_client.get_usage, gateway.url, "nope-nope-nope-nope")
+    with http_server(lambda h: (302, {"Location": "http://elsewhere/"}, b"")) as (url, _):
+        sentence_of(vg_client.get_usage, url, ALICE, timeout=5)
+    assert closed[:1] == [401] and closed[-1:] == [302]
+
+
+@pytest.mark.parametrize("ok", [True, False], ids=["2xx", "error"])
+def test_a_huge_declared_answer_is_refused_before_reading(ok: bool) -> None:
+    status = b"200 OK" if ok else b"500 Internal Server Error"
+    answer = (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 1000000000\r\n\r\n{\"data\": [")
+    with raw_server(answer) as url:
+        errors = both_calls(url)
+    for e in errors:
+        if ok:
+            assert e.kind == "protocol"
+            assert "is larger than" in str(e) and "GIMP stopped reading it" in str(e)
+        else:  # the error body is not read: the status alone speaks
+            assert e.status == 500 and "without an error message" in str(e)
+
+
+def test_an_endless_answer_is_cut_at_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Content-Length (read until the connection closes): reading stops one byte past
+    the cap instead of filling memory."""
+    monkeypatch.setattr(vg_client, "MAX_ANSWER", 4096)
+    monkeypatch.setattr(vg_client, "MAX_SMALL_ANSWER", 1024)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b" " * 100_000
+    with raw_server(answer) as url:
+        errors = both_calls(url)
+    assert "larger than 0.00390625 MB" in str(errors[0])
+    assert "larger than 0.000976562 MB" in str(errors[1])
+    assert all(e.kind == "protocol" for e in errors)
+
+
+# ------------------------------------------------------------------ issue 19: the dialogs
+
+
+def test_background_call_returns_at_once_and_delivers_from_its_thread() -> None:
+    """Test Connection's work runs off the GTK thread: the call returns while the network
+    call still blocks, and the text arrives from the worker thread."""
+    release = threading.Event()
+    got: queue.Queue[tuple[str, int]] = queue.Queue()
+
+    def slow() -> str:
+        assert release.wait(30)
+        return "Connected as alice; no image limits apply."
+
+    def deliver(text: str) -> None:
+        got.put((text, threading.get_ident()))
+
+    t = vg_client.call_in_background(slow, deliver)
+    assert t.daemon and got.empty()
+    release.set()
+    text, ident = got.get(timeout=30)
+    assert text == "Connected as alice; no image limits apply."
+    assert ident != threading.get_ident()
+
+    def fails(exc: Exception) -> Callable[[], str]:
+        def fn() -> str:
+            raise exc
+        return fn
+
+    vg_client.call_in_background(fails(vg_client.GatewayError("Nope, sorry.")), deliver)
+    assert got.get(timeout=30)[0] == "Nope, sorry."
+    vg_client.call_in_background(fails(KeyError("x")), deliver)
+    assert got.get(timeout=30)[0] == "Testing the connection failed unexpectedly (KeyError)."
+
+
+PLUGIN_MAIN = HERE.parents[1] / "plugins" / "gimp" / "generate-variations" / \
+    "generate-variations.py"
+
+
+def _function(name: str) -> ast.FunctionDef:
+    tree = ast.parse(PLUGIN_MAIN.read_text())
+    return next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def _calls(fn: ast.FunctionDef) -> list[str]:
+    """The dotted names of the calls in ``fn``, in source order."""
+    out = []
+    for node in sorted((n for n in ast.walk(fn) if isinstance(n, ast.Call)),
+                       key=lambda n: (n.lineno, n.col_offset)):
+        out.append(ast.unparse(node.func))
+    return out
+
+
+def test_settings_dialog_tests_the_connection_off_the_gtk_thread() -> None:
+    """GIMP glue (GTK is not importable here; the e2e run drives the real dialog): the
+    dialog hands Test Connection to call_in_background, answers through GLib.idle_add and
+    makes no blocking gateway call itself."""
+    calls = _calls(_function("_settings_dialog"))
+    assert "vg_client.call_in_background" in calls
+    assert "GLib.idle_add" in calls
+    assert not {"_test_connection", "_usage_summary", "vg_client.get_usage",
+                "Gtk.main_iteration"} & set(calls)
+
+
+def test_generate_dialog_asks_for_combo_boxes_before_fill() -> None:
+    """GIMP 3.2 draws a 3-value Choice as radio buttons; a combo box asked for before
+    fill() stays one in 3.0 and 3.2 (libgimp/gimpproceduredialog.c)."""
+    fn = _function("_interactive_dialog")
+    src = ast.unparse(fn)
+    assert "dialog.get_widget(name, Gtk.ComboBox.__gtype__)" in src
+    assert src.index("get_widget") < src.index("dialog.fill(")
+    tree = ast.parse(PLUGIN_MAIN.read_text())
+    choice_args = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                       and ast.unparse(n.targets[0]) == "CHOICE_ARGS")
+    assert set(choice_args) == {"size", "square-mode"}

@@ -227,6 +227,25 @@ def test_saving_with_an_environment_token_and_no_file_leaves_the_token_out(
     assert json.loads(Path(path).read_text()) == json.loads(before)
 
 
+def test_ca_file_is_saved_read_back_and_overridden_by_the_environment(
+        tmp_path: Path) -> None:
+    """Issue 19 #8: the studio CA file is a setting beside the URL and token."""
+    path = vg_settings.save(str(tmp_path), "https://gw:8443", "tok", 30,
+                            ca_file=" /etc/studio/ca.pem ")
+    assert json.loads(Path(path).read_text())["ca_file"] == "/etc/studio/ca.pem"
+    s = vg_settings.load(str(tmp_path), {})
+    assert (s.ca_file, s.from_env) == ("/etc/studio/ca.pem", set())
+    s = vg_settings.load(str(tmp_path), {vg_settings.ENV_CA_FILE: "/env/ca.pem"})
+    assert (s.ca_file, s.from_env) == ("/env/ca.pem", {"ca_file"})
+    # Saved from the dialog with the environment in force: the file keeps its own value.
+    vg_settings.save(str(tmp_path), s.url, s.token, 30, ca_file=s.ca_file,
+                     from_env=s.from_env)
+    assert json.loads(Path(path).read_text())["ca_file"] == "/etc/studio/ca.pem"
+    # Cleared in the dialog: gone from the file, the OS trust store alone applies.
+    vg_settings.save(str(tmp_path), "https://gw:8443", "tok", 30, ca_file="")
+    assert "ca_file" not in json.loads(Path(path).read_text())
+    assert vg_settings.load(str(tmp_path), {}).ca_file == ""
+
 def test_defaults_without_file(tmp_path: Path) -> None:
     s = vg_settings.load(str(tmp_path / "none"), {})
     assert (s.url, s.token) == (vg_settings.DEFAULT_URL, "")

@@ -31,6 +31,8 @@ PROC = "python-fu-generate-variations"
 PROC_SETTINGS = "python-fu-generate-variations-settings"
 DEFAULT_N = 4
 DEFAULT_SIZE = "512x512"
+CHOICE_ARGS = ("size", "square-mode")  # shown as combo boxes
+RESPONSE_TEST = 1
 
 
 class Failure(Exception):
@@ -193,6 +195,10 @@ def _interactive_dialog(procedure, config, settings):
 
     GimpUi.init(PROC)
     dialog = GimpUi.ProcedureDialog.new(procedure, config, "Generate Variations")
+    # GIMP 3.2 draws a Choice with few values as radio buttons (and warns "no mnemonic for
+    # property"); asking for a combo box before fill() keeps one in 3.0 and 3.2 alike.
+    for name in CHOICE_ARGS:
+        dialog.get_widget(name, Gtk.ComboBox.__gtype__)
     dialog.fill(["n", "size", "square-mode", "scale-to-source", "fresh"])
     who = "no token set" if not settings.token else f"token {settings.masked_token()}"
     note = Gtk.Label(label=f"Gateway: {settings.url} ({who}).\n"
@@ -257,7 +263,7 @@ def run_generate(procedure, run_mode, image, drawables, config, data):
                 result = _in_thread(
                     lambda: vg_client.request_variations(
                         settings.url, settings.token, png, n=n, size=size, fresh=fresh,
-                        timeout=settings.timeout),
+                        timeout=settings.timeout, ca_file=settings.ca_file),
                     f"Waiting for the gateway to make {n} variation"
                     f"{'s' if n != 1 else ''} ({size})...")
             except vg_client.GatewayError as e:
@@ -284,14 +290,14 @@ def _settings_dialog(settings):
     GimpUi.init(PROC_SETTINGS)
     dialog = GimpUi.Dialog(title="Generate Variations Settings", role=PROC_SETTINGS)
     dialog.add_button("_Cancel", Gtk.ResponseType.CANCEL)
-    dialog.add_button("_Test Connection", 1)
+    test_button = dialog.add_button("_Test Connection", RESPONSE_TEST)
     dialog.add_button("_Save", Gtk.ResponseType.OK)
     grid = Gtk.Grid(row_spacing=6, column_spacing=12, border_width=12)
     dialog.get_content_area().pack_start(grid, True, True, 0)
 
-    def row(y, text, widget):
+    def row(y, text, widget, focus=None):
         label = Gtk.Label(label=text, xalign=0.0, use_underline=True)
-        label.set_mnemonic_widget(widget)
+        label.set_mnemonic_widget(focus or widget)
         grid.attach(label, 0, y, 1, 1)
         grid.attach(widget, 1, y, 1, 1)
 
@@ -300,62 +306,98 @@ def _settings_dialog(settings):
     token.set_placeholder_text("the token your gateway admin gave you")
     timeout = Gtk.SpinButton.new_with_range(1, 3600, 1)
     timeout.set_value(settings.timeout)
+    ca_file = Gtk.Entry(text=settings.ca_file, hexpand=True)
+    ca_file.set_placeholder_text("none: the system's certificates")
+    ca_file.set_tooltip_text("For an https:// gateway whose certificate comes from your "
+                             "studio's own CA: that CA's certificate (a PEM file).")
+    browse = Gtk.Button.new_with_mnemonic("_Browse...")
+    browse.connect("clicked", lambda _b: _choose_ca_file(dialog, ca_file))
+    ca_box = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=6)
+    ca_box.pack_start(ca_file, True, True, 0)
+    ca_box.pack_start(browse, False, False, 0)
     row(0, "Gateway _URL", url)
     row(1, "_Token", token)
     row(2, "T_imeout (seconds)", timeout)
-    for key, widget in (("url", url), ("token", token), ("timeout", timeout)):
+    row(3, "Studio CA _file", ca_box, ca_file)
+    for key, widget in (("url", url), ("token", token), ("timeout", timeout),
+                        ("ca_file", ca_box)):
         if key in settings.from_env:
             widget.set_sensitive(False)
             widget.set_tooltip_text("Set by an environment variable, which wins over this "
                                     "dialog; Save keeps it out of the settings file.")
     status = Gtk.Label(xalign=0.0, wrap=True, max_width_chars=60, selectable=True)
     status.set_text(f"Saved in {settings.path} (readable only by you).")
-    grid.attach(status, 0, 3, 2, 1)
+    grid.attach(status, 0, 4, 2, 1)
     dialog.show_all()
-    summary = ""
+    # Test Connection runs in a thread (a slow or dead gateway would freeze the dialog on
+    # the GTK thread for up to 15 s); its answer comes back through GLib.idle_add, and is
+    # dropped once the dialog is gone.
+    state = {"summary": "", "closed": False}
+
+    def show(text):
+        if not state["closed"]:
+            state["summary"] = text
+            status.set_text(text)
+            test_button.set_sensitive(True)
+        return False
+
     _auto_accept(dialog, Gtk.ResponseType.OK)
     while True:
         response = dialog.run()
-        if response == 1:
+        if response == RESPONSE_TEST:
+            if not test_button.get_sensitive():
+                continue
             status.set_text("Testing...")
-            while Gtk.events_pending():
-                Gtk.main_iteration()
-            summary = _test_connection(url.get_text(), token.get_text(), timeout.get_value())
-            status.set_text(summary)
+            test_button.set_sensitive(False)
+            # Widgets are read here, on the GTK thread; the thread gets plain values.
+            args = (url.get_text(), token.get_text(), timeout.get_value(), ca_file.get_text())
+            vg_client.call_in_background(
+                lambda a=args: vg_client.usage_summary(*a),
+                lambda text: GLib.idle_add(show, text))
             continue
         if response == Gtk.ResponseType.OK:
             try:
                 # Fields an environment variable sets show its value; never write those.
                 vg_settings.save(Gimp.directory(), url.get_text(), token.get_text(),
-                                 timeout.get_value(), from_env=settings.from_env)
+                                 timeout.get_value(), ca_file=ca_file.get_text(),
+                                 from_env=settings.from_env)
             except vg_settings.SettingsError as e:
                 status.set_text(str(e))
                 continue
+            state["closed"] = True
             dialog.destroy()
-            return True, summary
+            return True, state["summary"]
+        state["closed"] = True
         dialog.destroy()
-        return False, summary
+        return False, state["summary"]
 
 
-def _usage_summary(url, token, timeout):
-    """The quota summary, or raise GatewayError. The client turns every network and
-    protocol failure into one; anything else still becomes a sentence, never a traceback
-    in a dialog."""
-    try:
-        return vg_client.describe_usage(
-            vg_client.get_usage(url, token, timeout=min(float(timeout), 15.0)))
-    except vg_client.GatewayError:
-        raise
-    except Exception as e:
-        raise vg_client.GatewayError(
-            f"Testing the connection failed unexpectedly ({type(e).__name__}).") from None
+def _choose_ca_file(parent, entry):
+    """A file chooser for the studio CA certificate; fills ``entry`` with the path."""
+    from gi.repository import Gtk
+
+    chooser = Gtk.FileChooserDialog(title="Studio CA certificate (PEM)",
+                                    transient_for=parent, action=Gtk.FileChooserAction.OPEN)
+    chooser.add_button("_Cancel", Gtk.ResponseType.CANCEL)
+    chooser.add_button("_Open", Gtk.ResponseType.ACCEPT)
+    pem = Gtk.FileFilter()
+    pem.set_name("Certificates (*.pem, *.crt, *.cer)")
+    for pattern in ("*.pem", "*.crt", "*.cer"):
+        pem.add_pattern(pattern)
+    chooser.add_filter(pem)
+    everything = Gtk.FileFilter()
+    everything.set_name("All files")
+    everything.add_pattern("*")
+    chooser.add_filter(everything)
+    if chooser.run() == Gtk.ResponseType.ACCEPT and chooser.get_filename():
+        entry.set_text(chooser.get_filename())
+    chooser.destroy()
 
 
-def _test_connection(url, token, timeout):
-    try:
-        return _usage_summary(url, token, timeout)
-    except vg_client.GatewayError as e:
-        return str(e)
+def _usage_summary(settings):
+    """The quota summary for the settings in force, or raise GatewayError."""
+    return vg_client.usage_summary(settings.url, settings.token, settings.timeout,
+                                   settings.ca_file)
 
 
 def run_settings(procedure, config, data):
@@ -370,7 +412,7 @@ def run_settings(procedure, config, data):
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
         try:
             settings = _settings()
-            summary = _usage_summary(settings.url, settings.token, settings.timeout)
+            summary = _usage_summary(settings)
         except (Failure, vg_client.GatewayError) as e:
             # Saved all the same: say what is wrong without calling the save a failure.
             summary = f"Settings saved, but: {e}"
@@ -379,7 +421,7 @@ def run_settings(procedure, config, data):
     # Non-interactive (scripts, tests): test the connection with the settings in force
     # and return what the gateway says about the user's quota.
     try:
-        summary = _usage_summary(settings.url, settings.token, settings.timeout)
+        summary = _usage_summary(settings)
     except vg_client.GatewayError as e:
         return _fail(procedure, str(e))
     return _with_summary(procedure, summary)
@@ -407,10 +449,10 @@ class GenerateVariations(Gimp.PlugIn):
             p.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.ALWAYS)
             p.set_documentation(
                 "Gateway URL and token for Generate Variations",
-                "Edits the gateway URL, token and timeout (kept in a file readable only by "
-                "you in GIMP's config folder, never in images), tests the connection and "
-                "shows the quota left. Non-interactively it tests the settings in force and "
-                "returns the quota summary.", name)
+                "Edits the gateway URL, token, timeout and studio CA file (kept in a file "
+                "readable only by you in GIMP's config folder, never in images), tests the "
+                "connection and shows the quota left. Non-interactively it tests the "
+                "settings in force and returns the quota summary.", name)
             p.set_attribution("variations-gateway", "variations-gateway", "2025")
             p.add_enum_argument("run-mode", "Run mode", "The run mode", Gimp.RunMode,
                                 Gimp.RunMode.INTERACTIVE, GObject.ParamFlags.READWRITE)

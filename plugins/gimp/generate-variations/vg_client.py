@@ -4,22 +4,32 @@ Standard library only (GIMP bundles its own Python on Windows and macOS): ``urll
 a multipart body built by hand, a timeout on every call, and every failure turned into
 one sentence a user can act on (:class:`GatewayError`), built from the gateway's OpenAI
 error envelope ``{"error": {"message", "type", "param", "code"}}`` and its headers.
+
+Two rules keep the member's token where it belongs. The API calls follow no redirect: a
+3xx answer becomes a sentence naming its target, so the token is never replayed to
+another host or port (urllib would follow 301/302/303/307/308 and keep the header). Image
+downloads may follow redirects, but the token rides as an *unredirected* header, which
+urllib never copies to a redirect target, and is only ever set for the gateway's own
+origin. TLS uses the OS trust store plus an optional studio CA file (``ca_file``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import http.client
 import json
 import os
 import socket
 import ssl
+import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
@@ -27,6 +37,13 @@ from typing import Any
 USER_AGENT = "generate-variations-gimp/1.0"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_UPLOAD = 4 * 1024 * 1024
+# Caps on what is read into memory (a wrong URL can point at an endless or huge answer).
+# A variations answer holds up to 10 base64 PNGs of 1024x1024 (a few MB each).
+MAX_ANSWER = 96 * 1024 * 1024
+MAX_DOWNLOAD = 32 * 1024 * 1024  # one image fetched from a url item
+MAX_SMALL_ANSWER = 1024 * 1024  # usage answers and error bodies
+MAX_DOWNLOAD_REDIRECTS = 5
+CA_FILE_ENV = "VARIATIONS_GATEWAY_CA_FILE"
 SETTINGS_HINT = "Filters > Generate Variations Settings"
 
 
@@ -231,6 +248,13 @@ def error_sentence(
         return make(
             "The gateway cannot store images right now: its disk is full or its storage is "
             f"failing. Nothing was charged. Tell the gateway admin.{ref}", "server")
+    if code == "state_unavailable":
+        retry = h.get("retry-after")
+        later = f"Try again in {_seconds_text(retry)}" if retry else "Try again shortly"
+        return make(
+            "The gateway cannot reach its shared state store (Redis), so it cannot check "
+            f"quotas and makes no images for now. Nothing was charged. {later}; if it keeps "
+            f"happening, tell the gateway admin.{ref}", "state")
     if status in (502, 503) or code in ("upstream_error", "upstream_unavailable"):
         retry = h.get("retry-after")
         later = f" Try again in {_seconds_text(retry)}." if retry else " Try again later."
@@ -252,7 +276,8 @@ def _transport_error(exc: BaseException, url: str, timeout: float) -> GatewayErr
     """Any failure below HTTP status level (connection, TLS, a broken or non-HTTP answer)
     as a sentence. Never quotes what the server sent, so nothing echoed back (the token)
     can end up in the message."""
-    reason: Any = getattr(exc, "reason", exc)
+    # Only URLError wraps the cause in .reason (SSLError's .reason is OpenSSL's text).
+    reason: Any = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(exc, TimeoutError):
         return GatewayError(
             f"The gateway at {url} did not answer within {timeout:g} seconds. It may be busy: "
@@ -277,6 +302,8 @@ def _transport_error(exc: BaseException, url: str, timeout: float) -> GatewayErr
     if isinstance(reason, http.client.HTTPException):
         # BadStatusLine, LineTooLong, UnknownProtocol, ...: not HTTP, or not a sane one.
         return _not_a_gateway(url)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return _untrusted(reason, url)
     if isinstance(reason, ssl.SSLError):
         return GatewayError(
             f"A secure connection to the gateway at {url} failed ({reason}). Check the URL "
@@ -302,36 +329,194 @@ def _transport_error(exc: BaseException, url: str, timeout: float) -> GatewayErr
         f"and that the URL in {SETTINGS_HINT} is right.", kind="unreachable")
 
 
-def _call(
-    req: urllib.request.Request, url: str, timeout: float
-) -> tuple[bytes, dict[str, str]]:
-    """Send ``req``; the body and headers of a 2xx answer. Every other outcome (an HTTP
-    error status, a dead or wrong server, a broken or non-HTTP answer) raises
-    :class:`GatewayError`; nothing else escapes."""
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.read(), _headers(resp.headers)
-    except urllib.error.HTTPError as e:
+# X509_V_ERR_* codes OpenSSL reports in SSLCertVerificationError.verify_code.
+_X509_CERT_HAS_EXPIRED = 10
+_X509_HOSTNAME_MISMATCH = 62
+
+
+def _untrusted(err: ssl.SSLCertVerificationError, url: str) -> GatewayError:
+    """A certificate that failed verification. The usual case in a studio is a private
+    CA: say so plainly, so nobody "fixes" it by switching to http://, where the token
+    would travel in the clear."""
+    code = getattr(err, "verify_code", None)
+    if code == _X509_HOSTNAME_MISMATCH:
+        return GatewayError(
+            f"A secure connection to the gateway at {url} failed: its certificate is for "
+            f"another host name. Use the host name the certificate names in {SETTINGS_HINT}.",
+            kind="untrusted")
+    if code == _X509_CERT_HAS_EXPIRED:
+        return GatewayError(
+            f"A secure connection to the gateway at {url} failed: its certificate has "
+            "expired. Tell the gateway admin.", kind="untrusted")
+    return GatewayError(
+        f"A secure connection to the gateway at {url} failed: the certificate is not "
+        f"trusted: add your studio's CA file in Settings ({SETTINGS_HINT}, or "
+        f"{CA_FILE_ENV}). Do not switch to http://: the token would travel in the clear.",
+        kind="untrusted")
+
+
+def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """Verification against the OS trust store, plus the studio's CA file when one is set.
+
+    The CA file adds to the OS store rather than replacing it, so image URLs on a public
+    host (a CDN) still verify. Python builds whose default paths are empty on macOS (the
+    python.org kind GIMP may bundle) also get the system roots from ``/etc/ssl/cert.pem``.
+    """
+    ctx = ssl.create_default_context()
+    if sys.platform == "darwin" and not ctx.get_ca_certs() \
+            and os.path.isfile("/etc/ssl/cert.pem"):
+        with contextlib.suppress(OSError, ssl.SSLError):
+            ctx.load_verify_locations(cafile="/etc/ssl/cert.pem")
+    path = os.path.expanduser((ca_file or "").strip())
+    if path:
         try:
-            body = e.read()
-        except (OSError, ValueError, http.client.HTTPException):
-            body = b""
-        raise error_sentence(e.code, body, e.headers, url) from None
+            ctx.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            # SSLError is an OSError too; its strerror is OpenSSL's jargon.
+            why = e.strerror if not isinstance(e, ssl.SSLError) \
+                and isinstance(e, OSError) and e.strerror else "it holds no PEM certificate"
+            raise GatewayError(
+                f"The CA file {path} cannot be used ({why.lower()}). Choose your studio's "
+                f"CA certificate (a PEM file) in {SETTINGS_HINT}, or clear the field to use "
+                "the system's certificates.", kind="settings") from None
+    return ctx
+
+
+class _DownloadRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirect policy. Requests marked ``follow_redirects = False`` (the API calls) follow
+    none: the 3xx comes back as an HTTPError that :func:`_call` turns into a sentence. Image
+    downloads follow a few, to http(s) targets only (never ftp:// or file:), and the token
+    is an unredirected header, so it is not carried to any redirect target."""
+
+    max_redirections = MAX_DOWNLOAD_REDIRECTS
+
+    def redirect_request(  # type: ignore[override]
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+        headers: Message, newurl: str,
+    ) -> urllib.request.Request | None:
+        if not getattr(req, "follow_redirects", False):
+            return None
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            return None
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.follow_redirects = True  # type: ignore[attr-defined]
+        return new
+
+
+def _opener(ca_file: str | None) -> urllib.request.OpenerDirector:
+    # Replaces urllib's redirect handler and HTTPS handler; the rest (proxies from the
+    # environment, ...) stays as urlopen has it.
+    return urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=ssl_context(ca_file)),
+        _DownloadRedirects(),
+    )
+
+
+def _too_large(url: str, cap: int) -> GatewayError:
+    return GatewayError(
+        f"The answer of the server at {url} is larger than {cap / 1048576:g} MB, far more "
+        f"than a variations gateway sends; GIMP stopped reading it. Check the gateway URL in "
+        f"{SETTINGS_HINT}.", kind="protocol")
+
+
+def _read_capped(resp: Any, cap: int, url: str) -> bytes:
+    """At most ``cap`` bytes of ``resp``'s body, or :class:`GatewayError`. A declared
+    Content-Length over the cap is refused before reading; a body with a length is read
+    whole (so a cut-off one still raises IncompleteRead); one without (chunked, or until
+    the connection closes) is read up to one byte past the cap."""
+    length = getattr(resp, "length", None)
+    if isinstance(length, int):
+        if length > cap:
+            raise _too_large(url, cap)
+        return bytes(resp.read())
+    data = resp.read(cap + 1)
+    if len(data) > cap:
+        raise _too_large(url, cap)
+    return bytes(data)
+
+
+def _redirect_target(e: urllib.error.HTTPError, url: str) -> str:
+    """Where a 3xx points, for the sentence: absolute, without user info, query or
+    fragment (a signed query is no help to an admin fixing the URL), printable, short."""
+    loc = (e.headers.get("location") or e.headers.get("uri") or "") if e.headers else ""
+    if not loc.strip():
+        return "an address it did not give"
+    try:
+        parts = urllib.parse.urlsplit(urllib.parse.urljoin(url, loc.strip()))
+        host = parts.netloc.rpartition("@")[2]
+        target = urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+    except ValueError:
+        return "an address that is not valid"
+    target = "".join(ch for ch in target if ch.isprintable())
+    return target if len(target) <= 200 else target[:200] + "..."
+
+
+def _redirected(e: urllib.error.HTTPError, url: str) -> GatewayError:
+    target = _redirect_target(e, url)
+    return GatewayError(
+        f"The gateway URL answered with a redirect (HTTP {e.code}) from {url} to {target}. "
+        "GIMP does not follow redirects, so your token is never sent to another address: if "
+        f"the gateway now lives there, enter that URL in {SETTINGS_HINT} (ask the gateway "
+        "admin if unsure).", status=e.code, kind="redirect")
+
+
+def _call(
+    req: urllib.request.Request,
+    url: str,
+    timeout: float,
+    *,
+    ca_file: str | None = None,
+    cap: int = MAX_ANSWER,
+) -> tuple[bytes, dict[str, str]]:
+    """Send ``req``; the body (at most ``cap`` bytes) and headers of a 2xx answer. Every
+    other outcome (an HTTP error status, a redirect on an API call, a dead or wrong server,
+    a broken, oversized or non-HTTP answer) raises :class:`GatewayError`; nothing else
+    escapes."""
+    opener = _opener(ca_file)
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return _read_capped(resp, cap, url), _headers(resp.headers)
+    except urllib.error.HTTPError as e:
+        with contextlib.closing(e):  # an unclosed HTTPError leaks its socket
+            if 300 <= e.code < 400:
+                raise _redirected(e, url) from None
+            try:
+                body = _read_capped(e.fp, MAX_SMALL_ANSWER, url) if e.fp is not None else b""
+            except (OSError, ValueError, http.client.HTTPException, GatewayError):
+                body = b""  # too large or cut off: judged by status and headers alone
+            raise error_sentence(e.code, body, e.headers, url) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise _transport_error(e, url, timeout) from None
 
 
-def _auth_headers(token: str) -> dict[str, str]:
-    h = {"Accept": "application/json", "User-Agent": USER_AGENT}
+def _check_token(token: str) -> None:
     if token and not all("!" <= ch <= "~" for ch in token):
         # http.client would refuse it with an error that quotes the whole header value.
         raise GatewayError(
             "The token contains a space, a line break or another character a token cannot "
             f"have; enter it again in {SETTINGS_HINT} (or fix VARIATIONS_GATEWAY_TOKEN).",
             kind="settings")
+
+
+def _request(
+    url: str,
+    token: str,
+    *,
+    data: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    method: str = "GET",
+    follow_redirects: bool = False,
+) -> urllib.request.Request:
+    """A request carrying ``token`` as an unredirected header: urllib never copies such a
+    header to a redirect target, whatever the redirect policy."""
+    _check_token(token)
+    h = {"Accept": "application/json", "User-Agent": USER_AGENT, **(headers or {})}
+    req = urllib.request.Request(url, data=data, headers=h, method=method)
     if token:
-        h["Authorization"] = f"Bearer {token}"
-    return h
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
+    req.follow_redirects = follow_redirects  # type: ignore[attr-defined]
+    return req
 
 
 def request_variations(
@@ -345,8 +530,10 @@ def request_variations(
     timeout: float = 180.0,
     filename: str = "image.png",
     user: str | None = None,
+    ca_file: str | None = None,
 ) -> VariationsResult:
-    """``POST /v1/images/variations`` with ``response_format=b64_json``; returns the PNGs."""
+    """``POST /v1/images/variations`` with ``response_format=b64_json``; returns the PNGs.
+    ``ca_file``: a PEM file of the studio's CA, trusted besides the OS trust store."""
     if not png.startswith(PNG_SIGNATURE):
         raise GatewayError("Internal error: the prepared upload is not a PNG.", kind="client")
     if len(png) >= MAX_UPLOAD:
@@ -358,12 +545,11 @@ def request_variations(
     if user:
         fields["user"] = user
     body, ctype = build_multipart(fields, [("image", filename, "image/png", png)])
-    headers = _auth_headers(token)
-    headers["Content-Type"] = ctype
+    headers = {"Content-Type": ctype}
     if fresh:
         headers["Cache-Control"] = "no-cache"
-    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    raw, h = _call(req, url, timeout)
+    req = _request(url, token, data=body, headers=headers, method="POST")
+    raw, h = _call(req, url, timeout, ca_file=ca_file, cap=MAX_ANSWER)
     rid = h.get("x-request-id")
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -373,7 +559,7 @@ def request_variations(
             if item.get("b64_json"):
                 images.append(base64.b64decode(item["b64_json"], validate=True))
             elif item.get("url"):
-                images.append(_download(item["url"], url, token, timeout))
+                images.append(_download(item["url"], url, token, timeout, ca_file))
             else:
                 raise ValueError("an item has neither b64_json nor url")
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
@@ -390,7 +576,9 @@ def request_variations(
     return VariationsResult(images, rid, h.get("x-cache"), data.get("created"), h)
 
 
-def _download(image_url: str, api_url: str, token: str, timeout: float) -> bytes:
+def _download(
+    image_url: str, api_url: str, token: str, timeout: float, ca_file: str | None = None
+) -> bytes:
     full = urllib.parse.urljoin(api_url, image_url)
     target, api = urllib.parse.urlsplit(full), urllib.parse.urlsplit(api_url)
     if target.scheme not in ("http", "https"):
@@ -398,16 +586,18 @@ def _download(image_url: str, api_url: str, token: str, timeout: float) -> bytes
     # Image URLs are signed: the token goes only to the gateway itself, never to another
     # host a public_base_url (a CDN, say) points at.
     same_origin = (target.scheme, target.netloc) == (api.scheme, api.netloc)
-    req = urllib.request.Request(full, headers=_auth_headers(token if same_origin else ""))
-    raw, _ = _call(req, full, timeout)
+    req = _request(full, token if same_origin else "", follow_redirects=True)
+    raw, _ = _call(req, full, timeout, ca_file=ca_file, cap=MAX_DOWNLOAD)
     return raw
 
 
-def get_usage(base_url: str, token: str, timeout: float = 10.0) -> dict[str, Any]:
+def get_usage(
+    base_url: str, token: str, timeout: float = 10.0, ca_file: str | None = None
+) -> dict[str, Any]:
     """``GET /v1/usage``: the user's limits and what is left."""
     url = api_base(base_url) + "/usage"
-    req = urllib.request.Request(url, headers=_auth_headers(token), method="GET")
-    raw, _ = _call(req, url, timeout)
+    req = _request(url, token)
+    raw, _ = _call(req, url, timeout, ca_file=ca_file, cap=MAX_SMALL_ANSWER)
     try:
         data = json.loads(raw.decode("utf-8"))
         if not isinstance(data, dict):
@@ -447,6 +637,44 @@ def describe_usage(usage: Mapping[str, Any]) -> str:
     if not parts:
         return f"Connected as {user}; no image limits apply."
     return f"Connected as {user}: " + "; ".join(parts) + "."
+
+
+def usage_summary(
+    url: str, token: str, timeout: float, ca_file: str | None = None
+) -> str:
+    """What Test Connection shows: the quota summary, or raise :class:`GatewayError`. The
+    client turns every network and protocol failure into one; anything else still becomes
+    a sentence, never a traceback in a dialog."""
+    try:
+        return describe_usage(
+            get_usage(url, token, timeout=min(float(timeout), 15.0), ca_file=ca_file))
+    except GatewayError:
+        raise
+    except Exception as e:
+        raise GatewayError(
+            f"Testing the connection failed unexpectedly ({type(e).__name__}).") from None
+
+
+def call_in_background(
+    fn: Callable[[], str], deliver: Callable[[str], object]
+) -> threading.Thread:
+    """Run ``fn`` (a blocking network call) in a daemon thread and hand its text, or the
+    sentence of its failure, to ``deliver`` from that thread. Returns at once, so a dialog
+    stays responsive while a gateway takes its time; the GTK side passes a ``deliver``
+    that goes through ``GLib.idle_add`` (GTK widgets belong to the main thread)."""
+
+    def work() -> None:
+        try:
+            text = fn()
+        except GatewayError as e:
+            text = str(e)
+        except Exception as e:
+            text = f"Testing the connection failed unexpectedly ({type(e).__name__})."
+        deliver(text)
+
+    t = threading.Thread(target=work, name="generate-variations-call", daemon=True)
+    t.start()
+    return t
 
 
 def debug_dir() -> str | None:

@@ -1,10 +1,11 @@
 """Where Generate Variations finds the gateway URL and the user's token.
 
 Not procedure arguments on purpose: GIMP stores the last values of every argument in its
-profile and, for image procedures, inside every saved .xcf. The URL and token live in the
-environment (``VARIATIONS_GATEWAY_URL``, ``VARIATIONS_GATEWAY_TOKEN``,
-``VARIATIONS_GATEWAY_TIMEOUT``), else in a JSON file in GIMP's user config folder, written
-with mode 0600. The environment wins over the file, key by key.
+profile and, for image procedures, inside every saved .xcf. The URL, token, timeout and
+CA file live in the environment (``VARIATIONS_GATEWAY_URL``, ``VARIATIONS_GATEWAY_TOKEN``,
+``VARIATIONS_GATEWAY_TIMEOUT``, ``VARIATIONS_GATEWAY_CA_FILE``), else in a JSON file in
+GIMP's user config folder, written with mode 0600. The environment wins over the file, key
+by key.
 
 Standard library only, importable without GIMP.
 """
@@ -24,6 +25,10 @@ DEFAULT_TIMEOUT = 180.0
 ENV_URL = "VARIATIONS_GATEWAY_URL"
 ENV_TOKEN = "VARIATIONS_GATEWAY_TOKEN"
 ENV_TIMEOUT = "VARIATIONS_GATEWAY_TIMEOUT"
+# A PEM file of the studio's CA, trusted besides the OS trust store, for an https gateway
+# with a private certificate (so nobody falls back to http://, token in the clear).
+ENV_CA_FILE = "VARIATIONS_GATEWAY_CA_FILE"
+KEYS = ("url", "token", "timeout", "ca_file")
 
 
 class SettingsError(ValueError):
@@ -35,6 +40,7 @@ class Settings:
     url: str = DEFAULT_URL
     token: str = ""
     timeout: float = DEFAULT_TIMEOUT
+    ca_file: str = ""
     # Which keys come from the environment (and so cannot be changed in the dialog).
     from_env: set[str] = field(default_factory=set)
     path: str = ""
@@ -89,6 +95,8 @@ def load(config_dir: str, environ: Mapping[str, str] | None = None) -> Settings:
         s.token = data["token"].strip()
     if data.get("timeout") is not None:
         s.timeout = _timeout(data["timeout"], path)
+    if isinstance(data.get("ca_file"), str):
+        s.ca_file = data["ca_file"].strip()
     if env.get(ENV_URL, "").strip():
         s.url = env[ENV_URL].strip()
         s.from_env.add("url")
@@ -98,6 +106,9 @@ def load(config_dir: str, environ: Mapping[str, str] | None = None) -> Settings:
     if env.get(ENV_TIMEOUT, "").strip():
         s.timeout = _timeout(env[ENV_TIMEOUT], ENV_TIMEOUT)
         s.from_env.add("timeout")
+    if env.get(ENV_CA_FILE, "").strip():
+        s.ca_file = env[ENV_CA_FILE].strip()
+        s.from_env.add("ca_file")
     return s
 
 
@@ -117,25 +128,29 @@ def save(
     token: str,
     timeout: float = DEFAULT_TIMEOUT,
     *,
+    ca_file: str = "",
     from_env: Collection[str] = (),
 ) -> str:
     """Write the settings file with mode 0600 (atomically); returns its path.
 
-    Keys named in ``from_env`` (``"url"``, ``"token"``, ``"timeout"``: those whose value in
-    force comes from an environment variable, as :attr:`Settings.from_env` says) are never
-    taken from the arguments, which the dialog fills with the values in force: the file
-    keeps what it held for them, or goes without them. So a token given in
+    An empty ``ca_file`` is left out of the file (the OS trust store alone is used).
+    Keys named in ``from_env`` (``"url"``, ``"token"``, ``"timeout"``, ``"ca_file"``: those
+    whose value in force comes from an environment variable, as :attr:`Settings.from_env`
+    says) are never taken from the arguments, which the dialog fills with the values in
+    force: the file keeps what it held for them, or goes without them. So a token given in
     ``VARIATIONS_GATEWAY_TOKEN`` never lands on disk.
     """
     path = settings_path(config_dir)
-    given: dict[str, object] = {"url": url.strip(), "token": token.strip()}
+    given: dict[str, object] = {"url": url.strip(), "token": token.strip(),
+                                "ca_file": ca_file.strip()}
     if "timeout" not in from_env:
         given["timeout"] = _timeout(timeout, "the dialog")
     previous = _file_values(path) if from_env else {}
     data: dict[str, object] = {}
-    for key in ("url", "token", "timeout"):
+    for key in KEYS:
         if key not in from_env:
-            data[key] = given[key]
+            if key != "ca_file" or given[key]:
+                data[key] = given[key]
         elif key in previous:
             data[key] = previous[key]
     os.makedirs(config_dir, exist_ok=True)
