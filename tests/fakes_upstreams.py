@@ -125,6 +125,9 @@ class FakeUpstream:
     """Common machinery: recording, the fault switch, credentials, image faults."""
 
     main_path = ""
+    # Answer photo-like images of real-world size (see photo_like): what a real upstream
+    # sends, so decoding and resizing cost what they cost in production.
+    photo = False
 
     def __init__(self, api_key: str | None = None) -> None:
         self.api_key = api_key
@@ -254,7 +257,7 @@ class FakeUpstream:
             return image_bytes(width, height, index, "GIF")
         if fault == "corrupt_idat":
             return corrupt_idat_png(width, height)
-        data = photo_like(width, height, index, fmt) if photo else image_bytes(
+        data = photo_like(width, height, index, fmt) if photo or self.photo else image_bytes(
             width, height, index, fmt)
         if fault == "truncated_b64":
             return data[: len(data) // 2]
@@ -370,6 +373,8 @@ class XinferenceFake(FakeUpstream):
     ``{"detail"}``; 503 with ``Retry-After`` while a model loads (the ``503`` fault).
     """
 
+    photo = True
+
     main_path = "/v1/images/variations"
 
     def __init__(self, api_key: str | None = None, models: tuple[str, ...] = ("sd-img2img",),
@@ -424,6 +429,8 @@ class LemonadeFake(FakeUpstream):
     400 with an ``error`` object); ``model`` required and known (else 404); ``n`` 1..10;
     ``size`` passed through; ``response_format`` not honoured (always base64); ``user``
     accepted; generation errors are 500 with an ``error`` object."""
+
+    photo = True
 
     main_path = "/v1/images/variations"
 
@@ -649,6 +656,8 @@ class SdWebUIFake(FakeUpstream):
     ``False`` drops ``sd_model_name``/``sd_model_hash`` from ``info`` (a trimmed fork).
     """
 
+    photo = True
+
     main_path = "/sdapi/v1/img2img"
 
     def __init__(self, basic: tuple[str, str] | None = None, flavour: str = "a1111",
@@ -820,6 +829,8 @@ class ComfyUIFake(FakeUpstream):
     ``execution_error``, ``interrupted`` (someone else interrupts our run), ``vanish``
     (deleted by someone else at once), ``status_as_string`` (a fork's history).
     """
+
+    photo = True
 
     main_path = "/prompt"
     FOREIGN = "f0000000-0000-4000-8000-000000000000"  # another client's prompt

@@ -191,10 +191,12 @@ def fault_backend(fault: str) -> dict[str, Any]:
 
 
 async def run_fault(gateway_client: Callable[..., Awaitable[TestClient]], kind: str,
-                    fault: str) -> Answer:
-    """One fault end to end; returns the client's answer after the common assertions."""
-    up, server = await start_upstream(gateway_client, kind, refuse=fault == "refuse",
-                                      **fault_backend(fault))
+                    fault: str, fake: FakeUpstream | None = None, **backend: Any) -> Answer:
+    """One fault end to end; returns the client's answer after the common assertions.
+    ``fake`` and ``backend``: another fake of ``kind`` and its backend options."""
+    up, server = await start_upstream(gateway_client, kind, fake=fake,
+                                      refuse=fault == "refuse",
+                                      **{**backend, **fault_backend(fault)})
     try:
         if fault != "refuse":
             up.fake.inject(fault)

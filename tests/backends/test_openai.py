@@ -154,6 +154,12 @@ async def test_fault(gateway_client: Any, fault: str) -> None:
     await run_fault(gateway_client, "openai", fault)
 
 
+@pytest.mark.parametrize("fault", FAULT_NAMES)
+async def test_fault_lemonade(gateway_client: Any, fault: str) -> None:
+    await run_fault(gateway_client, "openai", fault, fake=LemonadeFake(KEY, models=("SD-Turbo",)),
+                    model="SD-Turbo", prompt=None)
+
+
 async def test_a_key_ending_in_a_newline_still_authenticates(gateway_client: Any) -> None:
     """A key from a secret file (trailing newline) once made every request a 500."""
     up, server = await start_upstream(gateway_client, "openai", key=KEY + "\n")

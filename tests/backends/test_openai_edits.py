@@ -169,3 +169,23 @@ async def test_without_token_prices_the_quality_estimate_is_charged(
         assert budget["used"] == 0.15
     finally:
         await server.close()
+
+
+async def test_the_default_config_returns_images_from_the_strict_fake(
+        gateway_client: Any) -> None:
+    """Only base_url and key set: every default (model, quality, output format) is one the
+    strict fake, following the live API, accepts."""
+    fake = OpenAIEditsFake(KEY)
+    server, url = await serve_fake(fake)
+    try:
+        client = await gateway_client(backends=[{
+            "name": "gpt-image", "kind": "openai_edits", "base_url": url + "/v1",
+            "api_key": KEY, "timeout_seconds": 60}], route=["gpt-image"])
+        answer = await vary(client, png_bytes(64, seed=11), n=2, size="1024x1024",
+                            user="artist-7")
+        assert answer.status == 200, answer.body
+        sent = fake.calls()[0].fields
+        assert sent["model"] == "gpt-image-2" and sent["output_format"] == "jpeg"
+        assert_hashed_user(sent["safety_identifier"])
+    finally:
+        await server.close()
