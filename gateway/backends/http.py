@@ -238,10 +238,11 @@ def encode_png(img: Image.Image) -> bytes:
     Pillow tries all five PNG filters on every row and keeps the best; on a 512 px
     picture that choice costs more than the compression. Here every row uses the "Up"
     filter (difference to the row above, computed in one C call by
-    ``ImageChops.subtract_modulo``) and deflate runs at level 1 with the Z_RLE strategy:
-    filtered noise gains little from LZ77 matching, while flat areas (zero runs after
-    Up) still shrink. On gpt-image-like pictures the file is smaller than Pillow's
-    ``compress_level=1``; the pixels are exactly the same (PNG is lossless).
+    ``ImageChops.subtract_modulo``) and deflate runs at level 1 without LZ77 string
+    matching (Huffman only, or run-length for flat pictures): filtered photo detail
+    gains little from matching, which is where deflate spends its time. On gpt-image-
+    like pictures the file is smaller than Pillow's ``compress_level=1``; the pixels are
+    exactly the same (PNG is lossless).
     """
     w, h = img.size
     above = Image.new(img.mode, img.size)  # the first row's "above" is zeros
@@ -250,7 +251,13 @@ def encode_png(img: Image.Image) -> bytes:
     stride = w * len(img.getbands())
     up = b"\x02"
     rows = b"".join([up + raw[i:i + stride] for i in range(0, len(raw), stride)])
-    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    # Flat pictures (illustrations, backgrounds) filter to runs of zeros: run-length
+    # matching shrinks them ~10x and is fast. Photos and noise leave few zeros: there
+    # Huffman coding alone is as small and ~1.5 ms faster per 512 px. A 1/61 sample
+    # of the filtered bytes decides.
+    sample = raw[::61]
+    flat = sample.count(0) * 2 >= len(sample)
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE if flat else zlib.Z_HUFFMAN_ONLY)
     idat = z.compress(rows) + z.flush()
     ihdr = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPES[img.mode], 0, 0, 0)
     return (_PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat)
@@ -405,8 +412,12 @@ class HttpBackend:
 
 
 async def _read(resp: aiohttp.ClientResponse, name: str) -> bytes:
-    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
-        raise bad_response(name, "response too large")
+    if resp.content_length is not None:
+        if resp.content_length > MAX_RESPONSE_BYTES:
+            raise bad_response(name, "response too large")
+        # A known length is read in one piece (aiohttp stops at the length): no
+        # chunk-by-chunk copy of a gpt-image answer's megabytes of base64.
+        return await resp.read()
     buf = bytearray()
     async for chunk in resp.content.iter_chunked(1 << 16):
         buf += chunk

@@ -96,6 +96,23 @@ def test_encode_png_is_lossless_and_passes_the_strict_reader(
         assert got.tobytes() == img.tobytes()
 
 
+def test_encode_png_is_no_bigger_than_pillows_fast_setting() -> None:
+    """Speed is not bought with size: a photo-like picture is at most Pillow's
+    ``compress_level=1`` size, and a flat one (run-length path) shrinks ~10x or more."""
+    from PIL import ImageDraw
+
+    picture = photo(512)
+    buf = io.BytesIO()
+    picture.save(buf, "PNG", compress_level=1)
+    assert len(encode_png(picture)) <= len(buf.getvalue())
+    flat = Image.new("RGB", (512, 512), (240, 240, 250))
+    ImageDraw.Draw(flat).ellipse((100, 100, 400, 400), fill=(200, 50, 50))
+    data = encode_png(flat)
+    assert len(data) * 10 <= 512 * 512 * 3
+    with Image.open(io.BytesIO(data)) as got:
+        assert got.tobytes() == flat.tobytes()
+
+
 def test_transparency_survives_the_fit() -> None:
     img = photo(1024).convert("RGBA")
     img.putalpha(Image.radial_gradient("L").resize((1024, 1024)))

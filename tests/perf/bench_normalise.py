@@ -1,10 +1,9 @@
-"""CPU time of turning one upstream answer into the stored PNG (``to_png``).
+"""Pictures and references for normalising upstream answers (``to_png``).
 
 gpt-image answers 1024 px images (backends.md, "gpt-image through /v1/images/edits");
-the gateway fits them to the requested size and stores PNG. This measures, per source
-format and target size, the CPU milliseconds one call of
-:func:`gateway.backends.http.to_png` takes in this process (thread CPU time, median
-of several runs), on a synthetic photo-like picture (:func:`photo`).
+the gateway fits them to the requested size and stores PNG. Shared by the bench
+(``bench_peer.py``: its fake's answer, CPU ms per image before and after) and the
+quality test (``tests/backends/test_normalise.py``: the Lanczos reference).
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import time
 from typing import Any
 
 from PIL import Image, ImageChops, ImageFilter
-
-from gateway.backends.http import to_png
 
 
 def photo(edge: int = 1024, noise: float = 2.0, seed: int = 0, blur: float = 2.0
@@ -60,24 +57,6 @@ def cpu_ms(fn: Any, runs: int) -> float:
         fn()
         times.append((time.thread_time() - t) * 1000)
     return statistics.median(times)
-
-
-def run(runs: int = 15) -> list[dict[str, Any]]:
-    img = photo()
-    sources = {"png": encode(img, "png"), "jpeg q100": encode(img, "jpeg", 100),
-               "jpeg q85": encode(img, "jpeg", 85), "webp q85": encode(img, "webp", 85)}
-    rows = []
-    for label, data in sources.items():
-        for size in (256, 512, 1024):
-            rows.append({"upstream answer": f"1024x1024 {label}, {len(data) // 1024} KB",
-                         "to": f"{size}x{size} PNG",
-                         "CPU ms/image": cpu_ms(lambda d=data, s=size: to_png("b", d, s), runs)})
-    return rows
-
-
-if __name__ == "__main__":
-    for row in run():
-        print(row)
 
 
 def lanczos_reference(data: bytes, size: int) -> Image.Image:
