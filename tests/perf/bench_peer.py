@@ -8,7 +8,9 @@ Two tables:
   ``openai_edits`` backend, next to LiteLLM's proxy relaying ``POST /v1/images/edits``,
   both against the same fake gpt-image upstream (:func:`fake_main`). Each server is
   pinned to core 0; wrk and the fake to core 1. c=1 (p50) and c=16 (req/s), median of
-  runs, and each server's RSS after the runs.
+  runs taken in turns (all servers stay up, so a drift of a shared machine hits every
+  row alike), the server's CPU ms per request (from /proc, steadier than wall time on
+  a busy machine), and each server's RSS after the runs.
 
 The gateway asks the upstream for ``output_format: jpeg`` (it resizes anyway); LiteLLM
 relays whatever its client asks for, so it is measured both with the upstream's
@@ -266,45 +268,54 @@ def run_peer(seconds: int = SECONDS, repeats: int = REPEATS) -> list[dict[str, A
             envs[name] = {"BENCH_BODY": str(tmp / f"{name}.body"), "BENCH_BOUNDARY": BOUNDARY,
                           "BENCH_TOKEN": GATEWAY_TOKEN if ours else LITELLM_KEY,
                           "BENCH_CACHE_CONTROL": "no-store" if ours else ""}
-        results: dict[str, dict[str, Any]] = {}
         option = edits_has_output_format()
-        with fake_upstream() as fake:
+        runs: dict[str, dict[int, list[dict[str, float]]]] = {n: {1: [], 16: []} for n in bodies}
+        cpu_ms: dict[str, list[float]] = {n: [] for n in bodies}
+        formats: dict[str, dict[str, int]] = {n: {} for n in bodies}
+        with contextlib.ExitStack() as stack:
+            fake = stack.enter_context(fake_upstream())
+            origins: dict[str, tuple[str, int]] = {}
             procs: list[subprocess.Popen[bytes]] = []
-            servers: list[tuple[str, Any]] = [
-                ("gateway", lambda: bench.gateway_process(
-                    gateway_config(tmp, fake), tmp, procs))]
+            origin = stack.enter_context(
+                bench.gateway_process(gateway_config(tmp, fake), tmp, procs))
+            origins["gateway"] = (origin + "/v1/images/variations", procs[-1].pid)
             if not why_not:
-                servers.append(("litellm", lambda: litellm_proxy(tmp, fake, procs)))
-            for server, start in servers:
-                procs.clear()
-                with start() as origin:
-                    pid = procs[0].pid
-                    path = "/v1/images/variations" if server == "gateway" else \
-                        "/v1/images/edits"
-                    for name in [n for n in bodies if n.startswith(server)]:
-                        env = envs[name]
-                        before = answered(fake)
-                        bench.wrk(origin + path, 4, 1, lua, env)  # warm-up
-                        c1 = [bench.wrk(origin + path, 1, seconds, lua, env)
-                              for _ in range(repeats)]
-                        cpu = bench_load.cpu_seconds(pid)
-                        c16 = [bench.wrk(origin + path, 16, seconds, lua, env)
-                               for _ in range(repeats)]
-                        done = sum(r["rps"] for r in c16) * seconds
-                        cpu_ms = (bench_load.cpu_seconds(pid) - cpu) * 1000 / max(1, done)
-                        after = answered(fake)
-                        formats = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-                        results[name] = {
-                            "p50": statistics.median(r["p50"] for r in c1),
-                            "p99": statistics.median(r["p99"] for r in c1),
-                            "rps": statistics.median(r["rps"] for r in c16),
-                            "rps range": bench._spread([r["rps"] for r in c16]),
-                            "cpu": cpu_ms,
-                            "rss": bench_load.mb(bench_load.total_rss_kb(pid)),
-                            "non2xx": int(sum(r["non2xx"] for r in c1 + c16)),
-                            "upstream": ", ".join(f"{k} x{v}" for k, v in formats.items()
-                                                  if v),
-                        }
+                origin = stack.enter_context(litellm_proxy(tmp, fake, procs))
+                origins["litellm"] = (origin + "/v1/images/edits", procs[-1].pid)
+            names = [n for n in bodies if n.split()[0] in origins]
+            for name in names:  # warm up connections and sessions
+                bench.wrk(origins[name.split()[0]][0], 4, 1, lua, envs[name])
+            # Both servers stay up (the idle one costs nothing) and take turns, so a
+            # drift of the (shared) machine over the run hits every row alike.
+            for _ in range(repeats):
+                for name in names:
+                    url, pid = origins[name.split()[0]]
+                    before = answered(fake)
+                    runs[name][1].append(bench.wrk(url, 1, seconds, lua, envs[name]))
+                    cpu = bench_load.cpu_seconds(pid)
+                    r = bench.wrk(url, 16, seconds, lua, envs[name])
+                    runs[name][16].append(r)
+                    cpu_ms[name].append((bench_load.cpu_seconds(pid) - cpu) * 1000
+                                        / max(1.0, r["rps"] * seconds))
+                    after = answered(fake)
+                    for k, v in after.items():
+                        formats[name][k] = formats[name].get(k, 0) + v - before.get(k, 0)
+            rss = {server: bench_load.mb(bench_load.total_rss_kb(pid))
+                   for server, (_, pid) in origins.items()}
+        results: dict[str, dict[str, Any]] = {}
+        for name in names:
+            c1, c16 = runs[name][1], runs[name][16]
+            results[name] = {
+                "p50": statistics.median(r["p50"] for r in c1),
+                "p99": statistics.median(r["p99"] for r in c1),
+                "rps": statistics.median(r["rps"] for r in c16),
+                "rps range": bench._spread([r["rps"] for r in c16]),
+                "cpu": statistics.median(cpu_ms[name]),
+                "rss": rss[name.split()[0]],
+                "non2xx": int(sum(r["non2xx"] for r in c1 + c16)),
+                # In-flight requests of the previous row may land in this one's count.
+                "upstream": ", ".join(f"{k} x{v}" for k, v in formats[name].items() if v),
+            }
     return _rows(results, why_not, option)
 
 
