@@ -174,6 +174,11 @@ class Metrics:
         self.backend_seconds = Family(Histogram(P + "backend_request_duration_seconds",
                                                 "Time of one backend call, retries included.",
                                                 ["backend"], buckets=LATENCY_BUCKETS, registry=r))
+        self.normalise_seconds = Family(Histogram(
+            P + "backend_normalise_seconds",
+            "Gateway time turning one backend call's answers into stored PNGs (decode, "
+            "fit, encode); part of request_overhead_seconds, not of backend time.",
+            ["backend"], buckets=OVERHEAD_BUCKETS, registry=r))
         self.backend_errors = Family(Counter(
             P + "backend_errors_total", "Failed backend attempts by kind (timeout, connect, "
             "http_5xx, ..., circuit_open).", ["backend", "kind"], registry=r), "kind")
@@ -239,6 +244,9 @@ class Metrics:
         # Half-open is not "down": the cooldown is over and the next request tries it.
         # Otherwise an idle night after one outage would keep BackendDown firing.
         self.backend_up.labels(backend).set(0 if state == "open" else 1)
+        # Exposed from the start (zero counts), so its panels read 0, not "no data",
+        # for a backend that has not answered yet or never converts (procedural).
+        self.normalise_seconds.labels(backend)
 
     def set_model_lifecycle(self, backend: str, available: bool | None,
                             shutdown: float | None) -> None:

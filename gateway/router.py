@@ -30,7 +30,13 @@ from gateway.backends.base import (
     TokenUsage,
     VariationRequest,
 )
-from gateway.backends.http import UpstreamError, bad_response, timeout_error
+from gateway.backends.http import (
+    NormaliseClock,
+    UpstreamError,
+    bad_response,
+    normalise_clock,
+    timeout_error,
+)
 from gateway.config import BackendConfig, Config
 from gateway.lifecycle import LifecycleWatcher
 from gateway.metrics import Metrics
@@ -173,10 +179,12 @@ class Router:
                     retry_after=max(1.0, guard.breaker.retry_in()), trips_breaker=False)
                 continue
             started = time.perf_counter()
+            normalising = NormaliseClock()
             try:
-                generation = await self._call(backend, guard, request)
+                with normalise_clock() as normalising:
+                    generation = await self._call(backend, guard, request)
             except BackendError as exc:
-                self._observe(backend.name, started)
+                self._observe(backend.name, started, normalising.seconds)
                 if getattr(exc, "trips_breaker", False):
                     guard.breaker.failure()
                 else:
@@ -192,7 +200,7 @@ class Router:
             except BaseException:  # cancelled (client left): no verdict on the upstream
                 guard.breaker.release()
                 raise
-            seconds = self._observe(backend.name, started)
+            seconds = self._observe(backend.name, started, normalising.seconds)
             guard.breaker.success()
             return Generated(generation.images, backend.name, seconds, generation.usage)
         assert last is not None
@@ -255,8 +263,12 @@ class Router:
         if (m := self.metrics) is not None:
             m.backend_errors.labels(name, kind).inc()
 
-    def _observe(self, name: str, started: float) -> float:
-        seconds = time.perf_counter() - started
+    def _observe(self, name: str, started: float, normalising: float) -> float:
+        """Backend time of one call: its wall time less the gateway's own conversion of
+        the answers (``normalising``, observed on its own histogram)."""
+        seconds = max(0.0, time.perf_counter() - started - normalising)
         if (m := self.metrics) is not None:
             m.backend_seconds.labels(name).observe(seconds)
+            if normalising:
+                m.normalise_seconds.labels(name).observe(normalising)
         return seconds

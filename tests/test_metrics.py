@@ -45,6 +45,7 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     P + "user_spend_usd": ("counter", frozenset({"user"})),
     P + "user_budget_used_ratio": ("gauge", frozenset({"user"})),
     P + "backend_request_duration_seconds": ("histogram", frozenset({"backend"})),
+    P + "backend_normalise_seconds": ("histogram", frozenset({"backend"})),
     P + "backend_errors": ("counter", frozenset({"backend", "kind"})),
     P + "backend_retries": ("counter", frozenset({"backend"})),
     P + "backend_circuit_state": ("gauge", frozenset({"backend", "state"})),

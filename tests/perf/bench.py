@@ -11,7 +11,9 @@ the commit they were measured on):
 - Redis-backed state next to SQLite (when ``tests/perf/bench_redis.py`` is present);
 - load, memory and startup (``tests/perf/bench_load.py``): miss overhead against a fake
   upstream direct and behind nginx ``proxy_pass`` (chart: latency-vs-concurrency.png),
-  peak RSS under 100 x 4 MB uploads, RSS growth 1k -> 20k requests, startup, idle RSS.
+  peak RSS under 100 x 4 MB uploads, RSS growth 1k -> 20k requests, startup, idle RSS;
+- gpt-image (``tests/perf/bench_peer.py``): CPU ms per normalised answer before and
+  after, and the gateway next to LiteLLM's proxy against the same fake upstream.
 
 The gateway and nginx are pinned to core 0, wrk to core 1, so client and server do not
 fight for one core. Goals are printed beside the figures; nothing here asserts.
@@ -287,8 +289,12 @@ def serving(cmd: list[str], probe: str, *, cwd: Path | None = None,
     Yields the probe's origin (``http://host:port``); the ``Popen`` is appended to
     ``procs`` when given (memory sections read its pid).
     """
+    # This checkout's gateway, not whichever one the venv has installed in editable
+    # mode (a worktree, or a copy of the repository, would otherwise bench another).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=env)
     if procs is not None:
         procs.append(proc)
     try:
@@ -538,6 +544,18 @@ def main() -> int:
              lambda: load().run_memory()),
             ("Startup (exec to first 200 on /healthz, median of 5) and idle RSS",
              lambda: load().run_startup()),
+        ]
+    if (Path(__file__).parent / "bench_peer.py").exists():
+        def peer() -> Any:
+            return importlib.import_module("bench_peer")
+
+        sections += [
+            ("Normalising one gpt-image answer (to_png): CPU ms before (full decode, "
+             "Lanczos, Pillow PNG) and after (draft JPEG decode, reduce + Lanczos, "
+             "encode_png)", lambda: peer().run_normalise()),
+            ("gpt-image at 512x512: gateway (openai_edits) vs LiteLLM proxy "
+             "(/v1/images/edits), same fake upstream; servers on core 0, wrk and fake on "
+             "core 1", lambda: peer().run_peer()),
         ]
     header = (f"# Benchmark report\n\nMeasured by `make bench` on commit `{commit()}`, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
