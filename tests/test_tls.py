@@ -260,3 +260,16 @@ def test_serve_refuses_a_bad_pair_with_a_config_error(ca: TestCA, tmp_path: Path
                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert out.returncode == 2
     assert "config error" in out.stderr and "server.tls_key: cannot read" in out.stderr
+
+
+def test_the_example_config_names_every_server_option() -> None:
+    """config/gateway.example.yaml lists every option: each ``server`` setting (the TLS
+    pair included) appears in its ``server:`` section."""
+    import dataclasses
+
+    from gateway.config import ServerConfig
+
+    text = (ROOT / "config" / "gateway.example.yaml").read_text()
+    section = text.split("\nserver:\n", 1)[1].split("\n\n", 1)[0]
+    for f in dataclasses.fields(ServerConfig):
+        assert f"\n  {f.name}:" in "\n" + section, f.name
