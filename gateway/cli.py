@@ -11,6 +11,7 @@ import ipaddress
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,7 +81,7 @@ async def _serve(config: Config, host: str, port: int) -> int:
     from gateway.app import build_app
 
     # Built before anything listens: read now, so a renewed certificate needs a restart.
-    tls = None
+    tls: ssl.SSLContext | None = None
     if config.server.tls_cert and config.server.tls_key:
         try:
             tls = server_context(config.server.tls_cert, config.server.tls_key)
