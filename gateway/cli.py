@@ -11,12 +11,14 @@ import ipaddress
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, dump_config, load_config
+from gateway.tls import TLSFileError, server_context
 
 
 def _is_loopback(host: str) -> bool:
@@ -41,15 +43,31 @@ def check_bind(config: Config, host: str) -> None:
             " and set auth.mode: tokens, or bind to 127.0.0.1.", "auth.mode")
 
 
+def plain_http_warning(config: Config, host: str) -> str | None:
+    """The warning for a gateway reachable beyond loopback over plain http, else None.
+
+    Member tokens and images would cross the network in the clear. Not given when the
+    gateway serves TLS itself, or when ``server.trusted_proxies`` says a proxy sits in
+    front (the proxy is then where TLS ends, as in deploy/compose.yaml and Kubernetes).
+    """
+    if config.server.tls or config.server.trusted_proxies or _is_loopback(host):
+        return None
+    return (f"listening on {host} over plain http: member tokens and images cross the "
+            "network in the clear. Set server.tls_cert and server.tls_key (PEM files) to "
+            "serve https, or put a reverse proxy with TLS in front (deploy/nginx.conf) "
+            "and list it in server.trusted_proxies.")
+
+
 def banner(config: Config, host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    base = (config.server.public_base_url or f"http://{shown}:{port}").rstrip("/")
+    scheme = "https" if config.server.tls else "http"
+    base = (config.server.public_base_url or f"{scheme}://{shown}:{port}").rstrip("/")
     route = " -> ".join(config.route)
     kinds = ", ".join(f"{b.name} ({b.kind})" for b in config.backends)
     auth = ("no auth (loopback only)" if config.auth.mode == "none"
             else f"member tokens, {len(config.users)} user(s)")
     return "\n".join([
-        f"variations-gateway {__version__} listening on http://{host}:{port}",
+        f"variations-gateway {__version__} listening on {scheme}://{host}:{port}",
         f"  backends: {kinds}; route: {route}",
         f"  auth: {auth}; state: {config.state.kind}",
         f"  GIMP plug-in settings -> Gateway URL: {base}",
@@ -62,11 +80,18 @@ async def _serve(config: Config, host: str, port: int) -> int:
 
     from gateway.app import build_app
 
+    # Built before anything listens: read now, so a renewed certificate needs a restart.
+    tls: ssl.SSLContext | None = None
+    if config.server.tls_cert and config.server.tls_key:
+        try:
+            tls = server_context(config.server.tls_cert, config.server.tls_key)
+        except TLSFileError as exc:  # changed since the config was loaded
+            raise ConfigError(str(exc), exc.setting) from None
     app = build_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout_seconds)
     await runner.setup()
-    site = web.TCPSite(runner, host, port,
+    site = web.TCPSite(runner, host, port, ssl_context=tls,
                        shutdown_timeout=config.server.shutdown_timeout_seconds)
     await site.start()
     metrics_runner = None
@@ -79,7 +104,8 @@ async def _serve(config: Config, host: str, port: int) -> int:
         mapp.router.add_get("/metrics", health.metrics)
         metrics_runner = web.AppRunner(mapp, access_log=None)
         await metrics_runner.setup()
-        await web.TCPSite(metrics_runner, host, config.metrics.port).start()
+        # Same TLS as the API port: /metrics names members and their spend.
+        await web.TCPSite(metrics_runner, host, config.metrics.port, ssl_context=tls).start()
     bound = port
     server = getattr(site, "_server", None)
     if server is not None and server.sockets:
@@ -123,6 +149,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = config.server.port if args.port is None else args.port
     check_bind(config, host)
     logs.configure(config.logging.level, config.logging.format)
+    warning = plain_http_warning(config, host)
+    if warning is not None:
+        import structlog
+
+        structlog.get_logger("gateway.server").warning("plain_http_beyond_loopback",
+                                                       host=host, advice=warning)
+        print(f"variations-gateway: warning: {warning}", file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         try:
             return asyncio.run(_serve(config, host, port))
@@ -144,6 +177,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.path)
     check_bind(config, config.server.host)
     sys.stdout.write(dump_config(config))
+    warning = plain_http_warning(config, config.server.host)
+    if warning is not None:
+        print(f"# warning: {warning}", file=sys.stderr)
     print(f"# {args.path}: OK", file=sys.stderr)
     return 0
 

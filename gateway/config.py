@@ -24,6 +24,7 @@ import yaml
 from gateway import backends
 from gateway.backends.base import TokenUsage
 from gateway.proxies import parse_networks
+from gateway.tls import TLSFileError, server_context
 
 SIZES: tuple[str, ...] = ("256x256", "512x512", "1024x1024")
 DEFAULT_CONFIG_ENV = "VARIATIONS_GATEWAY_CONFIG"
@@ -52,9 +53,18 @@ class ServerConfig:
     # Proxies (addresses or networks) whose X-Forwarded-For names the client the audit
     # records; empty: the peer's own address.
     trusted_proxies: tuple[str, ...] = ()
+    # PEM certificate chain and unencrypted key: both set, the gateway serves https
+    # itself (read at start; a renewed certificate needs a restart).
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         parse_networks(self.trusted_proxies)  # ValueError names the bad entry
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gateway speaks https itself (an empty ``${VAR:-}`` is unset)."""
+        return bool(self.tls_cert and self.tls_key)
 
 
 @dataclass(frozen=True)
@@ -529,7 +539,22 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
         raise b.error("images.store redis needs state.kind redis", "images.store")
     if cfg.server.public_base_url and not re.match(r"^https?://", cfg.server.public_base_url):
         raise b.error("must start with http:// or https://", "server.public_base_url")
+    _check_tls(b, cfg.server)
     return cfg
+
+
+def _check_tls(b: _Builder, server: ServerConfig) -> None:
+    """Both TLS files or neither, and loadable now: a typo must not surface only when
+    ``serve`` starts (or, worse, leave the gateway on plain http)."""
+    if bool(server.tls_cert) != bool(server.tls_key):
+        missing = "server.tls_key" if server.tls_cert else "server.tls_cert"
+        raise b.error("set both server.tls_cert and server.tls_key (PEM files) to serve "
+                      "https, or neither", missing)
+    if server.tls_cert and server.tls_key:
+        try:
+            server_context(server.tls_cert, server.tls_key)
+        except TLSFileError as exc:
+            raise b.error(str(exc), exc.setting) from None
 
 
 def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -163,16 +164,17 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15,
     return proc.wait()
 
 
-def wait_http(url: str, deadline_s: float = 30, proc: subprocess.Popen[bytes] | None = None
-              ) -> None:
-    """Poll ``url`` until it answers 200 (no sleeps standing in for readiness)."""
+def wait_http(url: str, deadline_s: float = 30, proc: subprocess.Popen[bytes] | None = None,
+              context: ssl.SSLContext | None = None) -> None:
+    """Poll ``url`` until it answers 200 (no sleeps standing in for readiness);
+    ``context`` verifies an https server."""
     deadline = time.monotonic() + deadline_s
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 if r.status == 200:
                     return
         except OSError as exc:
@@ -182,7 +184,11 @@ def wait_http(url: str, deadline_s: float = 30, proc: subprocess.Popen[bytes] | 
 
 
 def start_gateway(raw_config: dict[str, Any], workdir: Path, port: int | None = None,
-                  env: dict[str, str] | None = None) -> GatewayProcess:
+                  env: dict[str, str] | None = None, ca_file: Path | None = None
+                  ) -> GatewayProcess:
+    """Start ``serve`` on ``port`` (a free one by default) and wait for /healthz. With
+    ``server.tls_cert`` set the URL is https and ``ca_file`` (the CA that signed the
+    certificate) verifies it."""
     port = port or free_port()
     raw = {**raw_config, "server": {**raw_config.get("server", {}), "port": port}}
     workdir.mkdir(parents=True, exist_ok=True)
@@ -194,9 +200,11 @@ def start_gateway(raw_config: dict[str, Any], workdir: Path, port: int | None = 
         [sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
         cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
+    tls = bool(raw["server"].get("tls_cert"))
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    context = ssl.create_default_context(cafile=str(ca_file)) if tls and ca_file else None
     try:
-        wait_http(url + "/healthz", proc=proc)
+        wait_http(url + "/healthz", proc=proc, context=context)
     except Exception:
         proc.kill()
         raise RuntimeError("gateway did not start:\n" + log_path.read_text()) from None
@@ -208,8 +216,10 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     """``gateway_process(**sections)`` starts a real gateway; all are stopped at the end."""
     started: list[GatewayProcess] = []
 
-    def start(workdir: Path | None = None, **sections: Any) -> GatewayProcess:
-        g = start_gateway(base_config(tmp_path, **sections), workdir or tmp_path)
+    def start(workdir: Path | None = None, ca_file: Path | None = None,
+              **sections: Any) -> GatewayProcess:
+        g = start_gateway(base_config(tmp_path, **sections), workdir or tmp_path,
+                          ca_file=ca_file)
         started.append(g)
         return g
 

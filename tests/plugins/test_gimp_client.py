@@ -10,10 +10,8 @@ import contextlib
 import io
 import json
 import queue
-import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import urllib.error
@@ -34,6 +32,7 @@ sys.path.insert(0, str(HERE / "gimp"))
 
 import vg_client  # noqa: E402
 import vg_settings  # noqa: E402
+from tls_certs import make_test_ca  # noqa: E402
 from vg_gateway_proc import Gateway, raw_server, running_gateway, write_config  # noqa: E402
 
 from gateway.errors import ApiError  # noqa: E402
@@ -609,34 +608,10 @@ class StudioCA:
 
 @pytest.fixture(scope="module")
 def studio_ca(tmp_path_factory: pytest.TempPathFactory) -> StudioCA:
-    """A throw-away CA and a server certificate for 127.0.0.1 it signed, made with the
-    openssl command line (the venv has no ``cryptography``). The extensions are those
-    Python 3.13+'s strict verification wants (key usage, key identifiers)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    d = tmp_path_factory.mktemp("studio-ca")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True,
-                       timeout=60)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=Test Studio CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            "-addext", "subjectKeyIdentifier=hash")
-    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=127.0.0.1")
-    (d / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(d / "server.pem", d / "server.key")
-    return StudioCA(d / "ca.pem", ctx)
+    """A throw-away CA and a server certificate for 127.0.0.1 it signed (tests/tls_certs.py,
+    shared with the gateway's own TLS tests)."""
+    made = make_test_ca(tmp_path_factory.mktemp("studio-ca"))
+    return StudioCA(made.ca, made.server_context())
 
 
 def test_https_gateway_with_a_private_ca(studio_ca: StudioCA, tmp_path: Path) -> None:
