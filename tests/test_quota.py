@@ -176,10 +176,12 @@ async def test_disconnect_while_generating_refunds(instrumented: Start) -> None:
     assert a.status == 200, a.body
 
 
-async def test_disconnect_after_generating_refunds(instrumented: Start, monkeypatch: Any
-                                                   ) -> None:
-    """Disconnecting after the backend answered but before the response: no charge, and
-    the reservation does not stay held (the next request is admitted)."""
+async def test_disconnect_after_generating_is_charged_and_pooled(
+        instrumented: Start, monkeypatch: Any) -> None:
+    """Disconnecting after the backend answered but before the response (issue 19 item
+    1): the images were delivered, so they are charged (once) and pooled; the re-sent
+    upload is a HIT that costs nothing more. Before, the drop was refunded while the
+    images stayed in the pool: free images."""
     client, backend = await instrumented(quota_defaults={"images_per_day": 1})
     store = client.app[IMAGES]
     entered, release = threading.Event(), threading.Event()
@@ -200,10 +202,13 @@ async def test_disconnect_after_generating_refunds(instrumented: Start, monkeypa
     finally:
         release.set()
     monkeypatch.setattr(store, "put_file", original)
-    assert (await usage(client))["limits"]["images_per_day"]["used"] == 0
-    a = await vary(client, png_bytes(seed=2))
-    assert a.status == 200, a.body
-    assert len(backend.calls) == 2
+    (row,) = [r for r in client.app[AUDIT].query(limit=10) if r["status"] == 499]
+    assert row["images_charged"] == 1
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 1
+    again = await vary(client, png_bytes(seed=1))
+    assert (again.status, again.headers["X-Cache"]) == (200, "HIT")
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 1
+    assert len(backend.calls) == 1
 
 
 async def leave_during_the_commit(client: Any, monkeypatch: Any, fails: bool) -> None:
