@@ -493,7 +493,15 @@ class ResultCache:
         stores during a slow pass would leave the cache over budget)."""
         while self._evict_again:
             self._evict_again = False
-            await self.evict()
+            try:
+                await self.evict()
+            except Exception as exc:
+                # Nobody awaits this task: an error here (Redis gone mid-pass, a disk
+                # failing) would surface only as "Task exception was never retrieved".
+                # The next store, or the sweeper, runs a pass again.
+                log.warning("cache_eviction_failed", error=type(exc).__name__,
+                            detail=str(exc))
+                return
 
     async def evict(self) -> None:
         """One pass: drop expired and least-recently-used pools, delete orphaned blobs."""
