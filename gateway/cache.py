@@ -629,8 +629,8 @@ class ResultCache:
             raise
         # Delivered: charged, pooled and the flight ended even if our client leaves now
         # (a disconnect must not leave pooled images unpaid, nor waiters without them).
-        landing = asyncio.ensure_future(self._land(key, flight, pool, made))
-        fresh = await _outlive_cancel(landing)
+        settling = asyncio.ensure_future(self._land(key, flight, pool, made))
+        fresh = await _outlive_cancel(settling)
         return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing)
 
     async def _end_flight(self, key: str, flight: asyncio.Future[list[Item] | None],
