@@ -44,6 +44,7 @@ from gateway.keys import (
     RENDERER,
     ROUTER,
     USER_KEY,
+    WRITES,
 )
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
@@ -52,6 +53,7 @@ from gateway.quota import QuotaRejected, budget_used
 from gateway.render import Renderer
 from gateway.router import Router
 from gateway.state import build_state
+from gateway.writes import WriteHealth
 
 log = structlog.get_logger("gateway.request")
 
@@ -119,18 +121,42 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
     record.status = response.status
     if error is not None:
         record.error_code = error.code
-    audited = _finish(request, record, started, error, response.content_length)
     ledger = request[ANSWER_WAITS_FOR]
-    writes = [*ledger, audited] if audited is not None else ledger
-    if writes:
-        # Every answer waits for the commits of what it reports (one loop turn for all).
-        # A failed write is logged (the audit's by _audit_done); the answer still goes out.
-        results = await asyncio.shield(asyncio.gather(*writes, return_exceptions=True))
-        for result in results[:len(ledger)]:
-            if isinstance(result, Exception):
-                log.error("ledger_write_failed", request_id=request_id,
-                          error=type(result).__name__, detail=str(result))
+    if ledger:
+        # The request's ledger rows (begun in the handler) before its audit row, so the
+        # audit says what the client got: a success whose count cannot be written is a
+        # 503, like a charge that cannot be (a cache hit is no exception).
+        results = await asyncio.shield(asyncio.gather(*ledger, return_exceptions=True))
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        app[WRITES].report("state", failed)
+        if failed is not None:
+            log.error("ledger_write_failed", request_id=request_id,
+                      error=type(failed).__name__, detail=str(failed))
+            if response.status < 400:
+                error = records_unavailable()
+                response = error.response()
+                response.headers["x-request-id"] = request_id
+                record.status, record.error_code = response.status, error.code
+    audited = _finish(request, record, started, error, response.content_length)
+    if audited is not None:
+        # Every answer waits for its audit row. On a failure (logged by _audit_done) a
+        # variations success becomes a 503: no images go out that the audit does not hold.
+        (outcome,) = await asyncio.shield(asyncio.gather(audited, return_exceptions=True))
+        app[WRITES].report("audit", outcome if isinstance(outcome, BaseException) else None)
+        if (isinstance(outcome, BaseException) and response.status < 400
+                and request.path == "/v1/images/variations"):
+            response = records_unavailable().response()
+            response.headers["x-request-id"] = request_id
     return response
+
+
+def records_unavailable() -> ApiError:
+    """A success the gateway could not record (its ledger or audit write failed)."""
+    return ApiError(503, "The gateway cannot write its records right now (disk full, "
+                    "read-only or locked), so it does not answer; images already generated "
+                    "for this request were kept and charged once. Tell the gateway's admin: "
+                    "the request id names the cause in the gateway's logs.",
+                    code="storage_unavailable", should_retry=False)
 
 
 def _audit_done(metrics: Metrics, request_id: str, done: asyncio.Future[None]) -> None:
@@ -280,6 +306,7 @@ def build_app(config: Config) -> web.Application:
     app[PIXEL_HASHES] = PixelHashes()
     app[RENDERER] = Renderer(state.images, config.cache.memory_bytes)
     app[CLIENT_ADDRESS] = ClientAddress(config.server.trusted_proxies)
+    app[WRITES] = WriteHealth()
     app.cleanup_ctx.append(_lifecycle)
 
     app.router.add_post("/v1/images/variations", variations.create_variation)

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
@@ -44,6 +44,24 @@ class Fresh:
 
     images: list[bytes]
     keep: bool = True
+    # What these images cost the request that generated them. The cache begins it after
+    # their files are written and before they are indexed, and indexes them only once it
+    # has landed: no pooled image is ever left uncharged (a failed charge pools nothing).
+    charge: Charge | None = None
+
+
+class Charge(Protocol):
+    """The ledger charge of delivered images, settled by the cache even if the request
+    that generated them is cancelled meanwhile (its client left)."""
+
+    def begin(self) -> Awaitable[None]:
+        """Start the charge (once; later calls return the same commit) and await it."""
+        ...
+
+    def drop(self) -> None:
+        """The images went nowhere (their store failed before the charge began): give
+        the reservation back. A no-op once the charge has begun."""
+        ...
 
 
 # generate(count, offset): ``count`` new images; ``offset`` is their pool position,
@@ -432,12 +450,15 @@ class ResultCache:
             self._pass_soon()
         return []
 
-    async def _store(self, key: str, images: list[bytes]) -> list[Item]:
+    async def _store(self, key: str, images: list[bytes], charge: Charge | None = None
+                     ) -> list[Item]:
         # Shielded: images the backend made are indexed even if the client leaves, so no
         # blob is ever left on disk outside the index (and outside the byte budget).
-        return await asyncio.shield(asyncio.ensure_future(self._store_now(key, images)))
+        return await asyncio.shield(asyncio.ensure_future(
+            self._store_now(key, images, charge)))
 
-    async def _store_now(self, key: str, images: list[bytes]) -> list[Item]:
+    async def _store_now(self, key: str, images: list[bytes], charge: Charge | None = None
+                         ) -> list[Item]:
         loop = asyncio.get_running_loop()
         while self._barrier is not None:
             await asyncio.shield(self._barrier)
@@ -447,6 +468,7 @@ class ResultCache:
             created: list[str] = []
             try:
                 items = await loop.run_in_executor(None, self.blobs.write, images, created)
+                await _begin(charge)  # servable only once paid for
                 await self.index.append(key, [(i.sha256, i.size) for i in items], time.time())
             except Exception:  # perhaps not indexed: new files would be outside the budget
                 self._suspects.update(created)
@@ -471,7 +493,15 @@ class ResultCache:
         stores during a slow pass would leave the cache over budget)."""
         while self._evict_again:
             self._evict_again = False
-            await self.evict()
+            try:
+                await self.evict()
+            except Exception as exc:
+                # Nobody awaits this task: an error here (Redis gone mid-pass, a disk
+                # failing) would surface only as "Task exception was never retrieved".
+                # The next store, or the sweeper, runs a pass again.
+                log.warning("cache_eviction_failed", error=type(exc).__name__,
+                            detail=str(exc))
+                return
 
     async def evict(self) -> None:
         """One pass: drop expired and least-recently-used pools, delete orphaned blobs."""
@@ -536,12 +566,13 @@ class ResultCache:
     async def _serve(self, key: str, n: int, policy: Policy, generate: Generate,
                      on_wait: Callable[[float], None]) -> CacheResult:
         if not self.enabled or policy == "no-store":
-            return CacheResult(_unpooled((await generate(n, -1)).images), "BYPASS", n)
+            made = await generate(n, -1)
+            landing = asyncio.ensure_future(self._charge_then_keep(key, made, room=0))
+            return CacheResult((await _outlive_cancel(landing))[0], "BYPASS", n)
         if policy == "no-cache":
             made = await generate(n, -1)
-            # The index alone: a hit checks (or downloads) the files it serves, not this.
-            room = MAX_POOL - len((await self.index.pool(key, time.time()))[:MAX_POOL])
-            return CacheResult((await self._keep(key, made, room))[0], "MISS", n)
+            landing = asyncio.ensure_future(self._charge_then_keep(key, made, room=-1))
+            return CacheResult((await _outlive_cancel(landing))[0], "MISS", n)
         while True:
             pool = await self._pool_items(key, n)
             if len(pool) >= n:
@@ -593,17 +624,53 @@ class ResultCache:
         missing = n - len(pool)
         try:
             made = await generate(missing, len(pool))
-            fresh, pooled = await self._keep(key, made)
-        except BaseException as exc:
-            flight.set_exception(exc if isinstance(exc, Exception) else _OwnerGone())
-            flight.exception()  # retrieved here, so an unwaited flight logs nothing
+        except BaseException as exc:  # nothing delivered: the flight ends here
+            await self._end_flight(key, flight, exc)
             raise
-        else:  # waiters re-read a pool, or share what could not be pooled
-            flight.set_result(None if pooled else pool + fresh)
-        finally:
-            self._flights.pop(key, None)
-            await self.index.release_flight(key)
+        # Delivered: charged, pooled and the flight ended even if our client leaves now
+        # (a disconnect must not leave pooled images unpaid, nor waiters without them).
+        settling = asyncio.ensure_future(self._land(key, flight, pool, made))
+        fresh = await _outlive_cancel(settling)
         return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing)
+
+    async def _end_flight(self, key: str, flight: asyncio.Future[list[Item] | None],
+                          outcome: BaseException | list[Item] | None) -> None:
+        """Answer the waiters of ``flight`` (an error, shared items, or None: re-read the
+        pool) and release the key across processes."""
+        if isinstance(outcome, BaseException):
+            flight.set_exception(outcome if isinstance(outcome, Exception) else _OwnerGone())
+            flight.exception()  # retrieved here, so an unwaited flight logs nothing
+        else:
+            flight.set_result(outcome)
+        self._flights.pop(key, None)
+        await self.index.release_flight(key)
+
+    async def _land(self, key: str, flight: asyncio.Future[list[Item] | None],
+                    pool: list[Item], made: Fresh) -> list[Item]:
+        """Charge and pool what a backend delivered, then end the flight; runs as its
+        own task, so it completes even if the request that generated is cancelled."""
+        try:
+            fresh, pooled = await self._charge_then_keep(key, made)
+        except BaseException as exc:
+            await self._end_flight(key, flight, exc)
+            raise
+        # Waiters re-read a pool, or share what could not be pooled.
+        await self._end_flight(key, flight, None if pooled else pool + fresh)
+        return fresh
+
+    async def _charge_then_keep(self, key: str, made: Fresh, room: int = MAX_POOL
+                                ) -> tuple[list[Item], bool]:
+        """Charge delivered images and pool what fits in ``room`` (-1: the room the pool
+        has left, for ``no-cache`` images appended after it; 0: none, a bypass). Runs as
+        its own task: a client that leaves does not stop it."""
+        try:
+            if room < 0:  # the index alone: a hit checks the files it serves, not this
+                room = MAX_POOL - len((await self.index.pool(key, time.time()))[:MAX_POOL])
+            return await self._keep(key, made, room)
+        except BaseException:
+            if made.charge is not None:
+                made.charge.drop()
+            raise
 
     async def _keep(self, key: str, made: Fresh, room: int = MAX_POOL) -> tuple[list[Item], bool]:
         """Store what fits in the pool (``room`` images); the rest answer unpooled.
@@ -614,14 +681,16 @@ class ResultCache:
         only a saving.
         """
         if not made.keep or room <= 0:
+            await _begin(made.charge)
             return _unpooled(made.images), False
         try:
-            stored = await self._store(key, made.images[:room])
+            stored = await self._store(key, made.images[:room], made.charge)
         except Exception as exc:
             # A permission error is a configuration to fix, not a disk to wait for: left
             # to fail loudly (503) rather than turn caching off without a word.
             if not storage_failing(exc):
                 raise
+            await _begin(made.charge)  # a failed charge is no store failure: raised here
             log.warning("cache_store_failed", error=type(exc).__name__, detail=str(exc))
             return _unpooled(made.images), False
         return stored + _unpooled(made.images[room:]), room >= len(made.images)
@@ -637,6 +706,30 @@ class ResultCache:
 
 def _ignore(seconds: float) -> None:
     return None
+
+
+T = TypeVar("T")
+
+
+async def _begin(charge: Charge | None) -> None:
+    if charge is not None:
+        await charge.begin()
+
+
+async def _outlive_cancel(task: asyncio.Future[T]) -> T:
+    """Await ``task``; if the caller is cancelled meanwhile, ``task`` still completes
+    (its failure then logged here, since nobody else awaits it)."""
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_log_orphan_failure)
+        raise
+
+
+def _log_orphan_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.warning("cache_landing_failed", error=type(exc).__name__, detail=str(exc))
 
 
 def _unpooled(images: list[bytes]) -> list[Item]:

@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway.auth import bearer_token, token_sha256
 from gateway.config import Config
 from gateway.errors import ApiError
-from gateway.keys import CONFIG, IMAGES, METRICS, QUOTA, ROUTER
+from gateway.keys import CONFIG, IMAGES, METRICS, QUOTA, ROUTER, WRITES
 
 
 def local_stores(config: Config) -> dict[str, Path]:
@@ -53,6 +53,9 @@ async def readyz(request: web.Request) -> web.Response:
     writable = os.access(images_dir, os.W_OK)
     checks["storage"] = "ok" if writable else f"not writable: {images_dir}"
     ok = ok and writable
+    failing = app[WRITES].failing()
+    checks["writes"] = {store: f"failing: {why}" for store, why in failing.items()} or "ok"
+    ok = ok and not failing
     states = await app[ROUTER].check()
     checks["backends"] = {s.name: {"kind": s.kind, "ready": s.ready, "detail": s.detail,
                                    **s.extra} for s in states}

@@ -16,6 +16,7 @@ from gateway.quota import QuotaStore
 from gateway.render import Renderer
 from gateway.router import Router
 from gateway.storage import ImageStore
+from gateway.writes import WriteHealth
 
 CONFIG = web.AppKey("config", Config)
 AUTH = web.AppKey("auth", Authenticator)
@@ -36,6 +37,8 @@ AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
 BACKEND_SECONDS = web.RequestKey("backend_seconds", float)
 # Writes the answer must wait for (the request's ledger row): awaited with its audit record.
 ANSWER_WAITS_FOR = web.RequestKey("answer_waits_for", list)
+# The outcome of the last ledger and audit writes, by store: /readyz shows failing ones.
+WRITES = web.AppKey("writes", WriteHealth)
 
 
 def audit_record(request: web.Request) -> AuditRecord:

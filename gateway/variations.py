@@ -111,10 +111,11 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         # backend that generated (or its reported token usage).
         price = config.price_ceiling(form.model, form.size_label)
         reservation: Reservation | None = None
+        charge: DeliveredCharge | None = None
         spent = 0.0
 
         async def generate(count: int, offset: int) -> Fresh:
-            nonlocal reservation, spent
+            nonlocal reservation, charge, spent
             reservation = await quota.reserve(principal, count, price * count,
                                               form.size_label)
             source = await loop.run_in_executor(None, make_source)
@@ -124,26 +125,38 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
             normalising = NormaliseClock()
             try:
+                # A client that leaves now cancels this: the backend stops what it can
+                # (procedural workers, ComfyUI prompts) and the reservation is refunded.
                 with normalise_clock() as normalising:
                     result = await router.generate(form.model, job)
             finally:  # failed attempts and fallbacks are the backends' time too; turning
                 # their answers into PNGs is the gateway's (request_overhead_seconds)
                 _add_backend_time(request, max(
                     0.0, time.perf_counter() - started - normalising.seconds))
+            # Delivered: the cache charges these images and then pools them in a task
+            # of its own, whether or not the client is still there (nothing awaits
+            # between here and its start), so none is ever served (to a re-sent upload,
+            # or to a coalesced waiter) without having been paid for.
             record.backend = result.backend
-            spent += config.backend(result.backend).cost(form.size_label, count, result.usage)
+            cost_now = config.backend(result.backend).cost(form.size_label, count,
+                                                           result.usage)
+            spent += cost_now
+            record.images_charged, record.cost_usd = count, round(spent, 6)
+            charge = DeliveredCharge(quota, reservation, count, round(cost_now, 6))
             if result.usage is not None:
                 record.usage_input_tokens = (result.usage.text_input_tokens
                                              + result.usage.image_input_tokens)
                 record.usage_output_tokens = result.usage.output_tokens
             metrics.images_generated.labels(result.backend, form.size_label).inc(count)
             # A fallback's images answer now but are not what the key names: not pooled.
-            return Fresh(result.images, keep=router.is_first(form.model, result.backend))
+            return Fresh(result.images, keep=router.is_first(form.model, result.backend),
+                         charge=charge)
 
         # Look up the cache, generating only what is missing; store (and sign) what we
-        # answer, then settle the quota before the client sees it. Until the commit
-        # begins, any failure or a disconnect (cancellation) refunds the reservation.
-        committing = False
+        # answer. Images are charged as the backend delivers them (see generate): a
+        # failure or a disconnect (cancellation) before that refunds the reservation;
+        # after it, the charge completes (and a failed charge is refunded by its
+        # callback), so the audit can say what the ledger holds.
         try:
             result: CacheResult
             async with app[CACHE].serve(key, form.n, policy, generate,
@@ -153,25 +166,14 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
                 if data is None:
                     data = await loop.run_in_executor(
                         None, app[RENDERER].render, result.items, form.response_format, base)
-            cost = round(spent, 6) if result.generated else 0.0
-            if reservation is not None:
-                # Once begun, the commit completes even if the client leaves meanwhile,
-                # so the audit can say what the ledger holds.
-                record.images_charged, record.cost_usd = result.generated, cost
-                committing = True
-                commit = asyncio.ensure_future(
-                    quota.commit(reservation, result.generated, cost))
-                try:
-                    await asyncio.shield(commit)
-                except asyncio.CancelledError:
-                    commit.add_done_callback(partial(_refund_if_failed, quota, reservation))
-                    raise
-        except BaseException as exc:
-            if reservation is not None and not (
-                    committing and isinstance(exc, asyncio.CancelledError)):
+        except BaseException:
+            if reservation is not None and charge is None:  # nothing was delivered
                 record.images_charged, record.cost_usd = 0, 0.0
                 await quota.refund(reservation)
+            elif charge is not None and charge.failed():  # refunded by the cache
+                record.images_charged, record.cost_usd = 0, 0.0
             raise
+        cost = round(spent, 6) if result.generated else 0.0
         # Committed together with the audit record: the answer waits for both.
         request[ANSWER_WAITS_FOR].append(
             quota.count_request(principal, cache_hit=result.generated == 0))
@@ -200,11 +202,48 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     return PartsResponse(parts, headers)
 
 
-def _refund_if_failed(quota: QuotaStore, reservation: Reservation,
-                      commit: asyncio.Future[None]) -> None:
-    """A commit its client stopped waiting for failed: nobody else gives the hold back."""
-    if not commit.cancelled() and commit.exception() is not None:
-        quota.refund_soon(reservation)
+class DeliveredCharge:
+    """The ledger commit of images a backend delivered (:class:`gateway.cache.Charge`).
+
+    The cache begins it between writing the images' files and indexing them, in a task
+    that outlives the request: so images are charged to the request that generated
+    them, connected or not, and then pooled. A commit that fails, or images whose store
+    failed before the charge began, give the reservation back.
+    """
+
+    def __init__(self, quota: QuotaStore, reservation: Reservation, images: int,
+                 cost: float) -> None:
+        self._quota, self._reservation = quota, reservation
+        self._images, self._cost = images, cost
+        self._commit: asyncio.Future[None] | None = None
+        self._dropped = False
+
+    def begin(self) -> asyncio.Future[None]:
+        if self._commit is None:
+            if self._dropped:
+                raise RuntimeError("a dropped charge cannot begin")
+            self._commit = asyncio.ensure_future(
+                self._quota.commit(self._reservation, self._images, self._cost))
+            self._commit.add_done_callback(self._refund_if_failed)
+        return self._commit
+
+    def drop(self) -> None:
+        if self._commit is None and not self._dropped:
+            self._dropped = True
+            self._quota.refund_soon(self._reservation)
+
+    def failed(self) -> bool:
+        """Whether the images are known not to be charged (dropped, or a failed commit);
+        a charge still under way, or not yet begun by the cache, is not."""
+        commit = self._commit
+        if commit is None:
+            return self._dropped
+        return commit.done() and (commit.cancelled() or commit.exception() is not None)
+
+    def _refund_if_failed(self, commit: asyncio.Future[None]) -> None:
+        """A failed commit gives the hold back: nobody else would, once the client left."""
+        if commit.cancelled() or commit.exception() is not None:
+            self._quota.refund_soon(self._reservation)
 
 
 def _add_backend_time(request: web.Request, seconds: float) -> None:

@@ -106,19 +106,21 @@ Start = Callable[..., Awaitable[tuple[TestClient, InstrumentedBackend]]]
 
 
 def register(monkeypatch: pytest.MonkeyPatch, gateway_client: Any) -> Start:
-    """Register the kind for this test; the returned ``await start(fail=False, **sections)``
-    gives (client, backend) for an in-process gateway routed to it.
+    """Register the kind for this test; the returned ``await start(fail=False,
+    pricing=None, **sections)`` gives (client, backend) for an in-process gateway routed
+    to it (``pricing``: the backend's USD per image, by size).
 
     Each test module wraps this in its own ``instrumented`` fixture.
     """
     monkeypatch.setattr(backends, "KINDS",
                         MappingProxyType({**backends.KINDS, KIND: IMPORT_PATH}))
 
-    async def start(fail: bool = False, **sections: Any
-                    ) -> tuple[TestClient, InstrumentedBackend]:
-        client = await gateway_client(
-            backends=[{"name": "inst", "kind": KIND, "fail": fail}], route=["inst"],
-            **sections)
+    async def start(fail: bool = False, pricing: Mapping[str, float] | None = None,
+                    **sections: Any) -> tuple[TestClient, InstrumentedBackend]:
+        entry: dict[str, Any] = {"name": "inst", "kind": KIND, "fail": fail}
+        if pricing is not None:
+            entry["pricing"] = dict(pricing)
+        client = await gateway_client(backends=[entry], route=["inst"], **sections)
         backend = client.app[ROUTER].backends["inst"]
         assert isinstance(backend, InstrumentedBackend)
         return client, backend

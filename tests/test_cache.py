@@ -626,3 +626,63 @@ async def test_cleanup_never_deletes_a_file_another_pool_indexed(tmp_path: Path,
     async with cache.serve("k1", 1, "default", only([b"Z"])) as again:
         assert again.status == "HIT" and again.items[0].read() == b"X"
     await cache.close()
+
+
+async def _readyz(client: Any) -> tuple[int, Any]:
+    async with client.get("/readyz") as r:
+        return r.status, (await r.json())["checks"]["writes"]
+
+
+@pytest.mark.parametrize("store", ["state", "audit"])
+async def test_a_hit_waits_for_its_records_and_readyz_names_the_failing_store(
+        instrumented: Start, store: str) -> None:
+    """Issue 19 item 16: with the ledger (or the audit) unwritable, a cache hit used to
+    be answered with no ledger count or audit row while /readyz stayed ready. Now the
+    hit is a 503 storage_unavailable, /readyz names the store, and both recover."""
+    from gateway.keys import QUOTA
+
+    client, backend = await instrumented()
+    image = png_bytes(seed=77)
+    assert (await vary(client, image)).status == 200
+    db = client.app[QUOTA]._db if store == "state" else client.app[AUDIT]._db
+    db.execute("PRAGMA query_only=ON")  # every write of that store fails, as on a full disk
+    try:
+        hit = await vary(client, image)
+        assert hit.status == 503, hit.body
+        assert hit.body["error"]["code"] == "storage_unavailable"
+        assert hit.headers["x-should-retry"] == "false"
+        status, writes = await _readyz(client)
+        assert status == 503 and writes == {store: "failing: OperationalError"}
+    finally:
+        db.execute("PRAGMA query_only=OFF")
+    again = await vary(client, image)
+    assert (again.status, again.headers["X-Cache"]) == (200, "HIT")
+    assert await _readyz(client) == (200, "ok")
+    assert backend.calls == [1]
+
+
+async def test_redis_dying_mid_eviction_is_handled_and_logged(
+        tmp_path: Path, redis_server: Any) -> None:
+    """Issue 19 item 16: an eviction pass that a store starts runs in a task nobody
+    awaits; Redis dying during it left "Task exception was never retrieved"."""
+    from gateway import state_redis as sr
+    from gateway.cache import BlobStore, Fresh, ResultCache
+
+    index = sr.RedisCacheIndex(sr.connect(redis_server.url, 1.0), 1.0)
+    cache = ResultCache(index, BlobStore(tmp_path / "blobs"), enabled=True,
+                        max_bytes=10**9, ttl_seconds=3600)
+
+    async def generate(count: int, offset: int) -> Fresh:
+        return Fresh([f"png-{offset}-{i}".encode() for i in range(count)])
+
+    async with cache.serve("k", 1, "default", generate) as first:
+        assert first.status == "MISS"
+    assert cache._evicting is not None
+    await asyncio.gather(cache._evicting, return_exceptions=True)
+    redis_server.kill()
+    cache._pass_soon()  # what the next store does
+    task = cache._evicting
+    assert task is not None
+    await asyncio.wait([task])
+    assert task.exception() is None  # handled (and logged), not left to the loop
+    await cache.close()

@@ -23,6 +23,10 @@ from gateway.keys import AUDIT, CONFIG, IMAGES, QUOTA
 DURATION = re.compile(r"^(\d+h)?(\d+m)?\d+s$|^\d+ms$")
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 
+# The backend's own prices (USD per image by size): budgets follow the backend that
+# generated.
+PRICES = {"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.020}
+
 
 @pytest.fixture
 def instrumented(monkeypatch: pytest.MonkeyPatch, gateway_client: Any) -> Start:
@@ -176,10 +180,12 @@ async def test_disconnect_while_generating_refunds(instrumented: Start) -> None:
     assert a.status == 200, a.body
 
 
-async def test_disconnect_after_generating_refunds(instrumented: Start, monkeypatch: Any
-                                                   ) -> None:
-    """Disconnecting after the backend answered but before the response: no charge, and
-    the reservation does not stay held (the next request is admitted)."""
+async def test_disconnect_after_generating_is_charged_and_pooled(
+        instrumented: Start, monkeypatch: Any) -> None:
+    """Disconnecting after the backend answered but before the response (issue 19 item
+    1): the images were delivered, so they are charged (once) and pooled; the re-sent
+    upload is a HIT that costs nothing more. Before, the drop was refunded while the
+    images stayed in the pool: free images."""
     client, backend = await instrumented(quota_defaults={"images_per_day": 1})
     store = client.app[IMAGES]
     entered, release = threading.Event(), threading.Event()
@@ -200,10 +206,13 @@ async def test_disconnect_after_generating_refunds(instrumented: Start, monkeypa
     finally:
         release.set()
     monkeypatch.setattr(store, "put_file", original)
-    assert (await usage(client))["limits"]["images_per_day"]["used"] == 0
-    a = await vary(client, png_bytes(seed=2))
-    assert a.status == 200, a.body
-    assert len(backend.calls) == 2
+    (row,) = [r for r in client.app[AUDIT].query(limit=10) if r["status"] == 499]
+    assert row["images_charged"] == 1
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 1
+    again = await vary(client, png_bytes(seed=1))
+    assert (again.status, again.headers["X-Cache"]) == (200, "HIT")
+    assert (await usage(client))["limits"]["images_per_day"]["used"] == 1
+    assert len(backend.calls) == 1
 
 
 async def leave_during_the_commit(client: Any, monkeypatch: Any, fails: bool) -> None:
@@ -320,7 +329,7 @@ async def test_the_refusal_names_the_limit_that_resets_last(instrumented: Start)
 
 async def test_budget_usd_per_month(instrumented: Start) -> None:
     client, backend = await instrumented(
-        quota_defaults={"images_per_day": None, "budget_usd_per_month": 0.05})
+        pricing=PRICES, quota_defaults={"images_per_day": None, "budget_usd_per_month": 0.05})
     ok = [await vary(client, png_bytes(seed=i)) for i in range(3)]  # 3 x 0.016 at 256
     assert [a.status for a in ok] == [200] * 3
     a = await vary(client, png_bytes(seed=9))
@@ -346,7 +355,7 @@ def _alice_sha() -> str:
 
 
 async def test_usage_lists_every_limit(instrumented: Start) -> None:
-    client, _ = await instrumented(quota_defaults={
+    client, _ = await instrumented(pricing=PRICES, quota_defaults={
         "images_per_day": 10, "images_per_month": 100, "requests_per_minute": 30,
         "max_concurrent": 2, "budget_usd_per_month": 5.0})
     assert (await vary(client, png_bytes(), n=2)).status == 200

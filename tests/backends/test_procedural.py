@@ -8,13 +8,16 @@ import itertools
 import math
 import os
 import random
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageOps, ImageStat
 
-from gateway.backends import create_backend
+from gateway.backends import create_backend, procedural
 from gateway.backends.base import BackendError, SourceImage, VariationRequest
 from gateway.backends.procedural import (
     ProceduralBackend,
@@ -325,3 +328,63 @@ def test_registry_builds_it() -> None:
 def test_invalid_options(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         ProceduralOptions(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_cancelled_request_stops_its_worker(scene_png: bytes,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19 item 1: a dropped n=10 request used to keep its worker rendering all ten
+    images. Now the image in progress is the last one made for it. (A thread executor,
+    so the test can hold the first image and count the renders.)"""
+    entered, release = threading.Event(), threading.Event()
+    renders: list[int] = []
+    original = procedural.make_variation
+
+    def held_variation(source: Any, seed: int, strength: float) -> bytes:
+        renders.append(seed)
+        entered.set()
+        release.wait(10)
+        return original(source, seed, strength)
+
+    monkeypatch.setattr(procedural, "make_variation", held_variation)
+    backend = ProceduralBackend("threads", ProceduralOptions(executor="thread", workers=1))
+    await backend.start()
+    try:
+        task = asyncio.create_task(backend.generate(request(scene_png, n=10, size=64)))
+        await _poll(entered.is_set, "the first image rendering")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        executor = backend._executor
+        assert executor is not None
+        # One worker: this runs once it is free, after whatever it still had to do.
+        await asyncio.wrap_future(executor.submit(int))
+        assert renders == [42]
+        assert backend.images_in_progress() == 0
+    finally:
+        release.set()
+        await backend.close()
+
+
+async def test_a_cancelled_request_stops_its_worker_process(scene_png: bytes) -> None:
+    backend = ProceduralBackend("procs", ProceduralOptions(workers=1))
+    await backend.start()
+    try:
+        task = asyncio.create_task(backend.generate(request(scene_png, n=10, size=512)))
+        await _poll(lambda: backend.images_rendered >= 1, "an image rendered")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _poll(lambda: backend.images_in_progress() == 0, "the worker idle")
+        assert backend.images_rendered <= 2  # the one done, and the one in progress
+        # The worker serves the next request.
+        assert len((await backend.generate(request(scene_png, n=2, size=64))).images) == 2
+    finally:
+        await backend.close()
+
+
+async def _poll(condition: Callable[[], bool], what: str, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        await asyncio.sleep(0.005)
