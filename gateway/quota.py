@@ -19,7 +19,7 @@ import functools
 import sqlite3
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -181,12 +181,17 @@ def reservation_refusal(statuses: list[LimitStatus], images: int, cost: float,
 
 @dataclass
 class Reservation:
-    """Images (and USD) held for one request until commit or refund."""
+    """Images (and USD) held for one request until commit or refund.
+
+    ``made_at`` (unix seconds) is when the hold was taken: the commit charges the day and
+    month of that moment, so a request admitted at 23:59:59 whose backend answers after
+    midnight is charged to the period whose quota admitted it."""
 
     user: str
     images: int
     cost: float
     size: str
+    made_at: float
     settled: bool = False
 
 
@@ -267,7 +272,9 @@ class SqliteQuota:
     the block list are also kept in memory: admitting a request reads no SQLite.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
+        # The wall clock (unix seconds) that picks ledger periods; tests inject their own.
+        self._clock = clock
         self._db = open_db(path, sole_writer=True)
         self._db.executescript(_SCHEMA)
         self._writes = GroupCommit(self._db)
@@ -321,10 +328,10 @@ class SqliteQuota:
         return window
 
     async def usage(self, principal: Principal) -> list[LimitStatus]:
-        return self._statuses(principal, time.time())
+        return self._statuses(principal, self._clock())
 
     async def all_usage(self) -> dict[str, dict[str, float]]:
-        now = time.time()
+        now = self._clock()
         day, _ = day_bounds(now)
         month, _ = month_bounds(now)
         out: dict[str, dict[str, float]] = {}
@@ -347,7 +354,8 @@ class SqliteQuota:
 
     async def set_blocked(self, name: str, blocked: bool) -> None:
         if blocked:
-            self._db.execute("INSERT OR REPLACE INTO blocks VALUES (?, ?)", (name, time.time()))
+            self._db.execute("INSERT OR REPLACE INTO blocks VALUES (?, ?)",
+                             (name, self._clock()))
             self._blocked.add(name)
         else:
             self._db.execute("DELETE FROM blocks WHERE user=?", (name,))
@@ -360,7 +368,7 @@ class SqliteQuota:
         user, q = principal.name, principal.quota
         if q.blocked or await self.is_blocked(user):
             raise blocked_error(user)
-        now = time.time()
+        now = self._clock()
         window = self._prune(user, now)
         if q.requests_per_minute is not None and len(window) >= q.requests_per_minute:
             wait = window[0] + 60 - now
@@ -383,12 +391,13 @@ class SqliteQuota:
 
     async def reserve(self, principal: Principal, images: int, cost: float, size: str
                       ) -> Reservation:
-        refusal = reservation_refusal(self._statuses(principal, time.time()), images, cost)
+        now = self._clock()
+        refusal = reservation_refusal(self._statuses(principal, now), images, cost)
         if refusal is not None:
             raise refusal
         self._reserved[principal.name] += images
         self._reserved_cost[principal.name] += cost
-        return Reservation(principal.name, images, cost, size)
+        return Reservation(principal.name, images, cost, size, now)
 
     def _release(self, r: Reservation) -> None:
         if not r.settled:
@@ -397,8 +406,10 @@ class SqliteQuota:
             self._reserved_cost[r.user] -= r.cost
 
     def _add(self, user: str, *, images: int = 0, spend: float = 0.0, requests: int = 0,
-             cache_hits: int = 0, settle: Reservation | None = None) -> asyncio.Future[None]:
-        """Add to today's and this month's ledger rows; resolves once committed.
+             cache_hits: int = 0, settle: Reservation | None = None,
+             at: float | None = None) -> asyncio.Future[None]:
+        """Add to the ledger rows of the day and month of ``at`` (default: now);
+        resolves once committed.
 
         Everything added during one loop turn is summed per row into one
         :class:`_LedgerBatch`, written in the transaction this turn's writes share: 16
@@ -410,7 +421,7 @@ class SqliteQuota:
             batch = self._batch = _LedgerBatch()
             batch.done = self._writes.submit(functools.partial(self._write_batch, batch),
                                              functools.partial(self._apply_batch, batch))
-        day, _, month, _ = _periods(int(time.time() // 86400))
+        day, _, month, _ = _periods(int((self._clock() if at is None else at) // 86400))
         for period in (day, month):
             i, r, h, sp = batch.deltas.get((user, period), (0, 0, 0, 0.0))
             batch.deltas[(user, period)] = (i + images, r + requests, h + cache_hits,
@@ -441,7 +452,7 @@ class SqliteQuota:
         if reservation.settled:
             return
         await asyncio.shield(self._add(reservation.user, images=images, spend=cost,
-                                       settle=reservation))
+                                       settle=reservation, at=reservation.made_at))
 
     async def refund(self, reservation: Reservation) -> None:
         self._release(reservation)

@@ -300,9 +300,13 @@ class RedisQuota(_Guarded):
 
     USERS = PREFIX + "users"
 
-    def __init__(self, client: Any, timeout: float, lease_seconds: float) -> None:
+    def __init__(self, client: Any, timeout: float, lease_seconds: float,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__(client, timeout)
         self.lease = lease_seconds
+        # The wall clock (unix seconds) that picks ledger periods; tests inject their own.
+        # Leases and the minute window run on Redis's own clock (TIME) in the scripts.
+        self._clock = clock
         self._admit = client.register_script(_ADMIT)
         self._reserve = client.register_script(_RESERVE)
         self._commit = client.register_script(_COMMIT)
@@ -352,7 +356,7 @@ class RedisQuota(_Guarded):
         task.add_done_callback(self._pending.discard)
 
     async def _statuses(self, principal: Principal) -> list[LimitStatus]:
-        wall = time.time()
+        wall = self._clock()
         k = _UserKeys(principal.name, wall)
         raw = await self._do(self._snapshot(keys=[*k.money, k.window, k.inflight]))
         now, d, m, spend, held, held_cost, wcount, wfirst, inflight = (_s(x) for x in raw)
@@ -378,7 +382,7 @@ class RedisQuota(_Guarded):
 
     async def all_usage(self) -> dict[str, dict[str, float]]:
         users = sorted(_s(u) for u in await self._do(self.r.smembers(self.USERS)))
-        now = time.time()
+        now = self._clock()
         pipe = self.r.pipeline(transaction=False)
         for user in users:
             k = _UserKeys(user, now)
@@ -397,11 +401,11 @@ class RedisQuota(_Guarded):
         return out
 
     async def is_blocked(self, name: str) -> bool:
-        return bool(await self._do(self.r.exists(_UserKeys(name, time.time()).blocked)))
+        return bool(await self._do(self.r.exists(_UserKeys(name, self._clock()).blocked)))
 
     async def set_blocked(self, name: str, blocked: bool) -> None:
-        key = _UserKeys(name, time.time()).blocked
-        await self._do(self.r.set(key, str(time.time())) if blocked else self.r.delete(key))
+        key = _UserKeys(name, self._clock()).blocked
+        await self._do(self.r.set(key, str(self._clock())) if blocked else self.r.delete(key))
 
     @contextlib.asynccontextmanager
     async def admit(self, principal: Principal) -> AsyncIterator[None]:
@@ -409,7 +413,7 @@ class RedisQuota(_Guarded):
         q = principal.quota
         if q.blocked:
             raise blocked_error(principal.name)
-        k = _UserKeys(principal.name, time.time())
+        k = _UserKeys(principal.name, self._clock())
         slot = uuid.uuid4().hex
         try:
             verdict, wait = (_s(x) for x in await self._do(self._admit(
@@ -439,7 +443,8 @@ class RedisQuota(_Guarded):
                       ) -> Reservation:
         q = principal.quota
         rid = uuid.uuid4().hex
-        k = _UserKeys(principal.name, time.time())
+        made_at = self._clock()
+        k = _UserKeys(principal.name, made_at)
         try:
             verdict = _s(await self._do(self._reserve(keys=k.money, args=[
                 images, repr(float(cost)), _lim(q.images_per_day), _lim(q.images_per_month),
@@ -448,7 +453,7 @@ class RedisQuota(_Guarded):
             self._hand_back(self._unlease(principal.name, rid))
             raise
         if verdict == "ok":
-            return RedisReservation(principal.name, images, cost, size, rid=rid)
+            return RedisReservation(principal.name, images, cost, size, made_at, rid=rid)
         refusal = reservation_refusal(await self._statuses(principal), images, cost,
                                       fallback=verdict)
         assert refusal is not None  # with a fallback there always is one
@@ -457,7 +462,8 @@ class RedisQuota(_Guarded):
     async def commit(self, reservation: Reservation, images: int, cost: float) -> None:
         if reservation.settled:
             return
-        k = _UserKeys(reservation.user, time.time())
+        # The periods of the reservation, not of now: see Reservation.made_at.
+        k = _UserKeys(reservation.user, reservation.made_at)
         rid = _rid(reservation)
         keys = [*k.money, k.committed(rid)]
         args = [rid, images, repr(float(cost)), DAY_KEY_TTL, MONTH_KEY_TTL, COMMIT_MARKER_TTL]
@@ -473,7 +479,7 @@ class RedisQuota(_Guarded):
     def _unlease(self, user: str, rid: str) -> Callable[[], Awaitable[object]]:
         """The refund script for lease ``rid``. If a commit's answer was lost but it ran,
         the refund finds no lease: a no-op (so it is always safe to send)."""
-        k = _UserKeys(user, time.time())
+        k = _UserKeys(user, self._clock())
         return lambda: self._refund(keys=[k.held, k.leases, k.leasev], args=[rid])
 
     async def refund(self, reservation: Reservation) -> None:
@@ -490,7 +496,7 @@ class RedisQuota(_Guarded):
         return asyncio.ensure_future(self._count_request(principal, cache_hit))
 
     async def _count_request(self, principal: Principal, cache_hit: bool) -> None:
-        k = _UserKeys(principal.name, time.time())
+        k = _UserKeys(principal.name, self._clock())
         pipe = self.r.pipeline(transaction=False)
         for key, ttl in ((k.day, DAY_KEY_TTL), (k.month, MONTH_KEY_TTL)):
             pipe.hincrby(key, "requests", 1)
@@ -509,8 +515,9 @@ class RedisQuota(_Guarded):
 class RedisReservation(Reservation):
     """A reservation named in Redis, so commit and refund find their own lease."""
 
-    def __init__(self, user: str, images: int, cost: float, size: str, *, rid: str) -> None:
-        super().__init__(user, images, cost, size)
+    def __init__(self, user: str, images: int, cost: float, size: str, made_at: float, *,
+                 rid: str) -> None:
+        super().__init__(user, images, cost, size, made_at)
         self.rid = rid
 
 

@@ -424,3 +424,30 @@ async def test_a_failed_ledger_batch_fails_its_callers_and_changes_nothing(tmp_p
     await quota.count_request(alice, cache_hit=True)  # the next turn's batch is new
     assert (await quota.all_usage())["alice"]["requests_today"] == 1
     await quota.close()
+
+
+# 2025-01-31 23:59:59 UTC: the last second of a day and of a month.
+LAST_SECOND_OF_JANUARY = 1738367999.0
+
+
+async def test_a_commit_after_midnight_charges_the_reservations_day_and_month(
+        tmp_path: Any) -> None:
+    """Issue 19 item 4: admitted at 23:59:59 on the last day of a month, answered after
+    midnight: the images count on that day and month, not on the next ones."""
+    from gateway.auth import Principal
+    from gateway.config import QuotaLimits
+    from gateway.quota import SqliteQuota
+
+    now = [LAST_SECOND_OF_JANUARY]
+    quota = SqliteQuota(tmp_path / "quota.sqlite3", clock=lambda: now[0])
+    alice = Principal("alice", QuotaLimits(images_per_day=5), True)
+    reservation = await quota.reserve(alice, 2, 0.04, "256x256")
+    now[0] += 6  # the backend answers at 00:00:05 on 1 February
+    await quota.commit(reservation, 2, 0.04)
+    rows = dict(quota._db.execute("SELECT period, images FROM ledger WHERE user='alice'"))
+    assert rows == {"d:2025-01-31": 2, "m:2025-01": 2}
+    used = {s.name: s.used for s in await quota.usage(alice)}
+    assert used["images_per_day"] == 0 and used["images_per_month"] == 0  # a new period
+    now[0] = LAST_SECOND_OF_JANUARY
+    assert (await quota.all_usage())["alice"]["images_today"] == 2
+    await quota.close()

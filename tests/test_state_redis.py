@@ -488,3 +488,24 @@ async def test_abuse_windows_are_shared_by_replicas(redis_server: RedisServer,
     assert r.zcard(sr._A + b"carol".hex() + ":users") == 10
     assert 0 < r.pttl(sr._A + b"carol".hex() + ":users") <= 600_000
     await a.close()
+
+
+async def test_a_commit_after_midnight_charges_the_reservations_day_and_month(
+        redis_server: RedisServer) -> None:
+    """Issue 19 item 4, on Redis: reserved at 23:59:59 on 31 January (UTC), committed
+    after midnight; the ledger keys charged are January's."""
+    last_second_of_january = 1738367999.0
+    now = [last_second_of_january]
+    q = sr.RedisQuota(sr.connect(redis_server.url, TIMEOUT), TIMEOUT, lease_seconds=600,
+                      clock=lambda: now[0])
+    p = who("midnight", images_per_day=5)
+    reservation = await q.reserve(p, 2, 0.04, "256x256")
+    now[0] += 6
+    await q.commit(reservation, 2, 0.04)
+    old, new = sr._UserKeys("midnight", last_second_of_january), sr._UserKeys("midnight", now[0])
+    assert old.month != new.month and old.day != new.day
+    images = [await q.r.hget(k, "images") for k in (old.day, old.month, new.day, new.month)]
+    assert images == [b"2", b"2", None, None]
+    used = {s.name: s.used for s in await q.usage(p)}
+    assert used["images_per_day"] == 0 and used["images_per_month"] == 0
+    await q.close()
