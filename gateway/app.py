@@ -43,6 +43,7 @@ from gateway.keys import (
     QUOTA,
     RENDERER,
     ROUTER,
+    UPLOAD_BUDGET,
     USER_KEY,
 )
 from gateway.metrics import Metrics
@@ -52,6 +53,7 @@ from gateway.quota import QuotaRejected, budget_used
 from gateway.render import Renderer
 from gateway.router import Router
 from gateway.state import build_state
+from gateway.upload import UploadBudget
 
 log = structlog.get_logger("gateway.request")
 
@@ -280,6 +282,8 @@ def build_app(config: Config) -> web.Application:
     app[PIXEL_HASHES] = PixelHashes()
     app[RENDERER] = Renderer(state.images, config.cache.memory_bytes)
     app[CLIENT_ADDRESS] = ClientAddress(config.server.trusted_proxies)
+    app[UPLOAD_BUDGET] = UploadBudget(config.server.upload_budget_bytes,
+                                      config.server.upload_wait_seconds)
     app.cleanup_ctx.append(_lifecycle)
 
     app.router.add_post("/v1/images/variations", variations.create_variation)

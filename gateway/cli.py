@@ -61,10 +61,14 @@ async def _serve(config: Config, host: str, port: int) -> int:
     from aiohttp import web
 
     from gateway.app import build_app
+    from gateway.connections import GatewayRunner, raise_fd_limit
 
+    open_files, _ = raise_fd_limit()  # every client connection is a file descriptor
     app = build_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=config.server.shutdown_timeout_seconds)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=config.server.shutdown_timeout_seconds,
+                           header_timeout=config.server.header_timeout_seconds,
+                           keepalive_timeout=config.server.keepalive_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, host, port,
                        shutdown_timeout=config.server.shutdown_timeout_seconds)
@@ -85,6 +89,8 @@ async def _serve(config: Config, host: str, port: int) -> int:
     if server is not None and server.sockets:
         bound = server.sockets[0].getsockname()[1]
     print(banner(config, host, bound), flush=True)
+    print(f"  open files: up to {open_files} (connections without a whole request header "
+          f"are closed after {config.server.header_timeout_seconds:g} s)", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
