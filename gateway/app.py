@@ -21,7 +21,7 @@ from functools import partial
 import structlog
 from aiohttp import web
 
-from gateway import admin, health, variations
+from gateway import admin, health, memory, variations
 from gateway.abuse import Suspicion
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
@@ -211,7 +211,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds)),
              asyncio.create_task(_refresh_gauges(app)),
              asyncio.create_task(app[CACHE].sweeper()),
-             asyncio.create_task(app[AUDIT].keep_retention())]
+             asyncio.create_task(app[AUDIT].keep_retention()),
+             asyncio.create_task(memory.trim_after_bursts())]
     try:
         yield
     finally:
