@@ -81,7 +81,9 @@ async def _serve(config: Config, host: str, port: int) -> int:
         mapp = web.Application()
         mapp[CONFIG], mapp[METRICS] = app[CONFIG], app[METRICS]
         mapp.router.add_get("/metrics", health.metrics)
-        metrics_runner = web.AppRunner(mapp, access_log=None)
+        metrics_runner = GatewayRunner(
+            mapp, access_log=None, header_timeout=config.server.header_timeout_seconds,
+            keepalive_timeout=config.server.keepalive_timeout_seconds)
         await metrics_runner.setup()
         await web.TCPSite(metrics_runner, host, config.metrics.port).start()
     bound = port
