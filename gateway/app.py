@@ -21,7 +21,7 @@ from functools import partial
 import structlog
 from aiohttp import web
 
-from gateway import admin, health, variations
+from gateway import admin, health, memory, variations
 from gateway.abuse import Suspicion
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
@@ -43,6 +43,7 @@ from gateway.keys import (
     QUOTA,
     RENDERER,
     ROUTER,
+    UPLOAD_BUDGET,
     USER_KEY,
     WRITES,
 )
@@ -53,6 +54,7 @@ from gateway.quota import QuotaRejected, budget_used
 from gateway.render import Renderer
 from gateway.router import Router
 from gateway.state import build_state
+from gateway.upload import UploadBudget
 from gateway.writes import WriteHealth
 
 log = structlog.get_logger("gateway.request")
@@ -235,7 +237,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds)),
              asyncio.create_task(_refresh_gauges(app)),
              asyncio.create_task(app[CACHE].sweeper()),
-             asyncio.create_task(app[AUDIT].keep_retention())]
+             asyncio.create_task(app[AUDIT].keep_retention()),
+             asyncio.create_task(memory.trim_after_bursts())]
     try:
         yield
     finally:
@@ -307,6 +310,8 @@ def build_app(config: Config) -> web.Application:
     app[RENDERER] = Renderer(state.images, config.cache.memory_bytes)
     app[CLIENT_ADDRESS] = ClientAddress(config.server.trusted_proxies)
     app[WRITES] = WriteHealth()
+    app[UPLOAD_BUDGET] = UploadBudget(config.server.upload_budget_bytes,
+                                      config.server.upload_wait_seconds)
     app.cleanup_ctx.append(_lifecycle)
 
     app.router.add_post("/v1/images/variations", variations.create_variation)

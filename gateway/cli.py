@@ -79,6 +79,7 @@ async def _serve(config: Config, host: str, port: int) -> int:
     from aiohttp import web
 
     from gateway.app import build_app
+    from gateway.connections import GatewayRunner, raise_fd_limit
 
     # Built before anything listens: read now, so a renewed certificate needs a restart.
     tls: ssl.SSLContext | None = None
@@ -87,9 +88,12 @@ async def _serve(config: Config, host: str, port: int) -> int:
             tls = server_context(config.server.tls_cert, config.server.tls_key)
         except TLSFileError as exc:  # changed since the config was loaded
             raise ConfigError(str(exc), exc.setting) from None
+    open_files, _ = raise_fd_limit()  # every client connection is a file descriptor
     app = build_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=config.server.shutdown_timeout_seconds)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=config.server.shutdown_timeout_seconds,
+                           header_timeout=config.server.header_timeout_seconds,
+                           keepalive_timeout=config.server.keepalive_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls,
                        shutdown_timeout=config.server.shutdown_timeout_seconds)
@@ -102,7 +106,9 @@ async def _serve(config: Config, host: str, port: int) -> int:
         mapp = web.Application()
         mapp[CONFIG], mapp[METRICS] = app[CONFIG], app[METRICS]
         mapp.router.add_get("/metrics", health.metrics)
-        metrics_runner = web.AppRunner(mapp, access_log=None)
+        metrics_runner = GatewayRunner(
+            mapp, access_log=None, header_timeout=config.server.header_timeout_seconds,
+            keepalive_timeout=config.server.keepalive_timeout_seconds)
         await metrics_runner.setup()
         # Same TLS as the API port: /metrics names members and their spend.
         await web.TCPSite(metrics_runner, host, config.metrics.port, ssl_context=tls).start()
@@ -111,6 +117,8 @@ async def _serve(config: Config, host: str, port: int) -> int:
     if server is not None and server.sockets:
         bound = server.sockets[0].getsockname()[1]
     print(banner(config, host, bound), flush=True)
+    print(f"  open files: up to {open_files} (connections without a whole request header "
+          f"are closed after {config.server.header_timeout_seconds:g} s)", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -57,9 +57,26 @@ class ServerConfig:
     # itself (read at start; a renewed certificate needs a restart).
     tls_cert: str | None = None
     tls_key: str | None = None
+    # A connection that has not sent a whole request header by then is closed (a socket
+    # that sends nothing, or a header byte at a time, would otherwise hold an fd forever).
+    header_timeout_seconds: float = 15.0
+    # An idle keep-alive connection between requests is closed after this.
+    keepalive_timeout_seconds: float = 75.0
+    # Request bodies read into memory at once, across all clients (declared length, or
+    # the upload cap when unknown); past it a request waits up to upload_wait_seconds,
+    # then gets 503 server_busy with retry-after.
+    upload_budget_bytes: int = 64 * 1024**2
+    upload_wait_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         parse_networks(self.trusted_proxies)  # ValueError names the bad entry
+        for name in ("header_timeout_seconds", "keepalive_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be more than 0")
+        if self.upload_budget_bytes < 1:
+            raise ValueError("upload_budget_bytes must be at least 1")
+        if self.upload_wait_seconds < 0:
+            raise ValueError("upload_wait_seconds must be 0 or more")
 
     @property
     def tls(self) -> bool:

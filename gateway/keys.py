@@ -16,6 +16,7 @@ from gateway.quota import QuotaStore
 from gateway.render import Renderer
 from gateway.router import Router
 from gateway.storage import ImageStore
+from gateway.upload import UploadBudget
 from gateway.writes import WriteHealth
 
 CONFIG = web.AppKey("config", Config)
@@ -31,6 +32,7 @@ PIXEL_HASHES = web.AppKey("pixel_hashes", PixelHashes)
 RENDERER = web.AppKey("renderer", Renderer)
 USER_KEY = web.AppKey("user_hash_key", bytes)
 CLIENT_ADDRESS = web.AppKey("client_address", ClientAddress)
+UPLOAD_BUDGET = web.AppKey("upload_budget", UploadBudget)
 
 # Per request.
 AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)

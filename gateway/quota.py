@@ -274,7 +274,7 @@ class SqliteQuota:
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         # The wall clock (unix seconds) that picks ledger periods; tests inject their own.
-        self._clock = clock
+        self.clock = clock
         self._db = open_db(path, sole_writer=True)
         self._db.executescript(_SCHEMA)
         self._writes = GroupCommit(self._db)
@@ -328,10 +328,10 @@ class SqliteQuota:
         return window
 
     async def usage(self, principal: Principal) -> list[LimitStatus]:
-        return self._statuses(principal, self._clock())
+        return self._statuses(principal, self.clock())
 
     async def all_usage(self) -> dict[str, dict[str, float]]:
-        now = self._clock()
+        now = self.clock()
         day, _ = day_bounds(now)
         month, _ = month_bounds(now)
         out: dict[str, dict[str, float]] = {}
@@ -355,7 +355,7 @@ class SqliteQuota:
     async def set_blocked(self, name: str, blocked: bool) -> None:
         if blocked:
             self._db.execute("INSERT OR REPLACE INTO blocks VALUES (?, ?)",
-                             (name, self._clock()))
+                             (name, self.clock()))
             self._blocked.add(name)
         else:
             self._db.execute("DELETE FROM blocks WHERE user=?", (name,))
@@ -368,7 +368,7 @@ class SqliteQuota:
         user, q = principal.name, principal.quota
         if q.blocked or await self.is_blocked(user):
             raise blocked_error(user)
-        now = self._clock()
+        now = self.clock()
         window = self._prune(user, now)
         if q.requests_per_minute is not None and len(window) >= q.requests_per_minute:
             wait = window[0] + 60 - now
@@ -391,7 +391,7 @@ class SqliteQuota:
 
     async def reserve(self, principal: Principal, images: int, cost: float, size: str
                       ) -> Reservation:
-        now = self._clock()
+        now = self.clock()
         refusal = reservation_refusal(self._statuses(principal, now), images, cost)
         if refusal is not None:
             raise refusal
@@ -421,7 +421,7 @@ class SqliteQuota:
             batch = self._batch = _LedgerBatch()
             batch.done = self._writes.submit(functools.partial(self._write_batch, batch),
                                              functools.partial(self._apply_batch, batch))
-        day, _, month, _ = _periods(int((self._clock() if at is None else at) // 86400))
+        day, _, month, _ = _periods(int((self.clock() if at is None else at) // 86400))
         for period in (day, month):
             i, r, h, sp = batch.deltas.get((user, period), (0, 0, 0, 0.0))
             batch.deltas[(user, period)] = (i + images, r + requests, h + cache_hits,

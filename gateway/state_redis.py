@@ -306,7 +306,7 @@ class RedisQuota(_Guarded):
         self.lease = lease_seconds
         # The wall clock (unix seconds) that picks ledger periods; tests inject their own.
         # Leases and the minute window run on Redis's own clock (TIME) in the scripts.
-        self._clock = clock
+        self.clock = clock
         self._admit = client.register_script(_ADMIT)
         self._reserve = client.register_script(_RESERVE)
         self._commit = client.register_script(_COMMIT)
@@ -356,7 +356,7 @@ class RedisQuota(_Guarded):
         task.add_done_callback(self._pending.discard)
 
     async def _statuses(self, principal: Principal) -> list[LimitStatus]:
-        wall = self._clock()
+        wall = self.clock()
         k = _UserKeys(principal.name, wall)
         raw = await self._do(self._snapshot(keys=[*k.money, k.window, k.inflight]))
         now, d, m, spend, held, held_cost, wcount, wfirst, inflight = (_s(x) for x in raw)
@@ -382,7 +382,7 @@ class RedisQuota(_Guarded):
 
     async def all_usage(self) -> dict[str, dict[str, float]]:
         users = sorted(_s(u) for u in await self._do(self.r.smembers(self.USERS)))
-        now = self._clock()
+        now = self.clock()
         pipe = self.r.pipeline(transaction=False)
         for user in users:
             k = _UserKeys(user, now)
@@ -401,11 +401,11 @@ class RedisQuota(_Guarded):
         return out
 
     async def is_blocked(self, name: str) -> bool:
-        return bool(await self._do(self.r.exists(_UserKeys(name, self._clock()).blocked)))
+        return bool(await self._do(self.r.exists(_UserKeys(name, self.clock()).blocked)))
 
     async def set_blocked(self, name: str, blocked: bool) -> None:
-        key = _UserKeys(name, self._clock()).blocked
-        await self._do(self.r.set(key, str(self._clock())) if blocked else self.r.delete(key))
+        key = _UserKeys(name, self.clock()).blocked
+        await self._do(self.r.set(key, str(self.clock())) if blocked else self.r.delete(key))
 
     @contextlib.asynccontextmanager
     async def admit(self, principal: Principal) -> AsyncIterator[None]:
@@ -413,7 +413,7 @@ class RedisQuota(_Guarded):
         q = principal.quota
         if q.blocked:
             raise blocked_error(principal.name)
-        k = _UserKeys(principal.name, self._clock())
+        k = _UserKeys(principal.name, self.clock())
         slot = uuid.uuid4().hex
         try:
             verdict, wait = (_s(x) for x in await self._do(self._admit(
@@ -443,7 +443,7 @@ class RedisQuota(_Guarded):
                       ) -> Reservation:
         q = principal.quota
         rid = uuid.uuid4().hex
-        made_at = self._clock()
+        made_at = self.clock()
         k = _UserKeys(principal.name, made_at)
         try:
             verdict = _s(await self._do(self._reserve(keys=k.money, args=[
@@ -479,7 +479,7 @@ class RedisQuota(_Guarded):
     def _unlease(self, user: str, rid: str) -> Callable[[], Awaitable[object]]:
         """The refund script for lease ``rid``. If a commit's answer was lost but it ran,
         the refund finds no lease: a no-op (so it is always safe to send)."""
-        k = _UserKeys(user, self._clock())
+        k = _UserKeys(user, self.clock())
         return lambda: self._refund(keys=[k.held, k.leases, k.leasev], args=[rid])
 
     async def refund(self, reservation: Reservation) -> None:
@@ -496,7 +496,7 @@ class RedisQuota(_Guarded):
         return asyncio.ensure_future(self._count_request(principal, cache_hit))
 
     async def _count_request(self, principal: Principal, cache_hit: bool) -> None:
-        k = _UserKeys(principal.name, self._clock())
+        k = _UserKeys(principal.name, self.clock())
         pipe = self.r.pipeline(transaction=False)
         for key, ttl in ((k.day, DAY_KEY_TTL), (k.month, MONTH_KEY_TTL)):
             pipe.hincrby(key, "requests", 1)

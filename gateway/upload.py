@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import multipart
@@ -42,6 +43,88 @@ class VariationForm:
     size: int
     size_label: str
     user: str | None
+
+
+class UploadBudget:
+    """The bytes of request bodies being read into memory at once, across all clients.
+
+    Per-member admission bounds what one member holds, but many members (or one with
+    ``max_concurrent: null``) could still have hundreds of 4 MB bodies arriving at once;
+    each is held whole (and briefly twice while its parts are joined). A request takes
+    its declared length from the budget before its body is read (the upload cap when the
+    length is unknown or the body is compressed) and gives it back once parsed. Past the
+    budget it waits, first come first served, up to ``wait_seconds``, then is refused
+    with 503 ``server_busy``: memory stays bounded and the client knows to retry.
+    """
+
+    def __init__(self, limit: int, wait_seconds: float) -> None:
+        self.limit = limit
+        self.wait_seconds = wait_seconds
+        self.used = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @staticmethod
+    def bytes_for(request: web.Request) -> int:
+        """What reading this request's body may hold: its declared length, else the cap
+        (a gzip body inflates past its declared length; chunked bodies declare none)."""
+        length = request.content_length
+        if length is None or "Content-Encoding" in request.headers:
+            return MAX_BODY_BYTES
+        return min(length, MAX_BODY_BYTES)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, wanted: int) -> AsyncIterator[None]:
+        """Hold ``wanted`` bytes (at most the whole budget, so any body can be read
+        alone) while the body is read; 503 ``server_busy`` if none come in time."""
+        wanted = min(wanted, self.limit)
+        if self._waiting or self.used + wanted > self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            entry = (wanted, waiter)
+            self._waiting.append(entry)
+            try:
+                async with asyncio.timeout(self.wait_seconds):
+                    await waiter
+            except TimeoutError:
+                self._forget(entry)
+                raise ApiError(
+                    503, "The gateway is reading as many uploads as it can hold right "
+                    "now; retry in a moment.", code="server_busy", should_retry=True,
+                    headers={"retry-after": "1"}) from None
+            except BaseException:
+                self._forget(entry)
+                raise
+        else:
+            self.used += wanted
+        try:
+            yield
+        finally:
+            self.used -= wanted
+            self._wake()
+
+    def _forget(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        """A waiter that gave up: if it had just been granted, give its bytes back."""
+        wanted, waiter = entry
+        if waiter.done() and not waiter.cancelled():
+            self.used -= wanted
+        else:
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(entry)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Grant waiters in arrival order while they fit (no overtaking: a large body
+        is not starved by a stream of small ones)."""
+        while self._waiting:
+            wanted, waiter = self._waiting[0]
+            if waiter.done():
+                self._waiting.popleft()
+                continue
+            if self.used + wanted > self.limit:
+                return
+            self._waiting.popleft()
+            self.used += wanted
+            waiter.set_result(None)
 
 
 def _too_large() -> ApiError:

@@ -34,6 +34,7 @@ from gateway.keys import (
     QUOTA,
     RENDERER,
     ROUTER,
+    UPLOAD_BUDGET,
     USER_KEY,
 )
 from gateway.quota import QuotaStore, Reservation, budget_used, ratelimit_headers
@@ -70,28 +71,33 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     principal = app[AUTH].member(request)
     record.member = principal.name
 
-    # Parse: the form (its raw fields are audited even if they are refused), then the
-    # PNG container (no pixels decoded yet).
-    image, fields = await upload.read_fields(request, config.server.read_timeout_seconds)
-    record.end_user = upload.for_audit(fields.get("user"))
-    record.size, record.model = upload.for_audit(fields.get("size")), upload.for_audit(
-        fields.get("model"))
-    if image is not None:  # hashed before validation: refused requests name it too
-        record.image_sha256 = app[PIXEL_HASHES].sha256(image)
-        record.upload_bytes = len(image)
-    form = upload.validate(image, fields, router.models)
-    record.n, record.size, record.model = form.n, form.size_label, form.model
-    record.end_user = form.user
-    metrics.upload_bytes.observe(len(form.image))
-    # A re-sent upload (the usual cache hit) was inspected and decoded before.
-    known = app[PIXEL_HASHES].get(record.image_sha256)
-    info = known.info if known is not None else png.inspect(form.image)
-    policy = policy_from_header(request.headers.get("Cache-Control"))
-    hashed_user = end_user_hash(app[USER_KEY], principal.name, form.user)
-    record.end_user_hash = hashed_user
-
-    # Admit: blocked users, the minute window and the in-flight limit.
+    # Admit before the body is read (blocked users, the minute window, the in-flight
+    # limit): a member at their limit gets 429 with their upload still unread, so
+    # 600 held-open uploads from one member hold 2 bodies, not 600.
     async with quota.admit(principal):
+        # Parse: the form (its raw fields are audited even if they are refused), then the
+        # PNG container (no pixels decoded yet). The body is read within the gateway-wide
+        # budget of bodies held at once, given back once the parts are split out.
+        async with app[UPLOAD_BUDGET].hold(upload.UploadBudget.bytes_for(request)):
+            image, fields = await upload.read_fields(request,
+                                                     config.server.read_timeout_seconds)
+        record.end_user = upload.for_audit(fields.get("user"))
+        record.size, record.model = upload.for_audit(fields.get("size")), upload.for_audit(
+            fields.get("model"))
+        if image is not None:  # hashed before validation: refused requests name it too
+            record.image_sha256 = app[PIXEL_HASHES].sha256(image)
+            record.upload_bytes = len(image)
+        form = upload.validate(image, fields, router.models)
+        record.n, record.size, record.model = form.n, form.size_label, form.model
+        record.end_user = form.user
+        metrics.upload_bytes.observe(len(form.image))
+        # A re-sent upload (the usual cache hit) was inspected and decoded before.
+        known = app[PIXEL_HASHES].get(record.image_sha256)
+        info = known.info if known is not None else png.inspect(form.image)
+        policy = policy_from_header(request.headers.get("Cache-Control"))
+        hashed_user = end_user_hash(app[USER_KEY], principal.name, form.user)
+        record.end_user_hash = hashed_user
+
         # The pixel hash keys the cache; a request that bypasses it skips the decode (its
         # pixel data is still checked once: a corrupt upload is a 400, never sent on).
         key, pixels_sha256 = "", ""

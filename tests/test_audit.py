@@ -31,7 +31,9 @@ def row(client: Any, request_id: str) -> dict[str, Any]:
 
 
 async def test_every_request_is_audited_also_refused_ones(instrumented: Start) -> None:
-    client, backend = await instrumented(quota_defaults={"images_per_day": 2})
+    client, backend = await instrumented(
+        quota_defaults={"images_per_day": 2},
+        pricing={"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.02})
     image = png_bytes(seed=1)
     image_sha = hashlib.sha256(image).hexdigest()
 
@@ -71,7 +73,10 @@ async def test_every_request_is_audited_also_refused_ones(instrumented: Start) -
     blocked = await vary(client, image, user="artist@studio")
     r = row(client, blocked.headers["x-request-id"])
     assert (r["member"], r["status"], r["error_code"]) == ("alice", 403, "user_blocked")
-    assert r["image_sha256"] == image_sha and r["end_user"] == "artist@studio"
+    # Admission comes before the body is read (issue 19, item 2): a blocked member's
+    # upload is never read, so the record names no image or end user.
+    assert r["image_sha256"] is None and r["end_user"] is None
+    assert r["upload_bytes"] == 0
     assert len(backend.calls) == 1
 
 

@@ -23,6 +23,7 @@ from support import ADMIN_TOKEN, ROOT, TOKENS, auth, png_bytes, sha
 
 from gateway import quota
 from gateway.app import refresh_gauges
+from gateway.keys import QUOTA
 from gateway.metrics import GUARD_LIMIT, OTHER, LabelGuard, Metrics
 
 P = "variations_gateway_"
@@ -108,7 +109,10 @@ async def test_families_types_and_labels(gateway_client) -> None:  # type: ignor
     client = await gateway_client(
         users={"alice": {"token_sha256": sha(TOKENS["alice"])},
                "bob": {"token_sha256": sha(TOKENS["bob"]),
-                       "quota": {"images_per_day": 1}}})
+                       "quota": {"images_per_day": 1}}},
+        # Priced, so spend is counted (self-hosted backends cost nothing by default).
+        backends=[{"name": "local", "kind": "procedural",
+                   "pricing": {"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.02}}])
     assert await post(client, auth()) == 200                        # miss, generated
     assert await post(client, auth()) == 200                        # hit
     assert await post(client, auth(), n=2) == 200                   # partial
@@ -172,6 +176,7 @@ async def test_budget_share_drops_at_the_new_day_without_a_request(
     assert sample(await scrape(client), "user_budget_used_ratio", user="alice") == 1.0
     tomorrow = time.time() + 86400
     monkeypatch.setattr(quota, "time", SimpleNamespace(time=lambda: tomorrow))
+    monkeypatch.setattr(client.app[QUOTA], "clock", lambda: tomorrow)
     await refresh_gauges(client.app)
     text = await scrape(client)
     assert sample(text, "user_budget_used_ratio", user="alice") == 0.0

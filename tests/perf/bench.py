@@ -11,7 +11,8 @@ the commit they were measured on):
 - Redis-backed state next to SQLite (when ``tests/perf/bench_redis.py`` is present);
 - load, memory and startup (``tests/perf/bench_load.py``): miss overhead against a fake
   upstream direct and behind nginx ``proxy_pass`` (chart: latency-vs-concurrency.png),
-  peak RSS under 100 x 4 MB uploads, RSS growth 1k -> 20k requests, startup, idle RSS;
+  peak RSS under 100 x 4 MB uploads, RSS growth 1k -> 20k requests, 600 held-open
+  3.9 MB uploads from one member (peak RSS and RSS after), startup, idle RSS;
 - gpt-image (``tests/perf/bench_peer.py``): CPU ms per normalised answer before and
   after, and the gateway next to LiteLLM's proxy against the same fake upstream.
 
@@ -542,6 +543,8 @@ def main() -> int:
             (overhead_title, overhead),
             ("Memory: 100 concurrent ~4 MB uploads; RSS after 1,000 vs 20,000 requests",
              lambda: load().run_memory()),
+            ("Intake: 600 concurrent held-open 3.9 MB uploads from one member (issue 19)",
+             lambda: load().run_intake()),
             ("Startup (exec to first 200 on /healthz, median of 5) and idle RSS",
              lambda: load().run_startup()),
         ]

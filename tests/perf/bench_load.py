@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import math
 import os
 import re
@@ -473,6 +474,114 @@ def run_memory(uploads: int = 100, leak_total: int = 20_000) -> list[dict[str, A
     return rows
 
 
+# ------------------------------------------------------------------ 2b. intake
+
+
+INTAKE_TOKEN = "vg-bench-intake-token"
+
+
+async def _held_upload(port: int, body: bytes, token: str, everyone_sent: asyncio.Event,
+                       sent: list[int]) -> int:
+    """One upload held open: headers and all but the last KiB of the body, then (once
+    every client has sent that much, or been answered) the rest; returns the status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/images/variations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {token}\r\n".encode()
+            + f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n".encode()
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        status_line = asyncio.ensure_future(reader.readline())
+        view = memoryview(body)
+        for start in range(0, len(body) - 1024, 256 * 1024):
+            if status_line.done():  # refused before its body was read: stop sending
+                break
+            writer.write(view[start:min(start + 256 * 1024, len(body) - 1024)])
+            await writer.drain()
+        sent[0] += 1
+        if sent[0] == sent[1]:
+            everyone_sent.set()
+        others = asyncio.ensure_future(everyone_sent.wait())
+        await asyncio.wait([status_line, others], return_when=asyncio.FIRST_COMPLETED)
+        others.cancel()
+        if not status_line.done():
+            writer.write(view[len(body) - 1024:])
+            await writer.drain()
+        line = await asyncio.wait_for(status_line, 300)
+        return int(line.split()[1]) if line else 0
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return 0  # the server closed it (counted as "closed")
+    finally:
+        writer.close()
+
+
+async def _intake_burst(port: int, body: bytes, clients: int) -> dict[int, int]:
+    everyone_sent = asyncio.Event()
+    sent = [0, clients]
+    statuses: dict[int, int] = {}
+    for s in await asyncio.gather(*(_held_upload(port, body, INTAKE_TOKEN, everyone_sent,
+                                                 sent) for _ in range(clients))):
+        statuses[s] = statuses.get(s, 0) + 1
+    return statuses
+
+
+def _settled_rss(pid: int, seconds: float = 8.0) -> int:
+    """VmRSS once the process has been idle for a moment (lowest of a few samples)."""
+    end, low = time.monotonic() + seconds, status_kb(pid, "VmRSS")
+    while time.monotonic() < end:
+        time.sleep(0.25)
+        low = min(low, status_kb(pid, "VmRSS"))
+    return low
+
+
+def run_intake(clients: int = 600) -> list[dict[str, Any]]:
+    """Issue 19 item 2: ``clients`` concurrent ~3.9 MB uploads held open by one member
+    (default ``max_concurrent: 2``), once with the member unlimited (only the
+    gateway-wide upload budget applies). Peak RSS, and RSS after against idle + caches
+    (measured after one warm-up upload of the same image)."""
+    edge = largest_noise_edge()
+    image = noise_png(edge, 1)
+    body = multipart_body({"n": "1", "size": "256x256", "response_format": "b64_json"},
+                          image, BOUNDARY)
+    rows: list[dict[str, Any]] = []
+    for label, max_concurrent in (("max_concurrent 2", 2), ("max_concurrent null", None)):
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            raw = bench.raw_config(
+                tmp, auth={"mode": "tokens"},
+                users={"mallory": {"token_sha256": hashlib.sha256(
+                    INTAKE_TOKEN.encode()).hexdigest(), "quota": {
+                        "images_per_day": None, "requests_per_minute": None,
+                        "max_concurrent": max_concurrent}}})
+            procs: list[subprocess.Popen[bytes]] = []
+            with bench.gateway_process(raw, tmp, procs) as gw:
+                pid = procs[0].pid
+                port = int(gw.rsplit(":", 1)[1])
+                idle = status_kb(pid, "VmRSS")
+                with client_core():
+                    asyncio.run(_intake_burst(port, body, 1))  # warm-up: caches filled
+                warm = _settled_rss(pid)
+                started = time.monotonic()
+                with RssSampler(pid) as sampler, client_core():
+                    statuses = asyncio.run(_intake_burst(port, body, clients))
+                elapsed = time.monotonic() - started
+                peak = max(sampler.peak_main, status_kb(pid, "VmHWM"))
+                after = _settled_rss(pid)
+            back = (after - warm) / warm * 100
+            rows.append({
+                "measure": f"{clients} concurrent held-open {len(body) / 2**20:.2f} MiB "
+                           f"uploads, one member ({label}), procedural 256x256",
+                "idle MB": mb(idle), "idle + caches MB": mb(warm), "peak MB": mb(peak),
+                "after MB": mb(after), "after vs idle + caches %": round(back, 1),
+                "seconds": round(elapsed, 1),
+                "statuses": " ".join(f"{k or 'closed'}x{v}" for k, v in
+                                     sorted(statuses.items())),
+                "goal": "peak < 600 MB: " + goal(peak / 1024, 600, "MB")
+                        + "; after within 20%: " + goal(back, 20, "%"),
+            })
+    return rows
+
+
 # ------------------------------------------------------------------ 3. startup
 
 
@@ -601,7 +710,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "fake":
         fake_main(int(sys.argv[2]))
     else:
-        for fn in (run_overhead, run_memory, run_startup):
+        for fn in (run_overhead, run_memory, run_intake, run_startup):
             result = fn()
             print(bench.table(fn.__name__, result))
             if fn is run_overhead:
