@@ -28,6 +28,7 @@ MAX_PIXELS = 4096 * 4096
 MAX_CHUNKS = 10_000
 _HASH_STRIP_ROWS = 128
 
+_CRITICAL = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
 _COLOR_TYPES = {0: "grey", 2: "rgb", 3: "palette", 4: "grey+alpha", 6: "rgba"}
 _BIT_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 
@@ -52,9 +53,13 @@ def _bad(message: str = NOT_PNG, code: str = "invalid_image_format") -> ApiError
 def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> PngInfo:
     """Validate the PNG container of ``data`` without decoding pixels.
 
-    Checks the signature, that IHDR comes first and is sane, that every chunk fits in
-    the file with a correct CRC, that IDAT is present and IEND ends the file, and that
-    the image is square and within the pixel budget.
+    Checks the signature, that IHDR comes first (and only there) and is sane, that every
+    chunk fits in the file with a correct CRC and a type of four ASCII letters, that no
+    critical chunk is one a decoder cannot know (PNG 3rd ed., 5.4: a decoder must refuse
+    the file), that IDAT is present in one consecutive run and IEND ends the file, and
+    that the image is square and within the pixel budget. Pillow reads past all of these,
+    so without this check the cached path (which decodes with Pillow) and the no-store
+    path (which only inflates) would judge one upload differently.
     """
     if not data:
         raise _bad("Uploaded image is empty. " + NOT_PNG, "invalid_image_format")
@@ -64,7 +69,7 @@ def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> PngInfo:
         raise _bad()
     pos = len(SIGNATURE)
     info: PngInfo | None = None
-    seen_idat = seen_iend = animated = False
+    seen_idat = seen_iend = animated = idat_ended = False
     chunks = 0
     while pos < len(data):
         if pos + 8 > len(data):
@@ -83,6 +88,16 @@ def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> PngInfo:
         chunks += 1
         if chunks > MAX_CHUNKS:
             raise _bad("Uploaded image has too many PNG chunks.", "invalid_image")
+        if not ctype.isalpha():
+            raise _bad("Uploaded image is not a valid PNG (a chunk type that is not four "
+                       "letters).", "invalid_image")
+        if chunks > 1 and ctype[0] < 0x60 and ctype not in _CRITICAL:
+            # The ancillary bit (lower case first letter) is clear: a chunk the image
+            # cannot be shown without, and no decoder knows it.
+            raise _bad(f"Uploaded image has an unknown critical PNG chunk "
+                       f"({ctype.decode('ascii')}).", "invalid_image")
+        if seen_idat and ctype != b"IDAT":
+            idat_ended = True
         if chunks == 1:
             if ctype != b"IHDR" or length != 13:
                 raise _bad("Uploaded image is not a valid PNG (IHDR must come first).",
@@ -102,7 +117,13 @@ def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> PngInfo:
                     f"Invalid input image - {w}x{h} is more than the "
                     f"{max_pixels} pixels this gateway decodes.", "image",
                     "image_too_many_pixels")
+        elif ctype == b"IHDR":
+            raise _bad("Uploaded image is not a valid PNG (more than one IHDR chunk).",
+                       "invalid_image")
         elif ctype == b"IDAT":
+            if idat_ended:
+                raise _bad("Uploaded image is not a valid PNG (its IDAT chunks are not "
+                           "consecutive).", "invalid_image")
             seen_idat = True
         elif ctype == b"acTL":
             animated = True
@@ -382,7 +403,16 @@ def decode(data: bytes, info: PngInfo, upload_sha256: str) -> DecodedImage:
 
     RGB and opaque inputs hash as RGBA with alpha 255, so an RGB export and an RGBA
     export of the same opaque layer share a cache key.
+
+    The pixel data is checked first (:func:`check_pixel_data`), exactly as on the
+    no-store path: Pillow paints the rows of a stream that ends early black and reads
+    past a decompression bomb's surplus, so without it a truncated upload was a 200 here
+    and a 400 there.
     """
+    try:
+        check_pixel_data(data, info)
+    except ValueError:
+        raise _bad(CORRUPT, "invalid_image") from None
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
             if im.size != (info.width, info.height):
