@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import time
 from functools import partial
 
@@ -36,6 +37,8 @@ from gateway.keys import (
     USER_KEY,
 )
 from gateway.quota import QuotaStore, Reservation, budget_used, ratelimit_headers
+
+_ZERO_SUFFIX = re.compile(r"bytes=-0+", re.ASCII | re.IGNORECASE)
 
 
 def end_user_hash(key: bytes, member: str, user: str | None) -> str | None:
@@ -253,7 +256,10 @@ async def get_image(request: web.Request) -> web.StreamResponse:
         # A malformed (or multi-part) Range is ignored, as RFC 9110 allows: the whole file.
         data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
         return web.Response(body=data, headers=headers)
-    if start is not None and start >= path.stat().st_size:
+    # bytes=-0 asks for the last zero bytes: aiohttp reads it as start=-0, the whole
+    # file, but RFC 9110 (14.1.1) makes a zero suffix length unsatisfiable.
+    if (start is not None and start >= path.stat().st_size) or _ZERO_SUFFIX.fullmatch(
+            request.headers.get("Range", "")):
         raise ApiError(416, "The requested byte range is outside this image.",
                        code="range_not_satisfiable")
     return web.FileResponse(path, headers=headers)
