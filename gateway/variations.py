@@ -20,6 +20,7 @@ from aiohttp import web
 from gateway import png, upload
 from gateway.backends.base import VariationRequest
 from gateway.cache import CacheResult, Fresh, cache_key, policy_from_header
+from gateway.config import ServerConfig
 from gateway.errors import ApiError
 from gateway.keys import (
     ANSWER_WAITS_FOR,
@@ -56,9 +57,20 @@ def seed_for(pixels_sha256: str, offset: int) -> int:
     return (int(pixels_sha256[:8], 16) + offset) & 0x7FFFFFFF
 
 
-def base_url(request: web.Request, configured: str | None) -> str:
-    if configured:
-        return configured.rstrip("/")
+def base_url(request: web.Request, server: ServerConfig) -> str:
+    """Where image URLs point: ``server.public_base_url``, else the request's own origin.
+
+    A ``Host`` outside ``server.allowed_hosts`` (when set) is refused before anything
+    is read or charged: a link minted for it would send the member's images, and
+    whoever follows them, to a host the admin never named. The URL memo is keyed by
+    this base, so it never hands out a link minted for another host either.
+    """
+    if not server.host_allowed(request.host):
+        shown = request.host[:100].encode("unicode_escape").decode("ascii")
+        raise ApiError(400, f"This gateway does not answer for the host '{shown}' (the "
+                       "request's Host header); use its address.", code="invalid_host")
+    if server.public_base_url:
+        return server.public_base_url.rstrip("/")
     return f"{request.scheme}://{request.host}"
 
 
@@ -71,6 +83,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     # Authenticate first: a stranger's body is never read.
     principal = app[AUTH].member(request)
     record.member = principal.name
+    base = base_url(request, config.server)
 
     # Parse: the form (its raw fields are audited even if they are refused), then the
     # PNG container (no pixels decoded yet).
@@ -146,7 +159,6 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             result: CacheResult
             async with app[CACHE].serve(key, form.n, policy, generate,
                                         partial(_add_backend_time, request)) as result:
-                base = base_url(request, config.server.public_base_url)
                 data = app[RENDERER].from_memory(result.items, form.response_format, base)
                 if data is None:
                     data = await loop.run_in_executor(
