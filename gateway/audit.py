@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from gateway.logs import printable
 from gateway.sqlite import GroupCommit, open_db
 
 log = structlog.get_logger("gateway.audit")
@@ -94,11 +95,17 @@ class AuditLog:
 
     def write(self, record: AuditRecord) -> asyncio.Future[None]:
         """Queue ``record``; the future resolves when it is committed (await it before
-        answering). The row is taken now, so later changes to ``record`` are not in it."""
-        row = [getattr(record, c) for c in _COLUMNS]
+        answering). The row is taken now, so later changes to ``record`` are not in it.
+
+        Text is stored with its control characters escaped (:func:`printable`): a
+        refused request's path, ``user``, ``model`` or ``size`` is whatever a client
+        sent, and an admin reads the table in a terminal (``sqlite3``) too.
+        """
+        row = [printable(v) if isinstance(v, str) else v
+               for v in (getattr(record, c) for c in _COLUMNS)]
         done = self._writes.submit(lambda db: db.execute(self._insert, row))
         if self.stdout:
-            log.info("audit", **dataclasses.asdict(record))
+            log.info("audit", **dict(zip(_COLUMNS, row, strict=True)))
         return done
 
     def query(self, *, member: str | None = None, end_user: str | None = None,

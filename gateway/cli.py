@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, dump_config, load_config
+from gateway.config import Config, ConfigError, dump_config, exposure_problem, load_config
 from gateway.tls import TLSFileError, server_context
 
 
@@ -41,6 +41,11 @@ def check_bind(config: Config, host: str) -> None:
             f"auth.mode is none, which is only allowed on a loopback address, but the server "
             f"would listen on {host}. Add users with tokens (variations-gateway add-user NAME)"
             " and set auth.mode: tokens, or bind to 127.0.0.1.", "auth.mode")
+    # Again with the host actually bound (--host, names resolved): the config's own
+    # host was checked when it loaded.
+    problem = exposure_problem(config, host, _is_loopback(host))
+    if problem is not None:
+        raise ConfigError(problem[1], problem[0])
 
 
 def plain_http_warning(config: Config, host: str) -> str | None:

@@ -9,6 +9,7 @@ not silently mean "unlimited".
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import types
@@ -27,6 +28,7 @@ from gateway.proxies import parse_networks
 from gateway.tls import TLSFileError, server_context
 
 SIZES: tuple[str, ...] = ("256x256", "512x512", "1024x1024")
+_HOST_ENTRY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?", re.ASCII)
 DEFAULT_CONFIG_ENV = "VARIATIONS_GATEWAY_CONFIG"
 
 
@@ -67,6 +69,9 @@ class ServerConfig:
     # then gets 503 server_busy with retry-after.
     upload_budget_bytes: int = 64 * 1024**2
     upload_wait_seconds: float = 2.0
+    # Host headers (name or name:port) a variation request may carry; image URLs are
+    # minted from it when public_base_url is unset. Empty: any (loopback only).
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         parse_networks(self.trusted_proxies)  # ValueError names the bad entry
@@ -77,11 +82,22 @@ class ServerConfig:
             raise ValueError("upload_budget_bytes must be at least 1")
         if self.upload_wait_seconds < 0:
             raise ValueError("upload_wait_seconds must be 0 or more")
+        for entry in self.allowed_hosts:
+            if not _HOST_ENTRY.fullmatch(entry):
+                raise ValueError(f"allowed_hosts: {entry!r} is not a host name or address, "
+                                 "optionally with :port (e.g. variations.lan:8080)")
+        # Host headers are compared case-insensitively (RFC 9110, 4.2.3).
+        object.__setattr__(self, "allowed_hosts",
+                           tuple(entry.lower() for entry in self.allowed_hosts))
 
     @property
     def tls(self) -> bool:
         """Whether the gateway speaks https itself (an empty ``${VAR:-}`` is unset)."""
         return bool(self.tls_cert and self.tls_key)
+
+    def host_allowed(self, host: str) -> bool:
+        """May a request carrying ``Host: host`` be answered (and URLs minted for it)?"""
+        return not self.allowed_hosts or host.lower() in self.allowed_hosts
 
 
 @dataclass(frozen=True)
@@ -557,7 +573,48 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
     if cfg.server.public_base_url and not re.match(r"^https?://", cfg.server.public_base_url):
         raise b.error("must start with http:// or https://", "server.public_base_url")
     _check_tls(b, cfg.server)
+    problem = exposure_problem(cfg, cfg.server.host, is_loopback(cfg.server.host))
+    if problem is not None:
+        raise b.error(problem[1], problem[0])
     return cfg
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (no DNS: ``serve`` resolves other names)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(cfg: Config, host: str, loopback: bool) -> tuple[str, str] | None:
+    """``(key, sentence)`` when a gateway listening on ``host`` beyond loopback would
+    hand things out to whoever can reach it, else ``None``.
+
+    Without ``public_base_url`` image URLs are minted from the client's ``Host`` header
+    (``Host: evil.example`` got links to evil.example); ``/metrics`` on the API port
+    shows member names and spend. Both are fine on loopback, where only this machine
+    reaches the gateway, and refused beyond it unless the admin chose how.
+    """
+    if loopback:
+        return None
+    if not cfg.server.public_base_url and not cfg.server.allowed_hosts:
+        return ("server.public_base_url",
+                f"the server would listen on {host}, beyond loopback, and image URLs would "
+                "be built from whatever Host header a client sends: set "
+                "server.public_base_url to the address clients use (e.g. "
+                "https://variations.example.com), or list the host names clients may use "
+                "in server.allowed_hosts")
+    if cfg.metrics.enabled and cfg.metrics.port is None and cfg.metrics.token_sha256 is None:
+        return ("metrics.token_sha256",
+                f"the server would listen on {host}, beyond loopback, and /metrics on the "
+                "API port shows member names and spend to anyone who reaches it: set "
+                "metrics.token_sha256 (Prometheus then sends that bearer token), or "
+                "metrics.port (served only there: keep that port on an internal network), "
+                "or metrics.enabled: false")
+    return None
 
 
 def _check_tls(b: _Builder, server: ServerConfig) -> None:

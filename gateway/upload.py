@@ -294,13 +294,19 @@ def _text(raw: bytes, name: str) -> str:
         raise invalid(f"Invalid value for '{name}': expected UTF-8 text.", name) from None
 
 
+# What OpenAI's form parser takes as an integer: ASCII digits (a sign for the range
+# message). Python's int() also takes "1_0", Arabic-Indic and full-width digits.
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_ASCII_SPACE = " \t\r\n"
+
+
 def _parse_n(value: str) -> int:
-    try:
-        n = int(value.strip())
-    except ValueError:
+    text = value.strip(_ASCII_SPACE)
+    if not _INTEGER.fullmatch(text):
         raise invalid(
             "Invalid type for 'n': expected an integer, but got a string value that could "
-            "not be converted into an integer.", "n", "invalid_type") from None
+            "not be converted into an integer.", "n", "invalid_type")
+    n = int(text)
     if n < 1:
         raise invalid(
             "Invalid 'n': integer below minimum value. Expected a value >= 1, but got "

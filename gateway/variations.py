@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import time
 from functools import partial
 
@@ -20,6 +21,7 @@ from gateway import png, upload
 from gateway.backends.base import VariationRequest
 from gateway.backends.http import NormaliseClock, normalise_clock
 from gateway.cache import CacheResult, Fresh, cache_key, policy_from_header
+from gateway.config import ServerConfig
 from gateway.errors import ApiError
 from gateway.keys import (
     ANSWER_WAITS_FOR,
@@ -39,6 +41,8 @@ from gateway.keys import (
 )
 from gateway.quota import QuotaStore, Reservation, budget_used, ratelimit_headers
 
+_ZERO_SUFFIX = re.compile(r"bytes=-0+", re.ASCII | re.IGNORECASE)
+
 
 def end_user_hash(key: bytes, member: str, user: str | None) -> str | None:
     """What upstream sees for ``user``: correlatable, but no member identity in it."""
@@ -55,9 +59,20 @@ def seed_for(pixels_sha256: str, offset: int) -> int:
     return (int(pixels_sha256[:8], 16) + offset) & 0x7FFFFFFF
 
 
-def base_url(request: web.Request, configured: str | None) -> str:
-    if configured:
-        return configured.rstrip("/")
+def base_url(request: web.Request, server: ServerConfig) -> str:
+    """Where image URLs point: ``server.public_base_url``, else the request's own origin.
+
+    A ``Host`` outside ``server.allowed_hosts`` (when set) is refused before anything
+    is read or charged: a link minted for it would send the member's images, and
+    whoever follows them, to a host the admin never named. The URL memo is keyed by
+    this base, so it never hands out a link minted for another host either.
+    """
+    if not server.host_allowed(request.host):
+        shown = request.host[:100].encode("unicode_escape").decode("ascii")
+        raise ApiError(400, f"This gateway does not answer for the host '{shown}' (the "
+                       "request's Host header); use its address.", code="invalid_host")
+    if server.public_base_url:
+        return server.public_base_url.rstrip("/")
     return f"{request.scheme}://{request.host}"
 
 
@@ -70,6 +85,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     # Authenticate first: a stranger's body is never read.
     principal = app[AUTH].member(request)
     record.member = principal.name
+    base = base_url(request, config.server)
 
     # Admit before the body is read (blocked users, the minute window, the in-flight
     # limit): a member at their limit gets 429 with their upload still unread, so
@@ -167,7 +183,6 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
             result: CacheResult
             async with app[CACHE].serve(key, form.n, policy, generate,
                                         partial(_add_backend_time, request)) as result:
-                base = base_url(request, config.server.public_base_url)
                 data = app[RENDERER].from_memory(result.items, form.response_format, base)
                 if data is None:
                     data = await loop.run_in_executor(
@@ -303,7 +318,10 @@ async def get_image(request: web.Request) -> web.StreamResponse:
         # A malformed (or multi-part) Range is ignored, as RFC 9110 allows: the whole file.
         data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
         return web.Response(body=data, headers=headers)
-    if start is not None and start >= path.stat().st_size:
+    # bytes=-0 asks for the last zero bytes: aiohttp reads it as start=-0, the whole
+    # file, but RFC 9110 (14.1.1) makes a zero suffix length unsatisfiable.
+    if (start is not None and start >= path.stat().st_size) or _ZERO_SUFFIX.fullmatch(
+            request.headers.get("Range", "")):
         raise ApiError(416, "The requested byte range is outside this image.",
                        code="range_not_satisfiable")
     return web.FileResponse(path, headers=headers)

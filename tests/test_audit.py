@@ -180,3 +180,62 @@ async def test_refused_form_keeps_its_raw_fields(gateway_client) -> None:  # typ
     # ... and the image it sent, so "who sent this image" finds refused attempts too
     assert rows[0]["image_sha256"] == hashlib.sha256(png_bytes(64)).hexdigest()
     assert rows[0]["upload_bytes"] == len(png_bytes(64))
+
+
+CONTROLS = "\x1b]0;OWNED\x07\x1b[2J\x9b\u202e\r\n"
+
+
+def _has_control(text: str) -> bool:
+    return any(c in text for c in "\x1b\x07\x9b\u202e\r\n")
+
+
+@pytest.mark.parametrize("field", ["user", "model", "size"])
+async def test_refused_values_are_stored_with_control_characters_escaped(
+        gateway_client, field: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19, item 12: a rejected ``user``, ``model`` or ``size`` reached the audit
+    (and an admin's ``sqlite3`` terminal) raw."""
+    import aiohttp
+    from support import auth
+
+    client = await gateway_client(audit={"stdout": True})
+    form = aiohttp.FormData()
+    form.add_field("image", png_bytes(64), filename="a.png")
+    form.add_field(field, f"probe{CONTROLS}")
+    with structlog.testing.capture_logs() as logs:
+        resp = await client.post("/v1/images/variations", data=form, headers=auth())
+    assert resp.status == 400
+    stored = row(client, resp.headers["x-request-id"])
+    value = stored[{"user": "end_user"}.get(field, field)]
+    assert value == "probe\\x1b]0;OWNED\\x07\\x1b[2J\\x9b\\u202e\\r\\n"
+    (shipped,) = [e for e in logs if e["event"] == "audit"]
+    assert not [v for v in shipped.values() if isinstance(v, str) and _has_control(v)], shipped
+
+
+async def test_a_404_path_is_stored_with_control_characters_escaped(gateway_client
+                                                                    ) -> None:  # type: ignore[no-untyped-def]
+    client = await gateway_client()
+    resp = await client.get("/admin/x%1B%5D0;OWNED%07%1B%5B2J", headers=ADMIN)
+    assert resp.status == 404
+    assert "\x1b" not in await resp.text()
+    stored = row(client, resp.headers["x-request-id"])
+    assert stored["route"] == "/admin/x\\x1b]0;OWNED\\x07\\x1b[2J"
+
+
+def test_console_log_lines_escape_what_a_client_sent(gateway_process) -> None:  # type: ignore[no-untyped-def]
+    """An unauthenticated path reached the operator's terminal raw with console logs:
+    ``/x\\x1b]0;OWNED\\x07\\x1b[2J`` retitled and cleared it."""
+    import urllib.error
+    import urllib.request
+
+    g = gateway_process(logging={"format": "console"})
+    for path in ("/x%1B%5D0;OWNED%07%1B%5B2J", "/v1/usage%1B%5B2J%C2%9B%E2%80%AE"):
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(g.url + path, timeout=10)
+    deadline = time.monotonic() + 10
+    while "/v1/usage" not in g.log() and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the log file for the line, with a deadline
+    log = g.log()
+    assert "OWNED" in log and "/v1/usage" in log  # the lines were written...
+    for raw in ("\x1b]0;OWNED", "\x07", "\x1b[2J", "\x9b", "\u202e"):
+        assert raw not in log, raw  # ...but nothing a terminal would act on
+    assert "/x\\x1b]0;OWNED\\x07\\x1b[2J" in log

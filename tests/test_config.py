@@ -157,3 +157,62 @@ def test_a_key_with_a_control_character_inside_is_refused_without_showing_it(
     assert "line 7" in message and "backends[0].api_key" in message
     assert "control character" in message
     assert "sk-abc" not in message and "def" not in message
+
+
+# --------------------------------------------------------------------------- exposure
+
+EXPOSED = "auth: {mode: tokens, admin_token_sha256: '%s'}\nserver: {host: %s%s}\n%s"
+
+
+def _exposed(host: str = "0.0.0.0", server: str = "", rest: str = ""):  # type: ignore[no-untyped-def]
+    return parse_config(EXPOSED % (HEX, host, server, rest), env={})
+
+
+def test_beyond_loopback_image_urls_need_a_base_url_or_allowed_hosts() -> None:
+    """Issue 19, item 10: else a client's Host header mints the URLs."""
+    for host in ("0.0.0.0", "192.168.1.20", "'::'", "gateway.lan"):
+        with pytest.raises(ConfigError) as info:
+            _exposed(host, "", f"metrics: {{token_sha256: '{HEX}'}}\n")
+        message = str(info.value)
+        assert "server.public_base_url" in message and "server.allowed_hosts" in message
+        assert "Host header" in message and "line 2" in message
+    metrics = "metrics: {port: 9464}\n"
+    assert _exposed(server=", public_base_url: 'https://vg.example'", rest=metrics)
+    cfg = _exposed(server=", allowed_hosts: [VG.lan, 'vg.lan:8080', '[::1]:8080']",
+                   rest=metrics)
+    assert cfg.server.allowed_hosts == ("vg.lan", "vg.lan:8080", "[::1]:8080")
+    assert cfg.server.host_allowed("vg.LAN") and not cfg.server.host_allowed("evil.example")
+    for host in ("127.0.0.1", "'::1'", "localhost", "127.0.0.2"):  # loopback: as before
+        assert _exposed(host).server.public_base_url is None
+
+
+def test_allowed_hosts_entries_are_host_names() -> None:
+    for bad in ("https://vg.lan", "vg.lan/path", "vg.lan:port", "*", ""):
+        with pytest.raises(ConfigError, match="allowed_hosts"):
+            _exposed(server=f", allowed_hosts: ['{bad}']", rest="metrics: {port: 9464}\n")
+
+
+def test_beyond_loopback_metrics_need_a_token_or_their_own_port() -> None:
+    """Issue 19, item 11: /metrics on the API port names members and their spend."""
+    base = ", public_base_url: 'https://vg.example'"
+    with pytest.raises(ConfigError) as info:
+        _exposed(server=base)
+    message = str(info.value)
+    for key in ("metrics.token_sha256", "metrics.port", "metrics.enabled: false"):
+        assert key in message
+    assert _exposed(server=base, rest=f"metrics: {{token_sha256: '{HEX}'}}\n")
+    assert _exposed(server=base, rest="metrics: {port: 9464}\n")
+    assert _exposed(server=base, rest="metrics: {enabled: false}\n")
+    assert _exposed("127.0.0.1", base).metrics.token_sha256 is None  # loopback: as before
+
+
+def test_serve_checks_the_host_it_binds_not_only_the_configs() -> None:
+    """``serve --host 0.0.0.0`` on a loopback config is held to the same rules."""
+    from gateway.cli import check_bind
+
+    cfg = _exposed("127.0.0.1")
+    check_bind(cfg, "127.0.0.1")
+    with pytest.raises(ConfigError, match=re.escape("server.allowed_hosts")):
+        check_bind(cfg, "0.0.0.0")
+    check_bind(_exposed("127.0.0.1", ", public_base_url: 'https://vg.example'",
+                        "metrics: {port: 9464}\n"), "0.0.0.0")

@@ -141,6 +141,31 @@ def test_the_configmap_holds_a_valid_redis_gateway_config() -> None:
     assert longest < config.server.shutdown_timeout_seconds < grace
 
 
+def test_kubernetes_scrapes_metrics_on_their_own_port_only() -> None:
+    """Issue 19, item 11: the pods bind 0.0.0.0, so /metrics (member names and spend)
+    is not on the API port the Service and ingress expose, but on metrics.port, which
+    the Prometheus annotations name and the Service does not."""
+    (cm,) = _docs(DEPLOY / "kubernetes" / "configmap.yaml")
+    config = parse_config(cm["data"]["gateway.yaml"], ENV)
+    assert config.server.host == "0.0.0.0" and config.metrics.enabled
+    assert config.metrics.port is not None and config.metrics.port != config.server.port
+    assert config.server.public_base_url == ENV["PUBLIC_BASE_URL"]  # not the Host header
+    deployment = next(d for p in KUBE for d in _docs(p) if d["kind"] == "Deployment")
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(
+        config.metrics.port)
+    (container,) = template["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": config.server.port, "metrics": config.metrics.port}
+    service = next(d for p in KUBE for d in _docs(p) if d["kind"] == "Service"
+                   and d["metadata"]["name"] == "variations-gateway")
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
+    # Without the port (and no token) the same config is refused, with a sentence.
+    text = cm["data"]["gateway.yaml"].replace(f"port: {config.metrics.port}", "port: null")
+    with pytest.raises(ValueError, match=re.escape("metrics.token_sha256")):
+        parse_config(text, ENV)
+
+
 # --------------------------------------------------------------------------- compose
 
 
@@ -166,6 +191,15 @@ def test_compose_file_wires_replicas_redis_proxy_and_monitoring() -> None:
     assert config.state.kind == "redis" and config.server.host == "0.0.0.0"
     assert config.images.dir.startswith("/var/lib/variations-gateway/shared")
     assert config.cache.dir.startswith("/var/lib/variations-gateway/shared")
+    # Issue 19, item 11: Prometheus scrapes metrics.port, which compose exposes to its
+    # network only (never published); the API port nginx fronts serves no /metrics.
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert config.metrics.port is not None and config.metrics.token_sha256 is None
+    assert [d["port"] for d in job["dns_sd_configs"]] == [config.metrics.port]
+    assert str(config.metrics.port) in gw["expose"] and "ports" not in gw
+    assert not any(str(config.metrics.port) in str(p) for svc in services.values()
+                   for p in svc.get("ports", []))
     docker = shutil.which("docker")
     if docker and run(docker, "compose", "version").returncode == 0:
         env_args = [f"{k}={v}" for k, v in ENV.items()]

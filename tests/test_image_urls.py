@@ -94,3 +94,48 @@ def test_urls_from_a_real_process_download(gateway_process) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(resp.data[0].url.replace("signature=", "signature=x"))
     assert info.value.code == 403
+
+
+async def _post(client, host: str, image: bytes) -> aiohttp.ClientResponse:  # type: ignore[no-untyped-def]
+    form = aiohttp.FormData()
+    form.add_field("image", image, filename="a.png")
+    form.add_field("size", "256x256")
+    return await client.post("/v1/images/variations", data=form,
+                             headers={**auth(), "Host": host})
+
+
+async def test_a_host_outside_allowed_hosts_gets_an_error_not_a_url(gateway_client) -> None:
+    """Issue 19, item 10: ``Host: evil.example:666`` minted links to evil.example."""
+    client = await gateway_client(server={"allowed_hosts": ["VG.lan:8080", "vg.lan"]})
+    for evil in ("evil.example:666", "vg.lan:666", "vg.lan.evil.example"):
+        resp = await _post(client, evil, png_bytes(64))
+        assert resp.status == 400, evil
+        error = (await resp.json())["error"]
+        assert (error["code"], error["param"]) == ("invalid_host", None)
+        assert "/v1/images/files/" not in await resp.text()
+    usage = await (await client.get("/v1/usage", headers=auth())).json()
+    assert usage["limits"]["images_per_day"]["used"] == 0  # refused before anything ran
+    for good in ("vg.lan:8080", "VG.LAN"):
+        resp = await _post(client, good, png_bytes(64))
+        assert resp.status == 200, await resp.text()
+        url = (await resp.json())["data"][0]["url"]
+        assert url.lower().startswith(f"http://{good.lower()}/v1/images/files/")
+
+
+async def test_the_url_memo_never_hands_a_link_to_another_host(gateway_client) -> None:
+    """A hit's URL is memoised: a link minted for one Host is never the answer to a
+    request that came in under another (here on loopback, where any Host is taken)."""
+    client = await gateway_client()
+    image = png_bytes(64, seed=11)
+    for _ in range(3):  # a miss, then hits: the memo holds the link for this host
+        resp = await _post(client, "evil.example:666", image)
+        assert resp.status == 200
+    resp = await _post(client, "127.0.0.1:8080", image)
+    assert resp.headers["X-Cache"] == "HIT"
+    assert (await resp.json())["data"][0]["url"].startswith("http://127.0.0.1:8080/")
+
+
+async def test_public_base_url_wins_over_the_host_header(gateway_client) -> None:
+    client = await gateway_client(server={"public_base_url": "https://vg.example.com"})
+    resp = await _post(client, "evil.example:666", png_bytes(64, seed=12))
+    assert (await resp.json())["data"][0]["url"].startswith("https://vg.example.com/")

@@ -422,3 +422,35 @@ async def test_overhead_leaves_out_every_wait_for_a_backend(
 
     await check(fail=True)
     await check(fail=False)
+
+
+def test_beyond_loopback_metrics_leave_the_api_port(gateway_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19, item 11: bound to 0.0.0.0 without metrics.token_sha256, ``serve``
+    refuses to put /metrics (member names, spend) on the API port, with a sentence;
+    with metrics.port it serves them there only."""
+    import subprocess
+    import sys
+
+    import yaml
+    from support import base_config, free_port
+
+    exposed = {"host": "0.0.0.0", "public_base_url": "https://vg.example"}
+    raw = base_config(tmp_path, server=exposed)
+    config = tmp_path / "exposed.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    for cmd in (["serve", "--config", str(config), "--port", "0"],
+                ["check-config", str(config)]):
+        out = subprocess.run([sys.executable, "-m", "gateway", *cmd], capture_output=True,
+                             text=True, timeout=60, cwd=tmp_path)
+        assert out.returncode == 2, (cmd, out.stdout, out.stderr)
+        assert "metrics.token_sha256" in out.stderr and "metrics.port" in out.stderr
+        assert "Traceback" not in out.stderr
+    port = free_port()
+    g = gateway_process(server=exposed, metrics={"port": port})
+    try:
+        urllib.request.urlopen(g.url + "/metrics")
+        raise AssertionError("/metrics must not be served on the API port")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+        assert f"{P}requests_total" in r.read().decode()

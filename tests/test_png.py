@@ -234,3 +234,55 @@ def test_no_store_source_refuses_corrupt_pixel_data_like_a_decode() -> None:
     good = png_bytes(64)
     source = png.source_without_hash(good, png.inspect(good), "sha")
     assert source.png is good and source.upload_sha256 == "sha"
+
+
+def _rgb_rows(edge: int, rows: int) -> bytes:
+    return (b"\0" + bytes(range(48)) * (edge * 3 // 48)) * rows
+
+
+# case -> the PNG, each with a flawless chunk framing (issue 19, item 5)
+def _container_cases() -> dict[str, bytes]:
+    ihdr, rows = chunk(b"IHDR", rgb_ihdr(64, 64)), _rgb_rows(64, 64)
+    idat, iend = chunk(b"IDAT", zlib.compress(rows)), chunk(b"IEND", b"")
+    half = len(rows) // 2
+    return {
+        "two IHDR chunks": png.SIGNATURE + ihdr + ihdr + idat + iend,
+        "a second IHDR after IDAT": png.SIGNATURE + ihdr + idat + ihdr + iend,
+        "unknown critical chunk": png.SIGNATURE + ihdr + chunk(b"ZZZZ", b"x") + idat + iend,
+        "chunk type not letters": png.SIGNATURE + ihdr + chunk(b"a1b2", b"") + idat + iend,
+        "IDAT chunks not consecutive": png.SIGNATURE + ihdr + b"".join(
+            [chunk(b"IDAT", part) for part in _split(zlib.compress(rows), half)][:1])
+        + chunk(b"tEXt", b"a\0b") + b"".join(
+            [chunk(b"IDAT", part) for part in _split(zlib.compress(rows), half)][1:]) + iend,
+    }
+
+
+def _split(data: bytes, at: int) -> list[bytes]:
+    at = min(at, len(data) // 2)
+    return [data[:at], data[at:]]
+
+
+@pytest.mark.parametrize("case", list(_container_cases()))
+def test_inspect_refuses_containers_pillow_reads_past(case: str) -> None:
+    data = _container_cases()[case]
+    with pytest.raises(ApiError) as info:
+        png.inspect(data)
+    assert (info.value.status, info.value.param, info.value.code) == (
+        400, "image", "invalid_image")
+
+
+def test_an_unknown_ancillary_chunk_is_still_fine() -> None:
+    ihdr, rows = chunk(b"IHDR", rgb_ihdr(64, 64)), _rgb_rows(64, 64)
+    data = (png.SIGNATURE + ihdr + chunk(b"zzZz", b"private") + chunk(
+        b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    assert png.inspect(data).width == 64
+
+
+def test_decode_refuses_pixel_data_that_ends_rows_early() -> None:
+    """The cached path decodes with Pillow, which paints missing rows black: 10 of 64
+    rows was a 200 there and a 400 on the no-store path."""
+    data = framed(rgb_ihdr(64, 64), zlib.compress(_rgb_rows(64, 10)))
+    assert pillow_decodes(data)  # what the cached path used to accept
+    with pytest.raises(ApiError) as info:
+        png.decode(data, png.inspect(data), "x")
+    assert (info.value.status, info.value.code) == (400, "invalid_image")

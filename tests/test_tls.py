@@ -38,6 +38,11 @@ sys.path.insert(0, str(ROOT / "plugins" / "gimp" / "generate-variations"))
 
 import vg_client  # noqa: E402
 
+# What a gateway beyond loopback must set anyway (issue 19, items 10 and 11): where its
+# image URLs point, and /metrics kept off the open API port.
+EXPOSED_SERVER = {"public_base_url": "https://variations.example.com"}
+EXPOSED = {"metrics": {"enabled": True, "port": None, "token_sha256": "0" * 64}}
+
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
@@ -135,7 +140,8 @@ def test_the_plugin_client_with_and_without_the_ca_file(
 
 def test_beyond_loopback_over_plain_http_the_log_warns(tmp_path: Path) -> None:
     """Binding 0.0.0.0 without TLS: a warning naming both settings and the proxy."""
-    g = start_gateway(base_config(tmp_path, server={"host": "0.0.0.0"}), tmp_path)
+    raw = base_config(tmp_path, server={"host": "0.0.0.0", **EXPOSED_SERVER}, **EXPOSED)
+    g = start_gateway(raw, tmp_path)
     try:
         log = g.log()
     finally:
@@ -148,7 +154,8 @@ def test_beyond_loopback_over_plain_http_the_log_warns(tmp_path: Path) -> None:
 
 def test_beyond_loopback_with_tls_there_is_no_warning(ca: TestCA, tmp_path: Path) -> None:
     port = free_port()
-    raw = base_config(tmp_path, server={"host": "0.0.0.0", **tls_section(ca)})
+    raw = base_config(tmp_path, server={"host": "0.0.0.0", **EXPOSED_SERVER, **tls_section(ca)},
+                      **EXPOSED)
     g = start_gateway(raw, tmp_path, port=port, ca_file=ca.ca)
     try:
         wait_http(f"https://127.0.0.1:{port}/healthz", context=ca.client_context())
@@ -184,7 +191,8 @@ def test_which_binds_warn(host: str, server: dict[str, object], warns: bool,
 
 def test_check_config_warns_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "g.yaml"
-    path.write_text(yaml.safe_dump(base_config(tmp_path, server={"host": "0.0.0.0"})))
+    raw = base_config(tmp_path, server={"host": "0.0.0.0", **EXPOSED_SERVER}, **EXPOSED)
+    path.write_text(yaml.safe_dump(raw))
     assert cli_main(["check-config", str(path)]) == 0
     err = capsys.readouterr().err
     assert "# warning: listening on 0.0.0.0 over plain http" in err

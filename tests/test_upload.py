@@ -211,3 +211,26 @@ async def test_a_gzip_body_is_capped_by_its_inflated_size(
                            headers=headers) as r:
         answer = (r.status, (await r.json()).get("error", {}).get("code"))
     assert answer == (status, code)
+
+
+@pytest.mark.parametrize(("value", "code"), [
+    ("1_0", "invalid_type"),            # int() reads 10
+    ("\u0663", "invalid_type"),         # Arabic-Indic three
+    ("\uff15", "invalid_type"),         # full-width five
+    ("\u00a05", "invalid_type"),        # a non-ASCII space around ASCII digits
+    ("1\u0660", "invalid_type"),        # ASCII then Arabic-Indic zero
+    (" 3 ", None), ("+2", None), ("07", None),
+    ("-1", "integer_below_min_value"), ("11", "integer_above_max_value"),
+])
+def test_n_takes_only_ascii_digits(value: str, code: str | None) -> None:
+    """Issue 19, item 6: OpenAI answers 400 (param n) to what int() would also take."""
+    from gateway.errors import ApiError
+    from gateway.upload import validate
+
+    fields = {"n": value.encode()}
+    if code is None:
+        assert validate(PNG, fields, frozenset({"dall-e-2"})).n == int(value)
+        return
+    with pytest.raises(ApiError) as info:
+        validate(PNG, fields, frozenset({"dall-e-2"}))
+    assert (info.value.status, info.value.param, info.value.code) == (400, "n", code)

@@ -336,3 +336,39 @@ async def test_no_store_refuses_corrupt_pixel_data_and_checks_an_upload_once(
         r = await post(good)
         assert r.status == 200 and r.headers["X-Cache"] == "BYPASS"
     assert len(calls) == 3
+
+
+def _corrupt_uploads() -> dict[str, bytes]:
+    """Issue 19, item 5: uploads each path used to judge differently."""
+    from test_png import chunk as png_chunk
+    from test_png import framed, rgb_ihdr
+
+    rows = (b"\0" + bytes(range(192))) * 64
+    ihdr, idat = png_chunk(b"IHDR", rgb_ihdr(64, 64)), png_chunk(b"IDAT", zlib.compress(rows))
+    iend = png_chunk(b"IEND", b"")
+    return {
+        "10-of-64-rows": framed(rgb_ihdr(64, 64), zlib.compress(rows[:193 * 10])),
+        "two-ihdr": b"\x89PNG\r\n\x1a\n" + ihdr + ihdr + idat + iend,
+        "unknown-critical-chunk": (b"\x89PNG\r\n\x1a\n" + ihdr + png_chunk(b"QQQQ", b"?")
+                                   + idat + iend),
+    }
+
+
+@pytest.mark.parametrize("case", list(_corrupt_uploads()))
+async def test_a_corrupt_upload_is_a_400_on_every_path(gateway_client, case: str
+                                                       ) -> None:  # type: ignore[no-untyped-def]
+    """Cached path, no-store, a repeated no-store and the cached path again: the same
+    400, and nothing charged (the README: a corrupt upload is never sent upstream)."""
+    client = await gateway_client()
+    image = _corrupt_uploads()[case]
+    for policy in ("no-store", None, "no-store", None, "no-cache"):
+        form = aiohttp.FormData()
+        form.add_field("image", image, filename="a.png", content_type="image/png")
+        form.add_field("size", "256x256")
+        headers = {**auth(), **({"Cache-Control": policy} if policy else {})}
+        r = await client.post("/v1/images/variations", data=form, headers=headers)
+        assert r.status == 400, (policy, await r.text())
+        err = (await r.json())["error"]
+        assert (err["param"], err["code"]) == ("image", "invalid_image"), policy
+    usage = await (await client.get("/v1/usage", headers=auth())).json()
+    assert usage["limits"]["images_per_day"]["used"] == 0

@@ -180,6 +180,10 @@ def test_range_requests_stay_in_the_envelope(signed) -> None:  # type: ignore[no
     # Regression: aiohttp's FileResponse used to answer this itself, with an empty body
     # outside the envelope; the handler now refuses it first.
     assert_refused(bad, 416, "range_not_satisfiable")
+    # Issue 19: the last zero bytes is no range at all (was a 206 with the whole file).
+    for zero in ("bytes=-0", "bytes=-000", "BYTES=-0"):
+        assert_refused(get(g, files(image_id, expires, sig), [("Range", zero)]), 416,
+                       "range_not_satisfiable")
     # Tampering still wins over a range: the signature is checked first.
     assert_refused(get(g, files(image_id, expires, _flip(sig)), [("Range", "bytes=0-7")]),
                    403, "invalid_signature")
