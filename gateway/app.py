@@ -21,7 +21,7 @@ from functools import partial
 import structlog
 from aiohttp import web
 
-from gateway import admin, health, variations
+from gateway import admin, discovery, health, variations
 from gateway.abuse import Suspicion
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
@@ -284,6 +284,9 @@ def build_app(config: Config) -> web.Application:
 
     app.router.add_post("/v1/images/variations", variations.create_variation)
     app.router.add_get(r"/v1/images/files/{image_id}.png", variations.get_image)
+    app.router.add_get("/v1/models", discovery.list_models)
+    app.router.add_get("/v1/models/{model}", discovery.get_model)
+    app.router.add_get("/", discovery.index)
     app.router.add_get("/v1/usage", admin.usage)
     app.router.add_get("/admin/usage", admin.admin_usage)
     app.router.add_get("/admin/audit", admin.admin_audit)
