@@ -310,6 +310,9 @@ def parser() -> argparse.ArgumentParser:
                    "$VARIATIONS_GATEWAY_TOKEN)")
     v.add_argument("--user", default=None, help="end-user id recorded for abuse monitoring")
     v.add_argument("--fresh", action="store_true", help="bypass the gateway cache")
+    v.add_argument("--square", choices=["crop", "pad"], default="crop",
+                   help="a non-square image: centre-crop it (default) or pad it with "
+                   "transparency; any format Pillow reads is sent as PNG")
     v.set_defaults(func=cmd_vary)
 
     g = sub.add_parser("install-gimp-plugin", help="install the GIMP 3 plug-in for this user")
