@@ -205,7 +205,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                            thread_name_prefix="gateway"))
-    await app[ROUTER].start()
+    try:
+        await app[ROUTER].start()
+    except BaseException:  # e.g. a SIGTERM during start-up: stop what did start
+        await app[ROUTER].close()
+        raise
     tasks = [asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds)),
              asyncio.create_task(_refresh_gauges(app)),
              asyncio.create_task(app[CACHE].sweeper()),

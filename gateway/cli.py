@@ -118,6 +118,8 @@ async def _serve(config: Config, host: str, port: int) -> int:
     started = False
 
     def on_signal() -> None:
+        if stop.is_set():  # once: a second Ctrl-C must not cut the clean-up short
+            return
         stop.set()
         if not started and main is not None:
             main.cancel()
