@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/gateway.yaml
+# `make run PORT=8081 HOST=0.0.0.0` overrides the config's server.port / server.host.
+PORT   ?=
+HOST   ?=
 
 .PHONY: run test lint bench venv test-deps system-deps clean
 
@@ -15,7 +18,7 @@ $(BIN)/variations-gateway: pyproject.toml
 venv: $(BIN)/variations-gateway
 
 run: venv
-	$(BIN)/variations-gateway serve --config $(CONFIG)
+	$(BIN)/variations-gateway serve --config $(CONFIG)$(if $(PORT), --port $(PORT))$(if $(HOST), --host $(HOST))
 
 $(VENV)/.test-deps: pyproject.toml $(BIN)/variations-gateway
 	$(BIN)/pip install --quiet -e '.[test]'

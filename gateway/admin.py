@@ -81,10 +81,19 @@ def _int(value: str | None, param: str, default: int | None) -> int | None:
     return number
 
 
+AUDIT_PARAMS = ("user", "end_user", "since", "until", "before", "limit")
+
+
 async def admin_audit(request: web.Request) -> web.Response:
     """Audit records, newest first. Page with ``before`` = the last ``id`` of a page."""
     _admin(request)
     q = request.query
+    for name in q:
+        # A misspelt filter (``?member=bob``) must not silently return everyone's rows.
+        if name not in AUDIT_PARAMS:
+            shown = name[:40].encode("unicode_escape").decode("ascii")
+            raise invalid(f"Unknown parameter: '{shown}' (known: {', '.join(AUDIT_PARAMS)}).",
+                          shown, "unknown_parameter")
     limit = _int(q.get("limit"), "limit", 100)
     assert limit is not None
     if not 1 <= limit <= MAX_AUDIT_PAGE:

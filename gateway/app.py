@@ -21,7 +21,7 @@ from functools import partial
 import structlog
 from aiohttp import web
 
-from gateway import admin, health, memory, variations
+from gateway import admin, discovery, health, memory, variations
 from gateway.abuse import Suspicion
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
@@ -233,7 +233,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                            thread_name_prefix="gateway"))
-    await app[ROUTER].start()
+    try:
+        await app[ROUTER].start()
+    except BaseException:  # e.g. a SIGTERM during start-up: stop what did start
+        await app[ROUTER].close()
+        raise
     tasks = [asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds)),
              asyncio.create_task(_refresh_gauges(app)),
              asyncio.create_task(app[CACHE].sweeper()),
@@ -316,6 +320,9 @@ def build_app(config: Config) -> web.Application:
 
     app.router.add_post("/v1/images/variations", variations.create_variation)
     app.router.add_get(r"/v1/images/files/{image_id}.png", variations.get_image)
+    app.router.add_get("/v1/models", discovery.list_models)
+    app.router.add_get("/v1/models/{model}", discovery.get_model)
+    app.router.add_get("/", discovery.index)
     app.router.add_get("/v1/usage", admin.usage)
     app.router.add_get("/admin/usage", admin.admin_usage)
     app.router.add_get("/admin/audit", admin.admin_audit)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import ipaddress
 import signal
 import socket
@@ -63,6 +64,42 @@ def plain_http_warning(config: Config, host: str) -> str | None:
             "and list it in server.trusted_proxies.")
 
 
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but almost surely not meant; ``serve`` and ``check-config`` print it."""
+    warnings = []
+    if config.auth.mode == "tokens" and not config.users:
+        warnings.append(
+            "WARNING: auth.mode is tokens but no member is configured under users:, so "
+            "every API request will be refused with 401. Make one with `variations-gateway "
+            "add-user NAME` and paste its snippet under users:.")
+    return warnings
+
+
+def storage_lines(config: Config) -> list[str]:
+    """Where state, cache, images and audit live (absolute: a relative path is the
+    config file's, which is not always where an admin looks)."""
+    def where(path: str) -> str:
+        return str(Path(path).absolute())
+
+    state = "redis (state.redis_url)" if config.state.kind == "redis" else where(
+        config.state.path)
+    images = "redis (images.store)" if config.images.store == "redis" else where(
+        config.images.dir)
+    cache = where(config.cache.dir) if config.cache.enabled else "off"
+    return [f"  state: {state}", f"  cache: {cache}", f"  images: {images}",
+            f"  audit: {where(config.audit.path)}"]
+
+
+class PortInUse(Exception):
+    """The address to listen on is taken; the message says which setting to change."""
+
+
+def _port_in_use(host: str, port: int, setting: str, flag: str) -> PortInUse:
+    return PortInUse(
+        f"port {port} on {host} is already in use (another gateway, or another "
+        f"program). Stop it, or pick a free port: {setting} in the config{flag}.")
+
+
 def banner(config: Config, host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     scheme = "https" if config.server.tls else "http"
@@ -75,9 +112,19 @@ def banner(config: Config, host: str, port: int) -> str:
         f"variations-gateway {__version__} listening on {scheme}://{host}:{port}",
         f"  backends: {kinds}; route: {route}",
         f"  auth: {auth}; state: {config.state.kind}",
+        *storage_lines(config),
         f"  GIMP plug-in settings -> Gateway URL: {base}",
         f"  OpenAI SDK -> OpenAI(base_url=\"{base}/v1\", api_key=\"<your token>\")",
     ])
+
+
+async def _start_site(site: object, error: PortInUse) -> None:
+    try:
+        await site.start()  # type: ignore[attr-defined]
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise error from None
+        raise
 
 
 async def _serve(config: Config, host: str, port: int) -> int:
@@ -94,46 +141,72 @@ async def _serve(config: Config, host: str, port: int) -> int:
         except TLSFileError as exc:  # changed since the config was loaded
             raise ConfigError(str(exc), exc.setting) from None
     open_files, _ = raise_fd_limit()  # every client connection is a file descriptor
+
+    # Signals are handled from the first moment: a SIGTERM during start-up cancels the
+    # start-up and cleans up what was started (the default action would kill the
+    # process and leave the procedural workers behind).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    started = False
+
+    def on_signal() -> None:
+        if stop.is_set():  # once: a second Ctrl-C must not cut the clean-up short
+            return
+        stop.set()
+        if not started and main is not None:
+            main.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     app = build_app(config)
     runner = GatewayRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout_seconds,
                            header_timeout=config.server.header_timeout_seconds,
                            keepalive_timeout=config.server.keepalive_timeout_seconds)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls,
-                       shutdown_timeout=config.server.shutdown_timeout_seconds)
-    await site.start()
     metrics_runner = None
-    if config.metrics.enabled and config.metrics.port is not None:
-        from gateway import health
-        from gateway.keys import CONFIG, METRICS
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=tls,
+                           shutdown_timeout=config.server.shutdown_timeout_seconds)
+        await _start_site(site, _port_in_use(
+            host, port, "server.port", f", or `serve --port {port + 1}` "
+            f"(make run PORT={port + 1})"))
+        if config.metrics.enabled and config.metrics.port is not None:
+            from gateway import health
+            from gateway.keys import CONFIG, METRICS
 
-        mapp = web.Application()
-        mapp[CONFIG], mapp[METRICS] = app[CONFIG], app[METRICS]
-        mapp.router.add_get("/metrics", health.metrics)
-        metrics_runner = GatewayRunner(
-            mapp, access_log=None, header_timeout=config.server.header_timeout_seconds,
-            keepalive_timeout=config.server.keepalive_timeout_seconds)
-        await metrics_runner.setup()
-        # Same TLS as the API port: /metrics names members and their spend.
-        await web.TCPSite(metrics_runner, host, config.metrics.port, ssl_context=tls).start()
-    bound = port
-    server = getattr(site, "_server", None)
-    if server is not None and server.sockets:
-        bound = server.sockets[0].getsockname()[1]
-    print(banner(config, host, bound), flush=True)
-    print(f"  open files: up to {open_files} (connections without a whole request header "
-          f"are closed after {config.server.header_timeout_seconds:g} s)", flush=True)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("variations-gateway: shutting down (finishing requests in flight)", flush=True)
-    if metrics_runner is not None:
-        await metrics_runner.cleanup()
-    await runner.cleanup()
+            mapp = web.Application()
+            mapp[CONFIG], mapp[METRICS] = app[CONFIG], app[METRICS]
+            mapp.router.add_get("/metrics", health.metrics)
+            metrics_runner = GatewayRunner(
+                mapp, access_log=None, header_timeout=config.server.header_timeout_seconds,
+                keepalive_timeout=config.server.keepalive_timeout_seconds)
+            await metrics_runner.setup()
+            # Same TLS as the API port: /metrics names members and their spend.
+            await _start_site(
+                web.TCPSite(metrics_runner, host, config.metrics.port, ssl_context=tls),
+                _port_in_use(host, config.metrics.port, "metrics.port", ""))
+        bound = port
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            bound = server.sockets[0].getsockname()[1]
+        print(banner(config, host, bound), flush=True)
+        print(f"  open files: up to {open_files} (connections without a whole request "
+              f"header are closed after {config.server.header_timeout_seconds:g} s)",
+              flush=True)
+        started = True
+        await stop.wait()
+        print("variations-gateway: shutting down (finishing requests in flight)",
+              flush=True)
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        print("variations-gateway: stopped during start-up", flush=True)
+    finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        await runner.cleanup()
     return 0
 
 
@@ -161,6 +234,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     check_bind(config, host)
+    for warning in config_warnings(config):
+        print(f"variations-gateway: {warning}", file=sys.stderr, flush=True)
     logs.configure(config.logging.level, config.logging.format)
     warning = plain_http_warning(config, host)
     if warning is not None:
@@ -180,7 +255,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"{', '.join(map(str, sqlite_files(config)))}. Is the disk full or "
                   "read-only, or is a file locked by another program?", file=sys.stderr)
             return 1
-        except OSError as exc:  # a port in use, a directory that cannot be created
+        except PortInUse as exc:
+            print(f"variations-gateway: cannot start: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # a directory that cannot be created, an address not here
             print(f"variations-gateway: cannot start: {exc}", file=sys.stderr)
             return 1
     return 0
@@ -193,6 +271,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     warning = plain_http_warning(config, config.server.host)
     if warning is not None:
         print(f"# warning: {warning}", file=sys.stderr)
+    for warning in config_warnings(config):
+        print(f"# {warning}", file=sys.stderr)
     print(f"# {args.path}: OK", file=sys.stderr)
     return 0
 
@@ -203,15 +283,35 @@ def cmd_add_user(args: argparse.Namespace) -> int:
     from gateway.auth import new_token, token_sha256
 
     name = args.name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name):
+    if args.admin:
+        if name is not None:
+            print("add-user: --admin makes the admin token; it takes no name",
+                  file=sys.stderr)
+            return 2
+    elif name is None or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name):
         print("add-user: names use letters, digits, '_', '.', '@', '-' (max 64)",
               file=sys.stderr)
         return 2
     token = new_token()
+    if args.admin:
+        print("Admin token (shown once; keep it safe, it is not stored anywhere; it opens "
+              "/admin/ and no API route):")
+        print(f"  {token}")
+        print()
+        print("Set this in the gateway config, then restart the gateway:")
+        print("auth:")
+        print("  mode: tokens")
+        print(f"  admin_token_sha256: {token_sha256(token)}")
+        print()
+        print("Call the admin API with the header `Authorization: Bearer <this token>`, "
+              "e.g. GET /admin/usage.")
+        return 0
     print(f"Token for {name} (shown once; give it to {name}, it is not stored anywhere):")
     print(f"  {token}")
     print()
-    print("Add this under `users:` in the gateway config, then restart the gateway:")
+    print("Add this under `users:` in the gateway config, make sure the config says "
+          "`auth: {mode: tokens}` (with auth.mode: none members are refused), then "
+          "restart the gateway:")
     print(f"  {name}:")
     print(f"    token_sha256: {token_sha256(token)}")
     return 0
@@ -245,8 +345,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.set_defaults(func=cmd_check_config)
 
-    a = sub.add_parser("add-user", help="make a member token and its config snippet")
-    a.add_argument("name")
+    a = sub.add_parser("add-user", help="make a member (or admin) token and its config "
+                       "snippet")
+    a.add_argument("name", nargs="?", default=None,
+                   help="the member's name (not with --admin)")
+    a.add_argument("--admin", action="store_true",
+                   help="make the admin token (auth.admin_token_sha256) instead")
     a.set_defaults(func=cmd_add_user)
 
     v = sub.add_parser("vary", help="call a gateway and write the variations as PNGs")
@@ -260,6 +364,9 @@ def parser() -> argparse.ArgumentParser:
                    "$VARIATIONS_GATEWAY_TOKEN)")
     v.add_argument("--user", default=None, help="end-user id recorded for abuse monitoring")
     v.add_argument("--fresh", action="store_true", help="bypass the gateway cache")
+    v.add_argument("--square", choices=["crop", "pad"], default="crop",
+                   help="a non-square image: centre-crop it (default) or pad it with "
+                   "transparency; any format Pillow reads is sent as PNG")
     v.set_defaults(func=cmd_vary)
 
     g = sub.add_parser("install-gimp-plugin", help="install the GIMP 3 plug-in for this user")

@@ -352,11 +352,28 @@ def _load_yaml(text: str, env: Mapping[str, str]) -> tuple[Any, dict[str, int]]:
         _walk_nodes(node, "", lines, env, loader)
         return loader.construct_document(node), lines
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        line = mark.line + 1 if mark else None
-        raise ConfigError(f"invalid YAML: {exc.problem}", "", line) from None
+        raise _yaml_error(exc) from None
     finally:
         loader.dispose()
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError) -> ConfigError:
+    """The line an admin has to edit, for a YAML syntax error.
+
+    PyYAML's ``problem_mark`` is where it gave up, which for an unfinished token (a key
+    without its ``:``, an unclosed quote or bracket) is the start of the *next* line or
+    the end of the file: one line late. Its ``context_mark`` is where that token began:
+    the line to fix. Block-structure errors keep the problem mark: their context is the
+    whole enclosing block, often line 1.
+    """
+    problem, context = exc.problem_mark, exc.context_mark
+    line = problem.line + 1 if problem is not None else None
+    message = f"invalid YAML: {exc.problem}"
+    unfinished = isinstance(exc, yaml.scanner.ScannerError) or "flow" in str(exc.context)
+    if context is not None and unfinished and (line is None or context.line + 1 < line):
+        message += f" ({exc.context} that starts on this line; noticed on line {line})"
+        line = context.line + 1
+    return ConfigError(message, "", line)
 
 
 class _Builder:
@@ -475,6 +492,35 @@ def _check_sha(b: _Builder, value: str | None, path: str) -> None:
         raise b.error("must be 64 lowercase hex characters (a SHA-256 of the token)", path)
 
 
+def _check_members(b: _Builder, cfg: Config) -> None:
+    """Refuse member settings that would silently not mean what they say.
+
+    With ``auth.mode: none`` every request is anonymous: members pasted under ``users:``
+    (as ``add-user`` prints them) would be ignored and any token, even a wrong one,
+    accepted. Two members sharing a token hash could not be told apart (the first would
+    be charged for both), and a member token equal to the admin's opens the admin API.
+    """
+    if cfg.auth.mode == "none" and cfg.users:
+        raise b.error(
+            f"auth.mode is none, so the {len(cfg.users)} member(s) under users: would be "
+            "ignored and any token, even a wrong one, accepted. Set auth.mode: tokens to "
+            "use them (or remove users: for an open loopback-only gateway)", "auth.mode")
+    owners: dict[str, str] = {}
+    for u in cfg.users.values():
+        if u.token_sha256 is None:
+            continue
+        path = f"users.{u.name}.token_sha256"
+        if u.token_sha256 in owners:
+            raise b.error(f"the same token hash as users.{owners[u.token_sha256]}: each "
+                          "member needs a token of its own (variations-gateway add-user "
+                          f"{u.name})", path)
+        if u.token_sha256 == cfg.auth.admin_token_sha256:
+            raise b.error("the admin token's hash (auth.admin_token_sha256): a member's "
+                          "token would open the admin API. Give the member a token of its "
+                          f"own (variations-gateway add-user {u.name})", path)
+        owners[u.token_sha256] = u.name
+
+
 def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
     """Validate a plain mapping (parsed YAML) into a :class:`Config`."""
     b = _Builder(lines or {})
@@ -566,6 +612,7 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
             if u.token_sha256 is None:
                 raise b.error("auth.mode is tokens: every user needs token_sha256",
                               f"users.{u.name}")
+    _check_members(b, cfg)
     if cfg.state.kind == "redis" and not cfg.state.redis_url:
         raise b.error("state.kind redis needs state.redis_url", "state.redis_url")
     if cfg.images.store == "redis" and cfg.state.kind != "redis":
@@ -648,7 +695,46 @@ def load_config(path: str | os.PathLike[str] | None,
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
-    return parse_config(text, env)
+    return resolve_paths(parse_config(text, env), p.resolve().parent)
+
+
+# Files and directories a config names, by section: relative ones are the config file's.
+_PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "server": ("tls_cert", "tls_key"),
+    "state": ("path",),
+    "cache": ("dir",),
+    "images": ("dir",),
+    "audit": ("path",),
+}
+_PATH_OPTIONS = ("workflow", "ca_file")  # backend options that name a file
+
+
+def _resolved(value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or not value or value.startswith(":"):
+        return value
+    path = Path(value).expanduser()
+    return value if path.is_absolute() else os.path.normpath(base / path)
+
+
+def _resolve_fields(obj: Any, names: tuple[str, ...], base: Path) -> Any:
+    present = {f.name for f in dataclasses.fields(obj)}
+    changes = {n: _resolved(getattr(obj, n), base) for n in names if n in present}
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """``cfg`` with its relative paths made absolute against ``base`` (the directory of
+    the config file).
+
+    Relative to the working directory, starting the same config from another directory
+    silently started with empty quotas, cache and audit, and broke every issued URL.
+    """
+    sections = {name: _resolve_fields(getattr(cfg, name), fields, base)
+                for name, fields in _PATH_FIELDS.items()}
+    backend_list = tuple(
+        dataclasses.replace(b, options=_resolve_fields(b.options, _PATH_OPTIONS, base))
+        for b in cfg.backends)
+    return dataclasses.replace(cfg, backends=backend_list, **sections)
 
 
 # --------------------------------------------------------------------------- display

@@ -136,7 +136,8 @@ async def test_audit_query_by_end_user(instrumented: Start) -> None:
 
 
 async def test_admin_usage_per_user(instrumented: Start) -> None:
-    client, _ = await instrumented()
+    client, _ = await instrumented(
+        pricing={"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.02})
     image = png_bytes(seed=3)
     await vary(client, image, n=2)
     await vary(client, image, n=2)  # a HIT: a request and a cache hit, no images

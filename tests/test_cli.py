@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import shutil
+import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 from PIL import Image
-from support import TOKENS, free_port, png_bytes
+from support import ROOT, TOKENS, free_port, png_bytes
 
 CLI = [sys.executable, "-m", "gateway"]
 
@@ -108,3 +112,111 @@ def test_vary_reports_the_gateway_error(gateway_process, tmp_path: Path) -> None
     assert out.returncode == 1
     assert "HTTP 401 [invalid_api_key]" in out.stderr
     assert "wrong-token" not in out.stderr
+
+
+# ------------------------------------------------------------- issue 19: a new admin
+
+
+MEMBER = "users:\n  carol: {token_sha256: " + "c" * 64 + "}\n"
+
+
+def test_add_user_says_to_turn_token_auth_on() -> None:
+    out = run("add-user", "carol")
+    assert "auth: {mode: tokens}" in out.stdout
+
+
+def test_add_user_admin_makes_the_admin_token(tmp_path: Path) -> None:
+    out = run("add-user", "--admin")
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.splitlines()[1].strip()
+    assert token.startswith("vg-")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    assert f"  admin_token_sha256: {digest}" in out.stdout and "  mode: tokens" in out.stdout
+    cfg = tmp_path / "g.yaml"  # the snippet pasted as printed is a valid config
+    snippet = out.stdout[out.stdout.index("auth:"):].split("\n\n")[0]
+    cfg.write_text(snippet + "\n" + MEMBER)
+    assert run("check-config", str(cfg)).returncode == 0
+    assert run("add-user", "--admin", "carol").returncode == 2
+
+
+def test_members_under_auth_none_stop_check_config_and_serve(tmp_path: Path) -> None:
+    """add-user's snippet pasted with auth off used to leave every token welcome."""
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("auth: {mode: none}\n" + MEMBER)
+    for out in (run("check-config", str(cfg)),
+                run("serve", "--config", str(cfg), "--port", str(free_port()), cwd=tmp_path)):
+        assert out.returncode == 2
+        assert "auth.mode is none, so the 1 member(s) under users: would be ignored" in (
+            out.stderr)
+        assert "Set auth.mode: tokens" in out.stderr
+
+
+def test_tokens_without_members_is_a_loud_warning(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("auth: {mode: tokens}\n")
+    out = run("check-config", str(cfg))
+    assert out.returncode == 0
+    assert "WARNING: auth.mode is tokens but no member is configured" in out.stderr
+
+
+def test_a_busy_port_names_the_setting_and_the_flag(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(f"auth: {{mode: tokens}}\nstate: {{path: {tmp_path / 's.sqlite3'}}}\n"
+                   f"cache: {{dir: {tmp_path / 'c'}}}\nimages: {{dir: {tmp_path / 'i'}}}\n"
+                   f"audit: {{path: {tmp_path / 'a.sqlite3'}}}\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run("serve", "--config", str(cfg), "--port", str(port), cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in out.stderr
+    assert "server.port in the config" in out.stderr
+    assert f"serve --port {port + 1}" in out.stderr and f"make run PORT={port + 1}" in (
+        out.stderr)
+    assert "WARNING: auth.mode is tokens but no member" in out.stderr  # serve warns too
+    assert "Traceback" not in out.stderr
+
+
+def test_make_run_takes_a_port() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    out = subprocess.run(["make", "-n", "run", "PORT=8081", "HOST=0.0.0.0"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "serve --config config/gateway.yaml --port 8081 --host 0.0.0.0" in out.stdout
+
+
+def test_serve_prints_where_its_files_live(gateway_process, tmp_path: Path) -> None:
+    g = gateway_process()
+    log = g.log()
+    for name, path in (("state", "state.sqlite3"), ("cache", "cache"),
+                       ("images", "images"), ("audit", "audit.sqlite3")):
+        assert f"  {name}: {tmp_path / path}\n" in log, log
+
+
+def test_vary_squares_non_png_input_and_never_overwrites(gateway_process,
+                                                         tmp_path: Path) -> None:
+    g = gateway_process()
+    src = tmp_path / "photo.jpg"
+    Image.open(io.BytesIO(png_bytes(64))).convert("RGB").resize((96, 64)).save(src, "JPEG")
+    out_dir = tmp_path / "out"
+    for _ in range(2):
+        out = run("vary", str(src), "-n", "2", "--size", "256x256", "-o", str(out_dir),
+                  "--url", g.url, "--token", TOKENS["alice"], "--fresh")
+        assert out.returncode == 0, out.stderr
+    assert "converted from JPEG to PNG; centre-cropped from 96x64 to 64x64" in out.stderr
+    files = sorted(p.name for p in out_dir.glob("photo-variation-*.png"))
+    assert files == [f"photo-variation-{k}.png" for k in (1, 2, 3, 4)]
+
+
+def test_vary_pads_when_asked() -> None:
+    from gateway.client import prepare_image
+
+    wide = io.BytesIO()
+    Image.new("RGB", (80, 40), "red").save(wide, "PNG")
+    data, note = prepare_image(wide.getvalue(), "pad")
+    padded = Image.open(io.BytesIO(data))
+    assert padded.size == (80, 80) and padded.getpixel((0, 0))[3] == 0
+    assert note == "padded from 80x40 to 80x80"
+    square = png_bytes(32)
+    assert prepare_image(square) == (square, None)  # a square PNG goes as it is

@@ -52,7 +52,7 @@ def test_missing_env_var_is_an_error_with_its_line() -> None:
     ("auth: {mode: none}\nbackends:\n  - {name: a, kind: procedural}\nroute: [b]\n", 4,
      "route[0]: no backend named 'b'"),
     ("auth: {mode: none}\nstate: {kind: redis}\n", 2, "needs state.redis_url"),
-    ("server: [1, 2\n", 2, "invalid YAML"),
+    ("server: [1, 2\n", 1, "invalid YAML"),  # where the bracket opens, not end of file
 ])
 def test_errors_name_the_key_and_line(text: str, line: int, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -216,3 +216,66 @@ def test_serve_checks_the_host_it_binds_not_only_the_configs() -> None:
         check_bind(cfg, "0.0.0.0")
     check_bind(_exposed("127.0.0.1", ", public_base_url: 'https://vg.example'",
                         "metrics: {port: 9464}\n"), "0.0.0.0")
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("auth: {mode: none}\nserver\n  port: 8080\n", 2),  # a key without its colon
+    ("auth: {mode: none}\nimages: {signing_key: \"abc}\nstate: {}\n", 2),  # open quote
+    ("auth: {mode: none}\nroute: [local\naudit: {}\n", 2),  # open bracket
+    ("auth:\n  mode: none\n server: {}\n", 3),  # a bad indent is where it is noticed
+])
+def test_yaml_syntax_errors_name_the_line_to_edit(text: str, line: int) -> None:
+    """PyYAML notices an unfinished token on the next line (or at the end of the file):
+    the error used to name that line, one late."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env={})
+    assert str(info.value).startswith(f"line {line}: "), str(info.value)
+
+
+MEMBERS = "users:\n  alice: {token_sha256: %s}\n  bob: {token_sha256: %s}\n"
+
+
+def test_members_with_auth_mode_none_are_refused() -> None:
+    """add-user's snippet pasted under users: with auth off: any token would get in."""
+    with pytest.raises(ConfigError) as info:
+        parse_config("auth: {mode: none}\n" + MEMBERS % ("a" * 64, "b" * 64), env={})
+    message = str(info.value)
+    assert message.startswith("line 1: auth.mode:"), message
+    assert "2 member(s)" in message and "set auth.mode: tokens" in message.lower()
+
+
+def test_two_members_with_one_token_hash_are_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("auth: {mode: tokens}\n" + MEMBERS % ("a" * 64, "A" * 64), env={})
+    assert "line 4: users.bob.token_sha256: the same token hash as users.alice" in str(
+        info.value)
+
+
+def test_a_member_token_equal_to_the_admin_token_is_refused() -> None:
+    text = f"auth: {{mode: tokens, admin_token_sha256: {'b' * 64}}}\n" + MEMBERS % (
+        "a" * 64, "b" * 64)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env={})
+    assert "users.bob.token_sha256: the admin token's hash" in str(info.value)
+
+
+def test_relative_paths_follow_the_config_file_not_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started from another directory, the same config used to open empty state, cache
+    and audit, and every issued URL broke."""
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    (conf / "g.yaml").write_text(
+        "auth: {mode: none}\nstate: {path: var/state.sqlite3}\ncache: {dir: ../cache}\n"
+        "images: {dir: var/images}\naudit: {path: /abs/audit.sqlite3}\n"
+        "backends:\n  - {name: c, kind: comfyui, base_url: 'http://gpu:8188',"
+        " workflow: wf.json}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config("../etc/g.yaml", env={})
+    assert cfg.state.path == str(conf / "var" / "state.sqlite3")
+    assert cfg.cache.dir == str(tmp_path / "cache")
+    assert cfg.images.dir == str(conf / "var" / "images")
+    assert cfg.audit.path == "/abs/audit.sqlite3"
+    assert cfg.backends[0].options.workflow == str(conf / "wf.json")  # type: ignore[attr-defined]

@@ -27,14 +27,19 @@ once per chunk and the PNG results back, a few ms per MB.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import functools
 import io
 import math
 import os
 import random
+import signal
+import sys
 import threading
+import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -354,6 +359,60 @@ def _grain(rgb: Image.Image, rng: random.Random, strength: float) -> Image.Image
     return ImageChops.add(rgb, Image.merge("RGB", (noise, noise, noise)), 1.0, -128)
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _watch_parent(parent_pid: int, interval: float = 1.0) -> None:
+    """Where there is no parent-death signal: exit once the gateway is gone."""
+    while os.getppid() == parent_pid:
+        time.sleep(interval)
+    os._exit(0)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Runs first in every worker: its life ends with the gateway's.
+
+    A kill -9 of the gateway, or a SIGTERM during start-up before its handlers were in
+    place, used to leave the workers (and, through them, multiprocessing's resource
+    tracker) running for good: they wait on a queue whose write end they hold
+    themselves. On Linux the kernel sends SIGTERM when the parent dies (prctl
+    ``PR_SET_PDEATHSIG``; workers are spawned from the event loop's thread, which lives
+    as long as the process); elsewhere a thread watches the parent. Ctrl-C reaches the
+    whole process group: workers ignore SIGINT and let the gateway shut them down, so
+    no worker prints a KeyboardInterrupt traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    armed = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    if os.getppid() != parent_pid:  # the gateway died before the signal was armed
+        os._exit(0)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                         name="parent-watch").start()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while workers are spawned (main thread only; elsewhere a no-op).
+
+    A spawned process inherits an *ignored* SIGINT through exec, and Python then keeps
+    it ignored: a Ctrl-C in the terminal, which reaches the whole process group, cannot
+    interrupt a worker still importing, before ``_worker_init`` runs. The gateway's own
+    handler is back as soon as the workers are spawned.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _warm_up() -> int:
     """Runs once per worker at start so the first request does not pay for imports."""
     return os.getpid()
@@ -390,7 +449,8 @@ class ProceduralBackend:
         if self.options.executor == "thread":
             return ThreadPoolExecutor(self.workers, thread_name_prefix=f"procedural-{self.name}")
         # "spawn": forking an asyncio process that already runs threads can deadlock.
-        return ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        return ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))
 
     async def start(self) -> None:
         """Create the executor and start its workers; calling it again is a no-op."""
@@ -398,10 +458,10 @@ class ProceduralBackend:
             return
         executor = self._executor = self._new_executor()
         loop = asyncio.get_running_loop()
+        with _sigint_ignored():  # submitting spawns the workers, one per call
+            warm_ups = [loop.run_in_executor(executor, _warm_up) for _ in range(self.workers)]
         try:
-            await asyncio.gather(
-                *(loop.run_in_executor(executor, _warm_up) for _ in range(self.workers))
-            )
+            await asyncio.gather(*warm_ups)
         except BaseException:
             # Leave no half-started pool behind, so a later start() can try again.
             if self._executor is executor:
