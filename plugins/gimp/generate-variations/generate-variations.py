@@ -369,12 +369,26 @@ def _settings_dialog(settings):
             status.set_text(text)
             test_button.set_sensitive(True)
             # Test hook: Test Connection answered in the dialog, so Save now.
-            _autotest_record("settings-dialog.json", {"tested": status.get_text()})
+            _autotest_record("settings-dialog.json", {
+                "tested": status.get_text(),
+                "loop_ran_while_testing": state.get("loop_ran_while_testing", False)})
             _auto_accept(dialog, Gtk.ResponseType.OK)
         return False
 
-    # Test hook: press Test Connection first; its answer then presses Save (see show).
-    _auto_accept(dialog, RESPONSE_TEST)
+    def loop_ran():
+        # Queued before Test Connection starts: it runs ahead of the answer only when the
+        # test leaves the GTK loop free (idle callbacks run in order).
+        state["loop_ran_while_testing"] = not state["summary"]
+        return False
+
+    def press_test():
+        GLib.idle_add(loop_ran)
+        dialog.response(RESPONSE_TEST)
+        return False
+
+    if _autotest():
+        # Test hook: press Test Connection first; its answer then presses Save (see show).
+        GLib.idle_add(press_test)
     while True:
         response = dialog.run()
         if response == RESPONSE_TEST:

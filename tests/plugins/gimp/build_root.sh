@@ -18,7 +18,8 @@
 # named here.
 #
 # The root is cached: a ready root (marker file + a working gimp-console-3) costs nothing;
-# a missing or broken one is rebuilt from scratch in a sibling folder and swapped in
+# a root of a rolling suite (sid) older than $VG_GIMP_ROOT_MAX_DAYS (default 30) days, so
+# perhaps no longer the newest GIMP, a missing or a broken one is rebuilt from scratch in a sibling folder and swapped in
 # atomically. Concurrent callers for the same root are serialised with flock.
 set -euo pipefail
 APT_ETC="${VG_APT_ETC:-/etc/apt}"
@@ -111,6 +112,11 @@ healthy() {
   local r="$1"
   [ -f "$r/$MARKER" ] && [ -x "$r/usr/bin/gimp-console-3" ] && [ -x "$r/usr/bin/python3" ] \
     || return 1
+  if [ "$SUITE" != trixie ] \
+      && [ -z "$(find "$r/$MARKER" -mtime "-${VG_GIMP_ROOT_MAX_DAYS:-30}")" ]; then
+    log "the $SUITE root is over ${VG_GIMP_ROOT_MAX_DAYS:-30} days old: rebuilding it"
+    return 1
+  fi
   # Cheap run-time check: the binary and Python's GObject bindings load.
   chroot "$r" /usr/bin/gimp-console-3 --version >/dev/null 2>&1 || return 1
   chroot "$r" /usr/bin/python3 -c 'import gi; gi.require_version("Gegl", "0.4")' \
