@@ -152,7 +152,7 @@ with open(os.path.join(OUT, "layers.txt"), "w") as f:
 Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(os.path.join(OUT, "demo.xcf")), None)
 print("MADE", flush=True)
 EOF
-chroot "$ROOT" "${GIMP_ENV[@]}" VG_SHOT_OUT="$INNER/out" gimp-console-3.0 -i \
+chroot "$ROOT" "${GIMP_ENV[@]}" VG_SHOT_OUT="$INNER/out" gimp-console-3 -i \
   --batch-interpreter=python-fu-eval -b "exec(open('$INNER/make.py').read())" --quit \
   >"$WS/make.log" 2>&1 </dev/null || true
 grep -q MADE "$WS/make.log" || { echo "the GIMP batch failed:"; tail -30 "$WS/make.log"; exit 1; } >&2
@@ -226,7 +226,7 @@ if "$procedure" == "python-fu-generate-variations":
     cfg.set_core_object_array("drawables", [img.get_layers()[-1]])
 proc.run(cfg)
 EOF
-  chroot "$ROOT" "${GIMP_ENV[@]}" DISPLAY=":$DISPLAY_NUM" gimp-3.0 --no-splash \
+  chroot "$ROOT" "${GIMP_ENV[@]}" DISPLAY=":$DISPLAY_NUM" gimp-3 --no-splash \
     --batch-interpreter=python-fu-eval -b "exec(open('$INNER/$name.py').read())" \
     >"$WS/$name.log" 2>&1 </dev/null &
   gimp_pid=$!

@@ -12,6 +12,7 @@ This file is the thin GIMP glue; the logic lives in plain modules beside it:
 """
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -86,15 +87,40 @@ def _in_thread(fn, text):
     return box["value"]
 
 
+def _autotest():
+    """Test hook: GENERATE_VARIATIONS_AUTOTEST=accept-dialogs in GIMP's environment makes
+    the dialogs answer by themselves (see ``_auto_accept``)."""
+    return os.environ.get("GENERATE_VARIATIONS_AUTOTEST") == "accept-dialogs"
+
+
 def _auto_accept(dialog, response):
-    """Test hook: with GENERATE_VARIATIONS_AUTOTEST=accept-dialogs in GIMP's environment,
-    the dialogs answer ``response`` (OK / Save) by themselves once shown, so the end-to-end
-    test drives the real interactive path (and GIMP's saving of last values) under Xvfb."""
-    if os.environ.get("GENERATE_VARIATIONS_AUTOTEST") == "accept-dialogs":
+    """Test hook: under ``_autotest()`` the dialogs answer ``response`` (OK / Save / Test
+    Connection) by themselves once shown, so the end-to-end test drives the real
+    interactive path (and GIMP's saving of last values) under Xvfb."""
+    if _autotest():
         def answer():
             dialog.response(response)
             return False
         GLib.idle_add(answer)
+
+
+def _autotest_record(name, value):
+    """Test hook: under ``_autotest()`` with VARIATIONS_GATEWAY_DEBUG_DIR set, write what a
+    dialog showed (``value``, JSON) for the end-to-end test to check on the host."""
+    dbg = vg_client.debug_dir()
+    if _autotest() and dbg:
+        os.makedirs(dbg, exist_ok=True)
+        with open(os.path.join(dbg, name), "w") as f:
+            json.dump(value, f)
+
+
+def _widget_kinds(widget):
+    """GType names of ``widget`` and everything inside it (what the dialog drew)."""
+    kinds = [type(widget).__gtype__.name]
+    if hasattr(widget, "get_children"):
+        for child in widget.get_children():
+            kinds += _widget_kinds(child)
+    return kinds
 
 
 # --------------------------------------------------------------------------- preparing
@@ -208,6 +234,9 @@ def _interactive_dialog(procedure, config, settings):
     note.set_margin_top(6)
     dialog.get_content_area().pack_end(note, False, False, 0)
     note.show()
+    if _autotest():
+        dialog.show()
+        _autotest_record("generate-dialog.json", {"widgets": _widget_kinds(dialog)})
     _auto_accept(dialog, Gtk.ResponseType.OK)
     ok = dialog.run()
     dialog.destroy()
@@ -339,9 +368,27 @@ def _settings_dialog(settings):
             state["summary"] = text
             status.set_text(text)
             test_button.set_sensitive(True)
+            # Test hook: Test Connection answered in the dialog, so Save now.
+            _autotest_record("settings-dialog.json", {
+                "tested": status.get_text(),
+                "loop_ran_while_testing": state.get("loop_ran_while_testing", False)})
+            _auto_accept(dialog, Gtk.ResponseType.OK)
         return False
 
-    _auto_accept(dialog, Gtk.ResponseType.OK)
+    def loop_ran():
+        # Queued before Test Connection starts: it runs ahead of the answer only when the
+        # test leaves the GTK loop free (idle callbacks run in order).
+        state["loop_ran_while_testing"] = not state["summary"]
+        return False
+
+    def press_test():
+        GLib.idle_add(loop_ran)
+        dialog.response(RESPONSE_TEST)
+        return False
+
+    if _autotest():
+        # Test hook: press Test Connection first; its answer then presses Save (see show).
+        GLib.idle_add(press_test)
     while True:
         response = dialog.run()
         if response == RESPONSE_TEST:

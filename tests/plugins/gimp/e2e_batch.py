@@ -1,5 +1,5 @@
-# Runs INSIDE the Debian 13 root, in gimp-console-3.0's python-fu-eval interpreter:
-#   gimp-console-3.0 -i --batch-interpreter=python-fu-eval \
+# Runs INSIDE a Debian root (build_root.sh), in gimp-console-3's python-fu-eval interpreter:
+#   gimp-console-3 -i --batch-interpreter=python-fu-eval \
 #     -b "JOB='/tmp/x/job.json'; exec(open('/tmp/x/e2e_batch.py').read())" --quit
 # Creates test images, calls python-fu-generate-variations non-interactively on each case,
 # and writes what it saw (statuses, messages, layer tree, sizes, offsets, pixels) into the

@@ -1,5 +1,5 @@
-# Runs INSIDE the Debian 13 root, in gimp-3.0 (with its UI, on Xvfb) via python-fu-eval:
-#   gimp-3.0 --no-splash --batch-interpreter=python-fu-eval \
+# Runs INSIDE a Debian root (build_root.sh), in gimp-3 (with its UI, on Xvfb) via python-fu-eval:
+#   gimp-3 --no-splash --batch-interpreter=python-fu-eval \
 #     -b "JOB='/tmp/x/job.json'; exec(open('/tmp/x/e2e_interactive.py').read())" --quit
 # GIMP is started with GENERATE_VARIATIONS_AUTOTEST=accept-dialogs, so the plug-in's real
 # dialogs answer Save / OK by themselves. Drives the INTERACTIVE path: the settings dialog
