@@ -32,6 +32,7 @@ test-deps: $(VENV)/.test-deps system-deps
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check gateway tests plugins scripts
+	$(BIN)/mypy
 
 test: test-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ class AuditLog:
                 for r in self._select([(f"{column} = ?", end_user), *common], limit)}
         return [rows[i] for i in sorted(rows, reverse=True)[:limit]]
 
-    def _select(self, conditions: list[tuple[str, object]], limit: int
+    def _select(self, conditions: Sequence[tuple[str, object]], limit: int
                 ) -> list[dict[str, Any]]:
         where = [clause for clause, value in conditions if value is not None]
         args = [value for _, value in conditions if value is not None]

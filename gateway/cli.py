@@ -231,19 +231,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limit_malloc_arenas()
 
     config = load_config(args.config)
-    host = args.host or config.server.host
+    host: str = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     check_bind(config, host)
-    for warning in config_warnings(config):
-        print(f"variations-gateway: {warning}", file=sys.stderr, flush=True)
+    for line in config_warnings(config):
+        print(f"variations-gateway: {line}", file=sys.stderr, flush=True)
     logs.configure(config.logging.level, config.logging.format)
-    warning = plain_http_warning(config, host)
-    if warning is not None:
+    plain = plain_http_warning(config, host)
+    if plain is not None:
         import structlog
 
         structlog.get_logger("gateway.server").warning("plain_http_beyond_loopback",
-                                                       host=host, advice=warning)
-        print(f"variations-gateway: warning: {warning}", file=sys.stderr, flush=True)
+                                                       host=host, advice=plain)
+        print(f"variations-gateway: warning: {plain}", file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         try:
             return asyncio.run(_serve(config, host, port))

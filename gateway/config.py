@@ -433,7 +433,7 @@ class _Builder:
                 allowed = ", ".join(repr(a) for a in args)
                 raise self.error(f"must be one of {allowed}, got {raw!r}", path)
             return raw
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.make(tp, raw, path)
         if tp is bool:
             if not isinstance(raw, bool):
@@ -581,7 +581,7 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None) -> Config:
         specific = {k: _header_value(b, v, f"{path}.{k}") if k in _HEADER_KEYS else v
                     for k, v in entry.items() if k not in _BACKEND_COMMON}
         common_kwargs = b.dataclass(BackendConfig, common, path, skip=frozenset({"options"}))
-        options = b.make(backends.options_class(kind), specific, path)
+        options = b.make(backends.options_class(str(kind)), specific, path)
         pricing = options.default_pricing()
         for key, price in common_kwargs.get("pricing", {}).items():
             if key not in pricing:

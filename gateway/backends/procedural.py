@@ -280,9 +280,12 @@ def _soften_lut(amount: float) -> list[int]:
 
 
 def _matmul(a: Matrix3, b: Matrix3) -> Matrix3:
-    return tuple(
-        tuple(sum(a[r][k] * b[k][c] for k in range(3)) for c in range(3)) for r in range(3)
-    )
+    def cell(r: int, c: int) -> float:
+        return float(sum(a[r][k] * b[k][c] for k in range(3)))
+
+    return ((cell(0, 0), cell(0, 1), cell(0, 2)),
+            (cell(1, 0), cell(1, 1), cell(1, 2)),
+            (cell(2, 0), cell(2, 1), cell(2, 2)))
 
 
 def _colour_matrix(rng: random.Random, strength: float) -> tuple[float, ...]:
