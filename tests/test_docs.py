@@ -3,10 +3,15 @@ no relative link or anchor in README.md or docs/*.md that points at nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
+import yaml
 from doclinks import DOCS, ROOT, anchors, broken_links, links, pages
+from tls_certs import make_test_ca
+
+from gateway.config import Config, parse_config
 
 README = ROOT / "README.md"
 
@@ -56,3 +61,27 @@ def test_no_page_points_at_the_old_readme_sections() -> None:
     for page in pages():
         for target in re.findall(r"README\.md#([\w-]+)", page.read_text(encoding="utf-8")):
             assert target in readme_anchors, (page.name, target)
+
+
+def test_every_whole_config_in_the_docs_loads(tmp_path: Path) -> None:
+    """A YAML block made of top-level config keys is a config a reader may paste: it
+    must load as written (an option renamed or removed shows here). Fragments (one
+    backend's settings, indented) are left out. The TLS example names files that exist
+    only on a real box: a test certificate stands in for them."""
+    top = {f.name for f in dataclasses.fields(Config)}
+    ca = make_test_ca(tmp_path / "tls")
+    env = dict.fromkeys(("OPENAI_API_KEY", "XINFERENCE_KEY", "UPSTREAM_KEY",
+                         "SDWEBUI_PASSWORD", "COMFY_PROXY_TOKEN"), "secret")
+    checked = []
+    for page in pages():
+        for block in re.findall(r"```yaml\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            loaded = yaml.safe_load(block)
+            if not isinstance(loaded, dict) or not set(loaded) <= top:
+                continue
+            text = re.sub(r"/etc/\S+/fullchain\.pem", str(ca.cert), block)
+            text = re.sub(r"/etc/\S+/privkey\.pem", str(ca.key), text)
+            text = text.replace("config/comfyui-workflow.json",
+                                str(ROOT / "config" / "comfyui-workflow.json"))
+            parse_config(text, env)
+            checked.append((page.name, sorted(loaded)))
+    assert len(checked) >= 10, checked
