@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from doclinks import anchors
 from support import build_wheel
 
 from gateway.config import parse_config
@@ -101,7 +102,7 @@ def test_kubernetes_manifests_validate_against_the_schemas(tmp_path: Path) -> No
 
 
 def test_applying_the_directory_never_overwrites_the_real_secret() -> None:
-    """`kubectl apply -f deploy/kubernetes/` (README) must hold no Secret: it would
+    """`kubectl apply -f deploy/kubernetes/` (docs/deploy.md) must hold no Secret: it would
     replace the one made with `kubectl create secret` by the placeholders."""
     applied = {d["kind"] for p in KUBE for d in _docs(p)}
     assert "Secret" not in applied
@@ -111,7 +112,7 @@ def test_applying_the_directory_never_overwrites_the_real_secret() -> None:
     deployment = next(d for p in KUBE for d in _docs(p) if d["kind"] == "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert {"secretRef": {"name": secret["metadata"]["name"]}} in container["envFrom"]
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "deploy.md").read_text()
     assert "kubectl apply -f deploy/kubernetes/secret.yaml " not in readme
     assert f"kubectl create secret generic {secret['metadata']['name']}" in readme
 
@@ -122,11 +123,12 @@ def test_the_configmap_holds_a_valid_redis_gateway_config() -> None:
     config = parse_config(text, ENV)
     assert config.state.kind == "redis" and config.audit.stdout
     assert config.state.redis_url == "redis://variations-gateway-redis:6379/0"
-    # Every variable without a default is a key of the Secret (README's command too).
+    # Every variable without a default is a key of the Secret (docs/deploy.md's command
+    # too).
     (secret,) = _docs(SECRET_EXAMPLE)
     required = set(re.findall(r"\$\{([A-Z0-9_]+)\}", text))
     assert required and required <= set(secret["stringData"]), required
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "deploy.md").read_text()
     for name in required:
         assert f"--from-literal={name}=" in readme, name
     # The route reaches a backend that exists: not dall-e-2's /v1/images/variations at
@@ -266,20 +268,9 @@ def test_nginx_conf_parses(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- docs
 
 
-def _readme_anchors() -> set[str]:
-    """GitHub's anchors for README's headings."""
-    anchors = set()
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith("#"):
-            title = line.lstrip("#").strip().lower()
-            anchors.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
-    return anchors
-
-
 def test_operations_files_point_at_docs_that_exist() -> None:
-    """Pointers in deploy/ and config/ name README sections that exist, and no
-    docs/*.md page (docs/ holds only pictures)."""
-    anchors = _readme_anchors()
+    """Pointers in deploy/ and config/ name pages (README.md, docs/*.md) and sections
+    of them that exist."""
     seen = 0
     for path in [*DEPLOY.rglob("*"), *(ROOT / "config").rglob("*")]:
         if not path.is_file() or path.suffix == ".png":
@@ -287,8 +278,10 @@ def test_operations_files_point_at_docs_that_exist() -> None:
         text = path.read_text(errors="replace")
         for doc in re.findall(r"docs/[\w./-]+", text):
             assert (ROOT / doc).exists(), f"{path.name} points at missing {doc}"
-        for anchor in re.findall(r"README(?:\.md)?#([\w-]+)", text):
-            assert anchor in anchors, f"{path.name}: no README section #{anchor}"
+        for page, anchor in re.findall(r"(README(?:\.md)?|docs/[\w-]+\.md)#([\w-]+)", text):
+            page = "README.md" if page == "README" else page
+            assert anchor in anchors((ROOT / page).read_text()), \
+                f"{path.name}: no section #{anchor} in {page}"
             seen += 1
     assert seen >= 5
 
