@@ -12,8 +12,8 @@ Cardinality is bounded by construction:
   may map upstream answers into them, so both pass a :class:`LabelGuard`: a fixed shape
   and at most :data:`GUARD_LIMIT` distinct values, the rest counted as ``other``.
 
-The gateway is one process with one event loop (see the README, "Process model"), so there is no
-multiprocess mode: each instance is scraped on its own and dashboards sum instances.
+The gateway is one process with one event loop (see docs/architecture.md, "Process
+model"), so there is no multiprocess mode: each instance is scraped on its own and dashboards sum instances.
 """
 
 from __future__ import annotations
@@ -187,9 +187,9 @@ class Metrics:
         self.breaker_state = Family(Gauge(
             P + "backend_circuit_state", "Circuit breaker state: 1 for the current state, "
             "else 0.", ["backend", "state"], registry=r))
-        self.backend_up = Family(Gauge(P + "backend_up",
-                                       "1 when the backend's circuit is closed, else 0.",
-                                       ["backend"], registry=r))
+        self.backend_up = Family(Gauge(
+            P + "backend_up", "0 while the backend's circuit is open, else 1 (closed or "
+            "half-open).", ["backend"], registry=r))
         # The upstream model's published lifecycle (gateway.lifecycle): plain gauges,
         # because a withdrawn announcement removes its series.
         self.model_shutdown = Gauge(

@@ -1,6 +1,6 @@
 """Backend registry: ``kind`` -> the class that implements it.
 
-Adding a backend means adding its file here and to the README; nothing else changes.
+Adding a backend means adding its file here and to docs/backends.md; nothing else changes.
 Classes are imported lazily so an edge box running only ``procedural`` never imports
 the HTTP clients of the others.
 """
