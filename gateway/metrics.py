@@ -13,7 +13,8 @@ Cardinality is bounded by construction:
   and at most :data:`GUARD_LIMIT` distinct values, the rest counted as ``other``.
 
 The gateway is one process with one event loop (see docs/architecture.md, "Process
-model"), so there is no multiprocess mode: each instance is scraped on its own and dashboards sum instances.
+model"), so there is no multiprocess mode: each instance is scraped on its own and
+dashboards sum instances.
 """
 
 from __future__ import annotations
