@@ -21,6 +21,7 @@ from upstream_cases import (
     FAULT_NAMES,
     HANG_GUARD_S,
     KEY,
+    MATRIX,
     NAME,
     WORKFLOW,
     backend_entry,
@@ -45,7 +46,7 @@ def comfy_fake() -> ComfyUIFake:
 async def test_sdk_every_size_format_and_n(gateway_client: Any) -> None:
     fake = comfy_fake()
     up, server = await start_upstream(gateway_client, "comfyui", fake=fake,
-                                      prompt="watercolour")
+                                      prompt="watercolour", **MATRIX)
 
     def check(calls: list[Recorded], n: int, size: int) -> None:
         assert len(calls) == 1

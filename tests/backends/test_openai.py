@@ -17,6 +17,7 @@ from support import png_bytes
 from upstream_cases import (
     FAULT_NAMES,
     KEY,
+    MATRIX,
     XINFERENCE_MODEL,
     assert_hashed_user,
     backend_entry,
@@ -33,7 +34,7 @@ from gateway.config import ConfigError, parse_config
 async def test_xinference_every_size_format_and_n(gateway_client: Any) -> None:
     up, server = await start_upstream(gateway_client, "openai", organization="org-art",
                                       project="proj-1", negative_prompt="blurry",
-                                      extra={"strength": 0.6, "seed": 7})
+                                      extra={"strength": 0.6, "seed": 7}, **MATRIX)
 
     def check(calls: list[Recorded], n: int, size: int) -> None:
         assert len(calls) == 1
@@ -88,7 +89,7 @@ async def test_a_server_path_for_a_url_is_a_plain_bad_response(gateway_client: A
 async def test_lemonade_every_size_format_and_n(gateway_client: Any) -> None:
     fake = LemonadeFake(KEY, models=("SD-Turbo",))
     up, server = await start_upstream(gateway_client, "openai", fake=fake, model="SD-Turbo",
-                                      prompt=None)
+                                      prompt=None, **MATRIX)
 
     def check(calls: list[Recorded], n: int, size: int) -> None:
         assert len(calls) == 1

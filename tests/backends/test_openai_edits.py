@@ -12,6 +12,7 @@ from support import png_bytes
 from upstream_cases import (
     FAULT_NAMES,
     KEY,
+    MATRIX,
     assert_hashed_user,
     backend_entry,
     run_fault,
@@ -29,7 +30,7 @@ from gateway.keys import AUDIT, METRICS
 async def test_sdk_every_size_format_and_n(gateway_client: Any) -> None:
     # Real-sized answers: ten 1024 px images take longer than the fault tests' 1 s.
     up, server = await start_upstream(gateway_client, "openai_edits", quality="low",
-                                      timeout_seconds=60.0)
+                                      **MATRIX)
 
     def check(calls: list[Recorded], n: int, size: int) -> None:
         assert len(calls) == 1  # n images in one call: gpt-image allows up to 10

@@ -23,6 +23,7 @@ from support import png_bytes
 from upstream_cases import (
     FAULT_NAMES,
     KEY,
+    MATRIX,
     NAME,
     SD_USER,
     backend_entry,
@@ -47,7 +48,7 @@ async def test_sdk_every_size_format_and_n(gateway_client: Any) -> None:
     up, server = await start_upstream(
         gateway_client, "sdwebui", prompt="oil painting", negative_prompt="blurry",
         denoising_strength=0.6, steps=12, cfg_scale=6.5, sampler_name="DPM++ 2M",
-        checkpoint=SDXL.title)
+        checkpoint=SDXL.title, **MATRIX)
 
     def check(calls: list[Recorded], n: int, size: int) -> None:
         assert len(calls) == 1  # one call, batch_size = n
