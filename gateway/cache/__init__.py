@@ -17,10 +17,11 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 import structlog
 
+from gateway.cache.tasks import outlive_cancel
 from gateway.errors import StorageUnavailable
 from gateway.images import Blobs, Item
 from gateway.quota import QuotaRejected
@@ -62,6 +63,8 @@ class Charge(Protocol):
         ...
 
 
+# One generation in flight here: its waiters get the unpooled items, or None (re-read).
+Flight = asyncio.Future[list[Item] | None]
 # generate(count, offset): ``count`` new images; ``offset`` is their pool position,
 # -1 for images that must not repeat earlier ones (``no-cache``, ``no-store``).
 Generate = Callable[[int, int], Awaitable[Fresh]]
@@ -325,14 +328,14 @@ class ResultCache:
 
     async def _serve(self, key: str, n: int, policy: Policy, generate: Generate,
                      on_wait: Callable[[float], None]) -> CacheResult:
-        if not self.enabled or policy == "no-store":
+        if not self.enabled or policy != "default":
+            # no-store: a bypass both ways; no-cache: fresh images, appended after the pool
+            bypass = not self.enabled or policy == "no-store"
             made = await generate(n, -1)
-            landing = asyncio.ensure_future(self._charge_then_keep(key, made, room=0))
-            return CacheResult((await _outlive_cancel(landing))[0], "BYPASS", n)
-        if policy == "no-cache":
-            made = await generate(n, -1)
-            landing = asyncio.ensure_future(self._charge_then_keep(key, made, room=-1))
-            return CacheResult((await _outlive_cancel(landing))[0], "MISS", n)
+            landing = asyncio.ensure_future(
+                self._charge_then_keep(key, made, room=0 if bypass else -1))
+            return CacheResult((await outlive_cancel(landing))[0],
+                               "BYPASS" if bypass else "MISS", n)
         while True:
             pool = await self._pool_items(key, n)
             if len(pool) >= n:
@@ -350,36 +353,52 @@ class ResultCache:
                 if shared is not None and len(shared) >= n:  # made but not pooled: ours too
                     return CacheResult(shared[:n], "HIT", 0)
                 continue
-            # Claim the key here (local peers wait on the future), then across processes.
-            flight = asyncio.get_running_loop().create_future()
-            self._flights[key] = flight  # result: unpooled items for the waiters, or None
-            owned = False
-            try:
-                owned = await self.index.acquire_flight(key, self.flight_ttl)
-                if owned and self.index.shared:
-                    # Another process may have filled the pool between our read and the lock.
-                    pool = await self._pool_items(key, n)
-                    if len(pool) >= n:
-                        owned = False
-                        await self.index.release_flight(key)
-                        return CacheResult(pool[:n], "HIT", 0)
-                elif not owned:  # another replica generates: wait, then everyone re-reads
-                    started = time.perf_counter()
-                    try:
-                        await self.index.wait_flight(key, self.flight_ttl)
-                    finally:
-                        on_wait(time.perf_counter() - started)
-            except BaseException:
-                if owned:
+            claimed = await self._claim(key, n, pool, on_wait)
+            if isinstance(claimed, CacheResult):
+                return claimed
+            if claimed is not None:
+                return await self._generate(key, n, *claimed, generate)
+
+    async def _claim(self, key: str, n: int, pool: list[Item],
+                     on_wait: Callable[[float], None]
+                     ) -> CacheResult | tuple[list[Item], Flight] | None:
+        """Claim generating ``key`` here (local peers wait on the future), then across
+        processes. ``pool`` (as just read) and the flight if this request owns it; a hit
+        if another process filled the pool meanwhile; None to look again (after waiting
+        for another replica's flight)."""
+        flight: Flight = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight  # result: unpooled items for the waiters, or None
+        owned = False
+        try:
+            owned = await self.index.acquire_flight(key, self.flight_ttl)
+            if owned and self.index.shared:
+                # Another process may have filled the pool between our read and the lock.
+                pool = await self._pool_items(key, n)
+                if len(pool) >= n:
                     owned = False
                     await self.index.release_flight(key)
-                raise
-            finally:
-                if not owned:
-                    self._flights.pop(key, None)
-                    flight.set_result(None)
+                    return CacheResult(pool[:n], "HIT", 0)
+                return pool, flight
             if owned:
-                break
+                return pool, flight
+            started = time.perf_counter()  # another replica generates: wait, then re-read
+            try:
+                await self.index.wait_flight(key, self.flight_ttl)
+            finally:
+                on_wait(time.perf_counter() - started)
+            return None
+        except BaseException:
+            if owned:
+                owned = False
+                await self.index.release_flight(key)
+            raise
+        finally:
+            if not owned:
+                self._flights.pop(key, None)
+                flight.set_result(None)
+
+    async def _generate(self, key: str, n: int, pool: list[Item], flight: Flight,
+                        generate: Generate) -> CacheResult:
         # We own the flight for this key: waiters are answered from what we store.
         missing = n - len(pool)
         try:
@@ -390,10 +409,10 @@ class ResultCache:
         # Delivered: charged, pooled and the flight ended even if our client leaves now
         # (a disconnect must not leave pooled images unpaid, nor waiters without them).
         settling = asyncio.ensure_future(self._land(key, flight, pool, made))
-        fresh = await _outlive_cancel(settling)
+        fresh = await outlive_cancel(settling)
         return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing)
 
-    async def _end_flight(self, key: str, flight: asyncio.Future[list[Item] | None],
+    async def _end_flight(self, key: str, flight: Flight,
                           outcome: BaseException | list[Item] | None) -> None:
         """Answer the waiters of ``flight`` (an error, shared items, or None: re-read the
         pool) and release the key across processes."""
@@ -405,7 +424,7 @@ class ResultCache:
         self._flights.pop(key, None)
         await self.index.release_flight(key)
 
-    async def _land(self, key: str, flight: asyncio.Future[list[Item] | None],
+    async def _land(self, key: str, flight: Flight,
                     pool: list[Item], made: Fresh) -> list[Item]:
         """Charge and pool what a backend delivered, then end the flight; runs as its
         own task, so it completes even if the request that generated is cancelled."""
@@ -468,28 +487,9 @@ def _ignore(seconds: float) -> None:
     return None
 
 
-T = TypeVar("T")
-
-
 async def _begin(charge: Charge | None) -> None:
     if charge is not None:
         await charge.begin()
-
-
-async def _outlive_cancel(task: asyncio.Future[T]) -> T:
-    """Await ``task``; if the caller is cancelled meanwhile, ``task`` still completes
-    (its failure then logged here, since nobody else awaits it)."""
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_log_orphan_failure)
-        raise
-
-
-def _log_orphan_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
-        log.warning("cache_landing_failed", error=type(exc).__name__, detail=str(exc))
 
 
 def _unpooled(images: list[bytes]) -> list[Item]:
