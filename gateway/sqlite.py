@@ -17,8 +17,6 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import structlog
-
 from gateway.errors import StorageUnavailable
 
 try:
@@ -36,7 +34,6 @@ BUSY_TIMEOUT_MS = 250
 _UNAVAILABLE = {5, 6, 8, 10, 13, 14}
 Write = Callable[[sqlite3.Connection], object]
 OnCommit = Callable[[], object]
-log = structlog.get_logger("gateway.sqlite")
 
 
 def open_db(path: str | Path, cache_kib: int = 1024, *, sole_writer: bool = False
@@ -83,7 +80,6 @@ def translated(exc: BaseException) -> BaseException:
     for a file that cannot be written right now, else ``exc`` itself."""
     if not unavailable(exc):
         return exc
-    log.error("storage_unavailable", error=type(exc).__name__, detail=str(exc))
     failure = StorageUnavailable(exc)
     failure.__cause__ = exc
     return failure

@@ -112,7 +112,6 @@ def disk_failures_translated() -> Iterator[None]:
         failure = disk_unavailable(exc)
         if failure is None:
             raise
-        log.error("storage_unavailable", error=type(exc).__name__, detail=str(exc))
         raise failure from exc
 
 
