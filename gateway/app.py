@@ -26,7 +26,7 @@ from gateway.abuse import Suspicion
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
 from gateway.config import Config
-from gateway.errors import ApiError, storage_unavailable
+from gateway.errors import ApiError, StorageUnavailable, storage_unavailable
 from gateway.keys import (
     ABUSE,
     ANSWER_WAITS_FOR,
@@ -99,6 +99,9 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
             response = await handler(request)
         except ApiError as exc:
             error = exc
+            if isinstance(exc, StorageUnavailable) and not exc.should_retry:
+                log.error("storage_unavailable", request_id=request_id, path=request.path,
+                          error=exc.kind, detail=str(exc.__cause__))
         except web.HTTPException as exc:
             error = _http_error(request, exc)
         except asyncio.CancelledError:

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from gateway.sqlite import unavailable
-
 _TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
@@ -84,29 +82,53 @@ def invalid(message: str, param: str | None, code: str | None = "invalid_value")
 # (waiting, or freeing space, helps), and when it lacks permission (a setup to fix).
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
+# How long a client waits before retrying when the shared state store is away.
+STATE_RETRY_AFTER_SECONDS = 2
+LOCAL_STORAGE_MESSAGE = (
+    "The gateway cannot write to its storage right now (disk full, read-only or locked); "
+    "nothing was charged. Tell the gateway's admin: the request id names the cause in "
+    "the gateway's logs.")
 
 
-def _local_os_error(exc: BaseException, errnos: set[int]) -> bool:
-    return (isinstance(exc, OSError) and exc.errno in errnos
-            and not isinstance(exc, aiohttp.ClientError))
+class StorageUnavailable(ApiError):
+    """A store cannot be used right now: raised by the store itself, where the failure
+    happens (a SQLite file locked or full, a disk full or read-only, Redis away), so
+    nothing above a store needs to know what SQLite result codes or Redis errors mean.
+
+    ``shared`` (Redis, the replicas' state store) answers ``503 state_unavailable`` with
+    ``retry-after``: Redis comes back. A local store answers ``503 storage_unavailable``
+    unretried: a full disk stays full, and each SDK retry of a miss would pay the backend
+    again for images that cannot be delivered. ``transient`` is False for a permission
+    error (a configuration to fix, which the cache must not quietly work around).
+    ``kind`` names the failure underneath, as ``/readyz`` shows it.
+    """
+
+    def __init__(self, cause: BaseException, *, shared: bool = False,
+                 transient: bool = True) -> None:
+        if shared:
+            super().__init__(503, "The gateway's state store (Redis) is unavailable; retry "
+                             "shortly.", code="state_unavailable", should_retry=True,
+                             headers={"retry-after": str(STATE_RETRY_AFTER_SECONDS)})
+        else:
+            super().__init__(503, LOCAL_STORAGE_MESSAGE, code="storage_unavailable",
+                             should_retry=False)
+        self.kind = type(cause).__name__
+        self.transient = transient
 
 
-def storage_failing(exc: BaseException) -> bool:
-    """A store that is full, failing or away: a disk (ENOSPC, EROFS, EIO), a SQLite file
-    (locked, full) or the Redis state store. A cache can answer without storing."""
-    return (unavailable(exc) or _local_os_error(exc, _STORAGE_ERRNOS)
-            or (isinstance(exc, ApiError) and exc.code == "state_unavailable"))
+def disk_unavailable(exc: BaseException) -> StorageUnavailable | None:
+    """A local disk that is full, read-only, failing (transient) or refuses permission
+    (not transient), as :class:`StorageUnavailable`; None for any other error."""
+    if not isinstance(exc, OSError) or isinstance(exc, aiohttp.ClientError):
+        return None
+    if exc.errno in _STORAGE_ERRNOS:
+        return StorageUnavailable(exc)
+    if exc.errno in _PERMISSION_ERRNOS:
+        return StorageUnavailable(exc, transient=False)
+    return None
 
 
 def storage_unavailable(exc: BaseException) -> ApiError | None:
-    """A 503 for a disk or database the gateway cannot write, else None.
-
-    Not retried (``x-should-retry: false``): a full disk stays full, and each SDK retry
-    of a miss would pay the backend again for images that cannot be delivered.
-    """
-    if not (unavailable(exc) or _local_os_error(exc, _STORAGE_ERRNOS | _PERMISSION_ERRNOS)):
-        return None
-    return ApiError(503, "The gateway cannot write to its storage right now (disk full, "
-                    "read-only or locked); nothing was charged. Tell the gateway's admin: "
-                    "the request id names the cause in the gateway's logs.",
-                    code="storage_unavailable", should_retry=False)
+    """The 503 for a disk failure outside the stores (they raise
+    :class:`StorageUnavailable` themselves), else None."""
+    return disk_unavailable(exc)

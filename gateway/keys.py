@@ -9,20 +9,20 @@ from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
 from gateway.cache import ResultCache
 from gateway.config import Config
+from gateway.images import Images
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
 from gateway.proxies import ClientAddress
 from gateway.quota import QuotaStore
 from gateway.render import Renderer
 from gateway.router import Router
-from gateway.storage import ImageStore
 from gateway.upload import UploadBudget
 from gateway.writes import WriteHealth
 
 CONFIG = web.AppKey("config", Config)
 AUTH = web.AppKey("auth", Authenticator)
 ROUTER = web.AppKey("router", Router)
-IMAGES = web.AppKey("images", ImageStore)
+IMAGES = web.AppKey("images", Images)
 QUOTA = web.AppKey("quota", QuotaStore)
 CACHE = web.AppKey("cache", ResultCache)
 AUDIT = web.AppKey("audit", AuditLog)

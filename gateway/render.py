@@ -27,15 +27,14 @@ import time
 
 from cachetools import LRUCache
 
-from gateway.cache import Item
-from gateway.storage import ImageStore
+from gateway.images import Images, Item
 
 URL_REUSE_MAX_SECONDS = 60.0
 URL_MEMO_ENTRIES = 4096
 
 
 class Renderer:
-    def __init__(self, store: ImageStore, memory_bytes: int) -> None:
+    def __init__(self, store: Images, memory_bytes: int) -> None:
         self.store = store
         self.memory_bytes = memory_bytes
         # Shared by the event loop and executor threads: every access holds the lock.

@@ -11,10 +11,13 @@ whatever a client is told was recorded is on disk (the WAL) first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from gateway.errors import StorageUnavailable
 
 try:
     import fcntl
@@ -70,6 +73,50 @@ def unavailable(exc: BaseException) -> bool:
     same way (it is locked by another process, full, read-only or failing)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _UNAVAILABLE
+
+
+def translated(exc: BaseException) -> BaseException:
+    """``exc`` as the stores raise it: :class:`StorageUnavailable` (its cause attached)
+    for a file that cannot be written right now, else ``exc`` itself."""
+    if not unavailable(exc):
+        return exc
+    failure = StorageUnavailable(exc)
+    failure.__cause__ = exc
+    return failure
+
+
+@contextlib.contextmanager
+def failures_translated() -> Iterator[None]:
+    """Run SQLite calls whose unavailable-file errors leave as :class:`StorageUnavailable`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        failure = translated(exc)
+        if failure is exc:
+            raise
+        raise failure from exc
+
+
+def translated_future(done: asyncio.Future[None]) -> asyncio.Future[None]:
+    """A future that settles as ``done`` does, its error :func:`translated`. Cancelling it
+    leaves ``done`` (a group commit's write still lands)."""
+    out: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def copy(source: asyncio.Future[None]) -> None:
+        if out.cancelled():
+            return
+        if source.cancelled():
+            out.cancel()
+            return
+        exc = source.exception()
+        if exc is None:
+            out.set_result(None)
+        else:
+            out.set_exception(translated(exc))
+            out.exception()  # marked retrieved, as GroupCommit's own futures are
+
+    done.add_done_callback(copy)
+    return out
 
 
 class _Connection(sqlite3.Connection):
@@ -136,6 +183,10 @@ class GroupCommit:
     then all fail at once). ``on_commit`` callbacks run right after
     the commit that holds their write, before any other coroutine runs: in-memory
     mirrors of the table (the quota ledger) never see a state the file does not have.
+
+    Measured gain (commit 93ebabb, wrk, 512x512 n=1 cache hits at c=16 on one pinned
+    core): 3,247 -> 3,894 req/s (+20%): each request paid its own commit twice before
+    (~25 us for the ledger upsert, ~40 us for the audit insert).
     """
 
     def __init__(self, db: sqlite3.Connection) -> None:

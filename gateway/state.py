@@ -13,18 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.abuse import Abuse, AbuseMonitor
-from gateway.cache import BlobStore, ResultCache, SqliteCacheIndex
+from gateway.abuse import Abuse
+from gateway.abuse.memory import AbuseMonitor
+from gateway.cache import CacheIndex, ResultCache
+from gateway.cache.sqlite import SqliteCacheIndex
 from gateway.config import Config
-from gateway.quota import QuotaStore, SqliteQuota
-from gateway.storage import ImageStore, load_signing_key
+from gateway.images import Blobs, Images, load_signing_key
+from gateway.images.blobs import BlobStore
+from gateway.images.fs import ImageStore
+from gateway.quota import QuotaStore
+from gateway.quota.sqlite import SqliteQuota
 
 
 @dataclass(frozen=True)
 class State:
     quota: QuotaStore
     cache: ResultCache
-    images: ImageStore
+    images: Images
     signing_key: bytes
     abuse: Abuse
 
@@ -67,33 +72,37 @@ def build_state(config: Config) -> State:
         abuse=AbuseMonitor(config.abuse))
 
 
-def _cache(config: Config, index: object, blobs: BlobStore, **extra: float) -> ResultCache:
-    return ResultCache(index, blobs, enabled=config.cache.enabled,  # type: ignore[arg-type]
+def _cache(config: Config, index: CacheIndex, blobs: Blobs, **extra: float) -> ResultCache:
+    return ResultCache(index, blobs, enabled=config.cache.enabled,
                        max_bytes=config.cache.max_bytes,
                        ttl_seconds=config.cache.ttl_seconds, **extra)
 
 
 def _redis_state(config: Config) -> State:
-    from gateway import state_redis as sr
+    from gateway.abuse.redis import RedisAbuseMonitor
+    from gateway.cache.redis import RedisCacheIndex
+    from gateway.images.redis import RedisBlobStore, RedisImageStore, shared_signing_key
+    from gateway.quota.redis import RedisQuota
+    from gateway.redis.client import connect, connect_sync
 
     url, timeout = config.state.redis_url or "", config.state.timeout_seconds
     deadline = generation_deadline(config)
-    sync = sr.connect_sync(url, timeout)
-    signing_key = sr.shared_signing_key(sync, config.images.signing_key)
+    sync = connect_sync(url, timeout)
+    signing_key = shared_signing_key(sync, config.images.signing_key)
     cache_dir, images_dir = Path(config.cache.dir), Path(config.images.dir)
-    images: ImageStore
-    blobs: BlobStore
+    images: Images
+    blobs: Blobs
     if config.images.store == "redis":
-        blobs = sr.RedisBlobStore(sync, cache_dir / "spool")
-        images = sr.RedisImageStore(sync, images_dir, signing_key,
-                                    config.images.url_ttl_seconds, config.images.max_bytes)
+        blobs = RedisBlobStore(sync, cache_dir / "spool")
+        images = RedisImageStore(sync, images_dir, signing_key,
+                                 config.images.url_ttl_seconds, config.images.max_bytes)
     else:  # a directory every replica mounts
         blobs = BlobStore(cache_dir / "blobs")
         images = ImageStore(images_dir, signing_key, config.images.url_ttl_seconds)
     return State(
-        quota=sr.RedisQuota(sr.connect(url, timeout), timeout, lease_seconds=deadline),
-        cache=_cache(config, sr.RedisCacheIndex(sr.connect(url, timeout), timeout), blobs,
+        quota=RedisQuota(connect(url, timeout), timeout, lease_seconds=deadline),
+        cache=_cache(config, RedisCacheIndex(connect(url, timeout), timeout), blobs,
                      flight_ttl_seconds=deadline),
         images=images,
         signing_key=signing_key,
-        abuse=sr.RedisAbuseMonitor(sr.connect(url, timeout), timeout, config.abuse))
+        abuse=RedisAbuseMonitor(connect(url, timeout), timeout, config.abuse))

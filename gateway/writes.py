@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gateway.errors import StorageUnavailable
+
 
 class WriteHealth:
     """Which stores' last writes failed (a full disk, a read-only or locked file,
@@ -19,7 +21,8 @@ class WriteHealth:
         else:
             # The kind only (as the state check shows it): the detail, with its paths,
             # is in the log line of the write that failed.
-            self._failing[store] = type(error).__name__
+            self._failing[store] = (error.kind if isinstance(error, StorageUnavailable)
+                                    else type(error).__name__)
 
     def failing(self) -> dict[str, str]:
         return dict(self._failing)

@@ -11,8 +11,8 @@ import structlog
 from instrumented_backend import Start, register, vary
 from support import png_bytes
 
-from gateway import abuse
-from gateway.abuse import AbuseMonitor
+from gateway.abuse import memory as abuse
+from gateway.abuse.memory import AbuseMonitor
 from gateway.config import AbuseConfig
 
 

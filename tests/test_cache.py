@@ -261,7 +261,9 @@ async def test_sweeper_expires_pools_while_idle(tmp_path) -> None:
     import asyncio
     import time as _time
 
-    from gateway.cache import BlobStore, Fresh, ResultCache, SqliteCacheIndex
+    from gateway.cache import Fresh, ResultCache
+    from gateway.cache.sqlite import SqliteCacheIndex
+    from gateway.images.blobs import BlobStore
 
     cache = ResultCache(SqliteCacheIndex(tmp_path / "index.sqlite3"),
                         BlobStore(tmp_path / "blobs"), enabled=True, max_bytes=10**9,
@@ -293,7 +295,7 @@ async def test_hit_recency_kept_in_memory_reaches_the_index(tmp_path: Path) -> N
     """A hit's last-use time is held in memory; eviction and a restart still see it."""
     import time as _time
 
-    from gateway.cache import SqliteCacheIndex
+    from gateway.cache.sqlite import SqliteCacheIndex
 
     path, now = tmp_path / "index.sqlite3", _time.time()
     index = SqliteCacheIndex(path)
@@ -335,7 +337,8 @@ async def test_a_pool_being_served_is_not_evicted_under_it(instrumented: Start) 
 
 
 async def test_index_eviction_keeps_keys_in_use(tmp_path: Path) -> None:
-    from gateway.cache import Evicted, SqliteCacheIndex
+    from gateway.cache import Evicted
+    from gateway.cache.sqlite import SqliteCacheIndex
 
     index = SqliteCacheIndex(tmp_path / "index.sqlite3")
     await index.append("old", [("s1", 10)], 100.0)
@@ -440,7 +443,7 @@ async def test_a_cache_that_cannot_store_answers_unpooled(
         def full(path: Path, data: bytes) -> None:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-        monkeypatch.setattr("gateway.cache.atomic_write", full)
+        monkeypatch.setattr("gateway.images.blobs.atomic_write", full)
     else:
         shell = sqlite3.connect(cache_dir / "index.sqlite3", isolation_level=None)
         shell.execute("BEGIN IMMEDIATE")
@@ -470,7 +473,7 @@ async def test_a_cache_directory_without_permission_fails_loudly(
     def denied(path: Path, data: bytes) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr("gateway.cache.atomic_write", denied)
+    monkeypatch.setattr("gateway.images.blobs.atomic_write", denied)
     refused = await vary(client, png_bytes(seed=26))
     assert refused.status == 503 and refused.body["error"]["code"] == "storage_unavailable"
     assert (await usage(client))["limits"]["images_per_day"]["used"] == 0
@@ -483,7 +486,7 @@ async def test_index_totals_kept_in_memory_match_the_file(tmp_path: Path) -> Non
     import random
     import sqlite3
 
-    from gateway.cache import SqliteCacheIndex
+    from gateway.cache.sqlite import SqliteCacheIndex
 
     def recount() -> tuple[int, int]:
         with sqlite3.connect(tmp_path / "index.sqlite3") as db:
@@ -519,7 +522,9 @@ async def test_forgetting_a_broken_pool_spares_the_files_others_are_serving(
         tmp_path: Path) -> None:
     """A file of a pool is gone: the next request forgets the pool and generates, but
     the files a request still answering from that pool reads stay until it is done."""
-    from gateway.cache import BlobStore, Fresh, ResultCache, SqliteCacheIndex
+    from gateway.cache import Fresh, ResultCache
+    from gateway.cache.sqlite import SqliteCacheIndex
+    from gateway.images.blobs import BlobStore
 
     cache = ResultCache(SqliteCacheIndex(tmp_path / "index.sqlite3"),
                         BlobStore(tmp_path / "blobs"), enabled=True, max_bytes=10**9,
@@ -554,7 +559,9 @@ async def test_a_damaged_cache_file_is_never_served_and_is_replaced(tmp_path: Pa
     """A pooled file truncated behind the gateway's back (a failing disk, a half copy
     by hand) used to be served as it was: now its pool is made again, and the same
     bytes made again replace the damaged file instead of keeping it."""
-    from gateway.cache import BlobStore, Fresh, ResultCache, SqliteCacheIndex
+    from gateway.cache import Fresh, ResultCache
+    from gateway.cache.sqlite import SqliteCacheIndex
+    from gateway.images.blobs import BlobStore
 
     cache = ResultCache(SqliteCacheIndex(tmp_path / "index.sqlite3"),
                         BlobStore(tmp_path / "blobs"), enabled=True, max_bytes=10**9,
@@ -595,20 +602,22 @@ async def test_cleanup_never_deletes_a_file_another_pool_indexed(tmp_path: Path,
     written the file, and the one that failed must not delete what the other indexed."""
     import hashlib as _hashlib
 
-    from gateway import cache as cache_module
-    from gateway.cache import BlobStore, Fresh, ResultCache, SqliteCacheIndex
+    from gateway.cache import Fresh, ResultCache
+    from gateway.cache.sqlite import SqliteCacheIndex
+    from gateway.images import blobs as blobs_module
+    from gateway.images.blobs import BlobStore
 
     cache = ResultCache(SqliteCacheIndex(tmp_path / "index.sqlite3"),
                         BlobStore(tmp_path / "blobs"), enabled=True, max_bytes=10**9,
                         ttl_seconds=3600)
-    real = cache_module.atomic_write
+    real = blobs_module.atomic_write
 
     def full_for_y(path: Path, data: bytes) -> None:
         if data == b"Y":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data)
 
-    monkeypatch.setattr(cache_module, "atomic_write", full_for_y)
+    monkeypatch.setattr(blobs_module, "atomic_write", full_for_y)
 
     def only(images: list[bytes]) -> Any:
         async def generate(count: int, offset: int) -> Fresh:
@@ -665,10 +674,12 @@ async def test_redis_dying_mid_eviction_is_handled_and_logged(
         tmp_path: Path, redis_server: Any) -> None:
     """Issue 19 item 16: an eviction pass that a store starts runs in a task nobody
     awaits; Redis dying during it left "Task exception was never retrieved"."""
-    from gateway import state_redis as sr
-    from gateway.cache import BlobStore, Fresh, ResultCache
+    from gateway.cache import Fresh, ResultCache
+    from gateway.cache.redis import RedisCacheIndex
+    from gateway.images.blobs import BlobStore
+    from gateway.redis.client import connect
 
-    index = sr.RedisCacheIndex(sr.connect(redis_server.url, 1.0), 1.0)
+    index = RedisCacheIndex(connect(redis_server.url, 1.0), 1.0)
     cache = ResultCache(index, BlobStore(tmp_path / "blobs"), enabled=True,
                         max_bytes=10**9, ttl_seconds=3600)
 

@@ -379,7 +379,7 @@ async def test_ledger_additions_of_one_loop_turn_share_one_upsert_per_row(tmp_pa
     """16 answered requests in one turn are two upserts per member, and exact."""
     from gateway.auth import Principal
     from gateway.config import QuotaLimits
-    from gateway.quota import SqliteQuota
+    from gateway.quota.sqlite import SqliteQuota
 
     quota = SqliteQuota(tmp_path / "quota.sqlite3")
     alice, bob = (Principal(name, QuotaLimits(), True) for name in ("alice", "bob"))
@@ -406,7 +406,8 @@ async def test_a_failed_ledger_batch_fails_its_callers_and_changes_nothing(tmp_p
                                                                            ) -> None:
     from gateway.auth import Principal
     from gateway.config import QuotaLimits
-    from gateway.quota import SqliteQuota
+    from gateway.errors import StorageUnavailable
+    from gateway.quota.sqlite import SqliteQuota
 
     quota = SqliteQuota(tmp_path / "quota.sqlite3")
     alice = Principal("alice", QuotaLimits(), True)
@@ -416,7 +417,9 @@ async def test_a_failed_ledger_batch_fails_its_callers_and_changes_nothing(tmp_p
     results = await asyncio.gather(asyncio.ensure_future(quota.commit(reservation, 2, 0.036)),
                                    quota.count_request(alice, cache_hit=False),
                                    return_exceptions=True)
-    assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+    # translated where they happen: the store's one error, the SQLite failure as its cause
+    assert all(isinstance(r, StorageUnavailable)
+               and isinstance(r.__cause__, sqlite3.OperationalError) for r in results), results
     assert not reservation.settled  # the handler refunds it
     await quota.refund(reservation)
     assert {s.name: s.used for s in await quota.usage(alice)}["images_per_day"] == 0
@@ -436,7 +439,7 @@ async def test_a_commit_after_midnight_charges_the_reservations_day_and_month(
     midnight: the images count on that day and month, not on the next ones."""
     from gateway.auth import Principal
     from gateway.config import QuotaLimits
-    from gateway.quota import SqliteQuota
+    from gateway.quota.sqlite import SqliteQuota
 
     now = [LAST_SECOND_OF_JANUARY]
     quota = SqliteQuota(tmp_path / "quota.sqlite3", clock=lambda: now[0])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cache import Item
+from gateway.images import Item
+from gateway.images.fs import ImageStore
 from gateway.render import Renderer
-from gateway.storage import ImageStore
 
 
 def cached_item(tmp_path: Path, data: bytes) -> Item:

@@ -10,14 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from redis_server import RedisServer
 
-from gateway import state_redis as sr
 from gateway.abuse import Suspicion
+from gateway.abuse import redis as abuse_redis
+from gateway.abuse.redis import KEYS as ABUSE_KEYS
+from gateway.abuse.redis import RedisAbuseMonitor
 from gateway.auth import Principal
-from gateway.cache import BlobStore, CacheResult, Evicted, Fresh, ResultCache
+from gateway.cache import CacheResult, Evicted, Fresh, ResultCache
+from gateway.cache.redis import RedisCacheIndex
 from gateway.config import AbuseConfig, QuotaLimits
-from gateway.quota import QuotaRejected
+from gateway.errors import StorageUnavailable
+from gateway.images.blobs import BlobStore
+from gateway.images.redis import BLOBS, IMAGES, RedisBlobStore, RedisImageStore, shared_signing_key
+from gateway.quota import QuotaRejected, Reservation
+from gateway.quota.redis import RedisQuota, UserKeys
+from gateway.redis.client import RETRY_AFTER_SECONDS, connect, connect_sync
 
 TIMEOUT = 1.0
 
@@ -28,19 +37,19 @@ def who(name: str = "alice", **limits: object) -> Principal:
     return Principal(name, QuotaLimits(**{**base, **limits}), True)  # type: ignore[arg-type]
 
 
-def quota(server: RedisServer, lease: float = 600.0) -> sr.RedisQuota:
-    return sr.RedisQuota(sr.connect(server.url, TIMEOUT), TIMEOUT, lease_seconds=lease)
+def quota(server: RedisServer, lease: float = 600.0) -> RedisQuota:
+    return RedisQuota(connect(server.url, TIMEOUT), TIMEOUT, lease_seconds=lease)
 
 
-def index(server: RedisServer) -> sr.RedisCacheIndex:
-    return sr.RedisCacheIndex(sr.connect(server.url, TIMEOUT), TIMEOUT)
+def index(server: RedisServer) -> RedisCacheIndex:
+    return RedisCacheIndex(connect(server.url, TIMEOUT), TIMEOUT)
 
 
 async def test_reservations_are_exact_across_replicas(redis_server: RedisServer) -> None:
     replicas = [quota(redis_server), quota(redis_server)]
     p = who(images_per_day=50, budget_usd_per_month=10.0)
 
-    async def one(i: int) -> sr.RedisReservation | None:
+    async def one(i: int) -> Reservation | None:
         try:
             return await replicas[i % 2].reserve(p, 1, 0.02, "256x256")  # type: ignore[return-value]
         except QuotaRejected as exc:
@@ -148,12 +157,12 @@ async def test_fails_closed_then_recovers_on_its_own(redis_server: RedisServer) 
     await q.commit(r, 1, 0.0)
     redis_server.kill()
     started = time.monotonic()
-    with pytest.raises(sr.StateUnavailable) as exc:
+    with pytest.raises(StorageUnavailable) as exc:
         await q.reserve(p, 1, 0.0, "256x256")
     assert time.monotonic() - started < 5 * TIMEOUT  # bounded, not hung
     assert exc.value.status == 503 and exc.value.code == "state_unavailable"
-    assert exc.value.headers["retry-after"] == str(sr.RETRY_AFTER_SECONDS)
-    with pytest.raises(sr.StateUnavailable):
+    assert exc.value.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+    with pytest.raises(StorageUnavailable):
         async with q.admit(p):
             pass
     redis_server.start()  # same port, empty (no persistence): scripts must reload
@@ -252,7 +261,7 @@ async def test_a_replica_downloads_only_the_blobs_it_serves_off_the_loop(
     from an executor thread. It used to fetch the whole pool (up to ten images), on the
     event loop, holding every other request meanwhile; no-cache fetched it too."""
     def cache(spool: str) -> ResultCache:
-        blobs = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / spool)
+        blobs = RedisBlobStore(connect_sync(redis_server.url, TIMEOUT), tmp_path / spool)
         return ResultCache(index(redis_server), blobs, enabled=True, max_bytes=10**9,
                            ttl_seconds=3600)
 
@@ -283,18 +292,18 @@ async def test_a_replica_downloads_only_the_blobs_it_serves_off_the_loop(
 
 
 async def test_signing_key_is_shared(redis_server: RedisServer) -> None:
-    first = sr.shared_signing_key(sr.connect_sync(redis_server.url, TIMEOUT), "")
-    second = sr.shared_signing_key(sr.connect_sync(redis_server.url, TIMEOUT), "")
+    first = shared_signing_key(connect_sync(redis_server.url, TIMEOUT), "")
+    second = shared_signing_key(connect_sync(redis_server.url, TIMEOUT), "")
     assert first == second and len(first) == 32
-    assert sr.shared_signing_key(redis_server.client(), "configured") == b"configured"
+    assert shared_signing_key(redis_server.client(), "configured") == b"configured"
 
 
 async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
                                                   tmp_path: Path) -> None:
     key = b"k" * 32
-    a = sr.RedisImageStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "a", key,
+    a = RedisImageStore(connect_sync(redis_server.url, TIMEOUT), tmp_path / "a", key,
                            3600, max_bytes=25)
-    b = sr.RedisImageStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "b", key,
+    b = RedisImageStore(connect_sync(redis_server.url, TIMEOUT), tmp_path / "b", key,
                            3600, max_bytes=25)
     first = a.put(b"0123456789")
     url = a.url("http://x", first)
@@ -312,11 +321,11 @@ async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
     a.put(b"abcdefghij")
     a.put(b"ABCDEFGHIJ")
     r = redis_server.client()
-    assert int(r.get(sr._I + "total")) == 20
-    assert r.get(sr._I + "data:" + first) is None
+    assert int(r.get(IMAGES + "total")) == 20
+    assert r.get(IMAGES + "data:" + first) is None
     # Cache blobs in Redis: written by one replica, read through another's spool.
-    blobs_a = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "sa")
-    blobs_b = sr.RedisBlobStore(sr.connect_sync(redis_server.url, TIMEOUT), tmp_path / "sb")
+    blobs_a = RedisBlobStore(connect_sync(redis_server.url, TIMEOUT), tmp_path / "sa")
+    blobs_b = RedisBlobStore(connect_sync(redis_server.url, TIMEOUT), tmp_path / "sb")
     created: list[str] = []
     (item,) = blobs_a.write([b"blob"], created)
     assert created == [item.sha256]
@@ -331,7 +340,7 @@ async def test_images_in_redis_any_replica_serves(redis_server: RedisServer,
     assert blobs_b.fetch([(item.sha256, 4)]) == []
     assert blobs_b.path(item.sha256).read_bytes() == b"blob"
     blobs_a.delete([item.sha256])
-    assert r.get(sr._C + "blob:" + item.sha256) is None
+    assert r.get(BLOBS + item.sha256) is None
     assert blobs_a.fetch([(item.sha256, 4)]) == [item.sha256]  # in Redis neither
     # B's spooled copy goes at its next sweep; a copy still in Redis stays.
     (kept,) = blobs_a.write([b"kept"], [])
@@ -355,7 +364,7 @@ async def test_a_commit_whose_reply_was_lost_is_charged_once_and_succeeds(
         sent.append(kwargs)
         result = await real(**kwargs)
         if len(sent) == 1:
-            raise sr.redis.exceptions.ConnectionError("connection reset by peer")
+            raise redis.exceptions.ConnectionError("connection reset by peer")
         return result
 
     q._commit = reply_lost  # type: ignore[assignment]
@@ -387,14 +396,14 @@ async def test_a_reserve_whose_reply_never_came_holds_nothing(
     async def script_ran_then(**kwargs: object) -> object:
         await real(**kwargs)
         if fault == "reply_lost":
-            raise sr.redis.exceptions.ConnectionError("connection reset by peer")
+            raise redis.exceptions.ConnectionError("connection reset by peer")
         await never.wait()  # the client leaves while we wait for the reply
         raise AssertionError("unreachable")
 
     q._reserve = script_ran_then  # type: ignore[assignment]
     task = asyncio.create_task(q.reserve(p, 2, 0.0, "256x256"))
     if fault == "reply_lost":
-        with pytest.raises(sr.StateUnavailable):
+        with pytest.raises(StorageUnavailable):
             await task
     else:
         await _until(lambda: _held(q, p, 2), "the script to take the images")
@@ -407,7 +416,7 @@ async def test_a_reserve_whose_reply_never_came_holds_nothing(
     await q.close()
 
 
-async def _held(q: sr.RedisQuota, p: Principal, used: int) -> bool:
+async def _held(q: RedisQuota, p: Principal, used: int) -> bool:
     return {s.name: s for s in await q.usage(p)}["images_per_day"].used == used
 
 
@@ -418,10 +427,10 @@ async def test_an_admit_whose_reply_was_lost_holds_no_slot(redis_server: RedisSe
 
     async def reply_lost(**kwargs: object) -> object:
         await real(**kwargs)
-        raise sr.redis.exceptions.TimeoutError("Timeout reading from socket")
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
 
     q._admit = reply_lost  # type: ignore[assignment]
-    with pytest.raises(sr.StateUnavailable):
+    with pytest.raises(StorageUnavailable):
         async with q.admit(p):
             pass
     q._admit = real  # type: ignore[assignment]
@@ -461,7 +470,7 @@ async def test_abuse_windows_are_shared_by_replicas(redis_server: RedisServer,
     """A member's requests spread over replicas count in one window, and each signal is
     raised once across them (per-replica windows each saw only part of a member)."""
     cfg = AbuseConfig(window_seconds=600, distinct_end_users=4, limit_hits=3)
-    a, b = (sr.RedisAbuseMonitor(sr.connect(redis_server.url, TIMEOUT), TIMEOUT, cfg)
+    a, b = (RedisAbuseMonitor(connect(redis_server.url, TIMEOUT), TIMEOUT, cfg)
             for _ in range(2))
 
     def signals(found: list[Suspicion]) -> list[tuple[str, int]]:
@@ -477,7 +486,7 @@ async def test_abuse_windows_are_shared_by_replicas(redis_server: RedisServer,
     assert signals(await a.observe("alice", None, True)) == [("repeated_limit_hits", 3)]
 
     # report() runs after the answer and calls back; a flood stays bounded in Redis.
-    monkeypatch.setattr(sr, "MAX_TRACKED_END_USERS", 10)
+    monkeypatch.setattr(abuse_redis, "MAX_TRACKED_END_USERS", 10)
     got: list[Suspicion] = []
     for i in range(30):
         b.report("carol", f"scripted-{i}", False, got.append)
@@ -485,8 +494,8 @@ async def test_abuse_windows_are_shared_by_replicas(redis_server: RedisServer,
     await b.close()
     assert signals(got) == [("many_end_users", 4)]
     r = redis_server.client()
-    assert r.zcard(sr._A + b"carol".hex() + ":users") == 10
-    assert 0 < r.pttl(sr._A + b"carol".hex() + ":users") <= 600_000
+    assert r.zcard(ABUSE_KEYS + b"carol".hex() + ":users") == 10
+    assert 0 < r.pttl(ABUSE_KEYS + b"carol".hex() + ":users") <= 600_000
     await a.close()
 
 
@@ -496,13 +505,13 @@ async def test_a_commit_after_midnight_charges_the_reservations_day_and_month(
     after midnight; the ledger keys charged are January's."""
     last_second_of_january = 1738367999.0
     now = [last_second_of_january]
-    q = sr.RedisQuota(sr.connect(redis_server.url, TIMEOUT), TIMEOUT, lease_seconds=600,
+    q = RedisQuota(connect(redis_server.url, TIMEOUT), TIMEOUT, lease_seconds=600,
                       clock=lambda: now[0])
     p = who("midnight", images_per_day=5)
     reservation = await q.reserve(p, 2, 0.04, "256x256")
     now[0] += 6
     await q.commit(reservation, 2, 0.04)
-    old, new = sr._UserKeys("midnight", last_second_of_january), sr._UserKeys("midnight", now[0])
+    old, new = UserKeys("midnight", last_second_of_january), UserKeys("midnight", now[0])
     assert old.month != new.month and old.day != new.day
     images = [await q.r.hget(k, "images") for k in (old.day, old.month, new.day, new.month)]
     assert images == [b"2", b"2", None, None]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ApiError
-from gateway.storage import ImageStore, load_signing_key
+from gateway.images import load_signing_key
+from gateway.images.fs import ImageStore
 
 
 def _parts(url: str) -> tuple[str, str, str]:

@@ -27,10 +27,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 from support import GatewayProcess, auth, base_config, png_bytes, start_gateway  # noqa: E402
 
-from gateway import state_redis as sr  # noqa: E402
 from gateway.auth import Principal  # noqa: E402
 from gateway.config import QuotaLimits  # noqa: E402
-from gateway.quota import QuotaStore, SqliteQuota  # noqa: E402
+from gateway.quota import QuotaStore  # noqa: E402
+from gateway.quota.redis import RedisQuota  # noqa: E402
+from gateway.quota.sqlite import SqliteQuota  # noqa: E402
+from gateway.redis.client import connect  # noqa: E402
 
 CALLS = 2000
 LOAD_SECONDS = 6.0
@@ -117,7 +119,7 @@ def run() -> list[dict[str, object]]:
             trips = "state calls of one generated request (in-process)"
             rows.append(_row(trips, "sqlite", asyncio.run(
                 _round_trips(SqliteQuota(tmp / "bench.sqlite3")))))
-            redis_store = sr.RedisQuota(sr.connect(server.url, 5.0), 5.0, lease_seconds=600)
+            redis_store = RedisQuota(connect(server.url, 5.0), 5.0, lease_seconds=600)
             rows.append(_row(trips, "redis (loopback)",
                              asyncio.run(_round_trips(redis_store))))
             load = f"admitted n=1 requests/s, one hot user, {CONCURRENCY} clients"

@@ -21,7 +21,7 @@ import pytest
 from rawhttp import RawResponse, exchange, request_bytes
 from support import TOKENS, GatewayProcess, base_config, png_bytes, start_gateway
 
-from gateway.storage import ImageStore
+from gateway.images.fs import ImageStore
 
 KEY = "robustness-test-signing-key"
 

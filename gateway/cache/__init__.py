@@ -3,29 +3,28 @@
 A key (SHA-256 of pixels, size, model, backend identity) holds an ordered *pool* of
 generated PNGs. A request for ``n`` takes the first ``n``; a short pool is topped up by
 generating only what is missing. Identical misses in flight are coalesced into one
-backend call. Bytes live content-addressed under ``cache.dir`` (written atomically);
-the index (pools, sizes, last use) lives in SQLite, or in Redis when replicas share it.
+backend call. The bytes are :class:`gateway.images.Blobs`; the index (pools, sizes,
+last use) is a :class:`CacheIndex`: :mod:`gateway.cache.sqlite` on one box,
+:mod:`gateway.cache.redis` when replicas share it. This package root holds the rules
+(keys, policies, pools, single flight) that work the same over either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 import structlog
 
-from gateway.errors import storage_failing
+from gateway.cache.tasks import outlive_cancel
+from gateway.errors import StorageUnavailable
+from gateway.images import Blobs, Item
 from gateway.quota import QuotaRejected
-from gateway.sqlite import open_db
-from gateway.storage import atomic_write
 
 log = structlog.get_logger("gateway.cache")
 
@@ -64,6 +63,8 @@ class Charge(Protocol):
         ...
 
 
+# One generation in flight here: its waiters get the unpooled items, or None (re-read).
+Flight = asyncio.Future[list[Item] | None]
 # generate(count, offset): ``count`` new images; ``offset`` is their pool position,
 # -1 for images that must not repeat earlier ones (``no-cache``, ``no-store``).
 Generate = Callable[[int, int], Awaitable[Fresh]]
@@ -85,22 +86,6 @@ def policy_from_header(value: str | None) -> Policy:
 
 
 @dataclass(frozen=True)
-class Item:
-    """One image of a response: its bytes when fresh, its cached file otherwise."""
-
-    sha256: str
-    size: int
-    data: bytes | None = None
-    path: Path | None = None
-
-    def read(self) -> bytes:
-        if self.data is not None:
-            return self.data
-        assert self.path is not None
-        return self.path.read_bytes()
-
-
-@dataclass(frozen=True)
 class CacheResult:
     items: list[Item]
     status: Status
@@ -118,7 +103,8 @@ class Evicted:
 
 
 class CacheIndex(Protocol):
-    """Where pools are recorded: SQLite on one box, Redis across replicas."""
+    """Where pools are recorded: SQLite on one box, Redis across replicas. Storage
+    failures raise :class:`gateway.errors.StorageUnavailable`."""
 
     shared: bool  # other processes write it too: re-read a pool after taking its flight
 
@@ -158,229 +144,6 @@ class CacheIndex(Protocol):
     async def close(self) -> None: ...
 
 
-class SqliteCacheIndex:
-    """The index of one process. Pools are also kept in memory and a hit's ``last_used``
-    is recorded in memory, written out before each eviction pass (and at close): a hit
-    then costs no SQLite statement. A crash loses only those recency updates, which
-    makes the next eviction slightly less exact, never wrong about what is stored.
-
-    The entry count and byte total are kept in memory too (this process is the only
-    writer), and a pass reads only what it evicts: summing and sorting the whole index
-    on each pass cost 35 ms of held event loop per miss at 80,000 images.
-    """
-
-    shared = False
-    MEMO_ENTRIES = 10_000
-
-    def __init__(self, path: str | Path) -> None:
-        self._db = open_db(path, sole_writer=True)
-        self._db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS entries (
-                key TEXT PRIMARY KEY, created REAL NOT NULL, last_used REAL NOT NULL);
-            CREATE TABLE IF NOT EXISTS items (
-                key TEXT NOT NULL, pos INTEGER NOT NULL, sha TEXT NOT NULL,
-                bytes INTEGER NOT NULL, PRIMARY KEY (key, pos));
-            CREATE INDEX IF NOT EXISTS items_sha ON items (sha);
-            CREATE INDEX IF NOT EXISTS entries_lru ON entries (last_used);
-            CREATE INDEX IF NOT EXISTS entries_created ON entries (created);
-            """)
-        self._pools: dict[str, list[tuple[str, int]]] = {}
-        self._touched: dict[str, float] = {}
-        (self._entries,) = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
-        (self._bytes,) = self._db.execute(
-            "SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
-
-    async def pool(self, key: str, now: float) -> list[tuple[str, int]]:
-        rows = self._pools.get(key)
-        if rows is None:
-            rows = self._db.execute(
-                "SELECT sha, bytes FROM items WHERE key=? ORDER BY pos", (key,)).fetchall()
-            if rows:
-                if len(self._pools) >= self.MEMO_ENTRIES:
-                    del self._pools[next(iter(self._pools))]
-                self._pools[key] = rows
-        if rows:
-            self._touched[key] = now
-        return list(rows)
-
-    def _flush_touches(self) -> None:
-        if self._touched:
-            touched, self._touched = self._touched, {}
-            self._db.executemany("UPDATE entries SET last_used=? WHERE key=?",
-                                 [(t, k) for k, t in touched.items()])
-
-    async def append(self, key: str, items: list[tuple[str, int]], now: float) -> None:
-        self._pools.pop(key, None)
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            new = self._db.execute("SELECT 1 FROM entries WHERE key=?", (key,)).fetchone() is None
-            self._db.execute(
-                "INSERT INTO entries VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                "last_used=excluded.last_used", (key, now, now))
-            (start,) = self._db.execute(
-                "SELECT COALESCE(MAX(pos) + 1, 0) FROM items WHERE key=?", (key,)).fetchone()
-            self._db.executemany(
-                "INSERT INTO items VALUES (?, ?, ?, ?)",
-                [(key, start + i, sha, size) for i, (sha, size) in enumerate(items)])
-        # Counted once committed (a failed transaction changed nothing).
-        self._entries += new
-        self._bytes += sum(size for _, size in items)
-        self._touched.pop(key, None)
-
-    def _drop(self, key: str) -> tuple[list[str], int, int]:
-        """Delete ``key``'s pool: (orphaned shas, bytes freed, entries removed)."""
-        self._pools.pop(key, None)
-        self._touched.pop(key, None)
-        rows = self._db.execute("SELECT sha, bytes FROM items WHERE key=?", (key,)).fetchall()
-        self._db.execute("DELETE FROM items WHERE key=?", (key,))
-        removed = self._db.execute("DELETE FROM entries WHERE key=?", (key,)).rowcount
-        orphans = [sha for sha, _ in rows if self._db.execute(
-            "SELECT 1 FROM items WHERE sha=? LIMIT 1", (sha,)).fetchone() is None]
-        return orphans, sum(size for _, size in rows), removed
-
-    async def evict(self, max_bytes: int, ttl_seconds: int, now: float,
-                    keep: frozenset[str] = frozenset()) -> Evicted:
-        orphans: list[str] = []
-        held: set[str] = set()
-        total, entries = self._bytes, self._entries
-
-        def drop_key(key: str) -> None:
-            nonlocal total, entries
-            gone, freed, removed = self._drop(key)
-            orphans.extend(gone)
-            total, entries = total - freed, entries - removed
-
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._flush_touches()
-            for (key,) in self._db.execute(
-                    "SELECT key FROM entries WHERE created < ?", (now - ttl_seconds,)).fetchall():
-                if key in keep:
-                    held.add(key)
-                else:
-                    drop_key(key)
-            skipped = 0  # kept keys stay at the front of the LRU order: page past them
-            while total > max_bytes:
-                batch = self._db.execute("SELECT key FROM entries ORDER BY last_used "
-                                         "LIMIT 64 OFFSET ?", (skipped,)).fetchall()
-                if not batch:
-                    break
-                for (key,) in batch:
-                    if total <= max_bytes:
-                        break
-                    if key in keep:
-                        held.add(key)
-                        skipped += 1
-                    else:
-                        drop_key(key)
-        self._bytes, self._entries = total, entries  # committed
-        return Evicted(orphans, frozenset(held))
-
-    async def forget(self, key: str, seen: list[tuple[str, int]]) -> list[str]:
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            rows = self._db.execute("SELECT sha, bytes FROM items WHERE key=? ORDER BY pos",
-                                    (key,)).fetchall()
-            if not seen or [tuple(r) for r in rows[:len(seen)]] != seen:  # changed since
-                return []
-            orphans, freed, removed = self._drop(key)
-        self._bytes, self._entries = self._bytes - freed, self._entries - removed
-        return orphans
-
-    async def unreferenced(self, shas: list[str]) -> list[str]:
-        return [sha for sha in shas if self._db.execute(
-            "SELECT 1 FROM items WHERE sha=? LIMIT 1", (sha,)).fetchone() is None]
-
-    async def stats(self) -> tuple[int, int]:
-        return self._entries, self._bytes
-
-    # One process owns this index: the in-process futures already give single-flight.
-    async def acquire_flight(self, key: str, ttl: float) -> bool:
-        return True
-
-    async def wait_flight(self, key: str, within: float) -> None:
-        return None
-
-    async def release_flight(self, key: str) -> None:
-        return None
-
-    async def close(self) -> None:
-        try:
-            with self._db:
-                self._flush_touches()
-        finally:
-            self._db.close()
-
-
-# What Path.exists() takes for "no file": a symlink loop too. Others (no permission) are
-# raised: a cache directory the gateway cannot read is a loud 503.
-_NO_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
-
-
-def _file_size(path: str | Path) -> int | None:
-    """The size of the file at ``path``; ``None`` if there is none."""
-    try:
-        return os.stat(path).st_size
-    except OSError as exc:
-        if exc.errno in _NO_FILE:
-            return None
-        raise
-
-
-class BlobStore:
-    """Content-addressed PNG files: ``<dir>/<sha[:2]>/<sha>.png``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._root = str(directory)
-
-    def path(self, sha: str) -> Path:
-        """Where a blob's file is, or goes (no disk access)."""
-        return Path(self._where(sha))
-
-    def _where(self, sha: str) -> str:
-        """Where a blob's file is, as a string: the one place that decides it (a hit
-        stats its files, and two Path joins cost ~2 us per file)."""
-        return f"{self._root}/{sha[:2]}/{sha}.png"
-
-    def missing(self, blobs: list[tuple[str, int]]) -> list[str]:
-        """The shas of ``(sha, size)`` blobs without a file of that size here: deleted,
-        or damaged (truncated) behind the gateway's back. Such a file is never served."""
-        return [sha for sha, size in blobs if _file_size(self._where(sha)) != size]
-
-    def fetch(self, blobs: list[tuple[str, int]]) -> list[str]:
-        """Bring ``blobs`` (found :meth:`missing` here) from where they are kept, such as
-        Redis; the shas that are nowhere. Blocking: an executor. Here: nowhere else."""
-        return [sha for sha, _ in blobs]
-
-    def write(self, images: list[bytes], created: list[str]) -> list[Item]:
-        """Store ``images``; the shas of files this call created are added to ``created``
-        as it goes, so a caller whose batch failed part-way (or that cannot index it)
-        knows which files may now be nobody's. A damaged file of the same bytes is
-        replaced: a pool made again after :meth:`missing` found it must not keep it."""
-        out: list[Item] = []
-        for data in images:
-            sha = hashlib.sha256(data).hexdigest()
-            path = self.path(sha)
-            present = _file_size(path)
-            if present != len(data):
-                if present is None:
-                    created.append(sha)
-                atomic_write(path, data)
-            out.append(Item(sha, len(data), data=data, path=path))
-        return out
-
-    def delete(self, shas: list[str]) -> None:
-        for sha in shas:
-            self.path(sha).unlink(missing_ok=True)
-
-    def prune(self) -> int:
-        """Delete local copies of blobs gone elsewhere (a Redis spool); none here."""
-        return 0
-
-
 class _OwnerGone(Exception):
     """The request generating for a key was cancelled (its client went away)."""
 
@@ -388,7 +151,7 @@ class _OwnerGone(Exception):
 class ResultCache:
     """Pool logic and single-flight, over an index and a blob store."""
 
-    def __init__(self, index: CacheIndex, blobs: BlobStore, *, enabled: bool,
+    def __init__(self, index: CacheIndex, blobs: Blobs, *, enabled: bool,
                  max_bytes: int, ttl_seconds: int, flight_ttl_seconds: float = 600.0) -> None:
         self.index = index
         self.blobs = blobs
@@ -565,14 +328,14 @@ class ResultCache:
 
     async def _serve(self, key: str, n: int, policy: Policy, generate: Generate,
                      on_wait: Callable[[float], None]) -> CacheResult:
-        if not self.enabled or policy == "no-store":
+        if not self.enabled or policy != "default":
+            # no-store: a bypass both ways; no-cache: fresh images, appended after the pool
+            bypass = not self.enabled or policy == "no-store"
             made = await generate(n, -1)
-            landing = asyncio.ensure_future(self._charge_then_keep(key, made, room=0))
-            return CacheResult((await _outlive_cancel(landing))[0], "BYPASS", n)
-        if policy == "no-cache":
-            made = await generate(n, -1)
-            landing = asyncio.ensure_future(self._charge_then_keep(key, made, room=-1))
-            return CacheResult((await _outlive_cancel(landing))[0], "MISS", n)
+            landing = asyncio.ensure_future(
+                self._charge_then_keep(key, made, room=0 if bypass else -1))
+            return CacheResult((await outlive_cancel(landing))[0],
+                               "BYPASS" if bypass else "MISS", n)
         while True:
             pool = await self._pool_items(key, n)
             if len(pool) >= n:
@@ -590,36 +353,52 @@ class ResultCache:
                 if shared is not None and len(shared) >= n:  # made but not pooled: ours too
                     return CacheResult(shared[:n], "HIT", 0)
                 continue
-            # Claim the key here (local peers wait on the future), then across processes.
-            flight = asyncio.get_running_loop().create_future()
-            self._flights[key] = flight  # result: unpooled items for the waiters, or None
-            owned = False
-            try:
-                owned = await self.index.acquire_flight(key, self.flight_ttl)
-                if owned and self.index.shared:
-                    # Another process may have filled the pool between our read and the lock.
-                    pool = await self._pool_items(key, n)
-                    if len(pool) >= n:
-                        owned = False
-                        await self.index.release_flight(key)
-                        return CacheResult(pool[:n], "HIT", 0)
-                elif not owned:  # another replica generates: wait, then everyone re-reads
-                    started = time.perf_counter()
-                    try:
-                        await self.index.wait_flight(key, self.flight_ttl)
-                    finally:
-                        on_wait(time.perf_counter() - started)
-            except BaseException:
-                if owned:
+            claimed = await self._claim(key, n, pool, on_wait)
+            if isinstance(claimed, CacheResult):
+                return claimed
+            if claimed is not None:
+                return await self._generate(key, n, *claimed, generate)
+
+    async def _claim(self, key: str, n: int, pool: list[Item],
+                     on_wait: Callable[[float], None]
+                     ) -> CacheResult | tuple[list[Item], Flight] | None:
+        """Claim generating ``key`` here (local peers wait on the future), then across
+        processes. ``pool`` (as just read) and the flight if this request owns it; a hit
+        if another process filled the pool meanwhile; None to look again (after waiting
+        for another replica's flight)."""
+        flight: Flight = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight  # result: unpooled items for the waiters, or None
+        owned = False
+        try:
+            owned = await self.index.acquire_flight(key, self.flight_ttl)
+            if owned and self.index.shared:
+                # Another process may have filled the pool between our read and the lock.
+                pool = await self._pool_items(key, n)
+                if len(pool) >= n:
                     owned = False
                     await self.index.release_flight(key)
-                raise
-            finally:
-                if not owned:
-                    self._flights.pop(key, None)
-                    flight.set_result(None)
+                    return CacheResult(pool[:n], "HIT", 0)
+                return pool, flight
             if owned:
-                break
+                return pool, flight
+            started = time.perf_counter()  # another replica generates: wait, then re-read
+            try:
+                await self.index.wait_flight(key, self.flight_ttl)
+            finally:
+                on_wait(time.perf_counter() - started)
+            return None
+        except BaseException:
+            if owned:
+                owned = False
+                await self.index.release_flight(key)
+            raise
+        finally:
+            if not owned:
+                self._flights.pop(key, None)
+                flight.set_result(None)
+
+    async def _generate(self, key: str, n: int, pool: list[Item], flight: Flight,
+                        generate: Generate) -> CacheResult:
         # We own the flight for this key: waiters are answered from what we store.
         missing = n - len(pool)
         try:
@@ -630,10 +409,10 @@ class ResultCache:
         # Delivered: charged, pooled and the flight ended even if our client leaves now
         # (a disconnect must not leave pooled images unpaid, nor waiters without them).
         settling = asyncio.ensure_future(self._land(key, flight, pool, made))
-        fresh = await _outlive_cancel(settling)
+        fresh = await outlive_cancel(settling)
         return CacheResult(pool + fresh, "PARTIAL" if pool else "MISS", missing)
 
-    async def _end_flight(self, key: str, flight: asyncio.Future[list[Item] | None],
+    async def _end_flight(self, key: str, flight: Flight,
                           outcome: BaseException | list[Item] | None) -> None:
         """Answer the waiters of ``flight`` (an error, shared items, or None: re-read the
         pool) and release the key across processes."""
@@ -645,7 +424,7 @@ class ResultCache:
         self._flights.pop(key, None)
         await self.index.release_flight(key)
 
-    async def _land(self, key: str, flight: asyncio.Future[list[Item] | None],
+    async def _land(self, key: str, flight: Flight,
                     pool: list[Item], made: Fresh) -> list[Item]:
         """Charge and pool what a backend delivered, then end the flight; runs as its
         own task, so it completes even if the request that generated is cancelled."""
@@ -685,13 +464,13 @@ class ResultCache:
             return _unpooled(made.images), False
         try:
             stored = await self._store(key, made.images[:room], made.charge)
-        except Exception as exc:
+        except StorageUnavailable as exc:
             # A permission error is a configuration to fix, not a disk to wait for: left
             # to fail loudly (503) rather than turn caching off without a word.
-            if not storage_failing(exc):
+            if not exc.transient:
                 raise
             await _begin(made.charge)  # a failed charge is no store failure: raised here
-            log.warning("cache_store_failed", error=type(exc).__name__, detail=str(exc))
+            log.warning("cache_store_failed", error=exc.kind, detail=str(exc.__cause__))
             return _unpooled(made.images), False
         return stored + _unpooled(made.images[room:]), room >= len(made.images)
 
@@ -708,28 +487,9 @@ def _ignore(seconds: float) -> None:
     return None
 
 
-T = TypeVar("T")
-
-
 async def _begin(charge: Charge | None) -> None:
     if charge is not None:
         await charge.begin()
-
-
-async def _outlive_cancel(task: asyncio.Future[T]) -> T:
-    """Await ``task``; if the caller is cancelled meanwhile, ``task`` still completes
-    (its failure then logged here, since nobody else awaits it)."""
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_log_orphan_failure)
-        raise
-
-
-def _log_orphan_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
-        log.warning("cache_landing_failed", error=type(exc).__name__, detail=str(exc))
 
 
 def _unpooled(images: list[bytes]) -> list[Item]:

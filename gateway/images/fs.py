@@ -1,4 +1,4 @@
-"""Hosting generated images behind signed, expiring URLs.
+"""Hosting generated images behind signed, expiring URLs, on local disk.
 
 Images are stored content-addressed (``<dir>/<sha[:2]>/<sha>.png``, written to a temp
 file and renamed, so a crash never leaves half an image under a real name). A URL
@@ -15,53 +15,18 @@ import contextlib
 import hashlib
 import hmac
 import os
-import re
 import secrets
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import structlog
-
 from gateway.errors import ApiError
-
-ID_RE = re.compile(r"^[0-9a-f]{64}$")
-log = structlog.get_logger("gateway.storage")
-
-
-def load_signing_key(configured: str, beside: Path) -> bytes:
-    """The configured key, else one generated on first start and kept beside the state."""
-    if configured:
-        return configured.encode("utf-8")
-    path = beside / "signing.key"
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex())
-    return key
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+from gateway.images import ID_RE, atomic_write, disk_failures_translated, log
 
 
 class ImageStore:
-    """Stores PNGs, mints signed URLs and resolves them back to files."""
+    """:class:`gateway.images.Images` in a local directory (one box, or one every replica
+    mounts): stores PNGs, mints signed URLs and resolves them back to files."""
 
     def __init__(self, directory: Path, signing_key: bytes, ttl_seconds: int) -> None:
         self.dir = directory
@@ -76,10 +41,11 @@ class ImageStore:
         """Store ``data`` (idempotent) and return its id. Blocking: small files only."""
         image_id = hashlib.sha256(data).hexdigest()
         path = self.path(image_id)
-        try:
-            os.utime(path)  # already stored: keep it alive for the new URL
-        except FileNotFoundError:
-            atomic_write(path, data)
+        with disk_failures_translated():
+            try:
+                os.utime(path)  # already stored: keep it alive for the new URL
+            except FileNotFoundError:
+                atomic_write(path, data)
         return image_id
 
     def put_file(self, source: Path, image_id: str) -> str:
@@ -90,6 +56,10 @@ class ImageStore:
         another size than ``source`` is replaced: the cache repairs a blob damaged in
         place (so this link was damaged with it) by writing a new file.
         """
+        with disk_failures_translated():
+            return self._link(source, image_id)
+
+    def _link(self, source: Path, image_id: str) -> str:
         path = self.path(image_id)
         try:
             if os.stat(path).st_size == os.stat(source).st_size:
@@ -162,12 +132,14 @@ class ImageStore:
                     continue
         return removed
 
-    async def sweeper(self, interval: float) -> None:
-        """Background task: sweep every ``interval`` seconds until cancelled."""
+    async def sweeper(self, interval: float,
+                      sweep: Callable[[], int] | None = None) -> None:
+        """Background task: ``sweep`` (default: :meth:`sweep`) every ``interval`` seconds
+        until cancelled."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                removed = await loop.run_in_executor(None, self.sweep)
+                removed = await loop.run_in_executor(None, sweep or self.sweep)
                 if removed:
                     log.info("images_swept", removed=removed)
             except OSError as exc:
