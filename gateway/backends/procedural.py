@@ -49,12 +49,13 @@ from typing import ClassVar, Literal
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from gateway.backends.base import (
+    DEFAULT_TIMEOUTS,
     BackendError,
     BackendOptions,
     BackendState,
-    Generation,
-    VariationRequest,
+    Timeouts,
 )
+from gateway.generation import Generation, VariationRequest
 
 # Bump when a change to the recipe would change the images for the same seed: it is part
 # of ``identity`` and so of the cache key.
@@ -280,9 +281,9 @@ def _soften_lut(amount: float) -> list[int]:
 
 
 def _matmul(a: Matrix3, b: Matrix3) -> Matrix3:
-    return tuple(
-        tuple(sum(a[r][k] * b[k][c] for k in range(3)) for c in range(3)) for r in range(3)
-    )
+    def cell(r: int, c: int) -> float:
+        return sum((a[r][k] * b[k][c] for k in range(3)), 0.0)
+    return tuple((cell(r, 0), cell(r, 1), cell(r, 2)) for r in range(3))
 
 
 def _colour_matrix(rng: random.Random, strength: float) -> tuple[float, ...]:
@@ -427,7 +428,10 @@ class ProceduralBackend:
     kind: ClassVar[str] = "procedural"
     options_class: ClassVar[type[BackendOptions]] = ProceduralOptions
 
-    def __init__(self, name: str, options: ProceduralOptions) -> None:
+    def __init__(self, name: str, options: ProceduralOptions,
+                 timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
+        # ``timeouts`` bound network exchanges; nothing here waits on one (the router's
+        # deadline still bounds each call).
         self.name = name
         self.options = options
         self.workers = options.workers or min(2, os.cpu_count() or 1)
@@ -526,7 +530,7 @@ class ProceduralBackend:
             if isinstance(exc, RuntimeError) and not isinstance(exc, BrokenProcessPool):
                 # shut down by close() between two images
                 raise BackendError(503, f"backend {self.name!r} was closed", kind="closed",
-                                   retryable=True) from None
+                                   retryable=True, trips_breaker=False) from None
             raise
         future.add_done_callback(self._image_done)
         return await asyncio.wrap_future(future)
@@ -538,7 +542,7 @@ class ProceduralBackend:
         executor = self._executor
         if executor is None:
             raise BackendError(503, f"backend {self.name!r} is not started",
-                               kind="not_started", retryable=True)
+                               kind="not_started", retryable=True, trips_breaker=False)
         if request.n <= 0:
             return Generation([])
         images: list[bytes] = [b""] * request.n
@@ -557,17 +561,17 @@ class ProceduralBackend:
                 raise  # our caller was cancelled: let it propagate
             # close() cancelled the queued chunks: a failure of this backend, not the caller's.
             raise BackendError(503, f"backend {self.name!r} was closed", kind="closed",
-                               retryable=True) from None
+                               retryable=True, trips_breaker=False) from None
         except BrokenProcessPool as exc:
             # A worker died (e.g. killed for memory): replace the pool for later requests.
             if self._executor is executor:
                 self._executor = self._new_executor()
                 executor.shutdown(wait=False, cancel_futures=True)
             raise BackendError(503, "procedural worker crashed", kind="worker_crash",
-                               retryable=True) from exc
+                               retryable=True, trips_breaker=False) from exc
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise BackendError(500, f"procedural generator failed: {exc}", kind="error",
-                               retryable=False) from exc
+                               retryable=False, trips_breaker=False) from exc
         finally:  # one lane failed (or we were cancelled): the others submit no more
             for pending in tasks:
                 pending.cancel()

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageOps, ImageStat
 
 from gateway.backends import create_backend, procedural
-from gateway.backends.base import BackendError, SourceImage, VariationRequest
+from gateway.backends.base import BackendError
 from gateway.backends.procedural import (
     ProceduralBackend,
     ProceduralOptions,
@@ -26,6 +26,7 @@ from gateway.backends.procedural import (
     make_variations,
     prepare_source,
 )
+from gateway.generation import SourceImage, VariationRequest
 
 # A correlation of 32x32 grey thumbnails: independent images score ~0 with a standard
 # deviation of ~1/32 = 0.03 (1024 samples), so 0.3 is ~10 sigma above chance, while a
