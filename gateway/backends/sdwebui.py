@@ -15,6 +15,7 @@ wrong model. The response's ``info`` names the model actually used (``sd_model_n
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,13 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import structlog
 
-from gateway.backends.base import (
-    DEFAULT_TIMEOUTS,
-    BackendError,
-    BackendOptions,
-    Timeouts,
-    bad_response,
-)
+from gateway.backends.base import BackendError, BackendOptions, bad_response
 from gateway.backends.http import HttpBackend, HttpOptions, batches, decode_b64, strip_userinfo
 from gateway.backends.normalise import to_pngs
 from gateway.generation import Generation, VariationRequest
@@ -142,11 +137,12 @@ class SdWebUIBackend(HttpBackend[SdWebUIOptions]):
     kind: ClassVar[str] = "sdwebui"
     options_class: ClassVar[type[BackendOptions]] = SdWebUIOptions
 
-    def __init__(self, name: str, options: SdWebUIOptions,
-                 timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
-        super().__init__(name, options, timeouts)
-        self._wanted = model_id(options.checkpoint) if options.checkpoint else None
-        self._warned_unnamed = False  # "info names no model" is logged once per backend
+    _warned_unnamed = False  # "info names no model" is logged once per backend
+
+    @functools.cached_property
+    def _wanted(self) -> ModelId | None:
+        """The configured checkpoint as ``info`` would name it; None when unpinned."""
+        return model_id(self.options.checkpoint) if self.options.checkpoint else None
 
     @property
     def identity(self) -> str:
