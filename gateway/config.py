@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from gateway import backends
-from gateway.backends.base import TokenUsage
+from gateway.generation import TokenUsage
 from gateway.proxies import parse_networks
 from gateway.tls import TLSFileError, server_context
 

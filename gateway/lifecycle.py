@@ -29,8 +29,7 @@ from datetime import UTC, date, datetime
 
 import structlog
 
-from gateway.backends.base import Backend, BackendError
-from gateway.backends.http import HttpBackend
+from gateway.backends.base import Backend, BackendError, PublishedModel
 from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.lifecycle")
@@ -105,8 +104,9 @@ class LifecycleWatcher:
     def __init__(self, backends: Iterable[Backend], metrics: Callable[[], Metrics | None],
                  *, interval: float = INTERVAL_SECONDS, timeout: float = TIMEOUT_SECONDS,
                  clock: Callable[[], float] = time.time) -> None:
-        self._watched = [b for b in backends
-                         if isinstance(b, HttpBackend) and b.lifecycle_model is not None]
+        self._watched: list[PublishedModel] = [
+            b for b in backends
+            if isinstance(b, PublishedModel) and b.lifecycle_model is not None]
         self._metrics = metrics
         self._interval = interval
         self._timeout = timeout
@@ -150,7 +150,7 @@ class LifecycleWatcher:
         """One reading of every watched backend, concurrently."""
         await asyncio.gather(*(self._refresh_one(b) for b in self._watched))
 
-    async def _refresh_one(self, backend: HttpBackend) -> None:
+    async def _refresh_one(self, backend: PublishedModel) -> None:
         model = backend.lifecycle_model
         assert model is not None
         try:

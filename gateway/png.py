@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 from PIL import Image
 
-from gateway.backends.base import SourceImage
 from gateway.errors import ApiError, invalid
+from gateway.generation import SourceImage
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_UPLOAD_BYTES = 4 * 1024 * 1024

@@ -9,47 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from gateway.backends.base import BackendError
 from gateway.config import BreakerConfig, RetryConfig
 
 Clock = Callable[[], float]
-
-
-def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds an upstream asked us to wait: ``retry-after-ms`` first, then ``retry-after``
-    (seconds or an HTTP date), as the OpenAI SDK reads them. ``None`` when absent/invalid.
-    """
-    lower = {k.lower(): v for k, v in headers.items()}
-    raw_ms = lower.get("retry-after-ms")
-    if raw_ms is not None:
-        try:
-            value = float(raw_ms) / 1000.0
-            if math.isfinite(value) and value >= 0:
-                return value
-        except ValueError:
-            pass
-    raw = lower.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-        return value if math.isfinite(value) and value >= 0 else None
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass(frozen=True)
@@ -71,7 +40,7 @@ class RetryPolicy:
             return None
         if retry_after is not None:
             return retry_after if retry_after <= c.retry_after_cap_seconds else None
-        ceiling = min(c.backoff_max_seconds, c.backoff_initial_seconds * 2 ** (attempt - 1))
+        ceiling = min(c.backoff_max_seconds, c.backoff_initial_seconds * 2.0 ** (attempt - 1))
         # Half fixed, half jitter: never zero, never in lock-step with other clients.
         return ceiling / 2 + self.rng() * ceiling / 2
 
@@ -169,6 +138,7 @@ class ConcurrencyLimiter:
                 raise BackendError(
                     503, f"Backend {self.name!r} is at its concurrency limit; try again "
                     "shortly.", code="upstream_busy", kind="busy", retryable=True,
+                    trips_breaker=False,
                     headers={"retry-after": str(max(1, math.ceil(self.queue_timeout)))},
                 ) from None
             finally:

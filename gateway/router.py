@@ -26,18 +26,19 @@ from gateway.backends.base import (
     Backend,
     BackendError,
     BackendState,
-    Generation,
-    TokenUsage,
-    VariationRequest,
-)
-from gateway.backends.http import (
-    NormaliseClock,
-    UpstreamError,
+    PublishedModel,
+    Timeouts,
     bad_response,
-    normalise_clock,
     timeout_error,
 )
 from gateway.config import BackendConfig, Config
+from gateway.generation import (
+    Generation,
+    NormaliseClock,
+    TokenUsage,
+    VariationRequest,
+    normalise_clock,
+)
 from gateway.lifecycle import LifecycleWatcher
 from gateway.metrics import Metrics
 from gateway.resilience import CircuitBreaker, ConcurrencyLimiter, RetryPolicy
@@ -75,10 +76,8 @@ class Router:
         self._backends: dict[str, Backend] = {}
         self._guards: dict[str, Guard] = {}
         for b in config.backends:
-            backend = registry.create_backend(b.name, b.kind, b.options)
-            configure = getattr(backend, "configure_timeouts", None)
-            if configure is not None:
-                configure(b.timeout_seconds, b.connect_timeout_seconds)
+            backend = registry.create_backend(
+                b.name, b.kind, b.options, Timeouts(b.timeout_seconds, b.connect_timeout_seconds))
             self._backends[b.name] = backend
             self._guards[b.name] = Guard(
                 b, RetryPolicy(b.retry),
@@ -173,7 +172,7 @@ class Router:
                 self._error(backend.name, "circuit_open")
                 log.warning("backend_skipped", backend=backend.name, reason="circuit_open",
                             request_id=request.request_id)
-                last = UpstreamError(
+                last = BackendError(
                     503, f"Backend {backend.name!r} is failing and paused; try again later.",
                     code="upstream_unavailable", kind="circuit_open", transient=False,
                     retry_after=max(1.0, guard.breaker.retry_in()), trips_breaker=False)
@@ -185,7 +184,7 @@ class Router:
                     generation = await self._call(backend, guard, request)
             except BackendError as exc:
                 self._observe(backend.name, started, normalising.seconds)
-                if getattr(exc, "trips_breaker", False):
+                if exc.trips_breaker:
                     guard.breaker.failure()
                 else:
                     guard.breaker.release()
@@ -223,9 +222,9 @@ class Router:
                     raise timeout_error(backend.name) from None
                 except BackendError as exc:
                     self._error(backend.name, exc.kind)
-                    if not getattr(exc, "transient", False):
+                    if not exc.transient:
                         raise
-                    delay = guard.policy.delay(attempt, getattr(exc, "retry_after", None))
+                    delay = guard.policy.delay(attempt, exc.retry_after)
                     if delay is None or loop.time() + delay >= deadline:
                         raise
                     if (m := self.metrics) is not None:
@@ -254,8 +253,8 @@ class Router:
     def _model_retired(self, backend: Backend) -> None:
         """Say which config line to change: a retired model fails every request."""
         index = self._order.index(backend.name)
-        log.error("upstream_model_retired", backend=backend.name,
-                  model=getattr(backend, "model", None),
+        model = backend.lifecycle_model if isinstance(backend, PublishedModel) else None
+        log.error("upstream_model_retired", backend=backend.name, model=model,
                   fix=f"set backends[{index}].model (backend {backend.name!r}) to a model "
                       "the upstream serves today, or take the backend out of route")
 

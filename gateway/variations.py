@@ -18,11 +18,10 @@ from functools import partial
 from aiohttp import web
 
 from gateway import png, upload
-from gateway.backends.base import VariationRequest
-from gateway.backends.http import NormaliseClock, normalise_clock
 from gateway.cache import CacheResult, Fresh, cache_key, policy_from_header
 from gateway.config import ServerConfig
 from gateway.errors import ApiError
+from gateway.generation import NormaliseClock, VariationRequest, normalise_clock
 from gateway.keys import (
     ANSWER_WAITS_FOR,
     AUDIT_RECORD,

@@ -28,13 +28,8 @@ from PIL import Image
 from support import auth
 
 from gateway import backends
-from gateway.backends.base import (
-    BackendError,
-    BackendOptions,
-    BackendState,
-    Generation,
-    VariationRequest,
-)
+from gateway.backends.base import BackendError, BackendOptions, BackendState, Timeouts
+from gateway.generation import Generation, VariationRequest
 from gateway.keys import ROUTER
 
 KIND = "instrumented"
@@ -52,7 +47,7 @@ class InstrumentedBackend:
     kind: ClassVar[str] = KIND
     options_class: ClassVar[type[BackendOptions]] = InstrumentedOptions
 
-    def __init__(self, name: str, options: InstrumentedOptions) -> None:
+    def __init__(self, name: str, options: InstrumentedOptions, timeouts: Timeouts) -> None:
         self.name = name
         self.options = options
         self.calls: list[int] = []  # n of every call that reached the backend
@@ -84,7 +79,8 @@ class InstrumentedBackend:
         try:
             await self.gate.wait()
             if self.options.fail:
-                raise BackendError(502, "instrumented backend failure", kind="http_5xx")
+                raise BackendError(502, "instrumented backend failure", kind="http_5xx",
+                                   trips_breaker=False)
             return Generation([_image(request, i) for i in range(request.n)])
         finally:
             self.in_flight -= 1

@@ -19,8 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from upstream_cases import KEY, backend_entry, serve_fake
 
 from gateway import backends as registry
-from gateway.backends.http import HttpBackend
-from gateway.backends.openai_edits import OpenAIEditsBackend, OpenAIEditsOptions
+from gateway.backends.openai.edits import OpenAIEditsBackend, OpenAIEditsOptions
 from gateway.backends.sdwebui import SdWebUIBackend, SdWebUIOptions
 from gateway.keys import METRICS
 from gateway.lifecycle import LifecycleWatcher, ModelLifecycle, UnreadableRecord, parse_record
@@ -119,7 +118,7 @@ async def test_announced_date_reaches_metrics_readyz_and_the_log(
 
 # ---- the watcher on its own -----------------------------------------------------------
 
-async def edits_backend(url: str, model: str) -> HttpBackend:
+async def edits_backend(url: str, model: str) -> OpenAIEditsBackend:
     backend = OpenAIEditsBackend("b", OpenAIEditsOptions(base_url=url + "/v1", api_key=KEY,
                                                          model=model))
     await backend.start()

@@ -9,14 +9,10 @@ import pytest
 from instrumented_backend import poll
 
 from gateway.backends.base import BackendError
+from gateway.backends.http import parse_retry_after
 from gateway.config import BreakerConfig, RetryConfig
 from gateway.metrics import Metrics
-from gateway.resilience import (
-    CircuitBreaker,
-    ConcurrencyLimiter,
-    RetryPolicy,
-    parse_retry_after,
-)
+from gateway.resilience import CircuitBreaker, ConcurrencyLimiter, RetryPolicy
 
 
 def test_retry_after_parsing() -> None:

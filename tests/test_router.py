@@ -19,8 +19,8 @@ from instrumented_backend import poll, vary
 from support import png_bytes
 from upstream_cases import FAST, GATEWAY_UPSTREAM, KEY, backend_entry, serve_fake
 
-from gateway.backends.base import VariationRequest
 from gateway.config import build_config
+from gateway.generation import VariationRequest
 from gateway.keys import METRICS, ROUTER
 from gateway.metrics import Metrics
 from gateway.router import Router

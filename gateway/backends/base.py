@@ -1,71 +1,27 @@
-"""The one small interface every backend implements.
+"""The seam between the gateway and its backends: what the router may rely on.
 
 A backend turns one normalised source image into ``n`` PNG variations at a square
 ``size``. Everything else (auth, quota, cache, storage, URLs, metrics) is the gateway's
 job, so a backend file only speaks its upstream's protocol. Backends that return URLs
 download the bytes themselves: the gateway always stores PNG bytes.
+
+The router sees a backend through :class:`Backend` alone, and a failure through
+:class:`BackendError` alone: the error carries what the retry policy and the circuit
+breaker need (``transient``, ``retry_after``, ``trips_breaker``), so no caller asks a
+backend's own module what a failure meant. A backend's timeouts come with its
+construction (:class:`Timeouts`), and backends whose upstream publishes model
+lifecycles say so through :class:`PublishedModel`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from gateway.errors import ApiError
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    """The uploaded image after validation and normalisation.
-
-    ``png`` is a clean RGBA PNG re-encoded by the gateway (palette, grey and 16-bit
-    inputs already converted), ``pixels_sha256`` identifies the decoded pixels
-    (RGBA bytes plus width and height), so two encodings of one layer share it.
-    """
-
-    png: bytes
-    width: int
-    height: int
-    pixels_sha256: str
-    upload_sha256: str
-
-
-@dataclass(frozen=True)
-class VariationRequest:
-    """What a backend is asked to make."""
-
-    image: SourceImage
-    n: int
-    size: int  # edge length in pixels: 256, 512 or 1024
-    user: str | None  # the HMAC-hashed end-user id, safe to send upstream
-    request_id: str
-    seed: int  # base seed; backends derive one per image (seed + i)
-
-
-@dataclass(frozen=True)
-class TokenUsage:
-    """What an upstream that bills per token reported for one generation (gpt-image's
-    ``usage``), summed over the calls that made it."""
-
-    text_input_tokens: int = 0
-    image_input_tokens: int = 0
-    output_tokens: int = 0
-
-    def __add__(self, other: TokenUsage) -> TokenUsage:
-        return TokenUsage(self.text_input_tokens + other.text_input_tokens,
-                          self.image_input_tokens + other.image_input_tokens,
-                          self.output_tokens + other.output_tokens)
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What :meth:`Backend.generate` returns: the images, and the upstream's token usage
-    where it reports one (the actual cost of the call, when token prices are set)."""
-
-    images: list[bytes]
-    usage: TokenUsage | None = None
-
+from gateway.generation import Generation, VariationRequest
 
 SIZE_LABELS = ("256x256", "512x512", "1024x1024")
 
@@ -89,11 +45,31 @@ class BackendOptions:
         return size_label
 
 
-class BackendError(ApiError):
-    """An upstream failure, already mapped to what the client should see.
+@dataclass(frozen=True)
+class Timeouts:
+    """A backend's ``timeout_seconds`` and ``connect_timeout_seconds``, handed over at
+    construction. ``total`` bounds one upstream exchange; the router separately bounds a
+    whole call (attempts and waits) by the same figure."""
 
-    ``retryable`` says whether the router may try the next backend in ``route``;
-    ``kind`` is a short label for metrics (``timeout``, ``connect``, ``http_5xx`` ...).
+    total: float = 120.0
+    connect: float = 10.0
+
+
+# What an unset ``timeout_seconds``/``connect_timeout_seconds`` gives (frozen: safe to share).
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+class BackendError(ApiError):
+    """An upstream failure, already mapped to what the client should see, with the facts
+    the router needs to decide what comes next.
+
+    ``retryable``: the router may try the next backend in ``route``. ``transient``: the
+    same backend may succeed on a retry (connection errors, 408, 409, 429, 5xx,
+    timeouts). ``retry_after``: seconds the upstream asked for, if it did (a 429 or 503
+    also answers it as a ``retry-after`` header). ``trips_breaker``: the failure says
+    something about the backend's health, not about this one input or the gateway's own
+    state. ``kind`` is a short label for metrics (``timeout``, ``connect``,
+    ``http_5xx`` ...).
     """
 
     def __init__(
@@ -104,11 +80,33 @@ class BackendError(ApiError):
         code: str | None = "upstream_error",
         kind: str = "error",
         retryable: bool = True,
+        transient: bool = False,
+        retry_after: float | None = None,
+        trips_breaker: bool = True,
+        should_retry: bool | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(status, message, code=code, headers=dict(headers or {}))
+        if headers is None and retry_after is not None and status in (429, 503):
+            headers = {"retry-after": str(max(1, math.ceil(retry_after)))}
+        super().__init__(status, message, code=code, headers=dict(headers or {}),
+                         should_retry=should_retry)
         self.kind = kind
         self.retryable = retryable
+        self.transient = transient
+        self.retry_after = retry_after
+        self.trips_breaker = trips_breaker
+
+
+def timeout_error(name: str) -> BackendError:
+    """Backend ``name`` did not answer within its time."""
+    return BackendError(504, f"Backend {name!r} did not answer in time.",
+                        code="upstream_timeout", kind="timeout", transient=True)
+
+
+def bad_response(name: str, what: str) -> BackendError:
+    """The upstream answered 2xx with something unusable; ``what`` is our own words."""
+    return BackendError(502, f"Backend {name!r} returned an unusable response ({what}).",
+                        code="upstream_bad_response", kind="bad_response")
 
 
 @dataclass
@@ -155,4 +153,30 @@ class Backend(Protocol):
 
     async def check(self) -> BackendState:
         """Cheap readiness probe for ``/readyz``."""
+        ...
+
+
+class BackendClass(Protocol):
+    """What the registry builds a backend from: a class taking ``(name, options,
+    timeouts)``, with its ``kind`` and typed ``options_class``."""
+
+    kind: str
+    options_class: type[BackendOptions]
+
+    def __call__(self, name: str, options: Any, timeouts: Timeouts) -> Backend: ...
+
+
+@runtime_checkable
+class PublishedModel(Protocol):
+    """A backend whose upstream publishes its model's lifecycle (``gateway.lifecycle``
+    reads it). ``lifecycle_model`` is None where the upstream publishes none."""
+
+    name: str
+
+    @property
+    def lifecycle_model(self) -> str | None: ...
+
+    async def model_record(self, model: str) -> tuple[int, bytes]:
+        """``(status, body)`` of the upstream's record of ``model``; connection failures
+        raise :class:`BackendError`."""
         ...

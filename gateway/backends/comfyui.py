@@ -46,16 +46,16 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
-from gateway.backends.base import BackendOptions, Generation, VariationRequest
-from gateway.backends.http import (
-    HttpBackend,
-    UpstreamError,
+from gateway.backends.base import (
+    DEFAULT_TIMEOUTS,
+    BackendError,
+    BackendOptions,
+    Timeouts,
     bad_response,
-    check_base_url,
-    gather_all,
-    strip_userinfo,
-    to_pngs,
 )
+from gateway.backends.http import HttpBackend, HttpOptions, gather_all, strip_userinfo
+from gateway.backends.normalise import to_pngs
+from gateway.generation import Generation, VariationRequest
 
 log = structlog.get_logger("gateway.backends.comfyui")
 _PLACEHOLDER = re.compile(r"\{\{(image|seed|batch_size|width|height|prompt|negative_prompt)\}\}")
@@ -70,7 +70,7 @@ _SMALL_BODY = 1 << 16
 
 
 @dataclass(frozen=True)
-class ComfyUIOptions(BackendOptions):
+class ComfyUIOptions(HttpOptions):
     """``workflow`` is an API-format workflow JSON (ComfyUI: *Export (API)*);
     ``api_key`` is sent as a bearer token, for a ComfyUI behind an authenticating proxy.
     ``vanished_grace_seconds``: how long a prompt may be in neither the queue nor the
@@ -88,7 +88,7 @@ class ComfyUIOptions(BackendOptions):
     cancel_timeout_seconds: float = 5.0
 
     def __post_init__(self) -> None:
-        check_base_url(self.base_url)
+        super().__post_init__()
         if self.native_size < 64 or self.native_size % 8:
             raise ValueError("native_size must be a multiple of 8, at least 64")
         if self.poll_interval_seconds <= 0:
@@ -140,13 +140,13 @@ def untrusted(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-class ComfyUIBackend(HttpBackend):
+class ComfyUIBackend(HttpBackend[ComfyUIOptions]):
     kind: ClassVar[str] = "comfyui"
     options_class: ClassVar[type[BackendOptions]] = ComfyUIOptions
 
-    def __init__(self, name: str, options: ComfyUIOptions) -> None:
-        super().__init__(name, options.base_url)
-        self.options = options
+    def __init__(self, name: str, options: ComfyUIOptions,
+                 timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
+        super().__init__(name, options, timeouts)
         self.template, self._digest = load_workflow(options.workflow)
         self.client_id = uuid.uuid4().hex
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -186,7 +186,7 @@ class ComfyUIBackend(HttpBackend):
         except _Finished as done:  # failed, but the history entry exists: ours to drop
             self._background(self._delete_history(prompt_id))
             raise done.error from None
-        except UpstreamError:
+        except BackendError:
             # It may be queued or running still (a cut-off POST /prompt, partial
             # node_errors, a failed poll), and the router may queue a fresh one.
             self._background(self._cancel(prompt_id, request.request_id))
@@ -225,13 +225,13 @@ class ComfyUIBackend(HttpBackend):
             raise bad_response(self.name, "no prompt_id")
         return given, answer.get("node_errors")
 
-    def _partial(self, node_errors: Any, request_id: str) -> UpstreamError:
+    def _partial(self, node_errors: Any, request_id: str) -> BackendError:
         """A 200 with ``node_errors``: only the outputs that validated would run, which
         is not the workflow we were given (generate cancels what was queued)."""
         summary = self._scrub(_node_error_summary(node_errors), _LOG_TEXT)
         log.warning("comfyui_node_errors", backend=self.name, request_id=request_id,
                     nodes=summary)
-        return UpstreamError(
+        return BackendError(
             502, f"Backend {self.name!r}: ComfyUI rejected part of the workflow "
             f"({untrusted(summary, _CLIENT_TEXT) or 'node errors'}).",
             code="upstream_rejected", kind="workflow_invalid", trips_breaker=False)
@@ -257,7 +257,7 @@ class ComfyUIBackend(HttpBackend):
                 last_queue_check = now = loop.time()
                 try:
                     state = await self._queued(prompt_id)
-                except UpstreamError:  # a proxy that does not pass /queue: no verdict
+                except BackendError:  # a proxy that does not pass /queue: no verdict
                     state = "unknown"
                 if state is not None:
                     last_seen, misses = now, 0
@@ -268,7 +268,7 @@ class ComfyUIBackend(HttpBackend):
                     if misses >= 2 and now - last_seen >= o.vanished_grace_seconds:
                         log.warning("comfyui_prompt_vanished", backend=self.name,
                                     request_id=request_id)
-                        raise UpstreamError(
+                        raise BackendError(
                             502, f"Backend {self.name!r}: the prompt vanished from the "
                             "ComfyUI queue (deleted by someone else, or the server "
                             "restarted).", code="upstream_error", kind="prompt_vanished")
@@ -293,12 +293,12 @@ class ComfyUIBackend(HttpBackend):
             log.warning("comfyui_execution_interrupted", backend=self.name,
                         request_id=request_id, node_id=untrusted(data.get("node_id"), 64),
                         node_type=untrusted(data.get("node_type"), 100))
-            raise _Finished(UpstreamError(
+            raise _Finished(BackendError(
                 502, f"Backend {self.name!r}: the ComfyUI run was interrupted.",
                 code="upstream_error", kind="workflow_interrupted"))
         if status.get("status_str") == "error":
             log.warning("comfyui_execution_error", backend=self.name, request_id=request_id)
-            raise _Finished(UpstreamError(
+            raise _Finished(BackendError(
                 502, f"Backend {self.name!r}: the ComfyUI workflow failed.",
                 code="upstream_error", kind="workflow_error"))
         outputs = entry.get("outputs")
@@ -316,7 +316,7 @@ class ComfyUIBackend(HttpBackend):
                 text = text.replace(secret, "<redacted>")
         return untrusted(text, limit)
 
-    def _execution_error(self, data: dict[str, Any], request_id: str) -> UpstreamError:
+    def _execution_error(self, data: dict[str, Any], request_id: str) -> BackendError:
         """Node and exception in the log (never the traceback or the inputs); a short,
         cleaned summary for the client."""
         node_type = untrusted(data.get("node_type"), 100)
@@ -330,8 +330,8 @@ class ComfyUIBackend(HttpBackend):
         if short and exc_type:
             short = f"{exc_type.rpartition('.')[2]}: {short}"
         detail = f" ({short})" if short else ""
-        return UpstreamError(502, f"Backend {self.name!r}: the ComfyUI workflow failed"
-                             f"{where}{detail}.", code="upstream_error", kind="workflow_error")
+        return BackendError(502, f"Backend {self.name!r}: the ComfyUI workflow failed"
+                            f"{where}{detail}.", code="upstream_error", kind="workflow_error")
 
     def _pick(self, outputs: dict[str, Any], n: int) -> list[dict[str, Any]]:
         images = [img for node in sorted(outputs, key=str)
@@ -403,7 +403,7 @@ class ComfyUIBackend(HttpBackend):
                 if await self._queued(prompt_id) == "running":
                     await self._quiet("POST", "/interrupt", json={"prompt_id": prompt_id})
                     how = "interrupt"
-        except (UpstreamError, TimeoutError):
+        except (BackendError, TimeoutError):
             pass
         finally:
             log.info("comfyui_prompt_cancelled", backend=self.name, request_id=request_id,
@@ -423,7 +423,7 @@ class ComfyUIBackend(HttpBackend):
 class _Finished(Exception):
     """The run ended in failure with a history entry; carries the client's error."""
 
-    def __init__(self, error: UpstreamError) -> None:
+    def __init__(self, error: BackendError) -> None:
         super().__init__(error.message)
         self.error = error
 

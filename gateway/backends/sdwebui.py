@@ -15,6 +15,7 @@ wrong model. The response's ``info`` names the model actually used (``sd_model_n
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,17 +23,10 @@ from typing import Any, ClassVar, NamedTuple
 
 import structlog
 
-from gateway.backends.base import BackendOptions, Generation, VariationRequest
-from gateway.backends.http import (
-    HttpBackend,
-    UpstreamError,
-    bad_response,
-    batches,
-    check_base_url,
-    decode_b64,
-    strip_userinfo,
-    to_pngs,
-)
+from gateway.backends.base import BackendError, BackendOptions, bad_response
+from gateway.backends.http import HttpBackend, HttpOptions, batches, decode_b64, strip_userinfo
+from gateway.backends.normalise import to_pngs
+from gateway.generation import Generation, VariationRequest
 
 log = structlog.get_logger("gateway.backends.sdwebui")
 
@@ -110,7 +104,7 @@ def _shown(value: str) -> str:
 
 
 @dataclass(frozen=True)
-class SdWebUIOptions(BackendOptions):
+class SdWebUIOptions(HttpOptions):
     """``username``/``password`` for ``--api-auth``; ``checkpoint`` pins the model via
     ``override_settings`` (else whatever WebUI has loaded, which the cache cannot see)."""
 
@@ -128,7 +122,7 @@ class SdWebUIOptions(BackendOptions):
     max_batch_size: int = 10
 
     def __post_init__(self) -> None:
-        check_base_url(self.base_url)
+        super().__post_init__()
         if not 0.0 <= self.denoising_strength <= 1.0:
             raise ValueError("denoising_strength must be between 0 and 1")
         if self.native_size < 64 or self.native_size % 8:
@@ -139,15 +133,16 @@ class SdWebUIOptions(BackendOptions):
             raise ValueError("username and password go together")
 
 
-class SdWebUIBackend(HttpBackend):
+class SdWebUIBackend(HttpBackend[SdWebUIOptions]):
     kind: ClassVar[str] = "sdwebui"
     options_class: ClassVar[type[BackendOptions]] = SdWebUIOptions
 
-    def __init__(self, name: str, options: SdWebUIOptions) -> None:
-        super().__init__(name, options.base_url)
-        self.options = options
-        self._wanted = model_id(options.checkpoint) if options.checkpoint else None
-        self._warned_unnamed = False  # "info names no model" is logged once per backend
+    _warned_unnamed = False  # "info names no model" is logged once per backend
+
+    @functools.cached_property
+    def _wanted(self) -> ModelId | None:
+        """The configured checkpoint as ``info`` would name it; None when unpinned."""
+        return model_id(self.options.checkpoint) if self.options.checkpoint else None
 
     @property
     def identity(self) -> str:
@@ -228,7 +223,7 @@ class SdWebUIBackend(HttpBackend):
         if verdict:
             return
         shown = _shown(name if isinstance(name, str) and name else str(digest))
-        raise UpstreamError(
+        raise BackendError(
             502, f"Backend {self.name!r} drew with model {shown!r}, not the configured "
             f"checkpoint {self.options.checkpoint!r}; the gateway admin must install or "
             "rename it.", code="upstream_model_mismatch", kind="model_mismatch",

@@ -32,8 +32,8 @@ from upstream_cases import (
     start_upstream,
 )
 
-from gateway.backends.base import SourceImage, VariationRequest
 from gateway.backends.comfyui import ComfyUIBackend, ComfyUIOptions, fill, load_workflow
+from gateway.generation import SourceImage, VariationRequest
 from gateway.keys import METRICS
 
 

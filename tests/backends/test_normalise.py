@@ -1,4 +1,4 @@
-"""Normalising upstream answers (``gateway.backends.http.to_png``): fast, and the same
+"""Normalising upstream answers (``gateway.backends.normalise.to_png``): fast, and the same
 picture as before.
 
 Quality: the result is compared with what ``to_png`` did before the speed-up (a full
@@ -25,9 +25,10 @@ from PIL import Image, ImageChops, ImageStat
 from support import png_bytes
 
 from gateway import png
-from gateway.backends import http
-from gateway.backends.base import Generation, VariationRequest
-from gateway.backends.http import encode_png, normalise_clock, to_png, to_pngs
+from gateway.backends import normalise
+from gateway.backends.base import BackendError
+from gateway.backends.normalise import encode_png, to_png, to_pngs
+from gateway.generation import Generation, VariationRequest, normalise_clock
 from gateway.keys import METRICS, ROUTER
 
 MIN_PSNR_DB = 38.0
@@ -127,7 +128,7 @@ def test_transparency_survives_the_fit() -> None:
 def test_broken_answers_are_still_the_upstreams_failure() -> None:
     jpeg = encode(photo(256), "jpeg", 90)
     for data in (jpeg[: len(jpeg) // 2], b"GIF89a" + bytes(64), b"not an image"):
-        with pytest.raises(http.UpstreamError) as err:
+        with pytest.raises(BackendError) as err:
             to_png("b", data, 128)
         assert err.value.status == 502 and "'b'" in err.value.message
 
@@ -139,14 +140,14 @@ def test_broken_answers_are_still_the_upstreams_failure() -> None:
 def slow_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """``time.perf_counter`` moved 100 s forward by every ``to_png`` call."""
     offset = [0.0]
-    real_clock, real_to_png = time.perf_counter, http.to_png
+    real_clock, real_to_png = time.perf_counter, normalise.to_png
 
     def to_png_taking_100_s(name: str, data: bytes, size: int) -> bytes:
         offset[0] += 100.0
         return real_to_png(name, data, size)
 
     monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
-    monkeypatch.setattr(http, "to_png", to_png_taking_100_s)
+    monkeypatch.setattr(normalise, "to_png", to_png_taking_100_s)
     return offset
 
 

@@ -27,7 +27,7 @@ from upstream_cases import (
     start_upstream,
 )
 
-from gateway.backends.openai import DEFAULT_PROMPT, MODEL_REQUIRED
+from gateway.backends.openai.variations import DEFAULT_PROMPT, MODEL_REQUIRED
 from gateway.config import ConfigError, parse_config
 
 

@@ -21,9 +21,9 @@ from upstream_cases import (
     start_upstream,
 )
 
-from gateway.backends.base import BackendError
-from gateway.backends.http import bad_response, gather_all
-from gateway.backends.openai_edits import DEFAULT_PROMPT
+from gateway.backends.base import BackendError, bad_response
+from gateway.backends.http import gather_all
+from gateway.backends.openai.edits import DEFAULT_PROMPT
 from gateway.keys import AUDIT, METRICS
 
 

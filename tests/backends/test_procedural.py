@@ -17,15 +17,11 @@ from typing import Any
 import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageOps, ImageStat
 
-from gateway.backends import create_backend, procedural
-from gateway.backends.base import BackendError, SourceImage, VariationRequest
-from gateway.backends.procedural import (
-    ProceduralBackend,
-    ProceduralOptions,
-    make_variation,
-    make_variations,
-    prepare_source,
-)
+from gateway.backends import create_backend
+from gateway.backends.base import BackendError
+from gateway.backends.procedural import ProceduralBackend, ProceduralOptions, recipe
+from gateway.backends.procedural.recipe import make_variation, make_variations, prepare_source
+from gateway.generation import SourceImage, VariationRequest
 
 # A correlation of 32x32 grey thumbnails: independent images score ~0 with a standard
 # deviation of ~1/32 = 0.03 (1024 samples), so 0.3 is ~10 sigma above chance, while a
@@ -337,7 +333,7 @@ async def test_a_cancelled_request_stops_its_worker(scene_png: bytes,
     so the test can hold the first image and count the renders.)"""
     entered, release = threading.Event(), threading.Event()
     renders: list[int] = []
-    original = procedural.make_variation
+    original = recipe.make_variation
 
     def held_variation(source: Any, seed: int, strength: float) -> bytes:
         renders.append(seed)
@@ -345,7 +341,7 @@ async def test_a_cancelled_request_stops_its_worker(scene_png: bytes,
         release.wait(10)
         return original(source, seed, strength)
 
-    monkeypatch.setattr(procedural, "make_variation", held_variation)
+    monkeypatch.setattr(recipe, "make_variation", held_variation)
     backend = ProceduralBackend("threads", ProceduralOptions(executor="thread", workers=1))
     await backend.start()
     try:

@@ -52,8 +52,8 @@ from support import free_port, multipart_body, stop_process, wait_http  # noqa: 
 
 from gateway import logs  # noqa: E402
 from gateway.app import build_app  # noqa: E402
-from gateway.backends.base import VariationRequest  # noqa: E402
 from gateway.config import build_config  # noqa: E402
+from gateway.generation import VariationRequest  # noqa: E402
 from gateway.keys import ROUTER  # noqa: E402
 
 REPORT = ROOT / "tests" / "perf" / "REPORT.md"
@@ -233,7 +233,7 @@ async def _overhead(requests: int = 200) -> list[dict[str, Any]]:
 
 
 def _direct_request(upload: bytes, size: int, seed: int) -> VariationRequest:
-    from gateway.backends.base import SourceImage
+    from gateway.generation import SourceImage
 
     source = SourceImage(upload, 512, 512, "bench", "bench")
     return VariationRequest(source, 1, size, None, f"direct-{seed}", seed)

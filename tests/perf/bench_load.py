@@ -211,7 +211,7 @@ def openai_config(tmp: Path, fake: str) -> dict[str, Any]:
 def reencode_ms(edge: int) -> float:
     """What the gateway's check of a returned image costs (``to_png``: decode, verify,
     re-encode), median of 20 in this process."""
-    from gateway.backends.http import to_png
+    from gateway.backends.normalise import to_png
 
     image = bench.photo_png(edge)
     times = []

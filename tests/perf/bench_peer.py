@@ -144,7 +144,7 @@ def edits_has_output_format() -> bool:
     """Whether this commit's ``openai_edits`` backend has the ``output_format`` option."""
     from dataclasses import fields
 
-    from gateway.backends.openai_edits import OpenAIEditsOptions
+    from gateway.backends.openai.edits import OpenAIEditsOptions
 
     return "output_format" in {f.name for f in fields(OpenAIEditsOptions)}
 
@@ -366,7 +366,7 @@ def _rows(results: dict[str, dict[str, Any]], why_not: str, option: bool
 def run_normalise(runs: int = 9) -> list[dict[str, Any]]:
     """CPU ms of one ``to_png`` call before (full decode, Lanczos, Pillow's PNG encoder)
     and after (draft JPEG decode, reduce + Lanczos, ``encode_png``)."""
-    from gateway.backends.http import to_png
+    from gateway.backends.normalise import to_png
 
     img = bench_normalise.photo()
     sources = {"png": bench_normalise.encode(img, "png"),

@@ -18,8 +18,8 @@ import time
 
 from PIL import Image, ImageChops, ImageFilter
 
-from gateway.backends.base import SourceImage, VariationRequest
 from gateway.backends.procedural import ProceduralBackend, ProceduralOptions
+from gateway.generation import SourceImage, VariationRequest
 
 SIZES = (256, 512, 1024)
 COUNTS = (1, 10)

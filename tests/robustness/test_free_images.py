@@ -18,7 +18,7 @@ import pytest
 from instrumented_backend import InstrumentedBackend, Start, poll, register, usage, vary
 from support import ADMIN_TOKEN, png_bytes
 
-from gateway.backends.base import Generation, VariationRequest
+from gateway.generation import Generation, VariationRequest
 from gateway.keys import AUDIT
 
 TRIES = 30

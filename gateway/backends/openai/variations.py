@@ -20,15 +20,11 @@ from typing import Any, ClassVar
 
 import aiohttp
 
-from gateway.backends.base import BackendOptions, Generation, VariationRequest
-from gateway.backends.http import (
-    HttpBackend,
-    check_base_url,
-    data_items,
-    openai_images,
-    strip_userinfo,
-    to_pngs,
-)
+from gateway.backends.base import BackendOptions
+from gateway.backends.http import strip_userinfo
+from gateway.backends.normalise import to_pngs
+from gateway.backends.openai import OpenAIAccount, OpenAIEndpoint
+from gateway.generation import Generation, VariationRequest
 
 DEFAULT_PROMPT = "A variation of this image."
 MODEL_REQUIRED = (
@@ -38,14 +34,9 @@ MODEL_REQUIRED = (
 
 
 @dataclass(frozen=True)
-class OpenAIOptions(BackendOptions):
-    """``base_url`` ends in ``/v1`` (the SDK's convention)."""
+class OpenAIOptions(OpenAIAccount):
+    """``base_url`` ends in ``/v1`` (the SDK's convention); ``model`` is required."""
 
-    base_url: str
-    model: str = ""
-    api_key: str = field(default="", repr=False)
-    organization: str | None = None
-    project: str | None = None
     # Xinference's img2img pipelines need a prompt; null for an upstream that refuses
     # the field (another instance of this gateway refuses fields beyond the contract).
     prompt: str | None = DEFAULT_PROMPT
@@ -54,35 +45,16 @@ class OpenAIOptions(BackendOptions):
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_base_url(self.base_url)
+        super().__post_init__()
         if not self.model.strip():
             raise ValueError(MODEL_REQUIRED)
 
 
-def openai_headers(api_key: str, organization: str | None, project: str | None
-                   ) -> dict[str, str]:
-    """The auth headers the OpenAI SDK sends (no ``Authorization`` for an empty key)."""
-    headers: dict[str, str] = {}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    if organization:
-        headers["OpenAI-Organization"] = organization
-    if project:
-        headers["OpenAI-Project"] = project
-    return headers
+class OpenAIBackend(OpenAIEndpoint[OpenAIOptions]):
+    """``POST /images/variations``: one call for all ``n`` images."""
 
-
-class OpenAIBackend(HttpBackend):
     kind: ClassVar[str] = "openai"
     options_class: ClassVar[type[BackendOptions]] = OpenAIOptions
-
-    def __init__(self, name: str, options: OpenAIOptions) -> None:
-        super().__init__(name, options.base_url)
-        self.options = options
-
-    @property
-    def model(self) -> str:
-        return self.options.model
 
     @property
     def identity(self) -> str:
@@ -90,14 +62,6 @@ class OpenAIBackend(HttpBackend):
         extra = json.dumps(dict(o.extra), sort_keys=True)
         return (f"openai:{strip_userinfo(self.base_url)}:{o.model}:{o.prompt}:"
                 f"{o.negative_prompt}:{extra}")
-
-    @property
-    def lifecycle_model(self) -> str | None:
-        return self.options.model  # OpenAI publishes its shutdown_date (gateway.lifecycle)
-
-    def headers(self) -> dict[str, str]:
-        o = self.options
-        return {**super().headers(), **openai_headers(o.api_key, o.organization, o.project)}
 
     def form(self, request: VariationRequest) -> aiohttp.FormData:
         o = self.options
@@ -121,5 +85,5 @@ class OpenAIBackend(HttpBackend):
     async def generate(self, request: VariationRequest) -> Generation:
         payload = await self.request_json("POST", "/images/variations", model=self.model,
                                           data=self.form(request))
-        images = await openai_images(self, data_items(self.name, payload, request.n))
+        images = await self.images(payload, request.n)
         return Generation(await to_pngs(self.name, images, request.size))

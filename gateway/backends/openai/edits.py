@@ -15,28 +15,16 @@ are refused, so optional fields are sent only when the admin set them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import aiohttp
 
-from gateway.backends.base import (
-    BackendOptions,
-    Generation,
-    TokenUsage,
-    VariationRequest,
-)
-from gateway.backends.http import (
-    HttpBackend,
-    batches,
-    check_base_url,
-    data_items,
-    gather_all,
-    openai_images,
-    strip_userinfo,
-    to_pngs,
-)
-from gateway.backends.openai import openai_headers
+from gateway.backends.base import BackendOptions
+from gateway.backends.http import batches, gather_all, strip_userinfo
+from gateway.backends.normalise import to_pngs
+from gateway.backends.openai import OpenAIAccount, OpenAIEndpoint
+from gateway.generation import Generation, TokenUsage, VariationRequest
 
 # A model alive on 2026-12-03 with a dated snapshot (gpt-image-2-2026-04-21) and
 # published per-image estimates. Models retire on a schedule: the lifecycle watcher
@@ -54,11 +42,8 @@ ESTIMATED_PRICES = {"low": 0.02, "medium": 0.07, "high": 0.21, "auto": 0.21,
 
 
 @dataclass(frozen=True)
-class OpenAIEditsOptions(BackendOptions):
+class OpenAIEditsOptions(OpenAIAccount):
     base_url: str = "https://api.openai.com/v1"
-    api_key: str = field(default="", repr=False)
-    organization: str | None = None
-    project: str | None = None
     model: str = DEFAULT_MODEL
     prompt: str = DEFAULT_PROMPT
     quality: str = "auto"  # low | medium | high | auto | xhigh | max (2.5/2.6 only)
@@ -75,7 +60,7 @@ class OpenAIEditsOptions(BackendOptions):
     images_per_call: int = 10
 
     def __post_init__(self) -> None:
-        check_base_url(self.base_url)
+        super().__post_init__()
         if not self.model.strip():
             raise ValueError("model must not be empty")
         if self.quality not in QUALITIES:
@@ -123,31 +108,17 @@ def usage_of(payload: Any) -> TokenUsage | None:
     return TokenUsage(text_in, image_in, count(usage, "output_tokens"))
 
 
-class OpenAIEditsBackend(HttpBackend):
+class OpenAIEditsBackend(OpenAIEndpoint[OpenAIEditsOptions]):
+    """``POST /images/edits``: ``n`` split into calls of ``images_per_call``."""
+
     kind: ClassVar[str] = "openai_edits"
     options_class: ClassVar[type[BackendOptions]] = OpenAIEditsOptions
-
-    def __init__(self, name: str, options: OpenAIEditsOptions) -> None:
-        super().__init__(name, options.base_url)
-        self.options = options
-
-    @property
-    def model(self) -> str:
-        return self.options.model
 
     @property
     def identity(self) -> str:
         o = self.options
         return (f"openai_edits:{strip_userinfo(self.base_url)}:{o.model}:{o.quality}:"
                 f"{o.complexity}:{o.background}:{o.moderation}:{o.upstream_size}:{o.prompt}")
-
-    @property
-    def lifecycle_model(self) -> str | None:
-        return self.options.model  # OpenAI publishes its shutdown_date (gateway.lifecycle)
-
-    def headers(self) -> dict[str, str]:
-        o = self.options
-        return {**super().headers(), **openai_headers(o.api_key, o.organization, o.project)}
 
     def form(self, request: VariationRequest, count: int) -> aiohttp.FormData:
         """The multipart body the official SDK would send; optional fields only when set
@@ -172,7 +143,7 @@ class OpenAIEditsBackend(HttpBackend):
                     ) -> tuple[list[bytes], TokenUsage | None]:
         payload = await self.request_json("POST", "/images/edits", model=self.options.model,
                                           data=self.form(request, count))
-        images = await openai_images(self, data_items(self.name, payload, count))
+        images = await self.images(payload, count)
         return images, usage_of(payload)
 
     async def generate(self, request: VariationRequest) -> Generation:
