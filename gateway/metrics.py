@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -35,7 +35,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 
 # ``*_created`` series double every counter's series count for no dashboard use.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 P = "variations_gateway_"
 # Up to 300 s: AI backends' timeouts are 150-300 s, and a quantile cannot exceed the top.
@@ -81,15 +81,16 @@ class Family(Generic[M]):
     prometheus_client's ``labels()`` checks and stringifies its arguments under a lock
     on every call, and a request makes seven. Call sites use it like the family itself:
     ``.labels(...)`` (positional values) returns the child. ``guarded`` names a label
-    that passes a :class:`LabelGuard`; only values it lets through unchanged are kept
-    in the dict, so the dict is as bounded as the family's series. No series is ever
+    that passes a :class:`LabelGuard`; ``labelnames`` are then the names the metric was
+    made with (in that order). Only values the guard lets through unchanged are kept in
+    the dict, so the dict is as bounded as the family's series. No series is ever
     removed here; one that was (``metric.remove``) would need its child dropped too.
     """
 
-    def __init__(self, metric: M, guarded: str | None = None) -> None:
+    def __init__(self, metric: M, labelnames: Sequence[str] = (),
+                 guarded: str | None = None) -> None:
         self.metric = metric
-        names: tuple[str, ...] = tuple(metric._labelnames)
-        self._index = None if guarded is None else names.index(guarded)
+        self._index = None if guarded is None else list(labelnames).index(guarded)
         self._guard = LabelGuard()
         self._children: dict[tuple[str, ...], M] = {}
 
@@ -121,10 +122,11 @@ class Metrics:
         self._members = frozenset(names) | {ANONYMOUS_USER}
 
         # Requests (the middleware in gateway.app).
+        request_labels = ("route", "status_class", "error_code")
         self.requests = Family(Counter(
             P + "requests_total", "HTTP requests answered, by route pattern, status class "
-            "and the OpenAI error code ('' when none).",
-            ["route", "status_class", "error_code"], registry=r), "error_code")
+            "and the OpenAI error code ('' when none).", request_labels, registry=r),
+            request_labels, guarded="error_code")
         self.request_seconds = Family(Histogram(
             P + "request_duration_seconds", "Whole request time, receipt to response.",
             ["route"], buckets=LATENCY_BUCKETS, registry=r))
@@ -179,9 +181,11 @@ class Metrics:
             "Gateway time turning one backend call's answers into stored PNGs (decode, "
             "fit, encode); part of request_overhead_seconds, not of backend time.",
             ["backend"], buckets=OVERHEAD_BUCKETS, registry=r))
+        error_labels = ("backend", "kind")
         self.backend_errors = Family(Counter(
             P + "backend_errors_total", "Failed backend attempts by kind (timeout, connect, "
-            "http_5xx, ..., circuit_open).", ["backend", "kind"], registry=r), "kind")
+            "http_5xx, ..., circuit_open).", error_labels, registry=r), error_labels,
+            guarded="kind")
         self.backend_retries = Family(Counter(
             P + "backend_retries_total", "Retried backend attempts.", ["backend"], registry=r))
         self.breaker_state = Family(Gauge(
