@@ -13,7 +13,7 @@ import io
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cachetools import LRUCache
 from PIL import Image
@@ -67,9 +67,37 @@ def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> PngInfo:
         raise ApiError(400, NOT_PNG, code="image_too_large", param="image")  # as OpenAI
     if not data.startswith(SIGNATURE):
         raise _bad()
-    pos = len(SIGNATURE)
     info: PngInfo | None = None
     seen_idat = seen_iend = animated = idat_ended = False
+    for index, ctype, body in _framed_chunks(data):
+        if seen_idat and ctype != b"IDAT":
+            idat_ended = True
+        if index == 1:
+            info = _header(ctype, body, max_pixels)
+        elif ctype == b"IHDR":
+            raise _bad("Uploaded image is not a valid PNG (more than one IHDR chunk).",
+                       "invalid_image")
+        elif ctype == b"IDAT":
+            if idat_ended:
+                raise _bad("Uploaded image is not a valid PNG (its IDAT chunks are not "
+                           "consecutive).", "invalid_image")
+            seen_idat = True
+        elif ctype == b"acTL":
+            animated = True
+        elif ctype == b"IEND":
+            seen_iend = True
+            break
+    if info is None or not seen_idat or not seen_iend:
+        raise _bad("Uploaded image is truncated or has no image data. " + NOT_PNG,
+                   "invalid_image")
+    return replace(info, animated=True) if animated else info
+
+
+def _framed_chunks(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """``(number, type, body)`` of each chunk of ``data`` (after the signature), once
+    its framing is sound: it fits in the file, its CRC matches, its type is four
+    letters, it is not a critical chunk no decoder knows, and there are not too many."""
+    pos = len(SIGNATURE)
     chunks = 0
     while pos < len(data):
         if pos + 8 > len(data):
@@ -96,49 +124,30 @@ def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> PngInfo:
             # cannot be shown without, and no decoder knows it.
             raise _bad(f"Uploaded image has an unknown critical PNG chunk "
                        f"({ctype.decode('ascii')}).", "invalid_image")
-        if seen_idat and ctype != b"IDAT":
-            idat_ended = True
-        if chunks == 1:
-            if ctype != b"IHDR" or length != 13:
-                raise _bad("Uploaded image is not a valid PNG (IHDR must come first).",
-                           "invalid_image")
-            w, h, depth, color, comp, filt, inter = struct.unpack(">IIBBBBB", body)
-            if w == 0 or h == 0 or color not in _COLOR_TYPES or depth not in _BIT_DEPTHS[
-                color
-            ] or comp != 0 or filt != 0 or inter not in (0, 1):
-                raise _bad("Uploaded image has an invalid PNG header.", "invalid_image")
-            info = PngInfo(w, h, depth, color, bool(inter), False)
-            if w != h:
-                raise invalid(
-                    "Invalid input image - expected an image with equal width and height, "
-                    f"got {w}x{h} instead.", "image", "invalid_image_dimensions")
-            if w * h > max_pixels:
-                raise invalid(
-                    f"Invalid input image - {w}x{h} is more than the "
-                    f"{max_pixels} pixels this gateway decodes.", "image",
-                    "image_too_many_pixels")
-        elif ctype == b"IHDR":
-            raise _bad("Uploaded image is not a valid PNG (more than one IHDR chunk).",
-                       "invalid_image")
-        elif ctype == b"IDAT":
-            if idat_ended:
-                raise _bad("Uploaded image is not a valid PNG (its IDAT chunks are not "
-                           "consecutive).", "invalid_image")
-            seen_idat = True
-        elif ctype == b"acTL":
-            animated = True
-        elif ctype == b"IEND":
-            seen_iend = True
-            pos = end
-            break
+        yield chunks, ctype, body
         pos = end
-    if info is None or not seen_idat or not seen_iend:
-        raise _bad("Uploaded image is truncated or has no image data. " + NOT_PNG,
+
+
+def _header(ctype: bytes, body: bytes, max_pixels: int) -> PngInfo:
+    """The first chunk, which must be a sane IHDR of a square image within budget."""
+    if ctype != b"IHDR" or len(body) != 13:
+        raise _bad("Uploaded image is not a valid PNG (IHDR must come first).",
                    "invalid_image")
-    if animated:
-        info = PngInfo(info.width, info.height, info.bit_depth, info.color_type,
-                       info.interlaced, True)
-    return info
+    w, h, depth, color, comp, filt, inter = struct.unpack(">IIBBBBB", body)
+    if w == 0 or h == 0 or color not in _COLOR_TYPES or depth not in _BIT_DEPTHS[
+        color
+    ] or comp != 0 or filt != 0 or inter not in (0, 1):
+        raise _bad("Uploaded image has an invalid PNG header.", "invalid_image")
+    if w != h:
+        raise invalid(
+            "Invalid input image - expected an image with equal width and height, "
+            f"got {w}x{h} instead.", "image", "invalid_image_dimensions")
+    if w * h > max_pixels:
+        raise invalid(
+            f"Invalid input image - {w}x{h} is more than the "
+            f"{max_pixels} pixels this gateway decodes.", "image",
+            "image_too_many_pixels")
+    return PngInfo(w, h, depth, color, bool(inter), False)
 
 
 @dataclass(frozen=True)
