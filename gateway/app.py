@@ -25,11 +25,11 @@ from gateway import admin, discovery, health, memory, variations
 from gateway.abuse import Suspicion
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
+from gateway.charging import records_unavailable
 from gateway.config import Config
 from gateway.errors import ApiError, StorageUnavailable, storage_unavailable
 from gateway.keys import (
     ABUSE,
-    ANSWER_WAITS_FOR,
     AUDIT,
     AUDIT_RECORD,
     AUTH,
@@ -91,7 +91,6 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
                          client=app[CLIENT_ADDRESS].of(request))
     request[AUDIT_RECORD] = record
     request[BACKEND_SECONDS] = 0.0
-    request[ANSWER_WAITS_FOR] = []
     error: ApiError | None = None
     metrics.in_flight.inc()
     try:
@@ -126,22 +125,6 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
     record.status = response.status
     if error is not None:
         record.error_code = error.code
-    ledger = request[ANSWER_WAITS_FOR]
-    if ledger:
-        # The request's ledger rows (begun in the handler) before its audit row, so the
-        # audit says what the client got: a success whose count cannot be written is a
-        # 503, like a charge that cannot be (a cache hit is no exception).
-        results = await asyncio.shield(asyncio.gather(*ledger, return_exceptions=True))
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
-        app[WRITES].report("state", failed)
-        if failed is not None:
-            log.error("ledger_write_failed", request_id=request_id,
-                      error=type(failed).__name__, detail=str(failed))
-            if response.status < 400:
-                error = records_unavailable()
-                response = error.response()
-                response.headers["x-request-id"] = request_id
-                record.status, record.error_code = response.status, error.code
     audited = _finish(request, record, started, error, response.content_length)
     if audited is not None:
         # Every answer waits for its audit row. On a failure (logged by _audit_done) a
@@ -153,15 +136,6 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
             response = records_unavailable().response()
             response.headers["x-request-id"] = request_id
     return response
-
-
-def records_unavailable() -> ApiError:
-    """A success the gateway could not record (its ledger or audit write failed)."""
-    return ApiError(503, "The gateway cannot write its records right now (disk full, "
-                    "read-only or locked), so it does not answer; images already generated "
-                    "for this request were kept and charged once. Tell the gateway's admin: "
-                    "the request id names the cause in the gateway's logs.",
-                    code="storage_unavailable", should_retry=False)
 
 
 def _audit_done(metrics: Metrics, request_id: str, done: asyncio.Future[None]) -> None:

@@ -37,8 +37,6 @@ UPLOAD_BUDGET = web.AppKey("upload_budget", UploadBudget)
 # Per request.
 AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
 BACKEND_SECONDS = web.RequestKey("backend_seconds", float)
-# Writes the answer must wait for (the request's ledger row): awaited with its audit record.
-ANSWER_WAITS_FOR = web.RequestKey("answer_waits_for", list)
 # The outcome of the last ledger and audit writes, by store: /readyz shows failing ones.
 WRITES = web.AppKey("writes", WriteHealth)
 

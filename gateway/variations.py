@@ -9,21 +9,26 @@ audits it and counts it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import re
 import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from functools import partial
 
 from aiohttp import web
 
 from gateway import png, upload
+from gateway.auth import Principal
 from gateway.cache import CacheResult, Fresh, cache_key, policy_from_header
+from gateway.charging import Charge, counted
 from gateway.config import ServerConfig
 from gateway.errors import ApiError
-from gateway.generation import NormaliseClock, VariationRequest, normalise_clock
+from gateway.generation import NormaliseClock, SourceImage, VariationRequest, normalise_clock
+from gateway.images import Item
 from gateway.keys import (
-    ANSWER_WAITS_FOR,
     AUDIT_RECORD,
     AUTH,
     BACKEND_SECONDS,
@@ -37,8 +42,12 @@ from gateway.keys import (
     ROUTER,
     UPLOAD_BUDGET,
     USER_KEY,
+    WRITES,
 )
-from gateway.quota import QuotaStore, Reservation, budget_used, ratelimit_headers
+from gateway.metrics import Metrics
+from gateway.quota import LimitStatus, budget_used, ratelimit_headers
+from gateway.render import Renderer
+from gateway.router import Generated
 
 _ZERO_SUFFIX = re.compile(r"bytes=-0+", re.ASCII | re.IGNORECASE)
 
@@ -76,11 +85,10 @@ def base_url(request: web.Request, server: ServerConfig) -> str:
 
 
 async def create_variation(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/images/variations``, in the order a request lives (see the module)."""
     app = request.app
-    config, router, quota, metrics = app[CONFIG], app[ROUTER], app[QUOTA], app[METRICS]
+    config, quota = app[CONFIG], app[QUOTA]
     record = request[AUDIT_RECORD]
-    loop = asyncio.get_running_loop()
-
     # Authenticate first: a stranger's body is never read.
     principal = app[AUTH].member(request)
     record.member = principal.name
@@ -90,119 +98,179 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
     # limit): a member at their limit gets 429 with their upload still unread, so
     # 600 held-open uploads from one member hold 2 bodies, not 600.
     async with quota.admit(principal):
-        # Parse: the form (its raw fields are audited even if they are refused), then the
-        # PNG container (no pixels decoded yet). The body is read within the gateway-wide
-        # budget of bodies held at once, given back once the parts are split out.
-        async with app[UPLOAD_BUDGET].hold(upload.UploadBudget.bytes_for(request)):
-            image, fields = await upload.read_fields(request,
-                                                     config.server.read_timeout_seconds)
-        record.end_user = upload.for_audit(fields.get("user"))
-        record.size, record.model = upload.for_audit(fields.get("size")), upload.for_audit(
-            fields.get("model"))
-        if image is not None:  # hashed before validation: refused requests name it too
-            record.image_sha256 = app[PIXEL_HASHES].sha256(image)
-            record.upload_bytes = len(image)
-        form = upload.validate(image, fields, router.models)
-        record.n, record.size, record.model = form.n, form.size_label, form.model
-        record.end_user = form.user
-        metrics.upload_bytes.observe(len(form.image))
-        # A re-sent upload (the usual cache hit) was inspected and decoded before.
-        known = app[PIXEL_HASHES].get(record.image_sha256)
-        info = known.info if known is not None else png.inspect(form.image)
+        form, upload_sha256 = await _read_form(request)
         policy = policy_from_header(request.headers.get("Cache-Control"))
-        hashed_user = end_user_hash(app[USER_KEY], principal.name, form.user)
-        record.end_user_hash = hashed_user
-
-        # The pixel hash keys the cache; a request that bypasses it skips the decode (its
-        # pixel data is still checked once: a corrupt upload is a 400, never sent on).
-        key, pixels_sha256 = "", ""
-        hashes = app[PIXEL_HASHES]
-        make_source = partial(png.source_without_hash, form.image, info,
-                              record.image_sha256, hashes.checked(record.image_sha256))
-        if app[CACHE].enabled and policy != "no-store":
-            if known is None:
-                decoded = await loop.run_in_executor(None, png.decode, form.image, info,
-                                                     record.image_sha256)
-                known = png.Known(info, decoded.pixels_sha256)
-                hashes.put(record.image_sha256, known)
-                make_source = decoded.to_source
-            pixels_sha256 = known.pixels_sha256
-            key = cache_key(pixels_sha256, form.size, form.model, router.identity(form.model))
+        cached = app[CACHE].enabled and policy != "no-store"
+        source = await _look_at(app[PIXEL_HASHES], form.image, upload_sha256, cached)
+        key = cache_key(source.pixels_sha256, form.size, form.model,
+                        app[ROUTER].identity(form.model)) if cached else ""
         # Held at the dearest backend the request may reach; charged at the price of the
         # backend that generated (or its reported token usage).
         price = config.price_ceiling(form.model, form.size_label)
-        reservation: Reservation | None = None
-        charge: DeliveredCharge | None = None
-        spent = 0.0
-
-        async def generate(count: int, offset: int) -> Fresh:
-            nonlocal reservation, charge, spent
-            reservation = await quota.reserve(principal, count, price * count,
-                                              form.size_label)
-            source = await loop.run_in_executor(None, make_source)
-            hashes.mark_checked(record.image_sha256)
-            job = VariationRequest(source, count, form.size, hashed_user,
-                                   record.request_id, seed_for(pixels_sha256, offset))
-            started = time.perf_counter()
-            normalising = NormaliseClock()
-            try:
-                # A client that leaves now cancels this: the backend stops what it can
-                # (procedural workers, ComfyUI prompts) and the reservation is refunded.
-                with normalise_clock() as normalising:
-                    result = await router.generate(form.model, job)
-            finally:  # failed attempts and fallbacks are the backends' time too; turning
-                # their answers into PNGs is the gateway's (request_overhead_seconds)
-                _add_backend_time(request, max(
-                    0.0, time.perf_counter() - started - normalising.seconds))
-            # Delivered: the cache charges these images and then pools them in a task
-            # of its own, whether or not the client is still there (nothing awaits
-            # between here and its start), so none is ever served (to a re-sent upload,
-            # or to a coalesced waiter) without having been paid for.
-            record.backend = result.backend
-            cost_now = config.backend(result.backend).cost(form.size_label, count,
-                                                           result.usage)
-            spent += cost_now
-            record.images_charged, record.cost_usd = count, round(spent, 6)
-            charge = DeliveredCharge(quota, reservation, count, round(cost_now, 6))
-            if result.usage is not None:
-                record.usage_input_tokens = (result.usage.text_input_tokens
-                                             + result.usage.image_input_tokens)
-                record.usage_output_tokens = result.usage.output_tokens
-            metrics.images_generated.labels(result.backend, form.size_label).inc(count)
-            # A fallback's images answer now but are not what the key names: not pooled.
-            return Fresh(result.images, keep=router.is_first(form.model, result.backend),
-                         charge=charge)
-
+        charge = Charge(quota, principal, price, form.size_label)
+        generate = _Generate(request, form, source, charge,
+                             end_user_hash(app[USER_KEY], principal.name, form.user))
+        record.end_user_hash = generate.end_user
         # Look up the cache, generating only what is missing; store (and sign) what we
-        # answer. Images are charged as the backend delivers them (see generate): a
-        # failure or a disconnect (cancellation) before that refunds the reservation;
-        # after it, the charge completes (and a failed charge is refunded by its
-        # callback), so the audit can say what the ledger holds.
+        # answer, inside the block (the files stay until it exits).
         try:
-            result: CacheResult
-            async with app[CACHE].serve(key, form.n, policy, generate,
-                                        partial(_add_backend_time, request)) as result:
-                data = app[RENDERER].from_memory(result.items, form.response_format, base)
-                if data is None:
-                    data = await loop.run_in_executor(
-                        None, app[RENDERER].render, result.items, form.response_format, base)
-        except BaseException:
-            if reservation is not None and charge is None:  # nothing was delivered
-                record.images_charged, record.cost_usd = 0, 0.0
-                await quota.refund(reservation)
-            elif charge is not None and charge.failed():  # refunded by the cache
-                record.images_charged, record.cost_usd = 0, 0.0
-            raise
-        cost = round(spent, 6) if result.generated else 0.0
-        # Committed together with the audit record: the answer waits for both.
-        request[ANSWER_WAITS_FOR].append(
-            quota.count_request(principal, cache_hit=result.generated == 0))
-        statuses = await quota.usage(principal)
+            async with charge, app[CACHE].serve(key, form.n, policy, generate,
+                                                partial(_add_backend_time, request)) as result:
+                data = await _render(app[RENDERER], result.items, form.response_format, base)
+        finally:  # what the ledger holds, whatever happened: the audit says the same
+            record.images_charged, record.cost_usd = charge.images, charge.cost
+        counting = quota.count_request(principal, cache_hit=result.generated == 0)
+        statuses = await _usage(request, principal, counting)
 
     record.cache = result.status
-    record.images_charged = result.generated
-    record.cost_usd = cost
-    user_label = metrics.user_label(principal.name)
+    _count(app[METRICS], principal.name, form, result, charge.cost, price, statuses)
+    # The request's ledger row before its audit row (the middleware writes that one), so
+    # the audit says what the client got.
+    await counted(counting, app[WRITES], record.request_id)
+    headers = {"X-Cache": result.status, **ratelimit_headers(statuses)}
+    body = b"".join([b'{"created":%d,"data":' % int(time.time()), *data, b"}"])
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def _read_form(request: web.Request) -> tuple[upload.VariationForm, str]:
+    """The validated form and its upload's SHA-256.
+
+    The raw fields are audited even if they are refused, and a refused upload is named
+    by its hash too. The body is read within the gateway-wide budget of bodies held at
+    once, given back once the parts are split out.
+    """
+    app, record = request.app, request[AUDIT_RECORD]
+    async with app[UPLOAD_BUDGET].hold(upload.UploadBudget.bytes_for(request)):
+        image, fields = await upload.read_fields(request,
+                                                 app[CONFIG].server.read_timeout_seconds)
+    record.end_user = upload.for_audit(fields.get("user"))
+    record.size, record.model = upload.for_audit(fields.get("size")), upload.for_audit(
+        fields.get("model"))
+    upload_sha256 = "" if image is None else hashlib.sha256(image).hexdigest()
+    if image is not None:
+        record.image_sha256, record.upload_bytes = upload_sha256, len(image)
+    form = upload.validate(image, fields, app[ROUTER].models)  # refuses a missing image
+    record.n, record.size, record.model = form.n, form.size_label, form.model
+    record.end_user = form.user
+    app[METRICS].upload_bytes.observe(len(form.image))
+    return form, upload_sha256
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The request's upload as the cache and the backends need it."""
+
+    data: bytes
+    sha256: str
+    info: png.PngInfo
+    pixels_sha256: str  # "" when the cache is bypassed: no decode, no key
+    decoded: png.DecodedImage | None  # decoded by this request (for the key)
+    checked: bool  # its pixel data is known to decode (the memo says so, or decoded)
+
+    def make(self) -> SourceImage:
+        """What backends receive (CPU-bound: an executor); a corrupt upload is a 400."""
+        if self.decoded is not None:
+            return self.decoded.to_source()
+        return png.source_without_hash(self.data, self.info, self.sha256, self.checked)
+
+
+async def _look_at(hashes: png.PixelHashes, data: bytes, upload_sha256: str,
+                   cached: bool) -> _Source:
+    """Inspect the upload's container (no pixels decoded yet) and, for the cache key,
+    hash its pixels (decoded off the loop). A re-sent upload (the usual cache hit) was
+    inspected and decoded before: the memo answers both. A request that bypasses the
+    cache skips the decode; its pixel data is still checked once, when the backend's
+    input is made: a corrupt upload is a 400, never sent on."""
+    known = hashes.get(upload_sha256)
+    info = known.info if known is not None else png.inspect(data)
+    if not cached:
+        return _Source(data, upload_sha256, info, "", None, known is not None)
+    if known is not None and known.pixels_sha256 is not None:
+        return _Source(data, upload_sha256, info, known.pixels_sha256, None, True)
+    decoded = await asyncio.get_running_loop().run_in_executor(
+        None, png.decode, data, info, upload_sha256)
+    hashes.put(upload_sha256, png.Known(info, decoded.pixels_sha256))
+    return _Source(data, upload_sha256, info, decoded.pixels_sha256, decoded, True)
+
+
+@dataclass(frozen=True)
+class _Generate:
+    """The request's ``generate`` (:data:`gateway.cache.Generate`): the cache calls it,
+    at most once, with the number of images missing and their pool position."""
+
+    request: web.Request
+    form: upload.VariationForm
+    source: _Source
+    charge: Charge
+    end_user: str | None  # what upstream sees for the form's ``user``
+
+    async def __call__(self, count: int, offset: int) -> Fresh:
+        app, form = self.request.app, self.form
+        record = self.request[AUDIT_RECORD]
+        await self.charge.reserve(count)
+        image = await asyncio.get_running_loop().run_in_executor(None, self.source.make)
+        app[PIXEL_HASHES].put(self.source.sha256, png.Known(self.source.info))  # checked
+        job = VariationRequest(image, count, form.size, self.end_user, record.request_id,
+                               seed_for(self.source.pixels_sha256, offset))
+        # A client that leaves now cancels this: the backend stops what it can
+        # (procedural workers, ComfyUI prompts) and the charge's hold is refunded.
+        result = await _call_backend(self.request, form.model, job)
+        # Delivered: from here nothing awaits until the cache has begun the charge (it
+        # charges these images, then pools them, in a task of its own, client or not).
+        record.backend = result.backend
+        if result.usage is not None:
+            record.usage_input_tokens = (result.usage.text_input_tokens
+                                         + result.usage.image_input_tokens)
+            record.usage_output_tokens = result.usage.output_tokens
+        cost = app[CONFIG].backend(result.backend).cost(form.size_label, count, result.usage)
+        app[METRICS].images_generated.labels(result.backend, form.size_label).inc(count)
+        # A fallback's images answer now but are not what the key names: not pooled.
+        return Fresh(result.images, keep=app[ROUTER].is_first(form.model, result.backend),
+                     charge=self.charge.delivered(count, cost))
+
+
+async def _call_backend(request: web.Request, model: str, job: VariationRequest
+                        ) -> Generated:
+    """The router's call; its time (failed attempts and fallbacks included) is backend
+    time, but turning answers into PNGs is the gateway's (request_overhead_seconds)."""
+    started = time.perf_counter()
+    normalising = NormaliseClock()
+    try:
+        with normalise_clock() as normalising:
+            return await request.app[ROUTER].generate(model, job)
+    finally:
+        _add_backend_time(request, max(
+            0.0, time.perf_counter() - started - normalising.seconds))
+
+
+async def _render(renderer: Renderer, items: list[Item], response_format: str, base: str
+                  ) -> list[bytes]:
+    """The ``data`` array, as parts: from the memos on the loop, else off it."""
+    data = renderer.from_memory(items, response_format, base)
+    if data is None:
+        data = await asyncio.get_running_loop().run_in_executor(
+            None, renderer.render, items, response_format, base)
+    return data
+
+
+async def _usage(request: web.Request, principal: Principal, counting: Awaitable[None]
+                 ) -> list[LimitStatus]:
+    """The member's limits for the answer's headers. Should reading them fail, the
+    answer is that error, but the request's ledger row is still waited for (and a
+    failed one reported to ``/readyz``), as for any answer."""
+    app = request.app
+    try:
+        return await app[QUOTA].usage(principal)
+    except Exception:
+        with contextlib.suppress(ApiError):
+            await counted(counting, app[WRITES], request[AUDIT_RECORD].request_id)
+        raise
+
+
+def _count(metrics: Metrics, member: str, form: upload.VariationForm, result: CacheResult,
+           cost: float, price: float, statuses: list[LimitStatus]) -> None:
+    """The request's metrics: cache result, images and spend, the member's budget."""
+    user_label = metrics.user_label(member)
     metrics.cache_lookups.labels(result.status.lower()).inc()
     served_from_cache = form.n - result.generated if result.status != "BYPASS" else 0
     if served_from_cache:
@@ -213,90 +281,11 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         metrics.spend_usd.labels(user_label).inc(cost)
     metrics.user_budget_ratio.labels(user_label).set(budget_used(statuses))
 
-    # Answer.
-    headers = {"X-Cache": result.status, **ratelimit_headers(statuses)}
-    parts = [b'{"created":%d,"data":' % int(time.time()), *data, b"}"]
-    if sum(len(p) for p in parts) < PartsResponse.JOIN_BELOW:
-        return web.Response(body=b"".join(parts), content_type="application/json",
-                            headers=headers)
-    return PartsResponse(parts, headers)
-
-
-class DeliveredCharge:
-    """The ledger commit of images a backend delivered (:class:`gateway.cache.Charge`).
-
-    The cache begins it between writing the images' files and indexing them, in a task
-    that outlives the request: so images are charged to the request that generated
-    them, connected or not, and then pooled. A commit that fails, or images whose store
-    failed before the charge began, give the reservation back.
-    """
-
-    def __init__(self, quota: QuotaStore, reservation: Reservation, images: int,
-                 cost: float) -> None:
-        self._quota, self._reservation = quota, reservation
-        self._images, self._cost = images, cost
-        self._commit: asyncio.Future[None] | None = None
-        self._dropped = False
-
-    def begin(self) -> asyncio.Future[None]:
-        if self._commit is None:
-            if self._dropped:
-                raise RuntimeError("a dropped charge cannot begin")
-            self._commit = asyncio.ensure_future(
-                self._quota.commit(self._reservation, self._images, self._cost))
-            self._commit.add_done_callback(self._refund_if_failed)
-        return self._commit
-
-    def drop(self) -> None:
-        if self._commit is None and not self._dropped:
-            self._dropped = True
-            self._quota.refund_soon(self._reservation)
-
-    def failed(self) -> bool:
-        """Whether the images are known not to be charged (dropped, or a failed commit);
-        a charge still under way, or not yet begun by the cache, is not."""
-        commit = self._commit
-        if commit is None:
-            return self._dropped
-        return commit.done() and (commit.cancelled() or commit.exception() is not None)
-
-    def _refund_if_failed(self, commit: asyncio.Future[None]) -> None:
-        """A failed commit gives the hold back: nobody else would, once the client left."""
-        if commit.cancelled() or commit.exception() is not None:
-            self._quota.refund_soon(self._reservation)
-
 
 def _add_backend_time(request: web.Request, seconds: float) -> None:
     """Time spent on backends, or waiting for an identical request's call, is not the
     gateway's overhead."""
     request[BACKEND_SECONDS] += seconds
-
-
-class PartsResponse(web.StreamResponse):
-    """A JSON body sent part by part: a large ``b64_json`` element goes to the socket as
-    the memoised bytes object itself, never copied into a joined body (and then again
-    into aiohttp's headers-plus-body write) first. Small bodies are joined: one send."""
-
-    JOIN_BELOW = 64 * 1024
-
-    def __init__(self, parts: list[bytes], headers: dict[str, str]) -> None:
-        super().__init__(headers=headers)
-        self.content_type = "application/json"
-        self.content_length = sum(len(p) for p in parts)
-        self._parts = parts
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        parts, self._parts = self._parts, []
-        small: list[bytes] = []
-        for part in parts:
-            if len(part) < self.JOIN_BELOW:
-                small.append(part)
-                continue
-            if small:
-                await self.write(b"".join(small))
-                small = []
-            await self.write(part)
-        await super().write_eof(b"".join([*small, data]))
 
 
 async def get_image(request: web.Request) -> web.StreamResponse:

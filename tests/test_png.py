@@ -76,33 +76,22 @@ def _jpeg() -> bytes:
     return buf.getvalue()
 
 
-def test_kept_uploads_skip_sha256_but_never_trust_the_lookup_key_alone(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import hashlib
-
-    real = hashlib.sha256  # captured before it is patched below
-
-    def sha(data: bytes) -> str:
-        return real(data).hexdigest()
-
-    tail = b"t" * png.PixelHashes.TAIL  # same length and tail: the same lookup key
-    hashes = png.PixelHashes(keep_bytes=1000)
-    known = png.Known(png.PngInfo(1, 1, 8, 2, False, False), "pixels")
-    a, b, c = b"a" * 400, b"b" * 336 + tail, b"c" * 700
-    for data in (a, b, c):
-        hashes.put(sha(data), known)  # decoded once
-    calls: list[bytes] = []
-    monkeypatch.setattr(png.hashlib, "sha256", lambda d: calls.append(d) or real(d))
-    assert hashes.sha256(a) == sha(a) and calls == [a]  # second sighting: hashed, kept
-    assert hashes.sha256(a) == sha(a) and calls == [a]  # third: from memory
-    assert hashes.sha256(b"z" * 400) == sha(b"z" * 400)  # never decoded: not kept
-    assert hashes.sha256(b"z" * 400) == sha(b"z" * 400) and len(calls) == 3
-    assert hashes.sha256(b) == sha(b)  # kept now
-    y = b"y" * 336 + tail
-    assert hashes.sha256(y) == sha(y) and calls[-1] == y  # b's key, other bytes: hashed
-    hashes.sha256(c)  # kept; over the 1000-byte budget, the oldest go
-    calls.clear()
-    assert hashes.sha256(c) == sha(c) and calls == []
-    assert hashes.sha256(b) == sha(b) and calls == [b]
+def test_pixel_hashes_remember_checks_and_decodes_and_stay_bounded() -> None:
+    """The upload memo (issue 20: it no longer keeps upload bytes, nor a second memo of
+    checked uploads): a check is remembered, a decode's pixel hash replaces it and is
+    never forgotten for a later check, and the memo holds at most ``maxsize`` uploads."""
+    info = png.PngInfo(1, 1, 8, 2, False, False)
+    hashes = png.PixelHashes(maxsize=2)
+    assert hashes.get("a") is None
+    hashes.put("a", png.Known(info))  # checked on the no-store path
+    assert hashes.get("a") == png.Known(info, None)
+    hashes.put("a", png.Known(info, "pixels"))  # decoded for a cache key
+    hashes.put("a", png.Known(info))  # checked again: the pixel hash stays
+    assert hashes.get("a") == png.Known(info, "pixels")
+    hashes.put("b", png.Known(info, "b-pixels"))
+    hashes.put("c", png.Known(info, "c-pixels"))  # over maxsize: the least recent goes
+    assert hashes.get("a") is None and hashes.get("b") == png.Known(info, "b-pixels")
+    assert hashes.get("c") == png.Known(info, "c-pixels")
 
 
 # --------------------------------------------------------------------------- pixel data
