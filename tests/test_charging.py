@@ -13,7 +13,7 @@ import pytest
 from gateway.auth import Principal
 from gateway.charging import Charge
 from gateway.config import QuotaLimits
-from gateway.quota import SqliteQuota
+from gateway.quota.sqlite import SqliteQuota
 
 ALICE = Principal("alice", QuotaLimits(), True)
 PRICE = 0.018
