@@ -153,4 +153,6 @@ async def counted(write: Awaitable[None], writes: WriteHealth, request_id: str) 
     if failed is not None:
         log.error("ledger_write_failed", request_id=request_id,
                   error=type(failed).__name__, detail=str(failed))
-        raise records_unavailable()
+        # A store that raised its own 503 (Redis away: state_unavailable, retry after)
+        # says so; anything else is a disk or database that cannot write.
+        raise failed if isinstance(failed, ApiError) else records_unavailable()

@@ -465,6 +465,37 @@ async def test_refund_soon_gives_the_hold_back_without_being_awaited(
     await q.close()
 
 
+async def test_refund_soon_during_an_outage_gives_the_hold_back_once_redis_is_back(
+        tmp_path: Path) -> None:
+    """A charge whose commit an outage failed is refunded with refund_soon (nobody
+    awaits it): it must keep trying until Redis is back, not try once and leave the
+    hold until the lease ends (10 minutes here)."""
+    server = RedisServer(tmp_path / "redis", persist=True)  # the hold survives the kill
+    server.start()
+    q = quota(server)
+    try:
+        p = who(images_per_day=2)
+        held = await q.reserve(p, 2, 0.0, "256x256")
+        real, first_try_failed = q._refund, asyncio.Event()
+
+        async def watched(**kwargs: Any) -> Any:
+            try:
+                return await real(**kwargs)
+            except Exception:
+                first_try_failed.set()
+                raise
+
+        q._refund = watched  # type: ignore[method-assign]
+        server.kill()
+        q.refund_soon(held)
+        await asyncio.wait_for(first_try_failed.wait(), 10)  # against the dead Redis
+        server.start()  # same port, same AOF: the hold is still there
+        await _until(lambda: _held(q, p, 0), "the hold to come back after the outage")
+    finally:
+        await q.close()
+        server.stop()
+
+
 async def test_abuse_windows_are_shared_by_replicas(redis_server: RedisServer,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A member's requests spread over replicas count in one window, and each signal is

@@ -102,10 +102,10 @@ class RedisQuota(Guarded):
     def _hand_back(self, make: Callable[[], Awaitable[object]]) -> None:
         """Undo a take in the background: one whose reply never came (a timeout, a
         dropped connection, or the client leaving while the script ran; the script may
-        have run, and nothing else would give back what it took before its lease ends),
-        or a refund nobody waits for. Undoing an id never taken is a no-op, so this is
-        always safe. One try: if Redis is down it does not help to queue one retry per
-        request, and the lease still ends the hold."""
+        have run, and nothing else would give back what it took before its lease ends).
+        Undoing an id never taken is a no-op, so this is always safe. One try: if Redis
+        is down it does not help to queue one retry per request, and the lease still
+        ends the hold."""
 
         async def once() -> None:
             with contextlib.suppress(StorageUnavailable):
@@ -229,9 +229,13 @@ class RedisQuota(Guarded):
             await self._release(self._unlease(reservation.user, reservation.id))
 
     def refund_soon(self, reservation: Reservation) -> None:
+        """:meth:`refund` in the background, retried like it while Redis is away: a
+        failed charge's hold (its commit lost to an outage) has nobody else to give it
+        back, and one try during the outage would leave it held until the lease ends."""
         if not reservation.settled:
             reservation.settled = True
-            self._hand_back(self._unlease(reservation.user, reservation.id))
+            self._keep(asyncio.get_running_loop().create_task(
+                self._release(self._unlease(reservation.user, reservation.id))))
 
     def count_request(self, principal: Principal, cache_hit: bool) -> Awaitable[None]:
         return asyncio.ensure_future(self._count_request(principal, cache_hit))
