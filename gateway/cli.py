@@ -16,6 +16,7 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, dump_config, exposure_problem, load_config
@@ -127,26 +128,58 @@ async def _start_site(site: object, error: PortInUse) -> None:
         raise
 
 
+def _server_tls(config: Config) -> ssl.SSLContext | None:
+    """Built before anything listens: read now, so a renewed certificate needs a
+    restart."""
+    if not (config.server.tls_cert and config.server.tls_key):
+        return None
+    try:
+        return server_context(config.server.tls_cert, config.server.tls_key)
+    except TLSFileError as exc:  # changed since the config was loaded
+        raise ConfigError(str(exc), exc.setting) from None
+
+
+async def _start_metrics(app: Any, config: Config, host: str, tls: ssl.SSLContext | None
+                         ) -> Any:
+    """``/metrics`` on ``metrics.port`` (same TLS as the API port: it names members and
+    their spend); the runner to clean up, or None when it has no port of its own."""
+    if not config.metrics.enabled or config.metrics.port is None:
+        return None
+    from aiohttp import web
+
+    from gateway import health
+    from gateway.connections import GatewayRunner
+    from gateway.keys import CONFIG, METRICS
+
+    mapp = web.Application()
+    mapp[CONFIG], mapp[METRICS] = app[CONFIG], app[METRICS]
+    mapp.router.add_get("/metrics", health.metrics)
+    runner = GatewayRunner(
+        mapp, access_log=None, header_timeout=config.server.header_timeout_seconds,
+        keepalive_timeout=config.server.keepalive_timeout_seconds)
+    await runner.setup()
+    try:
+        await _start_site(web.TCPSite(runner, host, config.metrics.port, ssl_context=tls),
+                          _port_in_use(host, config.metrics.port, "metrics.port", ""))
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 async def _serve(config: Config, host: str, port: int) -> int:
     from aiohttp import web
 
     from gateway.app import build_app
     from gateway.connections import GatewayRunner, raise_fd_limit
 
-    # Built before anything listens: read now, so a renewed certificate needs a restart.
-    tls: ssl.SSLContext | None = None
-    if config.server.tls_cert and config.server.tls_key:
-        try:
-            tls = server_context(config.server.tls_cert, config.server.tls_key)
-        except TLSFileError as exc:  # changed since the config was loaded
-            raise ConfigError(str(exc), exc.setting) from None
+    tls = _server_tls(config)
     open_files, _ = raise_fd_limit()  # every client connection is a file descriptor
 
     # Signals are handled from the first moment: a SIGTERM during start-up cancels the
     # start-up and cleans up what was started (the default action would kill the
     # process and leave the procedural workers behind).
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     started = False
 
@@ -158,7 +191,7 @@ async def _serve(config: Config, host: str, port: int) -> int:
             main.cancel()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+        asyncio.get_running_loop().add_signal_handler(sig, on_signal)
     app = build_app(config)
     runner = GatewayRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout_seconds,
@@ -172,25 +205,8 @@ async def _serve(config: Config, host: str, port: int) -> int:
         await _start_site(site, _port_in_use(
             host, port, "server.port", f", or `serve --port {port + 1}` "
             f"(make run PORT={port + 1})"))
-        if config.metrics.enabled and config.metrics.port is not None:
-            from gateway import health
-            from gateway.keys import CONFIG, METRICS
-
-            mapp = web.Application()
-            mapp[CONFIG], mapp[METRICS] = app[CONFIG], app[METRICS]
-            mapp.router.add_get("/metrics", health.metrics)
-            metrics_runner = GatewayRunner(
-                mapp, access_log=None, header_timeout=config.server.header_timeout_seconds,
-                keepalive_timeout=config.server.keepalive_timeout_seconds)
-            await metrics_runner.setup()
-            # Same TLS as the API port: /metrics names members and their spend.
-            await _start_site(
-                web.TCPSite(metrics_runner, host, config.metrics.port, ssl_context=tls),
-                _port_in_use(host, config.metrics.port, "metrics.port", ""))
-        bound = port
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            bound = server.sockets[0].getsockname()[1]
+        metrics_runner = await _start_metrics(app, config, host, tls)
+        bound = runner.addresses[0][1] if runner.addresses else port
         print(banner(config, host, bound), flush=True)
         print(f"  open files: up to {open_files} (connections without a whole request "
               f"header are closed after {config.server.header_timeout_seconds:g} s)",

@@ -1,0 +1,83 @@
+"""YAML in: composed into nodes first, so every error can name the key's path *and* its
+line; ``${ENV}`` and ``${ENV:-default}`` are substituted in scalars before typing, so
+``port: ${PORT:-8080}`` is still an int."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from gateway.config.model import ConfigError
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def _interpolate(value: str, env: Mapping[str, str], path: str, line: int | None) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and (env[name] != "" or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set", path, line)
+
+    return _ENV_RE.sub(sub, value)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader; interpolation happens on nodes before construction."""
+
+
+def _walk_nodes(
+    node: yaml.Node, path: str, lines: dict[str, int], env: Mapping[str, str], loader: _Loader
+) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            sub = f"{path}.{key}" if path else key
+            _walk_nodes(value_node, sub, lines, env, loader)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk_nodes(item, f"{path}[{i}]", lines, env, loader)
+    elif isinstance(node, yaml.ScalarNode) and "${" in str(node.value):
+        node.value = _interpolate(node.value, env, path, lines[path])
+        if node.style is None:  # plain scalar: re-resolve so "8080" becomes an int
+            node.tag = loader.resolve(yaml.ScalarNode, node.value, (True, False))
+
+
+def _load_yaml(text: str, env: Mapping[str, str]) -> tuple[Any, dict[str, int]]:
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}, {}
+        lines: dict[str, int] = {}
+        _walk_nodes(node, "", lines, env, loader)
+        return loader.construct_document(node), lines
+    except yaml.MarkedYAMLError as exc:
+        raise _yaml_error(exc) from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError) -> ConfigError:
+    """The line an admin has to edit, for a YAML syntax error.
+
+    PyYAML's ``problem_mark`` is where it gave up, which for an unfinished token (a key
+    without its ``:``, an unclosed quote or bracket) is the start of the *next* line or
+    the end of the file: one line late. Its ``context_mark`` is where that token began:
+    the line to fix. Block-structure errors keep the problem mark: their context is the
+    whole enclosing block, often line 1.
+    """
+    problem, context = exc.problem_mark, exc.context_mark
+    line = problem.line + 1 if problem is not None else None
+    message = f"invalid YAML: {exc.problem}"
+    unfinished = isinstance(exc, yaml.scanner.ScannerError) or "flow" in str(exc.context)
+    if context is not None and unfinished and (line is None or context.line + 1 < line):
+        message += f" ({exc.context} that starts on this line; noticed on line {line})"
+        line = context.line + 1
+    return ConfigError(message, "", line)
