@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 
 from cachetools import LRUCache
 
@@ -57,7 +56,7 @@ class Renderer:
             if any(e is None for e in encoded):
                 return None
             return _array(encoded)  # type: ignore[arg-type]
-        now = time.time()
+        now = self.store.clock()
         with self._lock:
             elements = []
             for item in items:
@@ -71,7 +70,7 @@ class Renderer:
         """The data array, reading and storing files as needed (blocking: an executor)."""
         if response_format == "b64_json":
             return _array([self._encode(item) for item in items])
-        now = time.time()
+        now = self.store.clock()
         elements = []
         for item in items:
             if item.path is not None and item.path.exists():

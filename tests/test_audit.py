@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import structlog
-from instrumented_backend import Start, poll, register, variation_form, vary
-from support import ADMIN_TOKEN, TOKENS, png_bytes
+from instrumented_backend import Start, register, variation_form, vary
+from support import ADMIN_TOKEN, TOKENS, eventually, eventually_sync, png_bytes
 
 from gateway.audit import AuditLog, AuditRecord
 from gateway.keys import AUDIT
@@ -136,13 +136,13 @@ async def test_retention_days(instrumented: Start, monkeypatch: pytest.MonkeyPat
         return {r["request_id"] for r in restarted.app[AUDIT].query(limit=100)}
 
     restarted, _ = await instrumented(audit={"retention_days": 30})
-    await poll(lambda: not any(i.startswith("req_old") for i in ids()), "old rows purged")
+    await eventually(lambda: not any(i.startswith("req_old") for i in ids()), "old rows purged")
     assert "req_recent" in ids()
 
     # Two days later, without a restart: the background task purges.
     later = types.SimpleNamespace(time=lambda: time.time() + 2 * 86400)
     monkeypatch.setattr("gateway.audit.time", later)
-    await poll(lambda: "req_recent" not in ids(), "the recent row purged two days on")
+    await eventually(lambda: "req_recent" not in ids(), "the recent row purged two days on")
 
 
 def test_member_and_end_user_queries_walk_an_index(tmp_path: Path) -> None:
@@ -231,9 +231,7 @@ def test_console_log_lines_escape_what_a_client_sent(gateway_process) -> None:  
     for path in ("/x%1B%5D0;OWNED%07%1B%5B2J", "/v1/usage%1B%5B2J%C2%9B%E2%80%AE"):
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(g.url + path, timeout=10)
-    deadline = time.monotonic() + 10
-    while "/v1/usage" not in g.log() and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling the log file for the line, with a deadline
+    eventually_sync(lambda: "/v1/usage" in g.log(), "the second path's log line")
     log = g.log()
     assert "OWNED" in log and "/v1/usage" in log  # the lines were written...
     for raw in ("\x1b]0;OWNED", "\x07", "\x1b[2J", "\x9b", "\u202e"):
