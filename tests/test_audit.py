@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
 import types
 from pathlib import Path
@@ -148,15 +149,16 @@ async def test_retention_days(instrumented: Start, monkeypatch: pytest.MonkeyPat
 def test_member_and_end_user_queries_walk_an_index(tmp_path: Path) -> None:
     """Newest-first pages by member or end user read from an index in id order: with
     (member, ts) SQLite sorted all of a busy member's rows first (0.5 s per million)."""
-    audit = AuditLog(tmp_path / "audit.db", retention_days=90)
+    AuditLog(tmp_path / "audit.db", retention_days=90).close()  # the schema it makes
+    db = sqlite3.connect(tmp_path / "audit.db")
     try:
         base = "SELECT id FROM audit WHERE {} = ? AND ts >= ? ORDER BY id DESC LIMIT 100"
         for column in ("member", "end_user", "end_user_hash"):
-            plan = " ".join(str(row[-1]) for row in audit._db.execute(
+            plan = " ".join(str(row[-1]) for row in db.execute(
                 "EXPLAIN QUERY PLAN " + base.format(column), ("x", 0)))
             assert f"INDEX audit_{column}_id" in plan and "TEMP B-TREE" not in plan, plan
     finally:
-        audit.close()
+        db.close()
 
 
 async def test_refused_form_keeps_its_raw_fields(gateway_client) -> None:  # type: ignore[no-untyped-def]
