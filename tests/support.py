@@ -96,6 +96,7 @@ def png_bytes(size: int = 64, mode: str = "RGB", seed: int = 0, **save: Any) -> 
     """A recognisable square test image (gradient + shapes) in ``mode``."""
     img = Image.new("RGB", (size, size))
     px = img.load()
+    assert px is not None
     for y in range(size):
         for x in range(size):
             px[x, y] = ((x * 255 // max(1, size - 1) + seed * 40) % 256,

@@ -263,7 +263,7 @@ async def test_redis_killed_mid_burst_then_back(tmp_path: Path) -> None:
                     await asyncio.sleep(0.1)  # refunds are retried with backoff
                 return False
 
-            await eventually(full_else_one_more, lambda: f"held quota back: {ledger}", 30,
+            await eventually(full_else_one_more, lambda: f"held quota back (ledger {ledger})", 30,
                              interval_s=0)
             status, body, *_ = await post(session, a.url, image, headers=NO_STORE)
             assert status == 429 and body["error"]["code"] == "quota_exceeded"
