@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 
 from cachetools import LRUCache
 
@@ -96,7 +95,7 @@ class Renderer:
         if response_format == "b64_json":
             encoded = self._b64.found(items)
             return None if encoded is None else _array(encoded)
-        now = time.time()
+        now = self.store.clock()
         with self._lock:
             elements = []
             for item in items:
@@ -110,7 +109,7 @@ class Renderer:
         """The data array, reading and storing files as needed (blocking: an executor)."""
         if response_format == "b64_json":
             return _array([self._b64.element(item) for item in items])
-        now = time.time()
+        now = self.store.clock()
         elements = []
         for item in items:
             if item.path is not None and item.path.exists():

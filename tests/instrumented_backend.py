@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -157,12 +156,3 @@ async def usage(client: TestClient, user: str = "alice") -> dict[str, Any]:
     async with client.get("/v1/usage", headers=auth(user)) as r:
         assert r.status == 200, await r.text()
         return await r.json()
-
-
-async def poll(condition: Callable[[], bool], what: str, deadline_s: float = 10.0) -> None:
-    """Yield to the loop until ``condition()`` holds; fail after a deadline."""
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.005)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
-from support import free_port, stop_process
+from support import eventually_sync, free_port, stop_process
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -45,19 +44,22 @@ class RedisServer:
              "--dir", str(self.workdir)],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        proc = self.proc
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + deadline_s
+        last: list[redis.RedisError] = []
+
+        def pong() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}")
+            try:
+                return bool(client.ping())
+            except redis.RedisError as exc:
+                last[:] = [exc]
+                return False
+
         try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    if time.monotonic() > deadline:
-                        raise
-                time.sleep(0.02)  # poll interval, bounded by the deadline
+            eventually_sync(pong, lambda: f"redis-server answering PING (last: {last})",
+                            deadline_s)
         finally:
             client.close()
 

@@ -6,8 +6,10 @@ by conftest.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import inspect
 import io
 import os
 import shutil
@@ -18,10 +20,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -34,6 +36,50 @@ ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI") == "true"
 TOKENS = {"alice": "vg-test-alice-token", "bob": "vg-test-bob-token"}
 ADMIN_TOKEN = "vg-test-admin-token"
+DEADLINE_S = 10.0
+T = TypeVar("T")
+
+
+class NotInTime(AssertionError, TimeoutError):
+    """What :func:`eventually` raises: a failed test, and a timeout to callers that wait
+    for a process (``except TimeoutError`` there keeps working)."""
+
+
+def _not_in_time(what: str | Callable[[], str], deadline_s: float) -> NotInTime:
+    return NotInTime(f"not within {deadline_s} s: {what() if callable(what) else what}")
+
+
+async def eventually(predicate: Callable[[], T | Awaitable[T]], what: str | Callable[[], str],
+                     deadline_s: float = DEADLINE_S, interval_s: float = 0.01) -> T:
+    """Poll ``predicate`` (plain or async) until it returns something truthy; return it.
+
+    The one way a test waits for something to happen: polled against a deadline, so a
+    slow machine waits longer and a fast one does not wait at all, and no test sleeps
+    for readiness or asserts how long anything took. After ``deadline_s`` it fails with
+    ``what`` (a callable is asked then, so it can show the last value seen). The
+    predicate may raise to stop waiting early (a process that died, say).
+    """
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise _not_in_time(what, deadline_s)
+        await asyncio.sleep(interval_s)  # poll interval, bounded by the deadline
+
+
+def eventually_sync(predicate: Callable[[], T], what: str | Callable[[], str],
+                    deadline_s: float = DEADLINE_S, interval_s: float = 0.02) -> T:
+    """:func:`eventually` for code with no event loop (a test driving a subprocess)."""
+    deadline = time.monotonic() + deadline_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise _not_in_time(what, deadline_s)
+        time.sleep(interval_s)  # poll interval, bounded by the deadline
+    return value
 
 
 def sha(token: str) -> str:
@@ -50,6 +96,7 @@ def png_bytes(size: int = 64, mode: str = "RGB", seed: int = 0, **save: Any) -> 
     """A recognisable square test image (gradient + shapes) in ``mode``."""
     img = Image.new("RGB", (size, size))
     px = img.load()
+    assert px is not None
     for y in range(size):
         for x in range(size):
             px[x, y] = ((x * 255 // max(1, size - 1) + seed * 40) % 256,
@@ -75,7 +122,10 @@ def base_config(tmp: Path, **sections: Any) -> dict[str, Any]:
         "state": {"kind": "sqlite", "path": str(tmp / "state.sqlite3")},
         "cache": {"enabled": True, "dir": str(tmp / "cache")},
         "images": {"dir": str(tmp / "images"), "url_ttl_seconds": 3600},
-        "backends": [{"name": "local", "kind": "procedural"}],
+        # Threads, not the default process pool: spawning worker processes for every
+        # gateway a test starts cost more than the rest of most tests. A test that needs
+        # the process pool names it.
+        "backends": [{"name": "local", "kind": "procedural", "executor": "thread"}],
         "route": ["local"],
         "audit": {"path": str(tmp / "audit.sqlite3")},
     }
@@ -168,19 +218,20 @@ def wait_http(url: str, deadline_s: float = 30, proc: subprocess.Popen[bytes] | 
               context: ssl.SSLContext | None = None) -> None:
     """Poll ``url`` until it answers 200 (no sleeps standing in for readiness);
     ``context`` verifies an https server."""
-    deadline = time.monotonic() + deadline_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+    last: list[OSError] = []
+
+    def answers() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
         try:
             with urllib.request.urlopen(url, timeout=1, context=context) as r:
-                if r.status == 200:
-                    return
+                return r.status == 200
         except OSError as exc:
-            last = exc
-        time.sleep(0.05)  # poll interval, bounded by the deadline
-    raise TimeoutError(f"{url} did not answer within {deadline_s}s: {last}")
+            last[:] = [exc]
+            return False
+
+    eventually_sync(answers, lambda: f"{url} answering 200 (last error: {last})", deadline_s,
+                    interval_s=0.05)
 
 
 def start_gateway(raw_config: dict[str, Any], workdir: Path, port: int | None = None,

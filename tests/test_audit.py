@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
 import types
 from pathlib import Path
@@ -10,8 +11,8 @@ from typing import Any
 
 import pytest
 import structlog
-from instrumented_backend import Start, poll, register, variation_form, vary
-from support import ADMIN_TOKEN, TOKENS, png_bytes
+from instrumented_backend import Start, register, variation_form, vary
+from support import ADMIN_TOKEN, TOKENS, eventually, eventually_sync, png_bytes
 
 from gateway.audit import AuditLog, AuditRecord
 from gateway.keys import AUDIT
@@ -136,27 +137,28 @@ async def test_retention_days(instrumented: Start, monkeypatch: pytest.MonkeyPat
         return {r["request_id"] for r in restarted.app[AUDIT].query(limit=100)}
 
     restarted, _ = await instrumented(audit={"retention_days": 30})
-    await poll(lambda: not any(i.startswith("req_old") for i in ids()), "old rows purged")
+    await eventually(lambda: not any(i.startswith("req_old") for i in ids()), "old rows purged")
     assert "req_recent" in ids()
 
     # Two days later, without a restart: the background task purges.
     later = types.SimpleNamespace(time=lambda: time.time() + 2 * 86400)
     monkeypatch.setattr("gateway.audit.time", later)
-    await poll(lambda: "req_recent" not in ids(), "the recent row purged two days on")
+    await eventually(lambda: "req_recent" not in ids(), "the recent row purged two days on")
 
 
 def test_member_and_end_user_queries_walk_an_index(tmp_path: Path) -> None:
     """Newest-first pages by member or end user read from an index in id order: with
     (member, ts) SQLite sorted all of a busy member's rows first (0.5 s per million)."""
-    audit = AuditLog(tmp_path / "audit.db", retention_days=90)
+    AuditLog(tmp_path / "audit.db", retention_days=90).close()  # the schema it makes
+    db = sqlite3.connect(tmp_path / "audit.db")
     try:
         base = "SELECT id FROM audit WHERE {} = ? AND ts >= ? ORDER BY id DESC LIMIT 100"
         for column in ("member", "end_user", "end_user_hash"):
-            plan = " ".join(str(row[-1]) for row in audit._db.execute(
+            plan = " ".join(str(row[-1]) for row in db.execute(
                 "EXPLAIN QUERY PLAN " + base.format(column), ("x", 0)))
             assert f"INDEX audit_{column}_id" in plan and "TEMP B-TREE" not in plan, plan
     finally:
-        audit.close()
+        db.close()
 
 
 async def test_refused_form_keeps_its_raw_fields(gateway_client) -> None:  # type: ignore[no-untyped-def]
@@ -231,9 +233,7 @@ def test_console_log_lines_escape_what_a_client_sent(gateway_process) -> None:  
     for path in ("/x%1B%5D0;OWNED%07%1B%5B2J", "/v1/usage%1B%5B2J%C2%9B%E2%80%AE"):
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(g.url + path, timeout=10)
-    deadline = time.monotonic() + 10
-    while "/v1/usage" not in g.log() and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling the log file for the line, with a deadline
+    eventually_sync(lambda: "/v1/usage" in g.log(), "the second path's log line")
     log = g.log()
     assert "OWNED" in log and "/v1/usage" in log  # the lines were written...
     for raw in ("\x1b]0;OWNED", "\x07", "\x1b[2J", "\x9b", "\u202e"):

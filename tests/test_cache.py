@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from instrumented_backend import Start, poll, register, usage, vary
+from instrumented_backend import Start, register, usage, vary
 from PIL import Image, PngImagePlugin
-from support import png_bytes
+from support import eventually, png_bytes
 
 from gateway.keys import AUDIT, CACHE, CONFIG
 
@@ -118,8 +118,8 @@ async def test_20_identical_concurrent_misses_make_one_backend_call(
     image = png_bytes(seed=7)
     tasks = [asyncio.create_task(vary(client, image, n=2, token_user=("alice", "bob")[i % 2]))
              for i in range(20)]
-    await poll(lambda: lookups >= 20 and backend.in_flight == 1,
-               "all 20 requests past the cache lookup, one at the backend")
+    await eventually(lambda: lookups >= 20 and backend.in_flight == 1,
+                     "all 20 requests past the cache lookup, one at the backend")
     backend.gate.set()
     answers = await asyncio.gather(*tasks)
     assert backend.calls == [2]
@@ -189,7 +189,7 @@ async def test_lru_eviction_keeps_blobs_under_max_bytes(instrumented: Start,
     cache = client.app[CACHE]
 
     async def settled() -> None:
-        await poll(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
+        await eventually(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
 
     a, b, c, d = (png_bytes(seed=s) for s in (11, 12, 13, 14))
     for img in (a, b, c):
@@ -209,7 +209,7 @@ async def test_lru_eviction_keeps_blobs_under_max_bytes(instrumented: Start,
     answers = await asyncio.gather(*(vary(client, png_bytes(seed=200 + i))
                                      for i in range(12)))
     assert {a.status for a in answers} == {200}
-    await poll(lambda: blob_bytes(cache_dir) <= budget, "the cache back under max_bytes")
+    await eventually(lambda: blob_bytes(cache_dir) <= budget, "the cache back under max_bytes")
     await settled()
     assert blob_bytes(cache_dir) <= budget
     entries, total = await cache.stats()
@@ -231,7 +231,7 @@ async def test_stores_during_a_slow_eviction_are_evicted_too(
     cache_dir = Path(client.app[CONFIG].cache.dir)
     for seed in (21, 22, 23):
         await vary(client, png_bytes(seed=seed))
-        await poll(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
+        await eventually(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
     entered, release = threading.Event(), threading.Event()
     original = cache.blobs.delete
 
@@ -243,15 +243,15 @@ async def test_stores_during_a_slow_eviction_are_evicted_too(
     monkeypatch.setattr(cache.blobs, "delete", slow_delete)
     try:
         await vary(client, png_bytes(seed=24))  # over budget: a pass starts deleting
-        await poll(entered.is_set, "an eviction pass deleting files")
+        await eventually(entered.is_set, "an eviction pass deleting files")
         late = [asyncio.create_task(vary(client, png_bytes(seed=seed)))
                 for seed in (25, 26)]  # stored while (or after) that pass is busy
-        await poll(lambda: backend.calls[-2:] == [1, 1] and len(backend.calls) == 6,
-                   "both late requests generated")
+        await eventually(lambda: backend.calls[-2:] == [1, 1] and len(backend.calls) == 6,
+                         "both late requests generated")
     finally:
         release.set()
     assert {a.status for a in await asyncio.gather(*late)} == {200}
-    await poll(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
+    await eventually(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
     assert (await cache.stats())[1] <= budget
     assert blob_bytes(cache_dir) <= budget
 
@@ -280,15 +280,17 @@ async def test_sweeper_expires_pools_while_idle(tmp_path) -> None:
     stored_at = _time.time()
     task = asyncio.create_task(cache.sweeper(interval=0.01))
     try:
-        deadline = _time.monotonic() + 15
-        while (await cache.stats())[0] and _time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)  # poll a store, bounded by the deadline
+        await eventually(lambda: _no_pools(cache), "the sweeper dropping the pool", 15)
     finally:
         task.cancel()
     assert _time.time() - stored_at >= 1, "dropped before its ttl"
     assert await cache.stats() == (0, 0)
     assert blob is not None and not blob.exists()
     await cache.close()
+
+
+async def _no_pools(cache: Any) -> bool:
+    return not (await cache.stats())[0]
 
 
 async def test_hit_recency_kept_in_memory_reaches_the_index(tmp_path: Path) -> None:
@@ -321,7 +323,7 @@ async def test_a_pool_being_served_is_not_evicted_under_it(instrumented: Start) 
     cache = client.app[CACHE]
     backend.gate.clear()
     task = asyncio.create_task(vary(client, image, n=5, response_format="b64_json"))
-    await poll(lambda: backend.in_flight == 1, "the PARTIAL top-up at the backend")
+    await eventually(lambda: backend.in_flight == 1, "the PARTIAL top-up at the backend")
     cache.ttl = 0  # the pool is due now ...
     await cache.evict()  # ... and a pass runs while it is in use
     backend.gate.set()
@@ -376,7 +378,7 @@ async def test_a_fallbacks_images_answer_but_are_not_pooled(
     image = png_bytes(seed=3)
     fallback.gate.clear()
     tasks = [asyncio.create_task(vary(client, image, n=1)) for _ in range(3)]
-    await poll(lambda: fallback.in_flight == 1, "the fallback generating")
+    await eventually(lambda: fallback.in_flight == 1, "the fallback generating")
     fallback.gate.set()
     answers = await asyncio.gather(*tasks)
     assert [a.status for a in answers] == [200] * 3

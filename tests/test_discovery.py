@@ -8,7 +8,7 @@ from typing import Any
 from support import ADMIN_TOKEN, auth
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-BACKENDS = [{"name": "local", "kind": "procedural"},
+BACKENDS = [{"name": "local", "kind": "procedural", "executor": "thread"},
             {"name": "spare", "kind": "procedural", "executor": "thread"}]
 
 

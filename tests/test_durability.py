@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 from instrumented_backend import variation_form
-from support import ADMIN_TOKEN, GatewayProcess, auth, png_bytes
+from support import ADMIN_TOKEN, GatewayProcess, auth, eventually, png_bytes
 
 SECTIONS: dict[str, Any] = {
     # Threads, not the process pool: a SIGKILLed parent leaves no orphaned workers.
@@ -123,10 +123,12 @@ async def test_client_disconnect_refunds_in_a_real_process(
     async with aiohttp.ClientSession() as session:
         leaving = asyncio.create_task(session.post(g.url + "/v1/images/variations",
                                                    headers=auth(), data=form))
-        await _poll_metric(session, g.url, "requests_in_flight", 1.0)
+        await eventually(lambda: _metric_above(session, g.url, "requests_in_flight", 1.0),
+                         "the leaving request in flight")
         leaving.cancel()  # the connection closes mid-request
         await asyncio.gather(leaving, return_exceptions=True)
-        await _poll_audit_status(tmp_path / "audit.sqlite3", 499)
+        await eventually(lambda: any(s == 499 for _, s, _ in audit_rows(
+            tmp_path / "audit.sqlite3")), "an audit record with status 499")
         async with session.get(g.url + "/v1/usage", headers=auth()) as r:
             assert (await r.json())["limits"]["images_per_day"]["used"] == 0
         status, _, data = await one_n(session, g.url, seed=2, n=10)
@@ -141,23 +143,10 @@ async def one_n(session: aiohttp.ClientSession, url: str, seed: int, n: int
         return r.status, r.headers["x-request-id"], body.get("data", [])
 
 
-async def _poll_metric(session: aiohttp.ClientSession, url: str, name: str, value: float,
-                       deadline_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + deadline_s
-    while asyncio.get_running_loop().time() < deadline:
-        async with session.get(url + "/metrics") as r:
-            for line in (await r.text()).splitlines():
-                if name in line and not line.startswith("#") and float(
-                        line.rsplit(" ", 1)[1]) >= value + 1:  # + this scrape
-                    return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{name} never reached {value}")
-
-
-async def _poll_audit_status(path: Path, status: int, deadline_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + deadline_s
-    while asyncio.get_running_loop().time() < deadline:
-        if any(s == status for _, s, _ in audit_rows(path)):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"no audit record with status {status}")
+async def _metric_above(session: aiohttp.ClientSession, url: str, name: str, value: float
+                       ) -> bool:
+    """Whether ``name`` on /metrics exceeds ``value`` by the scrape that reads it."""
+    async with session.get(url + "/metrics") as r:
+        return any(name in line and not line.startswith("#")
+                   and float(line.rsplit(" ", 1)[1]) >= value + 1  # + this scrape
+                   for line in (await r.text()).splitlines())

@@ -11,29 +11,19 @@ import contextlib
 import re
 import resource
 import socket
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from support import TOKENS, multipart_body, png_bytes
+from support import TOKENS, eventually, eventually_sync, multipart_body, png_bytes
 
 from gateway.keys import UPLOAD_BUDGET
 from gateway.upload import UploadBudget
 
 BOUNDARY = "intake-boundary"
 DEADLINE = 20.0
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, deadline: float = DEADLINE
-                ) -> None:
-    end = time.monotonic() + deadline
-    while not await check():
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        await asyncio.sleep(0.02)  # poll interval, bounded by the deadline
 
 
 async def held_upload(port: int, body: bytes, sent: int
@@ -69,7 +59,7 @@ async def test_a_member_at_max_concurrent_is_refused_with_the_body_unread(
     async def admitted() -> bool:
         return await alice_in_flight(client) == 1
 
-    await until(admitted, "the first upload holds alice's in-flight slot")
+    await eventually(admitted, "the first upload holds alice's in-flight slot", DEADLINE)
     reader, second = await held_upload(port, body, 100)
     status = await asyncio.wait_for(reader.readline(), DEADLINE)
     assert status.startswith(b"HTTP/1.1 429"), status
@@ -79,12 +69,11 @@ async def test_a_member_at_max_concurrent_is_refused_with_the_body_unread(
     assert b'"code":"rate_limit_exceeded"' in answer.replace(b" ", b"")
     for _, writer in (first, (reader, second)):
         writer.close()
-    # The held upload's slot comes back when its client goes.
-    await until(lambda: _is(alice_in_flight(client), 0), "the slot is given back")
 
+    async def given_back() -> bool:  # the held upload's slot, when its client goes
+        return await alice_in_flight(client) == 0
 
-async def _is(value: Awaitable[int], expected: int) -> bool:
-    return await value == expected
+    await eventually(given_back, "the slot is given back", DEADLINE)
 
 
 async def test_past_the_upload_budget_a_request_gets_503_server_busy(
@@ -103,7 +92,7 @@ async def test_past_the_upload_budget_a_request_gets_503_server_busy(
     async def full() -> bool:
         return budget.used == budget.limit
 
-    await until(full, "the held upload holds the whole budget")
+    await eventually(full, "the held upload holds the whole budget", DEADLINE)
     form = aiohttp.FormData()
     form.add_field("image", png_bytes(32), filename="a.png", content_type="image/png")
     form.add_field("size", "256x256")
@@ -119,7 +108,8 @@ async def test_past_the_upload_budget_a_request_gets_503_server_busy(
     async def free() -> bool:
         return budget.used == 0
 
-    await until(free, "the budget is given back when the held upload's client goes")
+    await eventually(free, "the budget is given back when the held upload's client goes",
+                     DEADLINE)
     async with client.post("/v1/images/variations", data=form, headers=headers) as r:
         assert r.status == 200, await r.text()
 
@@ -137,11 +127,11 @@ async def test_the_budget_grants_in_arrival_order_and_gives_back_what_gave_up() 
             await release.wait()
 
     first = asyncio.create_task(take("first", 80))
-    await until(lambda: _true(budget.used == 80), "first holds 80")
+    await eventually(lambda: budget.used == 80, "first holds 80", DEADLINE)
     big = asyncio.create_task(take("big", 60))
     small = asyncio.create_task(take("small", 10))  # fits now, but big came first
     gone = asyncio.create_task(take("gone", 10))
-    await until(lambda: _true(len(budget._waiting) == 3), "three wait")
+    await eventually(lambda: len(budget._waiting) == 3, "three wait", DEADLINE)
     gone.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await gone
@@ -156,27 +146,23 @@ async def test_the_budget_grants_in_arrival_order_and_gives_back_what_gave_up() 
             async with timed.hold(1):
                 pass
         assert getattr(exc.value, "code", None) == "server_busy"
-    assert timed.used == 0 and not timed._waiting
+    assert timed.used == 0
+    async with timed.hold(10):  # granted at once, as only with no waiter left behind
+        pass
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
-def _closed_by_peer(sock: socket.socket, deadline: float = DEADLINE) -> bool:
-    """True once the server closed ``sock`` (EOF or reset), polling until ``deadline``."""
-    sock.settimeout(0.1)
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+def _wait_closed(sock: socket.socket, what: str) -> None:
+    """Wait until the server has closed ``sock`` (EOF or reset): each look waits 0.1 s."""
+    def closed() -> bool:
         try:
-            data = sock.recv(65536)
+            return sock.recv(65536) == b""
         except TimeoutError:
-            continue
+            return False
         except ConnectionError:
             return True
-        if data == b"":
-            return True
-    return False
+
+    sock.settimeout(0.1)
+    eventually_sync(closed, what, DEADLINE, interval_s=0)
 
 
 def _lowered_soft_fd_limit() -> contextlib.AbstractContextManager[int]:
@@ -221,11 +207,11 @@ def test_silent_sockets_partial_headers_and_idle_keepalives_are_closed(
     idle = socket.create_connection(("127.0.0.1", port))
     idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     try:
-        assert _closed_by_peer(silent), "a socket that sent nothing stayed open"
-        assert _closed_by_peer(partial), "a socket that sent half a header stayed open"
+        _wait_closed(silent, "a socket that sent nothing closed")
+        _wait_closed(partial, "a socket that sent half a header closed")
         idle.settimeout(DEADLINE)
         assert idle.recv(65536).startswith(b"HTTP/1.1 200")
-        assert _closed_by_peer(idle), "an idle keep-alive connection stayed open"
+        _wait_closed(idle, "an idle keep-alive connection closed")
     finally:
         for s in (silent, partial, idle):
             s.close()

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
-from support import ADMIN_TOKEN, ROOT, TOKENS, auth, png_bytes, sha
+from support import ADMIN_TOKEN, ROOT, TOKENS, auth, eventually, png_bytes, sha
 
 from gateway import quota
 from gateway.app import refresh_gauges
@@ -111,7 +111,7 @@ async def test_families_types_and_labels(gateway_client) -> None:  # type: ignor
                "bob": {"token_sha256": sha(TOKENS["bob"]),
                        "quota": {"images_per_day": 1}}},
         # Priced, so spend is counted (self-hosted backends cost nothing by default).
-        backends=[{"name": "local", "kind": "procedural",
+        backends=[{"name": "local", "kind": "procedural", "executor": "thread",
                    "pricing": {"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.02}}])
     assert await post(client, auth()) == 200                        # miss, generated
     assert await post(client, auth()) == 200                        # hit
@@ -389,7 +389,7 @@ async def test_overhead_leaves_out_every_wait_for_a_backend(
     """``request_overhead_seconds`` is the gateway's own time: a failed backend call and
     waiting for an identical request's call are backend time. The clock is moved 100 s
     while the backend holds, so the split shows without a timing assertion."""
-    from instrumented_backend import poll, register, vary
+    from instrumented_backend import register, vary
 
     from gateway.keys import METRICS
 
@@ -410,7 +410,7 @@ async def test_overhead_leaves_out_every_wait_for_a_backend(
         image = png_bytes(seed=5)
         requests = 2  # an owner and a waiter on its flight (which may fail)
         tasks = [asyncio.create_task(vary(client, image)) for _ in range(requests)]
-        await poll(lambda: backend.in_flight == 1 and registry.get_sample_value(
+        await eventually(lambda: backend.in_flight == 1 and registry.get_sample_value(
             P + "requests_in_flight") == requests, "every request at its wait")
         offset[0] += 100.0
         backend.gate.set()

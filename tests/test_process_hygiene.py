@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from support import base_config, free_port, stop_process, wait_http
+from support import base_config, eventually_sync, free_port, stop_process, wait_http
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads the process tree from /proc")
@@ -57,12 +56,9 @@ def alive(pids: set[int]) -> set[int]:
     return {p for p in pids if (st := _stat(p)) is not None and st[0] not in ("Z", "X")}
 
 
-def poll(predicate: Callable[[], bool], what: str, deadline_s: float = 30) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)  # poll interval, bounded by the deadline
+def wait_exited(children: set[int]) -> None:
+    eventually_sync(lambda: not alive(children),
+                    lambda: f"the gateway's children {alive(children)} to exit", 30)
 
 
 @pytest.fixture
@@ -76,7 +72,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[[], tuple[subprocess.Popen[bytes]
         port = free_port()
         raw = base_config(tmp_path)
         raw["server"] = {"host": "127.0.0.1", "port": port}
-        raw["backends"] = [{"name": "local", "kind": "procedural", "workers": 2}]
+        raw["backends"] = [{"name": "local", "kind": "procedural", "executor": "process",
+                            "workers": 2}]
         cfg = tmp_path / "g.yaml"
         cfg.write_text(yaml.safe_dump(raw))
         log = tmp_path / "serve.log"
@@ -107,18 +104,18 @@ def test_kill_9_of_the_gateway_takes_its_workers_and_the_tracker_with_it(serve) 
     assert len(children) >= 3, children
     proc.kill()
     proc.wait(10)
-    poll(lambda: not alive(children), f"the gateway's children {alive(children)} to exit")
+    wait_exited(children)
 
 
 def test_sigterm_during_start_up_leaves_nothing_running(serve) -> None:
     proc, log, _url = serve()
-    poll(lambda: any(b"spawn_main" in cmdline(p) for p in descendants(proc.pid))
-         or proc.poll() is not None, "the first worker process")
+    eventually_sync(lambda: any(b"spawn_main" in cmdline(p) for p in descendants(proc.pid))
+                    or proc.poll() is not None, "the first worker process", 30)
     children = descendants(proc.pid)
     serve.track(proc)
     proc.send_signal(signal.SIGTERM)  # mid start-up: the workers are still warming up
     assert proc.wait(30) == 0, log.read_text()
-    poll(lambda: not alive(children), f"the gateway's children {alive(children)} to exit")
+    wait_exited(children)
     assert "Traceback" not in log.read_text()
 
 
@@ -130,7 +127,7 @@ def test_ctrl_c_prints_no_worker_tracebacks(serve) -> None:
     serve.track(proc)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(30) == 0
-    poll(lambda: not alive(children), f"the gateway's children {alive(children)} to exit")
+    wait_exited(children)
     text = log.read_text()
     assert "shutting down" in text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text

@@ -43,7 +43,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -62,6 +61,7 @@ from support import (
     TOKENS,
     GatewayProcess,
     base_config,
+    eventually_sync,
     free_port,
     png_bytes,
     sha,
@@ -303,19 +303,16 @@ class Stack:
     def wait_scrapes(self, n: int = 2) -> None:
         """Poll until Prometheus has scraped ``n`` more times (deadline, no fixed sleep)."""
         target = self.scrapes() + n
-        poll(lambda: self.scrapes() >= target, f"{n} scrapes", self)
+        prometheus_eventually(lambda: self.scrapes() >= target, f"{n} scrapes", self)
 
 
-def poll(check: Any, what: str, stack: Stack | None = None, deadline_s: float = DEADLINE_S
-         ) -> Any:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)  # poll interval, bounded by the deadline
-    log = stack.prom_log.read_text(errors="replace")[-3000:] if stack else ""
-    raise TimeoutError(f"no {what} within {deadline_s}s\n{log}")
+def prometheus_eventually(check: Any, what: str, stack: Stack | None = None) -> Any:
+    """:func:`support.eventually_sync` with Prometheus's log in the failure message."""
+    def described() -> str:
+        return what + ("\n" + stack.prom_log.read_text(errors="replace")[-3000:] if stack
+                       else "")
+
+    return eventually_sync(check, described, DEADLINE_S, interval_s=0.1)
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -373,7 +370,7 @@ class ModelsUpstream:
         self._loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         self._loop.run_until_complete(site.start())
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}/v1"
         self._ready.set()
         self._loop.run_forever()
@@ -434,7 +431,7 @@ def stack(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         cwd=prom_dir, stdout=log, stderr=subprocess.STDOUT)
     s = Stack(gateway, f"http://127.0.0.1:{port}", prom, log_path, rules)
     try:
-        poll(lambda: _ready(s), "ready Prometheus", s)
+        prometheus_eventually(lambda: _ready(s), "ready Prometheus", s)
         s.wait_scrapes(2)
         drive(s, round_=1)
         s.wait_scrapes(2)
@@ -580,7 +577,7 @@ def test_every_alert_fires_once(stack: Stack) -> None:
     seen: set[str] = set()
     traffic = set(names) - {"VariationsGatewayDown"}
     with contextlib.suppress(TimeoutError):
-        poll(lambda: fired(traffic), "alerts", stack)
+        prometheus_eventually(lambda: fired(traffic), "alerts", stack)
     assert traffic <= seen, f"never fired: {sorted(traffic - seen)}"
     for rule in stack.rules:
         if rule["alert"] in traffic:
@@ -594,7 +591,7 @@ def test_every_alert_fires_once(stack: Stack) -> None:
     assert labels["VariationsGatewayBackendModelRetired"]["backend"] == "retired"
 
     assert stack.gateway.stop() == 0
-    poll(lambda: fired({"VariationsGatewayDown"}), "VariationsGatewayDown", stack)
+    prometheus_eventually(lambda: fired({"VariationsGatewayDown"}), "VariationsGatewayDown", stack)
     down = next(r for r in stack.rules if r["alert"] == "VariationsGatewayDown")
     assert stack.query(down["expr"])
 

@@ -28,9 +28,10 @@ def store(tmp_path: Path) -> ImageStore:
     return ImageStore(tmp_path / "images", b"k" * 32, ttl_seconds=3600)
 
 
-def test_url_is_minted_once_then_reused_within_the_window(tmp_path: Path, store: ImageStore,
-                                                           monkeypatch: pytest.MonkeyPatch
-                                                           ) -> None:
+def test_url_is_minted_once_then_reused_within_the_window(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = ImageStore(tmp_path / "images", b"k" * 32, ttl_seconds=3600,
+                       clock=lambda: now[0])
     renderer = Renderer(store, memory_bytes=1024)
     item = cached_item(tmp_path, b"png-a")
     assert renderer.from_memory([item], "url", "http://h") is None  # nothing minted yet
@@ -39,20 +40,23 @@ def test_url_is_minted_once_then_reused_within_the_window(tmp_path: Path, store:
     assert again is not None and json.loads(b"".join(again)) == first
     assert renderer.from_memory([item], "url", "http://other") is None  # per base URL
     # Past the reuse window (60 s for a one-hour lifetime) a new URL is minted.
-    import gateway.render as render
-
-    real = render.time.time
-    monkeypatch.setattr(render.time, "time", lambda: real() + 61)
+    now[0] += 59.9
+    assert renderer.from_memory([item], "url", "http://h") is not None
+    now[0] += 1.2
     assert renderer.from_memory([item], "url", "http://h") is None
 
 
 def test_reused_url_keeps_most_of_its_lifetime(tmp_path: Path) -> None:
-    store = ImageStore(tmp_path / "images", b"k" * 32, ttl_seconds=6)
+    now = [1000.0]
+    store = ImageStore(tmp_path / "images", b"k" * 32, ttl_seconds=6, clock=lambda: now[0])
     renderer = Renderer(store, memory_bytes=0)
     item = cached_item(tmp_path, b"png-b")
     renderer.render([item], "url", "http://h")
     # With a 6 s lifetime a URL is reused for at most 0.1 s.
-    assert renderer._url_reuse == pytest.approx(0.1)
+    now[0] += 0.09999
+    assert renderer.from_memory([item], "url", "http://h") is not None
+    now[0] += 0.00002
+    assert renderer.from_memory([item], "url", "http://h") is None
 
 
 def test_b64_is_memoised_for_cached_items_within_the_byte_budget(tmp_path: Path,

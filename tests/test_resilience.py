@@ -6,7 +6,7 @@ import asyncio
 from email.utils import formatdate
 
 import pytest
-from instrumented_backend import poll
+from support import eventually
 
 from gateway.backends.base import BackendError
 from gateway.backends.http import parse_retry_after
@@ -124,7 +124,7 @@ async def test_limiter_queues_in_order() -> None:
             await release.wait()
 
     tasks = [asyncio.create_task(work()) for _ in range(5)]
-    await poll(lambda: limiter.waiting == 3, "three callers queued")
+    await eventually(lambda: limiter.waiting == 3, "three callers queued")
     assert limiter.in_flight == 2
     release.set()
     await asyncio.gather(*tasks)

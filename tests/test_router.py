@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from fakes_upstreams import OpenAIVariationsFake
-from instrumented_backend import poll, vary
-from support import png_bytes
+from instrumented_backend import vary
+from support import eventually, png_bytes
 from upstream_cases import FAST, GATEWAY_UPSTREAM, KEY, backend_entry, serve_fake
 
 from gateway.config import build_config
@@ -175,7 +175,7 @@ async def test_concurrency_limit_queues_then_answers_busy(pair: Make) -> None:
     p = await pair(route=("a",), max_concurrent=1, queue_timeout_seconds=0.2)
     p.a.gate.clear()
     first = asyncio.create_task(p.vary())
-    await poll(lambda: p.a.arrived == 1, "the first call held at the upstream")
+    await eventually(lambda: p.a.arrived == 1, "the first call held at the upstream")
     second = await p.vary()
     assert second.status == 503 and second.body["error"]["code"] == "upstream_busy"
     assert second.headers["retry-after"] == "1"
@@ -189,7 +189,7 @@ async def test_busy_backend_falls_back(pair: Make) -> None:
     p = await pair(max_concurrent=1, queue_timeout_seconds=0.05)
     p.a.gate.clear()
     first = asyncio.create_task(p.vary())
-    await poll(lambda: p.a.arrived == 1, "the first call held at the upstream")
+    await eventually(lambda: p.a.arrived == 1, "the first call held at the upstream")
     assert (await p.vary()).status == 200
     assert len(p.b.calls()) == 1
     p.a.gate.set()

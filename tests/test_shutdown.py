@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 from fakes_upstreams import OpenAIVariationsFake
-from instrumented_backend import poll, variation_form
-from support import TOKENS, GatewayProcess, png_bytes
+from instrumented_backend import variation_form
+from support import TOKENS, GatewayProcess, eventually, png_bytes
 from upstream_cases import GATEWAY_UPSTREAM, KEY, backend_entry, serve_fake
 
 
@@ -49,12 +49,8 @@ async def refuses_connections(gateway: GatewayProcess) -> bool:
     return False
 
 
-async def wait_refused(gateway: GatewayProcess, deadline_s: float = 20.0) -> None:
-    async with asyncio.timeout(deadline_s):
-        for _ in iter(int, 1):  # until refused; the deadline bounds it
-            if await refuses_connections(gateway):
-                return
-            await asyncio.sleep(0.02)
+async def wait_refused(gateway: GatewayProcess) -> None:
+    await eventually(lambda: refuses_connections(gateway), "connections refused", 20.0)
 
 
 async def test_sigterm_finishes_the_request_in_flight(
@@ -65,7 +61,7 @@ async def test_sigterm_finishes_the_request_in_flight(
                               server={"shutdown_timeout_seconds": 30})
     async with aiohttp.ClientSession() as session:
         in_flight = asyncio.create_task(post(session, gateway))
-        await poll(lambda: fake.arrived == 1, "the request held at the upstream")
+        await eventually(lambda: fake.arrived == 1, "the request held at the upstream")
         gateway.proc.send_signal(signal.SIGTERM)
         await wait_refused(gateway)  # stopped accepting while the request is in flight
         assert not in_flight.done()
@@ -85,7 +81,7 @@ async def test_shutdown_deadline_bounds_a_stuck_request(
                               route=["up"], server={"shutdown_timeout_seconds": 0.5})
     async with aiohttp.ClientSession() as session:
         in_flight = asyncio.create_task(post(session, gateway))
-        await poll(lambda: fake.arrived == 1, "the request held at the upstream")
+        await eventually(lambda: fake.arrived == 1, "the request held at the upstream")
         gateway.proc.send_signal(signal.SIGTERM)
         # The upstream never answers; the process still exits, well before the
         # backend's own 60 s timeout.

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from redis_server import RedisServer
+from support import eventually
 
 from gateway.abuse import Suspicion
 from gateway.abuse import redis as abuse_redis
@@ -99,14 +100,15 @@ async def test_a_dead_replicas_reservation_expires(redis_server: RedisServer) ->
     await crashed.close()
     with pytest.raises(QuotaRejected):
         await alive.reserve(p, 1, 0.0, "256x256")
-    deadline = time.monotonic() + 10
-    while True:
+
+    async def reserved() -> bool:
         try:
             await alive.reserve(p, 5, 0.0, "256x256")
-            break
         except QuotaRejected:
-            assert time.monotonic() < deadline, "the lease never expired"
-            await asyncio.sleep(0.05)
+            return False
+        return True
+
+    await eventually(reserved, "the dead replica's lease to expire", interval_s=0.05)
     await alive.close()
 
 
@@ -243,9 +245,28 @@ async def test_single_flight_across_replicas(redis_server: RedisServer, tmp_path
         async with cache.serve("key", 2, "default", generate) as result:
             return result
 
+    # Each request reads the (empty) pool, then waits on the spot: for its replica's
+    # flight, or (one per replica) the other replica's flight through the index.
+    read_pool: set[asyncio.Task[Any] | None] = set()
+    waits_across: list[str] = []
+    for cache in caches:
+        pool, wait_flight = cache.index.pool, cache.index.wait_flight
+
+        async def counted_pool(*args: Any, pool: Any = pool) -> Any:
+            rows = await pool(*args)
+            read_pool.add(asyncio.current_task())
+            return rows
+
+        async def counted_wait(*args: Any, wait_flight: Any = wait_flight) -> Any:
+            waits_across.append("wait")
+            return await wait_flight(*args)
+
+        cache.index.pool = counted_pool  # type: ignore[method-assign]
+        cache.index.wait_flight = counted_wait  # type: ignore[method-assign]
     tasks = [asyncio.create_task(serve(caches[i % 2])) for i in range(10)]
     await asyncio.wait_for(started.wait(), 10)
-    await asyncio.sleep(0.2)  # let every other request reach its wait (not a readiness wait)
+    await eventually(lambda: len(read_pool) == 10 and waits_across,
+                     "every other request at its wait")
     release.set()
     results = await asyncio.gather(*tasks)
     assert calls == [(2, 0)]
@@ -375,13 +396,6 @@ async def test_a_commit_whose_reply_was_lost_is_charged_once_and_succeeds(
     await q.close()
 
 
-async def _until(check: Any, what: str, deadline_s: float = 10.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("fault", ["reply_lost", "client_left"])
 async def test_a_reserve_whose_reply_never_came_holds_nothing(
         redis_server: RedisServer, fault: str) -> None:
@@ -406,12 +420,12 @@ async def test_a_reserve_whose_reply_never_came_holds_nothing(
         with pytest.raises(StorageUnavailable):
             await task
     else:
-        await _until(lambda: _held(q, p, 2), "the script to take the images")
+        await eventually(lambda: _held(q, p, 2), "the script to take the images")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
     q._reserve = real  # type: ignore[assignment]
-    await _until(lambda: _held(q, p, 0), "the images to come back")
+    await eventually(lambda: _held(q, p, 0), "the images to come back")
     await q.reserve(p, 2, 0.0, "256x256")
     await q.close()
 
@@ -438,7 +452,7 @@ async def test_an_admit_whose_reply_was_lost_holds_no_slot(redis_server: RedisSe
     async def slot_free() -> bool:
         return {s.name: s for s in await q.usage(p)}["max_concurrent"].used == 0
 
-    await _until(slot_free, "the slot to be freed")
+    await eventually(slot_free, "the slot to be freed")
     async with q.admit(p):
         pass
     await q.close()
@@ -461,7 +475,7 @@ async def test_refund_soon_gives_the_hold_back_without_being_awaited(
     q = quota(redis_server)
     p = who(images_per_day=2)
     q.refund_soon(await q.reserve(p, 2, 0.0, "256x256"))
-    await _until(lambda: _held(q, p, 0), "the images to come back")
+    await eventually(lambda: _held(q, p, 0), "the images to come back")
     await q.close()
 
 
@@ -490,7 +504,7 @@ async def test_refund_soon_during_an_outage_gives_the_hold_back_once_redis_is_ba
         q.refund_soon(held)
         await asyncio.wait_for(first_try_failed.wait(), 10)  # against the dead Redis
         server.start()  # same port, same AOF: the hold is still there
-        await _until(lambda: _held(q, p, 0), "the hold to come back after the outage")
+        await eventually(lambda: _held(q, p, 0), "the hold to come back after the outage")
     finally:
         await q.close()
         server.stop()

@@ -50,6 +50,10 @@ class Images(Protocol):
     dir: Path
     ttl: int
 
+    def clock(self) -> float:
+        """The wall clock (unix seconds) URLs are minted and expire by."""
+        ...
+
     def put(self, data: bytes) -> str:
         """Store ``data`` (idempotent) and return its id. Blocking: small files only."""
         ...

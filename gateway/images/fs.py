@@ -28,9 +28,12 @@ class ImageStore:
     """:class:`gateway.images.Images` in a local directory (one box, or one every replica
     mounts): stores PNGs, mints signed URLs and resolves them back to files."""
 
-    def __init__(self, directory: Path, signing_key: bytes, ttl_seconds: int) -> None:
+    def __init__(self, directory: Path, signing_key: bytes, ttl_seconds: int,
+                 clock: Callable[[], float] = time.time) -> None:
         self.dir = directory
         self.ttl = ttl_seconds
+        # The wall clock (unix seconds) URLs expire by; tests inject their own.
+        self.clock = clock
         self._key = signing_key
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -84,7 +87,7 @@ class ImageStore:
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
     def url(self, base_url: str, image_id: str, now: float | None = None) -> str:
-        expires = int((now if now is not None else time.time()) + self.ttl)
+        expires = int((now if now is not None else self.clock()) + self.ttl)
         sig = self._sign(image_id, expires)
         return f"{base_url}/v1/images/files/{image_id}.png?expires={expires}&signature={sig}"
 
@@ -102,7 +105,7 @@ class ImageStore:
         if not hmac.compare_digest(self._sign(image_id, exp).encode(),
                                    signature.encode("utf-8", "replace")):
             raise ApiError(403, "Invalid image URL signature.", code="invalid_signature")
-        if exp < (now if now is not None else time.time()):
+        if exp < (now if now is not None else self.clock()):
             raise ApiError(403, "This image URL has expired (URLs are valid for "
                            f"{self.ttl} seconds after generation).", code="url_expired")
         path = self.path(image_id)
@@ -118,7 +121,7 @@ class ImageStore:
 
     def sweep(self, now: float | None = None) -> int:
         """Delete images whose newest URL has expired; returns how many were deleted."""
-        cutoff = (now if now is not None else time.time()) - self.ttl
+        cutoff = (now if now is not None else self.clock()) - self.ttl
         removed = 0
         for sub in self.dir.iterdir():
             if not sub.is_dir():

@@ -139,6 +139,9 @@ class RedisImageStore:
     def put_file(self, source: Path, image_id: str) -> str:
         return self.put(source.read_bytes())
 
+    def clock(self) -> float:
+        return self.spool.clock()
+
     def url(self, base_url: str, image_id: str, now: float | None = None) -> str:
         return self.spool.url(base_url, image_id, now)
 

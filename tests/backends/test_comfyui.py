@@ -15,8 +15,8 @@ import pytest
 import structlog
 from aiohttp.test_utils import TestServer
 from fakes_upstreams import TRACEBACK_LINE, ComfyUIFake, Recorded
-from instrumented_backend import poll, vary
-from support import png_bytes
+from instrumented_backend import vary
+from support import eventually, png_bytes
 from upstream_cases import (
     FAULT_NAMES,
     HANG_GUARD_S,
@@ -70,8 +70,8 @@ async def test_sdk_every_size_format_and_n(gateway_client: Any) -> None:
         assert len(fake.calls("/view")) == 3 * 2 * 11
         assert len(fake.calls("/upload/image")) == 12
         # Every finished run's history entry was deleted; nothing was cancelled.
-        await poll(lambda: set(fake.history_deleted) == set(fake.prompts),
-                   "every history entry deleted")
+        await eventually(lambda: set(fake.history_deleted) == set(fake.prompts),
+                         "every history entry deleted")
         assert fake.history_entries == {}
         assert fake.job_cancels == fake.deleted == fake.interrupts == []
     finally:
@@ -116,7 +116,7 @@ async def test_execution_error_is_a_clear_502(gateway_client: Any) -> None:
     assert TRACEBACK_LINE.strip() not in repr(logs) and "\x1b" not in repr(logs)
     # The failed run's history entry is dropped too.
     [prompt_id] = fake.prompts
-    await poll(lambda: prompt_id in fake.history_deleted, "history entry deleted")
+    await eventually(lambda: prompt_id in fake.history_deleted, "history entry deleted")
 
 
 async def test_interrupted_run_is_a_clear_502(gateway_client: Any) -> None:
@@ -139,7 +139,7 @@ async def test_partial_node_errors_are_a_502_and_the_run_is_cancelled(
     assert "CheckpointLoaderSimple" in error["message"]
     assert len(fake.calls()) == 1
     [prompt_id] = fake.prompts
-    await poll(lambda: prompt_id in fake.job_cancels, "the queued run cancelled")
+    await eventually(lambda: prompt_id in fake.job_cancels, "the queued run cancelled")
     assert fake.running is None and fake.pending == []
     assert any(e["event"] == "comfyui_node_errors" for e in logs)
 
@@ -163,7 +163,7 @@ async def test_a_prompt_waiting_in_the_queue_has_not_vanished(gateway_client: An
                                       timeout_seconds=30.0, vanished_grace_seconds=0.05)
     try:
         task = asyncio.ensure_future(vary(up.client, png_bytes(64), n=1))
-        await poll(lambda: len(fake.calls("/queue")) >= 6, "several queue checks")
+        await eventually(lambda: len(fake.calls("/queue")) >= 6, "several queue checks")
         assert not task.done() and fake.pending == list(fake.prompts)
         fake.busy = False  # the other run ends; ours runs next
         fake._advance()
@@ -184,7 +184,7 @@ async def test_abandoned_prompt_is_cancelled(gateway_client: Any) -> None:
         answer = await vary(up.client, png_bytes(64), n=1)
         assert answer.status == 504
         [prompt_id] = fake.prompts
-        await poll(lambda: prompt_id in fake.job_cancels, "the run cancelled")
+        await eventually(lambda: prompt_id in fake.job_cancels, "the run cancelled")
         assert fake.running is None
         assert fake.history_entries[prompt_id]["status"]["messages"][-1][0] == \
             "execution_interrupted"
@@ -223,7 +223,7 @@ async def cancel_generate(backend: ComfyUIBackend, ready: Any) -> None:
     """Start a run, wait until ``ready()``, cancel it the way a client leaving does,
     and check the CancelledError comes back out."""
     task = asyncio.ensure_future(backend.generate(variation_request()))
-    await poll(ready, "the prompt queued")
+    await eventually(ready, "the prompt queued")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -234,7 +234,7 @@ async def test_cancel_on_a_new_server_uses_the_jobs_api(
     fake, backend = comfy
     await cancel_generate(backend, lambda: fake.running is not None)
     [prompt_id] = fake.prompts
-    await poll(lambda: fake.job_cancels == [prompt_id], "the jobs cancel call")
+    await eventually(lambda: fake.job_cancels == [prompt_id], "the jobs cancel call")
     assert fake.running is None and fake.deleted == fake.interrupts == []
 
 
@@ -244,7 +244,7 @@ async def test_cancel_on_an_old_server_interrupts_our_running_prompt(
     fake.old_server = True
     await cancel_generate(backend, lambda: fake.running is not None)
     [prompt_id] = fake.prompts
-    await poll(lambda: bool(fake.interrupts), "the interrupt")
+    await eventually(lambda: bool(fake.interrupts), "the interrupt")
     assert fake.calls("/api/jobs/" + prompt_id + "/cancel")  # tried first, 404
     assert fake.deleted == [prompt_id]
     assert fake.interrupts == [{"prompt_id": prompt_id}]
@@ -260,8 +260,8 @@ async def test_cancel_on_an_old_server_leaves_someone_elses_run_alone(
     fake.busy = True
     await cancel_generate(backend, lambda: bool(fake.pending))
     [prompt_id] = fake.prompts
-    await poll(lambda: fake.deleted == [prompt_id], "the queue delete")
-    await poll(lambda: len(fake.calls("/queue")) >= 2, "the running check")  # GET after POST
+    await eventually(lambda: fake.deleted == [prompt_id], "the queue delete")
+    await eventually(lambda: len(fake.calls("/queue")) >= 2, "the running check")  # GET after POST
     await backend.close()  # waits for the clean-up to end
     assert fake.pending == [] and fake.interrupts == [] and fake.foreign_interrupted == 0
 
@@ -275,8 +275,8 @@ async def test_cancel_is_bounded_when_comfyui_does_not_answer(
     fake.stall_cleanup = True  # the cancel calls are accepted, never answered
     with structlog.testing.capture_logs() as logs:
         await cancel_generate(backend, lambda: fake.running is not None)
-        await poll(lambda: bool(fake.calls(f"/api/jobs/{fake.running}/cancel")),
-                   "the cancel call")
+        await eventually(lambda: bool(fake.calls(f"/api/jobs/{fake.running}/cancel")),
+                         "the cancel call")
         # close() waits for the clean-up, which gives up on its own.
         await asyncio.wait_for(backend.close(), HANG_GUARD_S)
     [event] = [e for e in logs if e["event"] == "comfyui_prompt_cancelled"]

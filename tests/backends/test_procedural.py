@@ -9,13 +9,13 @@ import math
 import os
 import random
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageOps, ImageStat
+from support import eventually
 
 from gateway.backends import create_backend
 from gateway.backends.base import BackendError
@@ -346,7 +346,7 @@ async def test_a_cancelled_request_stops_its_worker(scene_png: bytes,
     await backend.start()
     try:
         task = asyncio.create_task(backend.generate(request(scene_png, n=10, size=64)))
-        await _poll(entered.is_set, "the first image rendering")
+        await eventually(entered.is_set, "the first image rendering", 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -367,20 +367,13 @@ async def test_a_cancelled_request_stops_its_worker_process(scene_png: bytes) ->
     await backend.start()
     try:
         task = asyncio.create_task(backend.generate(request(scene_png, n=10, size=512)))
-        await _poll(lambda: backend.images_rendered >= 1, "an image rendered")
+        await eventually(lambda: backend.images_rendered >= 1, "an image rendered", 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _poll(lambda: backend.images_in_progress() == 0, "the worker idle")
+        await eventually(lambda: backend.images_in_progress() == 0, "the worker idle", 30)
         assert backend.images_rendered <= 2  # the one done, and the one in progress
         # The worker serves the next request.
         assert len((await backend.generate(request(scene_png, n=2, size=64))).images) == 2
     finally:
         await backend.close()
-
-
-async def _poll(condition: Callable[[], bool], what: str, deadline_s: float = 30.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        await asyncio.sleep(0.005)

@@ -11,12 +11,11 @@ backend ever delivered, after all 30 tries.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
-from instrumented_backend import InstrumentedBackend, Start, poll, register, usage, vary
-from support import ADMIN_TOKEN, png_bytes
+from instrumented_backend import InstrumentedBackend, Start, register, usage, vary
+from support import ADMIN_TOKEN, eventually, png_bytes
 
 from gateway.generation import Generation, VariationRequest
 from gateway.keys import AUDIT
@@ -63,10 +62,9 @@ async def test_dropping_after_the_backend_answered_gets_no_free_images(
         image = png_bytes(seed=5000 + i)
         before = len(delivered)
         task = asyncio.create_task(vary(client, image, n=N))
-        deadline = time.monotonic() + 10
-        while len(delivered) == before:  # the backend has answered: drop now, or a bit later
-            assert time.monotonic() < deadline, "the backend never answered"
-            await asyncio.sleep(0)
+        # The backend has answered: drop now, or a bit later (polled on every turn).
+        await eventually(lambda before=before: len(delivered) > before, "the backend answering",
+                         interval_s=0)
         for _ in range(i % 10):  # each try drops at another point after delivery
             await asyncio.sleep(0)
         task.cancel()
@@ -77,11 +75,14 @@ async def test_dropping_after_the_backend_answered_gets_no_free_images(
         statuses.append(again.headers["X-Cache"])
     # Every image the backend delivered is in the ledger: none was served uncharged.
     total = sum(delivered)
-    deadline = time.monotonic() + 10
-    while (charged := await images_today(client)) != total:
-        assert time.monotonic() < deadline, (
-            f"{total - charged} free images in {TRIES} tries (cache: {statuses})")
-        await asyncio.sleep(0.01)
+    charged = [0]
+
+    async def all_charged() -> bool:
+        charged[0] = await images_today(client)
+        return charged[0] == total
+
+    await eventually(all_charged, lambda: f"{total - charged[0]} free images in {TRIES} "
+                     f"tries (cache: {statuses})")
     assert (await usage(client))["limits"]["images_per_day"]["used"] == total  # none held
     assert "HIT" in statuses  # the drops left their (paid) images in the pool
     # Each dropped request's audit row says what it was charged.
@@ -97,9 +98,9 @@ async def test_a_drop_before_the_backend_answers_is_refunded(instrumented: Start
     client, backend = await instrumented(quota_defaults={"images_per_day": None})
     backend.gate.clear()
     task = asyncio.create_task(vary(client, png_bytes(seed=1), n=N))
-    await poll(lambda: backend.in_flight == 1, "the request at the backend")
+    await eventually(lambda: backend.in_flight == 1, "the request at the backend")
     task.cancel()
-    await poll(lambda: backend.in_flight == 0, "the backend call cancelled")
+    await eventually(lambda: backend.in_flight == 0, "the backend call cancelled")
     backend.gate.set()
     await asyncio.gather(task, return_exceptions=True)
     assert (await usage(client))["limits"]["images_per_day"]["used"] == 0
