@@ -677,21 +677,23 @@ async def test_a_count_lost_to_a_state_outage_is_the_state_stores_503(
     """With Redis state, a request's count that Redis (killed after the charge) cannot
     write made the answer a 503 storage_unavailable ("disk full", x-should-retry: false,
     no Retry-After). It is the store's own 503: state_unavailable with Retry-After."""
-    from gateway import state_redis as sr
+    import redis.exceptions
+
     from gateway.keys import QUOTA
+    from gateway.redis import client as redis_client
 
     client, _ = await instrumented()
 
     def state_away(principal: Any, cache_hit: bool) -> asyncio.Future[None]:
         async def fail() -> None:
-            raise sr.StateUnavailable()
+            raise redis_client.unavailable(redis.exceptions.ConnectionError("gone"))
         return asyncio.ensure_future(fail())
 
     monkeypatch.setattr(client.app[QUOTA], "count_request", state_away)
     answer = await vary(client, png_bytes(seed=78))
     assert answer.status == 503, answer.body
     assert answer.body["error"]["code"] == "state_unavailable"
-    assert answer.headers["Retry-After"] == str(sr.RETRY_AFTER_SECONDS)
+    assert answer.headers["Retry-After"] == str(redis_client.RETRY_AFTER_SECONDS)
 
 
 async def test_redis_dying_mid_eviction_is_handled_and_logged(
