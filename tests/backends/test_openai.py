@@ -89,13 +89,13 @@ async def test_a_server_path_for_a_url_is_a_plain_bad_response(gateway_client: A
 async def test_lemonade_every_size_format_and_n(gateway_client: Any) -> None:
     fake = LemonadeFake(KEY, models=("SD-Turbo",))
     up, server = await start_upstream(gateway_client, "openai", fake=fake, model="SD-Turbo",
-                                      prompt=None, **MATRIX)
+                                      **MATRIX)
 
     def check(calls: list[Recorded], n: int, size: int) -> None:
         assert len(calls) == 1
         c = calls[0]
         assert c.fields["model"] == "SD-Turbo" and c.fields["n"] == str(n)
-        assert "prompt" not in c.fields
+        assert c.fields["prompt"] == DEFAULT_PROMPT  # ignored where a model takes none
         assert c.fields["size"] == f"{size}x{size}"
         assert_hashed_user(c.fields["user"])
 
@@ -158,7 +158,7 @@ async def test_fault(gateway_client: Any, fault: str) -> None:
 @pytest.mark.parametrize("fault", FAULT_NAMES)
 async def test_fault_lemonade(gateway_client: Any, fault: str) -> None:
     await run_fault(gateway_client, "openai", fault, fake=LemonadeFake(KEY, models=("SD-Turbo",)),
-                    model="SD-Turbo", prompt=None)
+                    model="SD-Turbo")
 
 
 async def test_a_key_ending_in_a_newline_still_authenticates(gateway_client: Any) -> None:
