@@ -248,6 +248,10 @@ wrk.method = "POST"
 wrk.body = f:read("*all")
 f:close()
 wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. os.getenv("BENCH_BOUNDARY")
+local token = os.getenv("BENCH_TOKEN")
+if token and token ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. token
+end
 local cache_control = os.getenv("BENCH_CACHE_CONTROL")
 if cache_control and cache_control ~= "" then
   wrk.headers["Cache-Control"] = cache_control
@@ -279,6 +283,30 @@ def wrk(url: str, connections: int, seconds: int, lua: Path | None = None,
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": rps, "p50": latency("50"), "p99": latency("99"),
             "non2xx": float(errors.group(1)) if errors else 0.0}
+
+
+def serve_forever(handler: Any, port: int) -> None:
+    """Run a low-level aiohttp ``handler`` on loopback ``port`` until killed (the fake
+    upstreams' process bodies)."""
+    from aiohttp import web
+
+    async def serve() -> None:
+        runner = web.ServerRunner(web.Server(handler), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+@contextlib.contextmanager
+def fake_process(script: Path) -> Iterator[str]:
+    """``script fake PORT`` in its own process, pinned with the load generator (core 1);
+    yields its origin once ``/healthz`` answers."""
+    port = free_port()
+    with serving([*PIN_CLIENT, sys.executable, str(script), "fake", str(port)],
+                 f"http://127.0.0.1:{port}/healthz", stop_timeout=10) as origin:
+        yield origin
 
 
 @contextlib.contextmanager

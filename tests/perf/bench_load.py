@@ -178,22 +178,12 @@ def fake_main(port: int) -> None:
             out = bodies[(edge, n)] = f'{{"created":1,"data":[{items}]}}'.encode()
         return web.Response(body=out, content_type="application/json")
 
-    async def serve() -> None:
-        runner = web.ServerRunner(web.Server(handler), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        await asyncio.Event().wait()
-
-    asyncio.run(serve())
+    bench.serve_forever(handler, port)
 
 
-@contextlib.contextmanager
-def fake_upstream() -> Iterator[str]:
+def fake_upstream() -> contextlib.AbstractContextManager[str]:
     """The fake in its own process, pinned with the load generator (core 1)."""
-    port = free_port()
-    with bench.serving([*PIN_CLIENT, sys.executable, str(Path(__file__)), "fake", str(port)],
-                       f"http://127.0.0.1:{port}/healthz", stop_timeout=10) as origin:
-        yield origin
+    return bench.fake_process(Path(__file__))
 
 
 def openai_config(tmp: Path, fake: str) -> dict[str, Any]:

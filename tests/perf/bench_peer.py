@@ -25,7 +25,6 @@ LiteLLM is installed on first use into ``var/bench-litellm`` (``pip install
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import bench_load
 import bench_normalise
-from bench import BOUNDARY, PIN_CLIENT, PIN_SERVER, free_port, multipart_body
+from bench import BOUNDARY, PIN_SERVER, free_port, multipart_body
 
 ROOT = Path(__file__).resolve().parents[2]
 LITELLM_VENV = ROOT / "var" / "bench-litellm"
@@ -111,23 +110,12 @@ def fake_main(port: int) -> None:
         answered[label] = answered.get(label, 0) + 1
         return web.Response(body=bodies[key], content_type="application/json")
 
-    async def serve() -> None:
-        runner = web.ServerRunner(web.Server(handler), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        await asyncio.Event().wait()
-
-    asyncio.run(serve())
+    bench.serve_forever(handler, port)
 
 
-@contextlib.contextmanager
-def fake_upstream() -> Iterator[str]:
+def fake_upstream() -> contextlib.AbstractContextManager[str]:
     """The fake in its own process, pinned with the load generator (core 1)."""
-    port = free_port()
-    with bench.serving([*PIN_CLIENT, sys.executable, str(Path(__file__)), "fake", str(port)],
-                       f"http://127.0.0.1:{port}/healthz",
-                       stop_timeout=10) as origin:
-        yield origin
+    return bench.fake_process(Path(__file__))
 
 
 def answered(fake: str) -> dict[str, int]:
@@ -222,18 +210,7 @@ def litellm_proxy(tmp: Path, fake: str, procs: list[subprocess.Popen[bytes]]
 # ------------------------------------------------------------------ load
 
 
-WRK_LUA = """
-local f = io.open(os.getenv("BENCH_BODY"), "rb")
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. os.getenv("BENCH_BOUNDARY")
-wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_TOKEN")
-local cache_control = os.getenv("BENCH_CACHE_CONTROL")
-if cache_control and cache_control ~= "" then
-  wrk.headers["Cache-Control"] = cache_control
-end
-"""
+WRK_LUA = bench.WRK_LUA  # BENCH_TOKEN set: the Authorization header goes along
 
 
 def edits_body(upload: bytes, output_format: str) -> bytes:
