@@ -91,10 +91,16 @@ async def test_kill_9_mid_burst_then_restart(
         async with session.get(restarted.url + "/admin/usage",
                                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
             alice = (await r.json())["users"]["alice"]
-        # The ledger holds every image a client saw, and exactly what the audit charged:
-        # a 200 cut off by the kill before it reached the client is in both or in neither.
-        assert seen_images <= day["used"] == charged_200 == alice["images_today"]
-        assert alice["requests_today"] == sum(s == 200 for s, _ in by_id.values())
+        # The ledger holds every image a client saw and everything the audit charged.
+        # Delivered images are charged before their answer is recorded (no image is ever
+        # served uncharged, issue 19): a request cut off by the kill after its charge may
+        # have no audit row, so the ledger may hold more, at most the images of the
+        # requests that never got an answer. The same holds for the request count.
+        cut_off = [1 + seed % 3 for task, seed in tasks.items() if task.exception()]
+        assert seen_images <= charged_200 <= day["used"] == alice["images_today"]
+        assert day["used"] - charged_200 <= sum(cut_off)
+        answered = sum(s == 200 for s, _ in by_id.values())
+        assert answered <= alice["requests_today"] <= answered + len(cut_off)
 
         # The cache index references only whole blobs, and they serve as HITs.
         blobs = tmp_path / "cache" / "blobs"
