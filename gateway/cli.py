@@ -339,6 +339,17 @@ def cmd_vary(args: argparse.Namespace) -> int:
     return vary(args)
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from gateway import healthcheck
+
+    url = healthcheck.target(load_config(args.config), args.host, args.port)
+    problem = healthcheck.probe(url)
+    if problem is not None:
+        print(f"variations-gateway: unhealthy: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_install_gimp_plugin(args: argparse.Namespace) -> int:
     from gateway import gimp_install
 
@@ -356,6 +367,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_serve)
+
+    h = sub.add_parser("healthcheck", help="exit 0 when the gateway of this config answers "
+                       "/healthz (for container HEALTHCHECKs)")
+    h.add_argument("--config", help="YAML config (default: $VARIATIONS_GATEWAY_CONFIG, "
+                   "else built-in defaults)")
+    h.add_argument("--host", help="as given to serve --host")
+    h.add_argument("--port", type=int, help="as given to serve --port")
+    h.set_defaults(func=cmd_healthcheck)
 
     c = sub.add_parser("check-config", help="validate a config and print it, secrets masked")
     c.add_argument("path")

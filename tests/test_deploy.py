@@ -315,6 +315,7 @@ def test_dockerfile_lints_clean_and_runs_unprivileged(tmp_path: Path) -> None:
     stages = [line for line in text.splitlines() if line.startswith("FROM ")]
     assert len(stages) == 2 and all("-slim" in s for s in stages)
     assert "USER 10001" in text and "HEALTHCHECK" in text and "/healthz" in text
+    assert 'CMD ["variations-gateway", "healthcheck"]' in text  # the config's port and TLS
     assert 'VOLUME ["/etc/variations-gateway", "/var/lib/variations-gateway"]' in text
     broken = tmp_path / "Dockerfile"
     broken.write_text(text.replace("WORKDIR /src", "RUN cd /src"))
