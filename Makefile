@@ -7,7 +7,7 @@ CONFIG ?= config/gateway.yaml
 PORT   ?=
 HOST   ?=
 
-.PHONY: run test lint bench venv test-deps system-deps clean
+.PHONY: run test lint bench venv test-deps system-deps clean lock
 
 $(BIN)/variations-gateway: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ test: test-deps lint
 
 bench: test-deps
 	$(BIN)/python -m tests.perf.bench
+
+# The container's runtime dependencies, pinned with hashes (deploy/requirements.lock),
+# made by pip-tools in a throwaway venv; tests/test_lock.py fails while it disagrees
+# with pyproject.toml.
+lock:
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet pip-tools
+	.lock-venv/bin/pip-compile --quiet --generate-hashes --strip-extras --extra redis \
+	  --no-emit-index-url --no-emit-find-links --output-file deploy/requirements.lock \
+	  pyproject.toml
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

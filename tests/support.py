@@ -192,6 +192,7 @@ def build_wheel(names: list[str], tmp: Path) -> Path:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
     out = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet",
                           "wheel", "--no-deps", "-w", str(tmp / "dist"), str(src)],
