@@ -46,7 +46,9 @@ def _walk_nodes(
     elif isinstance(node, yaml.ScalarNode) and "${" in str(node.value):
         node.value = _interpolate(node.value, env, path, lines[path])
         if node.style is None:  # plain scalar: re-resolve so "8080" becomes an int
-            node.tag = loader.resolve(yaml.ScalarNode, node.value, (True, False))
+            # (types-PyYAML leaves Resolver.resolve untyped)
+            node.tag = loader.resolve(  # type: ignore[no-untyped-call]
+                yaml.ScalarNode, node.value, (True, False))
 
 
 def _load_yaml(text: str, env: Mapping[str, str]) -> tuple[Any, dict[str, int]]:
