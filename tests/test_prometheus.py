@@ -141,12 +141,7 @@ def test_gateway_down_reads_well_with_and_without_a_target(
              "Gateway 10.0.0.7:8080 is down",
              "Prometheus could not scrape gateway 10.0.0.7:8080 for 2 minutes."),
     ]
-    spec = tmp_path / "down_test.yml"
-    spec.write_text(yaml.safe_dump({"rule_files": [str(PROM_DIR / "alerts.yml")],
-                                    "evaluation_interval": "1m", "tests": tests}))
-    r = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
+    promtool_test_rules(promtool, tmp_path / "down_test.yml", "1m", tests)
 
 
 def test_model_lifecycle_alerts_by_date(promtool: str, tmp_path: Path) -> None:
@@ -179,9 +174,14 @@ def test_model_lifecycle_alerts_by_date(promtool: str, tmp_path: Path) -> None:
                   at(10, "VariationsGatewayBackendModelRetired", False),
                   at(36, "VariationsGatewayBackendModelRetiring", False),
                   at(36, "VariationsGatewayBackendModelRetired", True)]}]
-    spec = tmp_path / "lifecycle_test.yml"
+    promtool_test_rules(promtool, tmp_path / "lifecycle_test.yml", "5m", tests)
+
+
+def promtool_test_rules(promtool: str, spec: Path, interval: str,
+                        tests: list[dict[str, Any]]) -> None:
+    """``promtool test rules`` of the shipped alerts.yml against ``tests``."""
     spec.write_text(yaml.safe_dump({"rule_files": [str(PROM_DIR / "alerts.yml")],
-                                    "evaluation_interval": "5m", "tests": tests}))
+                                    "evaluation_interval": interval, "tests": tests}))
     r = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
