@@ -7,7 +7,7 @@ from datetime import datetime
 from aiohttp import web
 
 from gateway.errors import ApiError, invalid
-from gateway.keys import AUDIT, AUDIT_RECORD, AUTH, CONFIG, QUOTA
+from gateway.keys import AUDIT, AUDIT_RECORD, AUTH, QUOTA, snapshot
 
 MAX_AUDIT_PAGE = 1000
 
@@ -43,7 +43,7 @@ def _admin(request: web.Request) -> None:
 async def admin_usage(request: web.Request) -> web.Response:
     """Per user: images today and this month, requests, cache hits, spend."""
     _admin(request)
-    config = request.app[CONFIG]
+    config = snapshot(request).config
     rows = await request.app[QUOTA].all_usage()
     for name in config.users:
         rows.setdefault(name, {"images_today": 0, "images_this_month": 0, "requests_today": 0,
@@ -113,7 +113,7 @@ async def admin_audit(request: web.Request) -> web.Response:
 async def _set_block(request: web.Request, blocked: bool) -> web.Response:
     _admin(request)
     name = request.match_info["name"]
-    if name not in request.app[CONFIG].users:
+    if name not in snapshot(request).config.users:
         raise ApiError(404, f"No user named '{name[:64]}' in the gateway config.",
                        code="user_not_found")
     await request.app[QUOTA].set_blocked(name, blocked)

@@ -36,17 +36,18 @@ from gateway.keys import (
     BACKEND_SECONDS,
     CACHE,
     CLIENT_ADDRESS,
-    CONFIG,
     IMAGES,
+    LIVE,
     METRICS,
     PIXEL_HASHES,
     QUOTA,
     RENDERER,
-    ROUTER,
+    SNAPSHOT,
     UPLOAD_BUDGET,
     USER_KEY,
     WRITES,
 )
+from gateway.live import Live, Snapshot
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
 from gateway.proxies import ClientAddress
@@ -95,7 +96,10 @@ async def finish_request(request: web.Request, handler: Handler) -> web.StreamRe
     metrics.in_flight.inc()
     try:
         try:
-            response = await handler(request)
+            # One config for the whole request: a reload (SIGHUP) meanwhile is for the
+            # requests after it, and waits for this one before closing what it retires.
+            with app[LIVE].hold() as request[SNAPSHOT]:
+                response = await handler(request)
         except ApiError as exc:
             error = exc
             if isinstance(exc, StorageUnavailable) and not exc.should_retry:
@@ -203,7 +207,7 @@ def user_hash_key(signing_key: bytes) -> bytes:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
+    config = app[LIVE].current.config
     # Decodes, hashing and file I/O run in the default executor. Sized to the cores: more
     # threads add no throughput to CPU-bound work, and each one gets its own glibc malloc
     # arena, which grew RSS by ~16% over 20,000 requests in make bench (6 threads).
@@ -211,9 +215,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                            thread_name_prefix="gateway"))
     try:
-        await app[ROUTER].start()
+        await app[LIVE].current.router.start()
     except BaseException:  # e.g. a SIGTERM during start-up: stop what did start
-        await app[ROUTER].close()
+        await app[LIVE].close()
         raise
     tasks = [asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds)),
              asyncio.create_task(_refresh_gauges(app)),
@@ -226,7 +230,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await app[ROUTER].close()
+        await app[LIVE].close()
         await app[CACHE].close()
         await app[QUOTA].close()
         await app[ABUSE].close()
@@ -251,13 +255,14 @@ async def refresh_gauges(app: web.Application) -> None:
     ends with no request to see it: without this a new month (or usage through another
     replica) would leave the old share on the dashboard, and an open circuit would keep
     BackendDown firing through an idle night."""
-    if not app[CONFIG].metrics.enabled:
+    live = app[LIVE].current
+    if not live.config.metrics.enabled:
         return
     metrics = app[METRICS]
-    app[ROUTER].report_breakers()  # open -> half_open happens with no request to see it
+    live.router.report_breakers()  # open -> half_open happens with no request to see it
     with contextlib.suppress(Exception):
         metrics.set_cache_stats(*await app[CACHE].stats())
-    for store, directory in health.local_stores(app[CONFIG]).items():
+    for store, directory in health.local_stores(live.config).items():
         ratio = health.free_ratio(directory)
         if ratio is not None:
             metrics.storage_free.labels(store).set(ratio)
@@ -272,14 +277,14 @@ async def refresh_gauges(app: web.Application) -> None:
             budget_used(statuses))
 
 
-def build_app(config: Config) -> web.Application:
-    """The whole gateway for ``config``; parts start and stop with the app."""
+def build_app(config: Config, sha256: str | None = None) -> web.Application:
+    """The whole gateway for ``config`` (``sha256``: of its file, shown by /readyz);
+    parts start and stop with the app."""
     app = web.Application(middlewares=[finish_request], client_max_size=5 * 1024 * 1024)
     state = build_state(config)
-    app[CONFIG] = config
     app[AUTH] = Authenticator(config)
     app[METRICS] = Metrics(config.users)
-    app[ROUTER] = Router(config, app[METRICS])
+    app[LIVE] = Live(Snapshot(config, Router(config, app[METRICS]), time.time(), sha256))
     app[IMAGES] = state.images
     app[USER_KEY] = user_hash_key(state.signing_key)
     app[QUOTA] = state.quota

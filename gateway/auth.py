@@ -62,39 +62,58 @@ def _matches(digest: str, expected: str) -> bool:
     return hmac.compare_digest(digest.encode("ascii"), expected.encode("ascii"))
 
 
+@dataclass(frozen=True)
+class _Table:
+    """What the config says about callers; replaced whole, so a lookup never sees
+    half of a reload."""
+
+    mode: str
+    members: tuple[tuple[str, Principal], ...]
+    admin: str | None
+    anonymous: Principal
+
+    @classmethod
+    def of(cls, config: Config) -> _Table:
+        return cls(config.auth.mode,
+                   tuple((u.token_sha256, Principal(u.name, u.quota, True))
+                         for u in config.users.values() if u.token_sha256),
+                   config.auth.admin_token_sha256,
+                   Principal(ANONYMOUS, config.quota_defaults, False))
+
+
 class Authenticator:
     """Maps a bearer token to a :class:`Principal`."""
 
     def __init__(self, config: Config) -> None:
-        self._mode = config.auth.mode
-        self._members = tuple(
-            (u.token_sha256, Principal(u.name, u.quota, True))
-            for u in config.users.values()
-            if u.token_sha256
-        )
-        self._admin = config.auth.admin_token_sha256
-        self._anonymous = Principal(ANONYMOUS, config.quota_defaults, False)
+        self._table = _Table.of(config)
+
+    async def apply_config(self, config: Config) -> None:
+        """Take the members, their quotas and the admin token from a reloaded config;
+        a request already authenticated keeps the principal (and quota) it got."""
+        self._table = _Table.of(config)
 
     @property
     def mode(self) -> str:
-        return self._mode
+        return self._table.mode
 
     def principals(self) -> tuple[Principal, ...]:
         """Everyone who can call: the configured members, or ``anonymous`` alone."""
-        if self._mode == "none":
-            return (self._anonymous,)
-        return tuple(principal for _, principal in self._members)
+        table = self._table
+        if table.mode == "none":
+            return (table.anonymous,)
+        return tuple(principal for _, principal in table.members)
 
     def member(self, request: web.Request) -> Principal:
         """The calling member; raises 401 in the OpenAI envelope."""
-        if self._mode == "none":
-            return self._anonymous
+        table = self._table
+        if table.mode == "none":
+            return table.anonymous
         token = bearer_token(request)
         if token is None:
             raise ApiError(401, MISSING_KEY, code=None, should_retry=False)
         digest = token_sha256(token)
         found: Principal | None = None
-        for expected, principal in self._members:
+        for expected, principal in table.members:
             if _matches(digest, expected) and found is None:
                 found = principal
         if found is None:
@@ -106,6 +125,7 @@ class Authenticator:
         token = bearer_token(request)
         if token is None:
             raise ApiError(401, MISSING_KEY, code=None, should_retry=False)
-        if self._admin is None or not _matches(token_sha256(token), self._admin):
+        admin = self._table.admin
+        if admin is None or not _matches(token_sha256(token), admin):
             raise ApiError(403, "This route needs the gateway's admin token.",
                            code="admin_only", should_retry=False)

@@ -149,10 +149,10 @@ async def _start_metrics(app: Any, config: Config, host: str, tls: ssl.SSLContex
 
     from gateway import health
     from gateway.connections import GatewayRunner
-    from gateway.keys import CONFIG, METRICS
+    from gateway.keys import LIVE, METRICS
 
     mapp = web.Application()
-    mapp[CONFIG], mapp[METRICS] = app[CONFIG], app[METRICS]
+    mapp[LIVE], mapp[METRICS] = app[LIVE], app[METRICS]
     mapp.router.add_get("/metrics", health.metrics)
     runner = GatewayRunner(
         mapp, access_log=None, header_timeout=config.server.header_timeout_seconds,
@@ -167,11 +167,13 @@ async def _start_metrics(app: Any, config: Config, host: str, tls: ssl.SSLContex
     return runner
 
 
-async def _serve(config: Config, host: str, port: int) -> int:
+async def _serve(config: Config, host: str, port: int, path: str | None = None,
+                 sha256: str | None = None) -> int:
     from aiohttp import web
 
     from gateway.app import build_app
     from gateway.connections import GatewayRunner, raise_fd_limit
+    from gateway.reload import Reloader
 
     tls = _server_tls(config)
     open_files, _ = raise_fd_limit()  # every client connection is a file descriptor
@@ -192,7 +194,20 @@ async def _serve(config: Config, host: str, port: int) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, on_signal)
-    app = build_app(config)
+    app = build_app(config, sha256)
+    reloader = Reloader(app, path, lambda new: check_bind(new, host))
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_reload() -> None:  # SIGHUP (systemctl reload): re-read the config file
+        if not started or stop.is_set():
+            print("variations-gateway: SIGHUP ignored while starting or stopping; the "
+                  "config file is read again on the next SIGHUP", file=sys.stderr, flush=True)
+            return
+        task = asyncio.get_running_loop().create_task(reloader.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_reload)
     runner = GatewayRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout_seconds,
                            header_timeout=config.server.header_timeout_seconds,
@@ -220,6 +235,7 @@ async def _serve(config: Config, host: str, port: int) -> int:
             raise
         print("variations-gateway: stopped during start-up", flush=True)
     finally:
+        await asyncio.gather(*reloads, return_exceptions=True)  # not cut off halfway
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()
@@ -246,7 +262,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limit_malloc_arenas()
 
-    config = load_config(args.config)
+    from gateway.reload import read_config
+
+    config, sha256 = read_config(args.config)
     host: str = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     check_bind(config, host)
@@ -262,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"variations-gateway: warning: {plain}", file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         try:
-            return asyncio.run(_serve(config, host, port))
+            return asyncio.run(_serve(config, host, port, args.config, sha256))
         except StateInUse as exc:
             print(f"variations-gateway: {exc}", file=sys.stderr)
             return 1

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.errors import ApiError
-from gateway.keys import AUDIT_RECORD, AUTH, CONFIG
+from gateway.keys import AUDIT_RECORD, AUTH, snapshot
 from gateway.upload import DEFAULT_MODEL
 
 # What OpenAI's ``GET /v1/models`` says of dall-e-2 (``created``, ``owned_by``).
@@ -26,7 +26,7 @@ def _models(request: web.Request) -> list[dict[str, object]]:
     principal = request.app[AUTH].member(request)  # OpenAI answers 401 without a key
     request[AUDIT_RECORD].member = principal.name
     backends = [{"id": b.name, "object": "model", "created": 0, "owned_by": OWNER}
-                for b in request.app[CONFIG].backends if b.name != DEFAULT_MODEL]
+                for b in snapshot(request).config.backends if b.name != DEFAULT_MODEL]
     return [dict(_DALL_E_2), *backends]
 
 

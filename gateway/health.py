@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import importlib.resources
 import os
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -12,7 +13,8 @@ from aiohttp import web
 from gateway.auth import bearer_token, token_sha256
 from gateway.config import Config
 from gateway.errors import ApiError
-from gateway.keys import CONFIG, IMAGES, METRICS, QUOTA, ROUTER, WRITES
+from gateway.keys import IMAGES, METRICS, QUOTA, WRITES, snapshot
+from gateway.live import Snapshot
 
 
 def local_stores(config: Config) -> dict[str, Path]:
@@ -56,14 +58,23 @@ async def readyz(request: web.Request) -> web.Response:
     failing = app[WRITES].failing()
     checks["writes"] = {store: f"failing: {why}" for store, why in failing.items()} or "ok"
     ok = ok and not failing
-    states = await app[ROUTER].check()
+    live = snapshot(request)
+    states = await live.router.check()
     checks["backends"] = {s.name: {"kind": s.kind, "ready": s.ready, "detail": s.detail,
                                    **s.extra} for s in states}
-    route = app[CONFIG].route
+    checks["config"] = config_detail(live)
+    route = live.config.route
     if not any(s.ready for s in states if s.name in route):
         ok = False
     return web.json_response({"status": "ready" if ok else "not_ready", "checks": checks},
                              status=200 if ok else 503)
+
+
+def config_detail(live: Snapshot) -> dict[str, object]:
+    """Which config this replica runs: after a reload (SIGHUP) an operator compares the
+    hash with the file's ``sha256sum`` and sees when it was loaded."""
+    return {"loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(live.loaded_at)),
+            "sha256": live.sha256, "reloads": live.generation}
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -72,7 +83,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    expected = request.app[CONFIG].metrics.token_sha256
+    expected = snapshot(request).config.metrics.token_sha256
     if expected is not None:
         token = bearer_token(request)
         if token is None or not hmac.compare_digest(token_sha256(token), expected):

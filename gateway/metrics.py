@@ -107,6 +107,12 @@ class Family(Generic[M]):
         child = self._children[values] = self.metric.labels(*values)
         return child
 
+    def remove(self, *values: str) -> None:
+        """Drop one series (and its remembered child), if it exists."""
+        self._children.pop(values, None)
+        with contextlib.suppress(KeyError):
+            self.metric.remove(*values)
+
 
 class Metrics:
     """All metric families of one gateway instance.
@@ -118,13 +124,24 @@ class Metrics:
 
     def __init__(self, members: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        names = tuple(members)
-        self._members = frozenset(names) | {ANONYMOUS_USER}
+        self._members = frozenset({ANONYMOUS_USER})
         self._request_families(self.registry)
         self._member_families(self.registry)
         self._backend_families(self.registry)
         self._cache_stats: tuple[int, int] = (0, 0)
         self.registry.register(_CacheCollector(self))
+        self.add_members(members)
+        self.config_reloads = Family(Counter(
+            P + "config_reloads_total", "Config reloads (SIGHUP) by result: applied, or "
+            "failed (the running config kept).", ["result"], registry=self.registry))
+        for result in ("applied", "failed"):
+            self.config_reloads.labels(result)
+
+    def add_members(self, members: Iterable[str]) -> None:
+        """Make ``members`` ``user`` label values (at start, and for members a reload
+        adds). A removed member's series stay: its counters are history, not state."""
+        names = tuple(members)
+        self._members = self._members | frozenset(names)
         for name in names:  # members' series start at 0, so increase() sees the first event
             for family in (self.user_requests, self.images_by_user, self.spend_usd):
                 family.labels(name)
@@ -253,6 +270,13 @@ class Metrics:
         # Exposed from the start (zero counts), so its panels read 0, not "no data",
         # for a backend that has not answered yet or never converts (procedural).
         self.normalise_seconds.labels(backend)
+
+    def forget_backend(self, backend: str) -> None:
+        """Drop the state gauges of a backend a reload removed (its counters stay)."""
+        for state in BREAKER_STATES:
+            self.breaker_state.remove(backend, state)
+        self.backend_up.remove(backend)
+        self.set_model_lifecycle(backend, None, None)
 
     def set_model_lifecycle(self, backend: str, available: bool | None,
                             shutdown: float | None) -> None:

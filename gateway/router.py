@@ -68,25 +68,58 @@ class Guard:
 class Router:
     """Owns the backend instances, their guards and the route.
 
-    ``metrics`` is a callable returning the app's :class:`Metrics` (``build_app`` makes
-    them after the router), or the instance itself, or ``None`` in unit tests.
+    ``metrics`` is the app's :class:`Metrics`, or ``None`` in unit tests. A reload
+    builds a router with ``previous`` (the running one): backends whose settings did not
+    change are taken over, running, with their breakers and queues.
     """
 
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None,
+                 previous: Router | None = None) -> None:
         self._backends: dict[str, Backend] = {}
         self._guards: dict[str, Guard] = {}
+        self._fresh: list[Backend] = []  # built here, not taken over: start() starts them
+        self._silenced: set[str] = set()  # breakers a reload replaced: no longer reported
+        self._metrics = metrics
         for b in config.backends:
             backend = registry.create_backend(
                 b.name, b.kind, b.options, Timeouts(b.timeout_seconds, b.connect_timeout_seconds))
-            self._backends[b.name] = backend
-            self._guards[b.name] = Guard(
-                b, RetryPolicy(b.retry),
-                CircuitBreaker(b.breaker, on_change=self._breaker_reporter(b.name)),
-                ConcurrencyLimiter(b.name, b.max_concurrent, b.queue_timeout_seconds))
+            kept = previous._taken_over(b, backend) if previous is not None else None
+            if kept is None:
+                self._fresh.append(backend)
+            self._backends[b.name] = backend if kept is None else kept[0]
+            self._guards[b.name] = self._guard(b, None if kept is None else kept[1])
         self._route = tuple(config.route)
         self._order = [b.name for b in config.backends]
-        self._metrics = metrics
         self.lifecycle = LifecycleWatcher(self._backends.values(), lambda: self.metrics)
+
+    def _guard(self, b: BackendConfig, old: Guard | None) -> Guard:
+        """``b``'s guard; a reloaded backend keeps its breaker and queue while their
+        settings stay (an open circuit stays open, the concurrency cap holds across the
+        requests begun before the reload and after)."""
+        breaker = old.breaker if old is not None and old.config.breaker == b.breaker else (
+            CircuitBreaker(b.breaker, on_change=self._breaker_reporter(b.name)))
+        same_queue = old is not None and (
+            old.config.max_concurrent, old.config.queue_timeout_seconds) == (
+            b.max_concurrent, b.queue_timeout_seconds)
+        limiter = old.limiter if old is not None and same_queue else ConcurrencyLimiter(
+            b.name, b.max_concurrent, b.queue_timeout_seconds)
+        return Guard(b, RetryPolicy(b.retry), breaker, limiter)
+
+    def _taken_over(self, b: BackendConfig, candidate: Backend
+                    ) -> tuple[Backend, Guard] | None:
+        """This router's instance of ``b`` and its guard, when a reload may keep them: same
+        kind, options and timeouts, and the same identity (a ComfyUI workflow file read
+        anew may differ). Pricing, retries and the route may change around it."""
+        guard = self._guards.get(b.name)
+        if guard is None:
+            return None
+        old = guard.config
+        same = (old.kind, old.options, old.timeout_seconds, old.connect_timeout_seconds) == (
+            b.kind, b.options, b.timeout_seconds, b.connect_timeout_seconds)
+        backend = self._backends[b.name]
+        if not same or backend.identity != candidate.identity:
+            return None
+        return backend, guard
 
     @property
     def metrics(self) -> Metrics | None:
@@ -95,7 +128,7 @@ class Router:
     def _breaker_reporter(self, name: str) -> Callable[[str], None]:
         def report(state: str) -> None:
             log.warning("breaker_state", backend=name, state=state)
-            if (m := self.metrics) is not None:
+            if name not in self._silenced and (m := self.metrics) is not None:
                 m.set_breaker(name, state)
         return report
 
@@ -137,14 +170,38 @@ class Router:
                 m.set_breaker(name, guard.breaker.state)
 
     async def start(self) -> None:
+        """Start the backends built for this router (not those taken over from the one
+        it replaces: they run already) and the lifecycle readings."""
         self.report_breakers()
-        for b in self._backends.values():
+        for b in self._fresh:
             await b.start()
         self.lifecycle.start()
 
     async def close(self) -> None:
+        """Close every backend: at shutdown, or a reload that failed to start (see
+        :mod:`gateway.live` for the backends a reload retires)."""
         await self.lifecycle.close()
         for b in self._backends.values():
+            await b.close()
+
+    async def retire(self, successor: Router) -> None:
+        """Hand over to ``successor`` (a reload). Requests begun before still finish
+        here, but its lifecycle readings stop, breakers the successor does not share
+        no longer report (they would overwrite its state), and backends it lacks lose
+        their gauges (a removed backend's open circuit would keep BackendDown firing)."""
+        await self.lifecycle.close()
+        for name, guard in self._guards.items():
+            theirs = successor._guards.get(name)
+            if theirs is None or theirs.breaker is not guard.breaker:
+                self._silenced.add(name)
+            if theirs is None and (m := self.metrics) is not None:
+                m.forget_backend(name)
+
+    async def discard(self) -> None:
+        """Undo :meth:`start` for a reload that is not applied: close only what this
+        router built (what it took over still serves the running router)."""
+        await self.lifecycle.close()
+        for b in self._fresh:
             await b.close()
 
     async def check(self) -> list[BackendState]:

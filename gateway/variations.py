@@ -33,16 +33,15 @@ from gateway.keys import (
     AUTH,
     BACKEND_SECONDS,
     CACHE,
-    CONFIG,
     IMAGES,
     METRICS,
     PIXEL_HASHES,
     QUOTA,
     RENDERER,
-    ROUTER,
     UPLOAD_BUDGET,
     USER_KEY,
     WRITES,
+    snapshot,
 )
 from gateway.metrics import Metrics
 from gateway.quota import LimitStatus, budget_used, ratelimit_headers
@@ -87,7 +86,8 @@ def base_url(request: web.Request, server: ServerConfig) -> str:
 async def create_variation(request: web.Request) -> web.StreamResponse:
     """``POST /v1/images/variations``, in the order a request lives (see the module)."""
     app = request.app
-    config, quota = app[CONFIG], app[QUOTA]
+    live, quota = snapshot(request), app[QUOTA]  # the config and router, reload or not
+    config = live.config
     record = request[AUDIT_RECORD]
     # Authenticate first: a stranger's body is never read.
     principal = app[AUTH].member(request)
@@ -103,7 +103,7 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         cached = app[CACHE].enabled and policy != "no-store"
         source = await _look_at(app[PIXEL_HASHES], form.image, upload_sha256, cached)
         key = cache_key(source.pixels_sha256, form.size, form.model,
-                        app[ROUTER].identity(form.model)) if cached else ""
+                        live.router.identity(form.model)) if cached else ""
         # Held at the dearest backend the request may reach; charged at the price of the
         # backend that generated (or its reported token usage).
         price = config.price_ceiling(form.model, form.size_label)
@@ -139,17 +139,17 @@ async def _read_form(request: web.Request) -> tuple[upload.VariationForm, str]:
     by its hash too. The body is read within the gateway-wide budget of bodies held at
     once, given back once the parts are split out.
     """
-    app, record = request.app, request[AUDIT_RECORD]
+    app, record, live = request.app, request[AUDIT_RECORD], snapshot(request)
     async with app[UPLOAD_BUDGET].hold(upload.UploadBudget.bytes_for(request)):
         image, fields = await upload.read_fields(request,
-                                                 app[CONFIG].server.read_timeout_seconds)
+                                                 live.config.server.read_timeout_seconds)
     record.end_user = upload.for_audit(fields.get("user"))
     record.size, record.model = upload.for_audit(fields.get("size")), upload.for_audit(
         fields.get("model"))
     upload_sha256 = "" if image is None else hashlib.sha256(image).hexdigest()
     if image is not None:
         record.image_sha256, record.upload_bytes = upload_sha256, len(image)
-    form = upload.validate(image, fields, app[ROUTER].models)  # refuses a missing image
+    form = upload.validate(image, fields, live.router.models)  # refuses a missing image
     record.n, record.size, record.model = form.n, form.size_label, form.model
     record.end_user = form.user
     app[METRICS].upload_bytes.observe(len(form.image))
@@ -222,10 +222,11 @@ class _Generate:
             record.usage_input_tokens = (result.usage.text_input_tokens
                                          + result.usage.image_input_tokens)
             record.usage_output_tokens = result.usage.output_tokens
-        cost = app[CONFIG].backend(result.backend).cost(form.size_label, count, result.usage)
+        live = snapshot(self.request)
+        cost = live.config.backend(result.backend).cost(form.size_label, count, result.usage)
         app[METRICS].images_generated.labels(result.backend, form.size_label).inc(count)
         # A fallback's images answer now but are not what the key names: not pooled.
-        return Fresh(result.images, keep=app[ROUTER].is_first(form.model, result.backend),
+        return Fresh(result.images, keep=live.router.is_first(form.model, result.backend),
                      charge=self.charge.delivered(count, cost))
 
 
@@ -237,7 +238,7 @@ async def _call_backend(request: web.Request, model: str, job: VariationRequest
     normalising = NormaliseClock()
     try:
         with normalise_clock() as normalising:
-            return await request.app[ROUTER].generate(model, job)
+            return await snapshot(request).router.generate(model, job)
     finally:
         _add_backend_time(request, max(
             0.0, time.perf_counter() - started - normalising.seconds))

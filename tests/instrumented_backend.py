@@ -4,7 +4,7 @@ It is registered for one test at a time by the ``instrumented`` fixture, which p
 new ``gateway.backends.KINDS`` mapping (the registry is a read-only MappingProxy, so it
 is replaced, never mutated) in place with ``monkeypatch``. The product's registry holds
 no test code; the app builds this backend through the normal config -> registry path,
-and a test reaches the instance with ``app[ROUTER].backends[name]``.
+and a test reaches the instance with ``app[LIVE].current.router.backends[name]``.
 
 Images are tiny flat PNGs derived from (source pixels, size, seed + i), so they are
 deterministic and distinct per pool position like a real backend's.
@@ -29,7 +29,7 @@ from support import auth
 from gateway import backends
 from gateway.backends.base import BackendError, BackendOptions, BackendState, Timeouts
 from gateway.generation import Generation, VariationRequest
-from gateway.keys import ROUTER
+from gateway.keys import LIVE
 
 KIND = "instrumented"
 IMPORT_PATH = "instrumented_backend:InstrumentedBackend"
@@ -116,7 +116,7 @@ def register(monkeypatch: pytest.MonkeyPatch, gateway_client: Any) -> Start:
         if pricing is not None:
             entry["pricing"] = dict(pricing)
         client = await gateway_client(backends=[entry], route=["inst"], **sections)
-        backend = client.app[ROUTER].backends["inst"]
+        backend = client.app[LIVE].current.router.backends["inst"]
         assert isinstance(backend, InstrumentedBackend)
         return client, backend
     return start

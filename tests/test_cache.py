@@ -16,7 +16,7 @@ from instrumented_backend import Start, register, usage, vary
 from PIL import Image, PngImagePlugin
 from support import eventually, png_bytes
 
-from gateway.keys import AUDIT, CACHE, CONFIG
+from gateway.keys import AUDIT, CACHE, LIVE
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ async def test_lru_eviction_keeps_blobs_under_max_bytes(instrumented: Start,
     budget = one * 3 + one // 2  # room for 3 single-image pools
     client, backend = await instrumented(cache={"max_bytes": budget,
                                                 "dir": str(tmp_path / "lru")})
-    cache_dir = Path(client.app[CONFIG].cache.dir)
+    cache_dir = Path(client.app[LIVE].current.config.cache.dir)
     cache = client.app[CACHE]
 
     async def settled() -> None:
@@ -228,7 +228,7 @@ async def test_stores_during_a_slow_eviction_are_evicted_too(
     client, backend = await instrumented(cache={"max_bytes": budget,
                                                 "dir": str(tmp_path / "slow")})
     cache = client.app[CACHE]
-    cache_dir = Path(client.app[CONFIG].cache.dir)
+    cache_dir = Path(client.app[LIVE].current.config.cache.dir)
     for seed in (21, 22, 23):
         await vary(client, png_bytes(seed=seed))
         await eventually(lambda: cache._evicting is None or cache._evicting.done(), "eviction")
@@ -335,7 +335,7 @@ async def test_a_pool_being_served_is_not_evicted_under_it(instrumented: Start) 
     assert (await usage(client))["limits"]["images_per_day"]["used"] == 5
     await cache.evict()  # free now: due, so it goes
     assert (await cache.stats())[0] == 0
-    assert blob_bytes(Path(client.app[CONFIG].cache.dir)) == 0  # files gone too
+    assert blob_bytes(Path(client.app[LIVE].current.config.cache.dir)) == 0  # files gone too
 
 
 async def test_index_eviction_keeps_keys_in_use(tmp_path: Path) -> None:
@@ -367,14 +367,14 @@ async def test_a_fallbacks_images_answer_but_are_not_pooled(
 
     from instrumented_backend import KIND
 
-    from gateway.keys import ROUTER
+    from gateway.keys import LIVE
 
     register(monkeypatch, gateway_client)
     client = await gateway_client(
         backends=[{"name": "primary", "kind": KIND, "fail": True},
                   {"name": "fallback", "kind": KIND}], route=["primary", "fallback"])
-    primary = client.app[ROUTER].backends["primary"]
-    fallback = client.app[ROUTER].backends["fallback"]
+    primary = client.app[LIVE].current.router.backends["primary"]
+    fallback = client.app[LIVE].current.router.backends["fallback"]
     image = png_bytes(seed=3)
     fallback.gate.clear()
     tasks = [asyncio.create_task(vary(client, image, n=1)) for _ in range(3)]
@@ -419,7 +419,7 @@ async def test_a_cache_file_deleted_behind_its_back_is_generated_again(
         image = png_bytes(seed=seed)
         first = await vary(client, image, n=2, response_format=fmt)
         assert first.status == 200 and first.headers["X-Cache"] == "MISS"
-        for blob in (Path(client.app[CONFIG].cache.dir) / "blobs").rglob("*.png"):
+        for blob in (Path(client.app[LIVE].current.config.cache.dir) / "blobs").rglob("*.png"):
             blob.unlink()
         again = await vary(client, image, n=2, response_format=fmt)
         assert again.status == 200, again.body
@@ -439,7 +439,7 @@ async def test_a_cache_that_cannot_store_answers_unpooled(
     import sqlite3
 
     client, backend = await instrumented()
-    cache_dir = Path(client.app[CONFIG].cache.dir)
+    cache_dir = Path(client.app[LIVE].current.config.cache.dir)
     shell = None
     if fault == "disk_full":
         def full(path: Path, data: bytes) -> None:

@@ -57,6 +57,7 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     P + "audit_write_errors": ("counter", frozenset()),
     P + "abuse_suspected": ("counter", frozenset({"reason", "user"})),
     P + "storage_free_ratio": ("gauge", frozenset({"store"})),
+    P + "config_reloads": ("counter", frozenset({"result"})),
 }
 USER_VALUES = frozenset({"alice", "bob", "anonymous", "_unknown"})
 Series = frozenset[tuple[str, tuple[tuple[str, str], ...]]]
@@ -187,10 +188,10 @@ async def test_an_open_circuit_whose_cooldown_ended_stops_reading_down(
         gateway_client) -> None:  # type: ignore[no-untyped-def]
     """No request comes after an outage (night): the refresh still reports half-open, so
     BackendDown does not fire until morning."""
-    from gateway.keys import ROUTER
+    from gateway.keys import LIVE
 
     client = await gateway_client()
-    router = client.app[ROUTER]
+    router = client.app[LIVE].current.router
     name = next(iter(router.backends))
     breaker = router.guard(name).breaker
     now = [1000.0]

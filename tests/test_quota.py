@@ -18,7 +18,7 @@ import pytest
 from instrumented_backend import Answer, Start, register, usage, vary
 from support import ADMIN_TOKEN, TOKENS, eventually, png_bytes, sha
 
-from gateway.keys import AUDIT, CONFIG, IMAGES, QUOTA
+from gateway.keys import AUDIT, IMAGES, LIVE, QUOTA
 
 DURATION = re.compile(r"^(\d+h)?(\d+m)?\d+s$|^\d+ms$")
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
@@ -150,7 +150,7 @@ async def test_a_locked_state_file_is_a_503_that_charges_nothing(instrumented: S
     short busy wait with a clear, unretried 503 (not a retried 500 that pays the
     backend again on each SDK retry), the hold is refunded, and service resumes."""
     client, _ = await instrumented(quota_defaults={"images_per_day": 5})
-    shell = sqlite3.connect(client.app[CONFIG].state.path, isolation_level=None)
+    shell = sqlite3.connect(client.app[LIVE].current.config.state.path, isolation_level=None)
     shell.execute("BEGIN IMMEDIATE")
     try:
         refused = await vary(client, png_bytes(seed=1))

@@ -21,7 +21,7 @@ from upstream_cases import FAST, GATEWAY_UPSTREAM, KEY, backend_entry, serve_fak
 
 from gateway.config import build_config
 from gateway.generation import VariationRequest
-from gateway.keys import METRICS, ROUTER
+from gateway.keys import LIVE, METRICS
 from gateway.metrics import Metrics
 from gateway.router import Router
 
@@ -68,7 +68,7 @@ async def pair(gateway_client: Any) -> AsyncIterator[Make]:
             entries.append(backend_entry("openai", url, name=name, **GATEWAY_UPSTREAM, **extra))
         client = await gateway_client(backends=entries, route=list(route))
         now = [1000.0]
-        client.app[ROUTER].guard("a").breaker.clock = lambda: now[0]
+        client.app[LIVE].current.router.guard("a").breaker.clock = lambda: now[0]
         return Pair(client, a, b, now)
 
     yield make
@@ -224,7 +224,7 @@ async def test_unusable_answer_counts_against_the_breaker_and_falls_back(
 def choke_after_the_call(p: Pair) -> None:
     """``a`` calls its upstream (which is paid), then a parser raises what no backend
     maps: struct.error stands for any parser gap not found yet."""
-    backend = p.client.app[ROUTER].backends["a"]
+    backend = p.client.app[LIVE].current.router.backends["a"]
     original = backend.generate
 
     async def unmapped(request: VariationRequest) -> list[bytes]:

@@ -29,7 +29,7 @@ from gateway.backends import normalise
 from gateway.backends.base import BackendError
 from gateway.backends.normalise import encode_png, to_png, to_pngs
 from gateway.generation import Generation, VariationRequest, normalise_clock
-from gateway.keys import METRICS, ROUTER
+from gateway.keys import LIVE, METRICS
 
 MIN_PSNR_DB = 38.0
 MAX_MEAN_ABS_LEVELS = 1.5
@@ -186,4 +186,4 @@ async def test_conversion_is_overhead_not_backend_time(
     assert total("request_overhead_seconds", route) >= 100
     assert total("backend_normalise_seconds", {"backend": "inst"}) >= 100
     assert total("backend_request_duration_seconds", {"backend": "inst"}) < 50
-    assert client.app[ROUTER].backends["inst"] is backend
+    assert client.app[LIVE].current.router.backends["inst"] is backend

@@ -54,7 +54,7 @@ from gateway import logs  # noqa: E402
 from gateway.app import build_app  # noqa: E402
 from gateway.config import build_config  # noqa: E402
 from gateway.generation import VariationRequest  # noqa: E402
-from gateway.keys import ROUTER  # noqa: E402
+from gateway.keys import LIVE  # noqa: E402
 
 REPORT = ROOT / "tests" / "perf" / "REPORT.md"
 PIN_SERVER = ["taskset", "-c", "0"] if shutil.which("taskset") and os.cpu_count() != 1 else []
@@ -149,7 +149,7 @@ async def _overhead(requests: int = 200) -> list[dict[str, Any]]:
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        backend = app[ROUTER].backends["local"]
+        backend = app[LIVE].current.router.backends["local"]
         original = backend.generate
         backend_times: list[float] = []
 
