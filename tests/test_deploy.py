@@ -64,7 +64,8 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     text = UNIT.read_text()
     assert "ExecStart=/opt/variations-gateway/bin/variations-gateway serve" in text
     for directive in ("DynamicUser=yes", "ProtectSystem=strict",
-                      "StateDirectory=variations-gateway", "NoNewPrivileges=yes"):
+                      "StateDirectory=variations-gateway", "NoNewPrivileges=yes",
+                      "ExecReload=/bin/kill -HUP $MAINPID"):  # systemctl reload: SIGHUP
         assert directive in text.splitlines(), directive
     result = _verify_unit(text, tmp_path)
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stderr
