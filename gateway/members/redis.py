@@ -68,14 +68,16 @@ class RedisMembers(Guarded):
                 await changed()  # whatever happened while not subscribed
                 backoff = 0.1
                 await self._follow(pubsub, changed)
-            except (*FAILURES, StorageUnavailable) as exc:
+            except (*FAILURES, StorageUnavailable) as exc:  # Redis away
                 log.warning("members_watch_interrupted", error=type(exc).__name__)
-                await asyncio.sleep(backoff)  # Redis away: resubscribe, backing off
-                backoff = min(backoff * 2, 5.0)
+            except Exception:  # a bug here must not end the watching for good
+                log.exception("members_watch_failed")
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()
+            await asyncio.sleep(backoff)  # then resubscribe (and reload), backing off
+            backoff = min(backoff * 2, 5.0)
 
     async def _follow(self, pubsub: Any, changed: Callable[[], Awaitable[None]]) -> None:
         while True:
