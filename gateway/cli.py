@@ -1,4 +1,5 @@
-"""The ``variations-gateway`` command: serve, check-config, add-user, vary, install-gimp-plugin."""
+"""The ``variations-gateway`` command: serve, check-config, add-user, users, vary,
+install-gimp-plugin."""
 
 from __future__ import annotations
 
@@ -403,6 +404,10 @@ def parser() -> argparse.ArgumentParser:
                    help="a non-square image: centre-crop it (default) or pad it with "
                    "transparency; any format Pillow reads is sent as PNG")
     v.set_defaults(func=cmd_vary)
+
+    from gateway import cli_users
+
+    cli_users.add_parser(sub)
 
     g = sub.add_parser("install-gimp-plugin", help="install the GIMP 3 plug-in for this user")
     try:
