@@ -72,8 +72,9 @@ def config_warnings(config: Config) -> list[str]:
     if config.auth.mode == "tokens" and not config.users:
         warnings.append(
             "WARNING: auth.mode is tokens but no member is configured under users:, so "
-            "every API request will be refused with 401. Make one with `variations-gateway "
-            "add-user NAME` and paste its snippet under users:.")
+            "every API request will be refused with 401 until members are added. Make one "
+            "with `variations-gateway add-user NAME` and paste its snippet under users:, or "
+            "add members live with `variations-gateway users add NAME`.")
     return warnings
 
 
