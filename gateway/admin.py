@@ -26,10 +26,12 @@ async def usage(request: web.Request) -> web.Response:
     })
 
 
-def _admin(request: web.Request) -> None:
+def require_admin(request: web.Request, action: str | None = None) -> None:
+    """Admin routes only; the audit record names the admin token's id (and ``action``)."""
     record = request[AUDIT_RECORD]
+    record.action = action
     try:
-        request.app[AUTH].admin(request)
+        who = request.app[AUTH].admin(request)
     except ApiError as exc:
         if exc.status == 403:  # a token, but not the admin's: the audit says whose
             try:
@@ -37,15 +39,19 @@ def _admin(request: web.Request) -> None:
             except ApiError:
                 record.auth_error = "bad_token"
         raise
-    record.member = "admin"
+    record.member = who
+
+
+def _known(request: web.Request, name: str) -> bool:
+    return any(p.name == name for p in request.app[AUTH].principals())
 
 
 async def admin_usage(request: web.Request) -> web.Response:
     """Per user: images today and this month, requests, cache hits, spend."""
-    _admin(request)
+    require_admin(request)
     config = snapshot(request).config
     rows = await request.app[QUOTA].all_usage()
-    for name in config.users:
+    for name in [*config.users, *(p.name for p in request.app[AUTH].principals())]:
         rows.setdefault(name, {"images_today": 0, "images_this_month": 0, "requests_today": 0,
                                "cache_hits_today": 0, "spend_usd_this_month": 0.0})
     for name, row in rows.items():
@@ -86,7 +92,7 @@ AUDIT_PARAMS = ("user", "end_user", "since", "until", "before", "limit")
 
 async def admin_audit(request: web.Request) -> web.Response:
     """Audit records, newest first. Page with ``before`` = the last ``id`` of a page."""
-    _admin(request)
+    require_admin(request)
     q = request.query
     for name in q:
         # A misspelt filter (``?member=bob``) must not silently return everyone's rows.
@@ -111,11 +117,11 @@ async def admin_audit(request: web.Request) -> web.Response:
 
 
 async def _set_block(request: web.Request, blocked: bool) -> web.Response:
-    _admin(request)
+    require_admin(request, "user.block" if blocked else "user.unblock")
     name = request.match_info["name"]
-    if name not in snapshot(request).config.users:
-        raise ApiError(404, f"No user named '{name[:64]}' in the gateway config.",
-                       code="user_not_found")
+    request[AUDIT_RECORD].target = name[:64]
+    if name not in snapshot(request).config.users and not _known(request, name):
+        raise ApiError(404, f"No member named '{name[:64]}'.", code="user_not_found")
     await request.app[QUOTA].set_blocked(name, blocked)
     return web.json_response({"user": name, "blocked": blocked})
 

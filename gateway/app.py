@@ -21,7 +21,7 @@ from functools import partial
 import structlog
 from aiohttp import web
 
-from gateway import admin, discovery, health, memory, variations
+from gateway import admin, admin_users, discovery, health, memory, variations
 from gateway.abuse import Suspicion
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth import Authenticator
@@ -48,6 +48,7 @@ from gateway.keys import (
     WRITES,
 )
 from gateway.live import Live, Snapshot
+from gateway.members import Members
 from gateway.metrics import Metrics
 from gateway.png import PixelHashes
 from gateway.proxies import ClientAddress
@@ -216,14 +217,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                            thread_name_prefix="gateway"))
     try:
         await app[LIVE].current.router.start()
+        await app[AUTH].start()  # config members seeded, API members read
     except BaseException:  # e.g. a SIGTERM during start-up: stop what did start
         await app[LIVE].close()
         raise
+    members = app[AUTH].members
     tasks = [asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds)),
              asyncio.create_task(_refresh_gauges(app)),
              asyncio.create_task(app[CACHE].sweeper()),
              asyncio.create_task(app[AUDIT].keep_retention()),
              asyncio.create_task(memory.trim_after_bursts())]
+    if members is not None:  # other replicas' member changes
+        tasks.append(asyncio.create_task(members.store.watch(app[AUTH].refresh)))
     try:
         yield
     finally:
@@ -234,6 +239,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await app[CACHE].close()
         await app[QUOTA].close()
         await app[ABUSE].close()
+        if members is not None:
+            await members.store.close()
         app[AUDIT].close()
 
 
@@ -282,8 +289,9 @@ def build_app(config: Config, sha256: str | None = None) -> web.Application:
     parts start and stop with the app."""
     app = web.Application(middlewares=[finish_request], client_max_size=5 * 1024 * 1024)
     state = build_state(config)
-    app[AUTH] = Authenticator(config)
+    app[AUTH] = Authenticator(config, Members(state.members))
     app[METRICS] = Metrics(config.users)
+    app[AUTH].on_rebuild(lambda members: app[METRICS].set_members(p.name for p in members))
     app[LIVE] = Live(Snapshot(config, Router(config, app[METRICS]), time.time(), sha256))
     app[IMAGES] = state.images
     app[USER_KEY] = user_hash_key(state.signing_key)
@@ -308,6 +316,7 @@ def build_app(config: Config, sha256: str | None = None) -> web.Application:
     app.router.add_get("/v1/usage", admin.usage)
     app.router.add_get("/admin/usage", admin.admin_usage)
     app.router.add_get("/admin/audit", admin.admin_audit)
+    admin_users.add_routes(app.router)
     app.router.add_post("/admin/users/{name}/block", admin.block)
     app.router.add_post("/admin/users/{name}/unblock", admin.unblock)
     app.router.add_get("/healthz", health.healthz)

@@ -58,6 +58,10 @@ class AuditRecord:
     # The upstream's reported token usage (gpt-image), when it bills per token.
     usage_input_tokens: int | None = None
     usage_output_tokens: int | None = None
+    # An admin action (``user.create``, ``user.rotate``...) and the member it acted on;
+    # ``member`` then names the admin token (its id, never the token).
+    action: str | None = None
+    target: str | None = None
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(AuditRecord)]
@@ -85,9 +89,11 @@ class AuditLog:
             """)
         # Columns added since the table was first made (SQLite adds them in place).
         have = {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}
-        for column in ("usage_input_tokens", "usage_output_tokens"):
+        for column, kind in (("usage_input_tokens", "INTEGER"),
+                             ("usage_output_tokens", "INTEGER"), ("action", "TEXT"),
+                             ("target", "TEXT")):
             if column not in have:
-                self._db.execute(f"ALTER TABLE audit ADD COLUMN {column} INTEGER")
+                self._db.execute(f"ALTER TABLE audit ADD COLUMN {column} {kind}")
         self._insert = (f"INSERT INTO audit ({', '.join(_COLUMNS)}) VALUES "
                         f"({', '.join('?' for _ in _COLUMNS)})")
         self._writes = GroupCommit(self._db)

@@ -1,4 +1,5 @@
-"""The ``variations-gateway`` command: serve, check-config, add-user, vary, install-gimp-plugin."""
+"""The ``variations-gateway`` command: serve, check-config, add-user, users, vary,
+install-gimp-plugin."""
 
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ def config_warnings(config: Config) -> list[str]:
     if config.auth.mode == "tokens" and not config.users:
         warnings.append(
             "WARNING: auth.mode is tokens but no member is configured under users:, so "
-            "every API request will be refused with 401. Make one with `variations-gateway "
-            "add-user NAME` and paste its snippet under users:.")
+            "every API request will be refused with 401 until members are added. Make one "
+            "with `variations-gateway add-user NAME` and paste its snippet under users:, or "
+            "add members live with `variations-gateway users add NAME`.")
     return warnings
 
 
@@ -332,7 +334,7 @@ def cmd_add_user(args: argparse.Namespace) -> int:
               "/admin/ and no API route):")
         print(f"  {token}")
         print()
-        print("Set this in the gateway config, then restart the gateway:")
+        print("Set this in the gateway config, then reload it (systemctl reload, or SIGHUP):")
         print("auth:")
         print("  mode: tokens")
         print(f"  admin_token_sha256: {token_sha256(token)}")
@@ -345,7 +347,7 @@ def cmd_add_user(args: argparse.Namespace) -> int:
     print()
     print("Add this under `users:` in the gateway config, make sure the config says "
           "`auth: {mode: tokens}` (with auth.mode: none members are refused), then "
-          "restart the gateway:")
+          "reload it (systemctl reload, or SIGHUP):")
     print(f"  {name}:")
     print(f"    token_sha256: {token_sha256(token)}")
     return 0
@@ -421,6 +423,10 @@ def parser() -> argparse.ArgumentParser:
                    help="a non-square image: centre-crop it (default) or pad it with "
                    "transparency; any format Pillow reads is sent as PNG")
     v.set_defaults(func=cmd_vary)
+
+    from gateway import cli_users
+
+    cli_users.add_parser(sub)
 
     g = sub.add_parser("install-gimp-plugin", help="install the GIMP 3 plug-in for this user")
     try:

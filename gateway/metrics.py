@@ -2,8 +2,9 @@
 
 Cardinality is bounded by construction:
 
-* ``user`` is only ever a member named in the config, ``anonymous`` (``auth.mode:
-  none``) or ``_unknown``: :meth:`Metrics.user_label` maps everything else there. The
+* ``user`` is only ever a member (named in the config or made by the admin through
+  the admin API: both bounded by the admin), ``anonymous`` (``auth.mode: none``) or
+  ``_unknown``: :meth:`Metrics.user_label` maps everything else there. The
   free-form ``user`` form field, tokens and their digests are never labels.
 * ``route`` is the canonical pattern of a registered route (``unmatched`` for 404s).
 * ``backend`` is a configured backend name; ``size``, ``limit``, ``result``, ``state``
@@ -124,31 +125,31 @@ class Metrics:
 
     def __init__(self, members: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._members = frozenset({ANONYMOUS_USER})
+        self._members: frozenset[str] = frozenset({ANONYMOUS_USER})
         self._request_families(self.registry)
         self._member_families(self.registry)
         self._backend_families(self.registry)
         self._cache_stats: tuple[int, int] = (0, 0)
         self.registry.register(_CacheCollector(self))
-        self.add_members(members)
         self.config_reloads = Family(Counter(
             P + "config_reloads_total", "Config reloads (SIGHUP) by result: applied, or "
             "failed (the running config kept).", ["result"], registry=self.registry))
         for result in ("applied", "failed"):
             self.config_reloads.labels(result)
+        self.set_members(members)
 
-    def add_members(self, members: Iterable[str]) -> None:
-        """Make ``members`` ``user`` label values (at start, and for members a reload
-        adds). A removed member's series stay: its counters are history, not state."""
-        names = tuple(members)
-        self._members = self._members | frozenset(names)
-        for name in names:  # members' series start at 0, so increase() sees the first event
+    def set_members(self, members: Iterable[str]) -> None:
+        """The members that are ``user`` labels (the authenticator's, at start and on each
+        change, a reload's included). A removed member's series stay: history, not state."""
+        names = frozenset(members)
+        for name in names - self._members:  # series start at 0: increase() sees the first
             for family in (self.user_requests, self.images_by_user, self.spend_usd):
                 family.labels(name)
             for limit in QUOTA_LIMITS:
                 self.quota_rejections.labels(limit, name)
             for reason in ABUSE_REASONS:
                 self.abuse_suspected.labels(reason, name)
+        self._members = names | {ANONYMOUS_USER}
 
     def _request_families(self, r: CollectorRegistry) -> None:
         """Requests (the middleware in gateway.app), images and the cache

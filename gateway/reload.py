@@ -136,7 +136,6 @@ class Reloader:
         except BaseException:
             await router.discard()
             raise
-        self._app[METRICS].add_members(config.users)
         await live.swap(Snapshot(config, router, time.time(), sha256, running.generation + 1))
         if restart:
             log.warning("config_reload_needs_restart", keys=restart,

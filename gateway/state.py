@@ -1,10 +1,11 @@
 """One factory for the stateful parts, so ``build_app`` does not care where state lives.
 
-``state.kind: sqlite`` is one edge box: quota ledger and cache index in SQLite, bytes
-and the signing key on local disk, abuse windows in memory. ``state.kind: redis`` is N
-replicas: quotas, the cache index, the single-flight lock, the signing key and the abuse
-windows in Redis; image and cache bytes in a
-shared directory (``images.store: fs``) or in Redis itself (``images.store: redis``).
+``state.kind: sqlite`` is one edge box: quota ledger, members and cache index in
+SQLite, bytes and the signing key on local disk, abuse windows in memory.
+``state.kind: redis`` is N replicas: quotas, members (changes announced by pub/sub),
+the cache index, the single-flight lock, the signing key and the abuse windows in
+Redis; image and cache bytes in a shared directory (``images.store: fs``) or in Redis
+itself (``images.store: redis``).
 redis-py is imported only in Redis mode, so an edge box does not need it.
 """
 
@@ -21,6 +22,8 @@ from gateway.config import Config
 from gateway.images import Blobs, Images, load_signing_key
 from gateway.images.blobs import BlobStore
 from gateway.images.fs import ImageStore
+from gateway.members import MemberStore
+from gateway.members.sqlite import SqliteMembers
 from gateway.quota import QuotaStore
 from gateway.quota.sqlite import SqliteQuota
 
@@ -32,6 +35,7 @@ class State:
     images: Images
     signing_key: bytes
     abuse: Abuse
+    members: MemberStore
 
 
 def sqlite_files(config: Config) -> list[Path]:
@@ -62,14 +66,16 @@ def build_state(config: Config) -> State:
     if config.state.kind == "redis":
         return _redis_state(config)
     signing_key = load_signing_key(config.images.signing_key, Path(config.state.path).parent)
+    quota = SqliteQuota(config.state.path)  # first: it claims the state file
     return State(
-        quota=SqliteQuota(config.state.path),
+        quota=quota,
         cache=_cache(config, SqliteCacheIndex(cache_index_path(config)),
                      BlobStore(Path(config.cache.dir) / "blobs")),
         images=ImageStore(Path(config.images.dir), signing_key,
                           config.images.url_ttl_seconds),
         signing_key=signing_key,
-        abuse=AbuseMonitor(config.abuse))
+        abuse=AbuseMonitor(config.abuse),
+        members=SqliteMembers(config.state.path))
 
 
 def _cache(config: Config, index: CacheIndex, blobs: Blobs, **extra: float) -> ResultCache:
@@ -82,6 +88,7 @@ def _redis_state(config: Config) -> State:
     from gateway.abuse.redis import RedisAbuseMonitor
     from gateway.cache.redis import RedisCacheIndex
     from gateway.images.redis import RedisBlobStore, RedisImageStore, shared_signing_key
+    from gateway.members.redis import RedisMembers
     from gateway.quota.redis import RedisQuota
     from gateway.redis.client import connect, connect_sync
 
@@ -105,4 +112,5 @@ def _redis_state(config: Config) -> State:
                      flight_ttl_seconds=deadline),
         images=images,
         signing_key=signing_key,
-        abuse=RedisAbuseMonitor(connect(url, timeout), timeout, config.abuse))
+        abuse=RedisAbuseMonitor(connect(url, timeout), timeout, config.abuse),
+        members=RedisMembers(connect(url, timeout), timeout))
