@@ -134,8 +134,9 @@ def register(monkeypatch: pytest.MonkeyPatch, gateway_client: Any) -> Start:
 
 
 def variation_form(image: bytes, n: int = 1, size: str = "256x256", user: str | None = None,
-                   response_format: str = "b64_json", model: str | None = None
-                   ) -> aiohttp.FormData:
+                   response_format: str = "b64_json", model: str | None = None,
+                   **extra: object) -> aiohttp.FormData:
+    """The SDK's form; ``extra``: more text fields (the variation controls)."""
     form = aiohttp.FormData()
     form.add_field("image", image, filename="layer.png", content_type="image/png")
     if model is not None:
@@ -145,6 +146,8 @@ def variation_form(image: bytes, n: int = 1, size: str = "256x256", user: str | 
     form.add_field("response_format", response_format)
     if user is not None:
         form.add_field("user", user)
+    for name, value in extra.items():
+        form.add_field(name, str(value))
     return form
 
 
