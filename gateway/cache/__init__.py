@@ -72,11 +72,9 @@ Generate = Callable[[int, int], Awaitable[Fresh]]
 
 def cache_key(pixels_sha256: str, size: int, model: str, identity: str,
               controls: str = "") -> str:
-    """``controls``: the request's variation controls (strength, hint, seed) as text;
-    empty for a plain OpenAI request, whose key it leaves as it always was."""
+    """``controls``: the variation controls as text; "" (a plain request) keeps the key."""
     text = f"v1\n{pixels_sha256}\n{size}\n{model}\n{identity}"
-    if controls:
-        text += f"\ncontrols\n{controls}"
+    text += f"\ncontrols\n{controls}" if controls else ""
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -314,9 +312,8 @@ class ResultCache:
 
         The result's files stay on disk until the block exits: answer inside it.
         ``on_wait(seconds)`` is told of each wait for an identical request's generation
-        (succeeded or not): backend time, not the gateway's. ``seeded``: the key's pool
-        positions are a client's seeds (position i is seed + i), so ``no-cache`` images,
-        which are positions 0.. made again, are never appended after the pool.
+        (succeeded or not): backend time, not the gateway's. ``seeded``: position i is a
+        client's seed + i, so ``no-cache`` images (0.. again) are never appended.
         """
         self._in_use[key] = self._in_use.get(key, 0) + 1
         try:
