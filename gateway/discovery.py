@@ -2,7 +2,8 @@
 
 OpenAI-compatible tools probe ``/v1/models`` (with the member's token) before they let a
 user pick a model, and a person pointing a browser at the gateway gets a short index
-instead of a 404.
+instead of a 404. Each model lists the variation ``controls`` (``strength``, ``seed``,
+``prompt``) its route honours, so a client (the GIMP plug-in) can offer only those.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ def _models(request: web.Request) -> list[dict[str, object]]:
     ``model`` may name one to skip the route)."""
     principal = request.app[AUTH].member(request)  # OpenAI answers 401 without a key
     request[AUDIT_RECORD].member = principal.name
-    backends = [{"id": b.name, "object": "model", "created": 0, "owned_by": OWNER}
-                for b in snapshot(request).config.backends if b.name != DEFAULT_MODEL]
-    return [dict(_DALL_E_2), *backends]
+    live = snapshot(request)
+    router, strict = live.router, live.config.api.strict_contract
+
+    def controls(model: str) -> dict[str, dict[str, object]]:
+        # strict_contract refuses every control: none is offered.
+        return {} if strict else router.controls(model).described()
+
+    backends = [{"id": b.name, "object": "model", "created": 0, "owned_by": OWNER,
+                 "controls": controls(b.name)}
+                for b in live.config.backends if b.name != DEFAULT_MODEL]
+    return [{**_DALL_E_2, "controls": controls(DEFAULT_MODEL)}, *backends]
 
 
 async def list_models(request: web.Request) -> web.Response:

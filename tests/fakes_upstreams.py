@@ -306,13 +306,17 @@ class OpenAIModelsFake(FakeUpstream):
 
 class OpenAIVariationsFake(OpenAIModelsFake):
     """``POST /v1/images/variations`` exactly as OpenAI documented it (the contract this
-    gateway itself serves: another instance of it as an upstream); URLs at /files/."""
+    gateway itself serves: another instance of it as an upstream); URLs at /files/.
+    ``extra_fields``: fields taken beyond the contract (this gateway's own variation
+    controls, when it is not in ``api.strict_contract``)."""
 
     main_path = "/v1/images/variations"
     FIELDS = frozenset({"model", "n", "size", "response_format", "user"})
 
-    def __init__(self, api_key: str | None = None) -> None:
+    def __init__(self, api_key: str | None = None, extra_fields: tuple[str, ...] = ()
+                 ) -> None:
         super().__init__(api_key)
+        self.fields = self.FIELDS | set(extra_fields)
         self.files: dict[str, bytes] = {}
         self.app.router.add_post(self.main_path, self.variations)
         self.app.router.add_get("/files/{name}", self.file)
@@ -329,7 +333,7 @@ class OpenAIVariationsFake(OpenAIModelsFake):
             return reject(400, "'image' is a required property")
         if not _is_png(image[2]):
             return reject(400, "Uploaded image must be a PNG and less than 4 MB.")
-        unknown = set(rec.fields) - self.FIELDS
+        unknown = set(rec.fields) - self.fields
         if unknown:
             return reject(400, f"Unknown parameter: '{sorted(unknown)[0]}'.",
                           "unknown_parameter")
@@ -406,9 +410,14 @@ class XinferenceFake(FakeUpstream):
             return web.json_response({"detail": "`prompt` has to be of type `str` or `list` "
                                                 "but is <class 'NoneType'>"}, status=500)
         try:
-            json.loads(rec.fields.get("kwargs") or "{}")
+            kwargs = json.loads(rec.fields.get("kwargs") or "{}")
         except ValueError:
             return web.json_response({"detail": "kwargs is not valid JSON"}, status=400)
+        strength = kwargs.get("strength", 0.8) if isinstance(kwargs, dict) else 0.8
+        if not isinstance(strength, int | float) or not 0 <= strength <= 1:
+            # diffusers img2img check_inputs raises ValueError; Xinference answers 500.
+            return web.json_response({"detail": "The value of strength should in [0.0, "
+                                                f"1.0] but is {strength}"}, status=500)
         n = int(rec.fields.get("n", "1"))
         wh = _wxh(rec.fields.get("size", "1024x1024"))
         if wh is None:
@@ -962,6 +971,15 @@ class ComfyUIFake(FakeUpstream):
                         node_id, node["class_type"], "invalid_input_type",
                         "Failed to convert an input value to a INT value",
                         f"{key}, {value}, invalid literal for int()", outputs))
+            denoise = node.get("inputs", {}).get("denoise")
+            if node["class_type"] == "KSampler" and isinstance(denoise, int | float) \
+                    and not 0.0 <= denoise <= 1.0:
+                # nodes.py KSampler: denoise is a FLOAT, min 0.0, max 1.0 (execution.py
+                # validate_inputs: value_bigger_than_max / value_smaller_than_min)
+                node_errors.update(self._node_error(
+                    node_id, "KSampler", "value_bigger_than_max" if denoise > 1 else
+                    "value_smaller_than_min", "Value out of range",
+                    f"denoise: {denoise}", outputs))
             if node["class_type"] == "LoadImage" and node["inputs"].get("image") \
                     not in self.uploads:
                 # nodes.py LoadImage.VALIDATE_INPUTS

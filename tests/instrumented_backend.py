@@ -27,7 +27,13 @@ from PIL import Image
 from support import auth
 
 from gateway import backends
-from gateway.backends.base import BackendError, BackendOptions, BackendState, Timeouts
+from gateway.backends.base import (
+    BackendError,
+    BackendOptions,
+    BackendState,
+    Controls,
+    Timeouts,
+)
 from gateway.generation import Generation, VariationRequest
 from gateway.keys import LIVE
 
@@ -56,6 +62,10 @@ class InstrumentedBackend:
         # Calls wait here; tests clear it to hold calls at the backend.
         self.gate = asyncio.Event()
         self.gate.set()
+
+    @property
+    def controls(self) -> Controls:
+        return Controls(strength=0.5, seed=True, prompt=True)
 
     @property
     def identity(self) -> str:
@@ -87,7 +97,8 @@ class InstrumentedBackend:
 
 def _image(request: VariationRequest, i: int) -> bytes:
     digest = hashlib.sha256(
-        f"{request.image.pixels_sha256}:{request.size}:{request.seed + i}".encode()).digest()
+        f"{request.image.pixels_sha256}:{request.size}:{request.seed + i}:"
+        f"{request.strength}:{request.prompt}".encode()).digest()
     img = Image.new("RGB", (request.size, request.size), tuple(digest[:3]))
     img.putpixel((0, 0), tuple(digest[3:6]))
     buf = io.BytesIO()
@@ -123,8 +134,9 @@ def register(monkeypatch: pytest.MonkeyPatch, gateway_client: Any) -> Start:
 
 
 def variation_form(image: bytes, n: int = 1, size: str = "256x256", user: str | None = None,
-                   response_format: str = "b64_json", model: str | None = None
-                   ) -> aiohttp.FormData:
+                   response_format: str = "b64_json", model: str | None = None,
+                   **extra: object) -> aiohttp.FormData:
+    """The SDK's form; ``extra``: more text fields (the variation controls)."""
     form = aiohttp.FormData()
     form.add_field("image", image, filename="layer.png", content_type="image/png")
     if model is not None:
@@ -134,6 +146,8 @@ def variation_form(image: bytes, n: int = 1, size: str = "256x256", user: str | 
     form.add_field("response_format", response_format)
     if user is not None:
         form.add_field("user", user)
+    for name, value in extra.items():
+        form.add_field(name, str(value))
     return form
 
 

@@ -723,3 +723,18 @@ async def test_redis_dying_mid_eviction_is_handled_and_logged(
     await asyncio.wait([task])
     assert task.exception() is None  # handled (and logged), not left to the loop
     await cache.close()
+
+
+async def test_a_seeded_pool_keeps_its_positions_under_no_cache(instrumented: Start) -> None:
+    """Position i of a seed's pool is seed + i: no-cache draws positions 0.. again and
+    never appends them after the pool (they would stand at the wrong seeds)."""
+    client, backend = await instrumented()
+    image = png_bytes(64, seed=61)
+    first = await vary(client, image, n=2, seed=500)
+    assert first.headers["X-Cache"] == "MISS"
+    fresh = await vary(client, image, n=2, seed=500, headers={"Cache-Control": "no-cache"})
+    assert fresh.status == 200 and [r.seed for r in backend.requests] == [500, 500]
+    # Had the no-cache images been appended, the pool would hold 4: a HIT.
+    more = await vary(client, image, n=4, seed=500)  # tops up positions 2 and 3
+    assert more.headers["X-Cache"] == "PARTIAL" and backend.requests[-1].seed == 502
+    assert more.body["data"][:2] == first.body["data"]

@@ -59,3 +59,21 @@ async def test_admin_audit_refuses_an_unknown_parameter(gateway_client: Any) -> 
     assert error["type"] == "invalid_request_error" and "member" in error["message"]
     async with client.get("/admin/audit", headers=ADMIN, params={"user": "bob"}) as r:
         assert r.status == 200
+
+
+async def test_models_list_the_controls_their_route_honours(gateway_client: Any) -> None:
+    """A route honours a control only if every backend in it does (a fallback could
+    answer); its default strength is the first backend's. No upstream is called."""
+    gpt_image = {"name": "gpt-image", "kind": "openai_edits",
+                 "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-unused"}
+    local = {"name": "local", "kind": "procedural", "executor": "thread", "strength": 0.3}
+    client = await gateway_client(backends=[local, gpt_image], route=["local", "gpt-image"])
+    async with client.get("/v1/models", headers=auth()) as r:
+        controls = {m["id"]: m["controls"] for m in (await r.json())["data"]}
+    assert controls == {
+        "dall-e-2": {"strength": {"default": 0.3}},
+        "local": {"strength": {"default": 0.3}, "seed": {}},
+        "gpt-image": {"strength": {"default": 0.5}, "prompt": {"max_length": 1000}},
+    }
+    async with client.get("/v1/models/gpt-image", headers=auth()) as r:
+        assert (await r.json())["controls"] == controls["gpt-image"]

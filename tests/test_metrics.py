@@ -38,6 +38,7 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     P + "images_served_from_cache": ("counter", frozenset({"size"})),
     P + "cache_lookups": ("counter", frozenset({"result"})),
     P + "cache_saved_usd": ("counter", frozenset()),
+    P + "variation_controls": ("counter", frozenset({"control"})),
     P + "cache_entries": ("gauge", frozenset()),
     P + "cache_bytes": ("gauge", frozenset()),
     P + "quota_rejections": ("counter", frozenset({"limit", "user"})),

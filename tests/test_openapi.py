@@ -32,3 +32,7 @@ async def test_variation_request_schema_matches_the_contract(gateway_client) -> 
     assert props["n"]["minimum"] == 1 and props["n"]["maximum"] == 10
     assert props["size"]["enum"] == ["256x256", "512x512", "1024x1024"]
     assert props["response_format"]["enum"] == ["url", "b64_json"]
+    # The variation controls beyond OpenAI's contract (issue 22).
+    assert (props["strength"]["minimum"], props["strength"]["maximum"]) == (0, 1)
+    assert props["seed"]["maximum"] == 2**31 - 1 and props["prompt"]["maxLength"] == 1000
+    assert "controls" in doc["components"]["schemas"]["Model"]["properties"]

@@ -38,7 +38,8 @@ NAME = "up"
 XINFERENCE_MODEL = "sd-img2img-7f3a"  # a launched model's UID
 # Options for ``kind: openai`` against OpenAIVariationsFake: another instance of this
 # gateway, which takes dall-e-2 and refuses fields beyond OpenAI's contract.
-GATEWAY_UPSTREAM: dict[str, Any] = {"model": "dall-e-2", "prompt": None}
+GATEWAY_UPSTREAM: dict[str, Any] = {"model": "dall-e-2", "prompt": None,
+                                     "send_controls": "none"}
 # Fast figures so the fault matrix runs in seconds; the policy is the same.
 FAST: dict[str, Any] = {
     "timeout_seconds": 1.0, "connect_timeout_seconds": 0.5,

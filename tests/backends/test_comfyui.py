@@ -16,7 +16,7 @@ import structlog
 from aiohttp.test_utils import TestServer
 from fakes_upstreams import TRACEBACK_LINE, ComfyUIFake, Recorded
 from instrumented_backend import vary
-from support import eventually, png_bytes
+from support import auth, eventually, png_bytes
 from upstream_cases import (
     FAULT_NAMES,
     HANG_GUARD_S,
@@ -360,7 +360,8 @@ async def test_the_fake_behaves_like_comfyui() -> None:
                 node = body["node_errors"]["2"]
                 assert node["class_type"] == "LoadImage" and node["dependent_outputs"] == ["10"]
             filled = fill(wf, {"image": "a.png", "seed": 1, "batch_size": 1, "width": 64,
-                               "height": 64, "prompt": "", "negative_prompt": ""})
+                               "height": 64, "strength": 0.5, "prompt": "",
+                               "negative_prompt": ""})
             async with s.post(url + "/prompt", json={"prompt": filled, "prompt_id": "x1"}) as r:
                 assert (await r.json())["error"]["type"] == "invalid_prompt_id"
             async with s.post(url + "/api/prompt", json={"prompt": filled}) as r:
@@ -394,9 +395,11 @@ async def test_the_fake_behaves_like_comfyui() -> None:
 def test_template_placeholders(tmp_path: Any) -> None:
     template, _ = load_workflow(WORKFLOW)
     filled = fill(template, {"image": "a.png", "seed": 7, "batch_size": 3, "width": 512,
-                             "height": 512, "prompt": "p", "negative_prompt": "n"})
+                             "height": 512, "strength": 0.4, "prompt": "p",
+                             "negative_prompt": "n"})
     assert "{{" not in json.dumps(filled)
     assert filled["8"]["inputs"]["seed"] == 7 and filled["2"]["inputs"]["image"] == "a.png"
+    assert filled["8"]["inputs"]["denoise"] == 0.4  # the example uses {{strength}}
     bad = tmp_path / "wf.json"
     bad.write_text('{"1": {"class_type": "LoadImage", "inputs": {"image": "fixed.png"}}}')
     with pytest.raises(ValueError, match="placeholder"):
@@ -417,3 +420,40 @@ def test_upstream_text_is_scrubbed() -> None:
     assert KEY not in clean and "gpu-box" not in clean and "http" not in clean
     assert not any(c in clean for c in "\r\n\x1b\u2028") and len(clean) <= 160
     assert clean.startswith("HTTP 401 from <url> [31mkey <redacted> at <redacted>")
+
+
+async def test_the_variation_controls_fill_their_placeholders(gateway_client: Any) -> None:
+    up, server = await start_upstream(gateway_client, "comfyui", prompt="a cat")
+    try:
+        answer = await vary(up.client, png_bytes(64, seed=31), n=2, strength=0.7, seed=1234,
+                            prompt="autumn colours")
+        assert answer.status == 200, answer.body
+        assert isinstance(up.fake, ComfyUIFake)
+        workflow = list(up.fake.prompts.values())[-1]
+        sampler = workflow["8"]["inputs"]
+        assert (sampler["denoise"], sampler["seed"]) == (0.7, 1234)
+        assert workflow["6"]["inputs"]["text"] == "a cat, autumn colours"
+        plain = await vary(up.client, png_bytes(64, seed=32), n=1)
+        assert plain.status == 200, plain.body
+        assert list(up.fake.prompts.values())[-1]["8"]["inputs"]["denoise"] == 0.55
+    finally:
+        await server.close()
+
+
+async def test_a_workflow_without_a_placeholder_does_not_honour_its_control(
+        gateway_client: Any, tmp_path: Any) -> None:
+    template, _ = load_workflow(WORKFLOW)
+    template["8"]["inputs"]["denoise"] = 0.5  # no {{strength}}
+    workflow = tmp_path / "fixed-denoise.json"
+    workflow.write_text(json.dumps(template), encoding="utf-8")
+    up, server = await start_upstream(gateway_client, "comfyui", workflow=str(workflow))
+    try:
+        answer = await vary(up.client, png_bytes(64, seed=33), n=1, strength=0.7)
+        assert answer.status == 400
+        assert (answer.body["error"]["param"], answer.body["error"]["code"]) == (
+            "strength", "unsupported_parameter")
+        assert up.fake.calls("/prompt") == []  # refused before any upstream call
+        async with up.client.get("/v1/models/up", headers=auth()) as r:
+            assert (await r.json())["controls"] == {"seed": {}, "prompt": {"max_length": 1000}}
+    finally:
+        await server.close()

@@ -50,7 +50,11 @@ async def test_xinference_every_size_format_and_n(gateway_client: Any) -> None:
         assert c.fields["model"] == XINFERENCE_MODEL and c.fields["n"] == str(n)
         assert c.fields["prompt"] == DEFAULT_PROMPT
         assert c.fields["negative_prompt"] == "blurry"
-        assert json.loads(c.fields["kwargs"]) == {"strength": 0.6, "seed": 7}
+        kwargs = json.loads(c.fields["kwargs"])
+        # The pool position's seed replaces a configured one (else every image of the
+        # pool would share it).
+        assert kwargs["strength"] == 0.6 and isinstance(kwargs["seed"], int)
+        assert kwargs["seed"] != 7 and set(kwargs) == {"strength", "seed"}
         assert c.fields["size"] == f"{size}x{size}"
         assert c.fields["response_format"] == "b64_json"  # url would be a server path
         assert_hashed_user(c.fields["user"])
@@ -106,9 +110,10 @@ async def test_lemonade_every_size_format_and_n(gateway_client: Any) -> None:
 
 
 async def test_another_gateway_with_prompt_off(gateway_client: Any) -> None:
-    """Another instance of this gateway refuses fields beyond OpenAI's contract."""
+    """Another instance of this gateway (with ``api.strict_contract``) refuses fields
+    beyond OpenAI's contract: ``prompt: null`` and ``send_controls: none`` send none."""
     up, server = await start_upstream(gateway_client, "openai", fake=OpenAIVariationsFake(KEY),
-                                      model="dall-e-2", prompt=None)
+                                      model="dall-e-2", prompt=None, send_controls="none")
     try:
         answer = await vary(up.client, png_bytes(64, seed=3), n=3, size="512x512")
         assert answer.status == 200, answer.body
@@ -168,5 +173,48 @@ async def test_a_key_ending_in_a_newline_still_authenticates(gateway_client: Any
         answer = await vary(up.client, png_bytes(64), n=1)
         assert answer.status == 200, answer.body
         assert up.fake.calls()[0].headers["Authorization"] == f"Bearer {KEY}"
+    finally:
+        await server.close()
+
+
+async def test_xinference_gets_the_controls_in_kwargs(gateway_client: Any) -> None:
+    up, server = await start_upstream(gateway_client, "openai", extra={"guidance_scale": 6})
+    try:
+        answer = await vary(up.client, png_bytes(64, seed=51), n=2, strength=0.7, seed=1234,
+                            prompt="autumn colours")
+        assert answer.status == 200, answer.body
+        call = up.fake.calls()[-1]
+        assert json.loads(call.fields["kwargs"]) == {"guidance_scale": 6, "strength": 0.7,
+                                                     "seed": 1234}
+        assert call.fields["prompt"] == f"{DEFAULT_PROMPT}, autumn colours"
+    finally:
+        await server.close()
+
+
+async def test_another_gateway_gets_the_controls_as_its_own_fields(
+        gateway_client: Any) -> None:
+    up, server = await start_upstream(gateway_client, "openai", fake=OpenAIVariationsFake(
+        KEY, extra_fields=("strength", "seed", "prompt")), model="dall-e-2", prompt=None,
+        send_controls="fields")
+    try:
+        answer = await vary(up.client, png_bytes(64, seed=52), n=2, strength=0.7, seed=1234,
+                            prompt="autumn colours")
+        assert answer.status == 200, answer.body
+        fields = up.fake.calls()[-1].fields
+        assert (fields["strength"], fields["seed"], fields["prompt"]) == (
+            "0.7", "1234", "autumn colours")
+        assert "kwargs" not in fields
+    finally:
+        await server.close()
+
+
+async def test_with_send_controls_none_no_control_is_honoured(gateway_client: Any) -> None:
+    up, server = await start_upstream(gateway_client, "openai", fake=OpenAIVariationsFake(KEY),
+                                      model="dall-e-2", prompt=None, send_controls="none")
+    try:
+        for name, value in (("strength", 0.5), ("seed", 3), ("prompt", "x")):
+            answer = await vary(up.client, png_bytes(64, seed=53), n=1, **{name: value})
+            assert answer.status == 400 and answer.body["error"]["param"] == name
+        assert up.fake.calls() == []
     finally:
         await server.close()

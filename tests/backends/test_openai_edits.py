@@ -23,7 +23,7 @@ from upstream_cases import (
 
 from gateway.backends.base import BackendError, bad_response
 from gateway.backends.http import gather_all
-from gateway.backends.openai.edits import DEFAULT_PROMPT
+from gateway.backends.openai.edits import DEFAULT_PROMPT, LOOSE_PROMPT, SUBTLE_PROMPT
 from gateway.keys import AUDIT, METRICS
 
 
@@ -188,5 +188,35 @@ async def test_the_default_config_returns_images_from_the_strict_fake(
         sent = fake.calls()[0].fields
         assert sent["model"] == "gpt-image-2" and sent["output_format"] == "jpeg"
         assert_hashed_user(sent["safety_identifier"])
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize(("strength", "wording"), [
+    (None, DEFAULT_PROMPT), (0.1, SUBTLE_PROMPT), (0.5, DEFAULT_PROMPT),
+    (0.9, LOOSE_PROMPT)])
+async def test_strength_picks_the_wording_and_the_hint_joins_it(
+        gateway_client: Any, strength: float | None, wording: str) -> None:
+    up, server = await start_upstream(gateway_client, "openai_edits")
+    controls: dict[str, Any] = {"prompt": "autumn colours"}
+    if strength is not None:
+        controls["strength"] = strength
+    try:
+        answer = await vary(up.client, png_bytes(64, seed=41), n=1, **controls)
+        assert answer.status == 200, answer.body
+        assert up.fake.calls()[-1].fields["prompt"] == f"{wording} Hint: autumn colours"
+    finally:
+        await server.close()
+
+
+async def test_a_seed_is_refused_gpt_image_has_none(gateway_client: Any) -> None:
+    up, server = await start_upstream(gateway_client, "openai_edits")
+    try:
+        answer = await vary(up.client, png_bytes(64, seed=42), n=1, seed=7)
+        assert answer.status == 400
+        error = answer.body["error"]
+        assert (error["param"], error["code"]) == ("seed", "unsupported_parameter")
+        assert up.fake.calls() == []
+        assert (await usage(up.client))["limits"]["images_per_day"]["used"] == 0
     finally:
         await server.close()

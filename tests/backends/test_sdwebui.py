@@ -342,3 +342,25 @@ async def test_both_flavours_map_to_the_same_client_errors(
             assert KEY not in raw and up.url not in raw and "detail" not in raw
     finally:
         await server.close()
+
+
+async def test_the_variation_controls_reach_img2img(gateway_client: Any) -> None:
+    """strength -> denoising_strength, seed -> seed of each batch (image i: seed + i),
+    the hint appended to the configured prompt."""
+    up, server = await start_upstream(gateway_client, "sdwebui", prompt="oil painting",
+                                      max_batch_size=2)
+    try:
+        answer = await vary(up.client, png_bytes(64, seed=21), n=3, strength=0.7,
+                            seed=1234, prompt="autumn colours")
+        assert answer.status == 200, answer.body
+        bodies = [c.json for c in up.fake.calls("/sdapi/v1/img2img")]
+        assert [(b["seed"], b["batch_size"]) for b in bodies] == [(1234, 2), (1236, 1)]
+        assert {b["denoising_strength"] for b in bodies} == {0.7}
+        assert {b["prompt"] for b in bodies} == {"oil painting, autumn colours"}
+        # Without controls: the configured strength and prompt.
+        plain = await vary(up.client, png_bytes(64, seed=22), n=1)
+        assert plain.status == 200, plain.body
+        last = up.fake.calls("/sdapi/v1/img2img")[-1].json
+        assert (last["denoising_strength"], last["prompt"]) == (0.55, "oil painting")
+    finally:
+        await server.close()

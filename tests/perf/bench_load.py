@@ -189,6 +189,7 @@ def fake_upstream() -> contextlib.AbstractContextManager[str]:
 def openai_config(tmp: Path, fake: str) -> dict[str, Any]:
     return bench.raw_config(
         tmp, backends=[{"name": "fake", "kind": "openai", "model": "dall-e-2", "prompt": None,
+                        "send_controls": "none",
                         "base_url": fake + "/v1",
                         "api_key": "bench",
                         "retry": {"max_attempts": 1}}],

@@ -227,6 +227,7 @@ async def test_soak_ledger_matches_and_nothing_leaks(gateway_client: Any,
         client = await gateway_client(
             backends=[
                 {"name": "up", "kind": "openai", "model": "dall-e-2", "prompt": None,
+                 "send_controls": "none",
                  "base_url": upstream.url + "/v1",
                  "api_key": UPSTREAM_KEY, "timeout_seconds": 1.0,
                  "connect_timeout_seconds": 0.5,
