@@ -58,17 +58,24 @@ class AuditRecord:
     # The upstream's reported token usage (gpt-image), when it bills per token.
     usage_input_tokens: int | None = None
     usage_output_tokens: int | None = None
+    # The variation controls the request set (issue 22); None: not sent.
+    strength: float | None = None
+    seed: int | None = None
+    prompt: str | None = None
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(AuditRecord)]
+# SQLite column types; every other column is TEXT.
+_TYPES = {**dict.fromkeys(("ts", "latency_ms", "cost_usd", "strength"), "REAL"),
+          **dict.fromkeys(("n", "images_charged", "status", "upload_bytes",
+                           "usage_input_tokens", "usage_output_tokens", "seed"), "INTEGER")}
 
 
 class AuditLog:
     def __init__(self, path: str | Path, retention_days: int, *, stdout: bool = False) -> None:
         self._db = open_db(path, cache_kib=256)  # append-mostly: inserts need few pages
         cols = ", ".join(
-            f"{c} {'REAL' if c in ('ts', 'latency_ms', 'cost_usd') else 'INTEGER' if c in ('n', 'images_charged', 'status', 'upload_bytes', 'usage_input_tokens', 'usage_output_tokens') else 'TEXT'}"  # noqa: E501
-            for c in _COLUMNS)
+            f"{c} {_TYPES.get(c, 'TEXT')}" for c in _COLUMNS)
         self._db.executescript(
             f"""
             CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, {cols});
@@ -85,9 +92,11 @@ class AuditLog:
             """)
         # Columns added since the table was first made (SQLite adds them in place).
         have = {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}
-        for column in ("usage_input_tokens", "usage_output_tokens"):
+        for column in ("usage_input_tokens", "usage_output_tokens", "strength", "seed",
+                       "prompt"):
             if column not in have:
-                self._db.execute(f"ALTER TABLE audit ADD COLUMN {column} INTEGER")
+                self._db.execute(
+                    f"ALTER TABLE audit ADD COLUMN {column} {_TYPES.get(column, 'TEXT')}")
         self._insert = (f"INSERT INTO audit ({', '.join(_COLUMNS)}) VALUES "
                         f"({', '.join('?' for _ in _COLUMNS)})")
         self._writes = GroupCommit(self._db)

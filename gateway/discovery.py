@@ -2,7 +2,8 @@
 
 OpenAI-compatible tools probe ``/v1/models`` (with the member's token) before they let a
 user pick a model, and a person pointing a browser at the gateway gets a short index
-instead of a 404.
+instead of a 404. Each model lists the variation ``controls`` (``strength``, ``seed``,
+``prompt``) its route honours, so a client (the GIMP plug-in) can offer only those.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.errors import ApiError
-from gateway.keys import AUDIT_RECORD, AUTH, CONFIG
+from gateway.keys import AUDIT_RECORD, AUTH, CONFIG, ROUTER
 from gateway.upload import DEFAULT_MODEL
 
 # What OpenAI's ``GET /v1/models`` says of dall-e-2 (``created``, ``owned_by``).
@@ -25,9 +26,16 @@ def _models(request: web.Request) -> list[dict[str, object]]:
     ``model`` may name one to skip the route)."""
     principal = request.app[AUTH].member(request)  # OpenAI answers 401 without a key
     request[AUDIT_RECORD].member = principal.name
-    backends = [{"id": b.name, "object": "model", "created": 0, "owned_by": OWNER}
+    router, strict = request.app[ROUTER], request.app[CONFIG].api.strict_contract
+
+    def controls(model: str) -> dict[str, dict[str, object]]:
+        # strict_contract refuses every control: none is offered.
+        return {} if strict else router.controls(model).described()
+
+    backends = [{"id": b.name, "object": "model", "created": 0, "owned_by": OWNER,
+                 "controls": controls(b.name)}
                 for b in request.app[CONFIG].backends if b.name != DEFAULT_MODEL]
-    return [dict(_DALL_E_2), *backends]
+    return [{**_DALL_E_2, "controls": controls(DEFAULT_MODEL)}, *backends]
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -41,6 +41,16 @@ class VariationRequest:
     user: str | None  # the HMAC-hashed end-user id, safe to send upstream
     request_id: str
     seed: int  # base seed; backends derive one per image (seed + i)
+    # The client's variation controls (issue 22); None: the backend's own default.
+    strength: float | None = None  # 0..1, how far the variations stray
+    prompt: str | None = None  # a hint, joined to the backend's own prompt
+
+
+def with_hint(prompt: str, hint: str | None, separator: str = ", ") -> str:
+    """A backend's configured ``prompt`` with the client's ``hint`` appended."""
+    if not hint:
+        return prompt
+    return f"{prompt}{separator}{hint}" if prompt.strip() else hint
 
 
 @dataclass(frozen=True)

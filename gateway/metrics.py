@@ -6,8 +6,8 @@ Cardinality is bounded by construction:
   none``) or ``_unknown``: :meth:`Metrics.user_label` maps everything else there. The
   free-form ``user`` form field, tokens and their digests are never labels.
 * ``route`` is the canonical pattern of a registered route (``unmatched`` for 404s).
-* ``backend`` is a configured backend name; ``size``, ``limit``, ``result``, ``state``
-  and ``reason`` come from fixed sets in the code.
+* ``backend`` is a configured backend name; ``size``, ``limit``, ``result``, ``state``,
+  ``reason`` and ``control`` come from fixed sets in the code.
 * ``error_code`` and the backend error ``kind`` come from the code too, but a backend
   may map upstream answers into them, so both pass a :class:`LabelGuard`: a fixed shape
   and at most :data:`GUARD_LIMIT` distinct values, the rest counted as ``other``.
@@ -164,6 +164,12 @@ class Metrics:
         self.cache_saved_usd = Counter(P + "cache_saved_usd_total",
                                        "Estimated spend avoided by cache hits, in USD.",
                                        registry=r)
+        self.variation_controls = Family(Counter(
+            P + "variation_controls_total", "Variation requests that set a control beyond "
+            "OpenAI's contract (strength, seed, prompt), counted once per control.",
+            ["control"], registry=r))
+        for control in ("strength", "seed", "prompt"):  # start at 0
+            self.variation_controls.labels(control)
 
     def _member_families(self, r: CollectorRegistry) -> None:
         """Members: quotas, images, spend; audit and abuse (gateway.app)."""

@@ -26,6 +26,7 @@ from gateway.backends.base import (
     Backend,
     BackendError,
     BackendState,
+    Controls,
     PublishedModel,
     Timeouts,
     bad_response,
@@ -119,6 +120,16 @@ class Router:
         """Cache identity of what ``model`` runs: its chain's first backend. Images a
         fallback makes are served but never pooled under it (see ``cache.Fresh``)."""
         return self.chain(model)[0].identity
+
+    def controls(self, model: str) -> Controls:
+        """The variation controls ``model`` honours: those every backend of its chain
+        honours (a fallback must honour what the request set too), with the first
+        backend's default strength."""
+        chain = self.chain(model)
+        honoured = chain[0].controls
+        for backend in chain[1:]:
+            honoured = honoured & backend.controls
+        return honoured
 
     def is_first(self, model: str, backend: str) -> bool:
         """Whether ``backend`` is ``model``'s first choice (not a fallback)."""

@@ -1,6 +1,9 @@
 """Reading the ``/v1/images/variations`` multipart form, per the wire contract.
 
-Every field arrives as a string; missing fields mean their defaults. The body is read
+Every field arrives as a string; missing fields mean their defaults. Beyond OpenAI's
+fields the gateway takes three optional variation controls (issue 22): ``strength``,
+``seed`` and ``prompt`` (:data:`CONTROLS`); ``api.strict_contract`` refuses them as
+unknown parameters, as OpenAI would. The body is read
 with a hard cap, so an oversized upload is refused (400) before it is held in memory
 whole: a declared length over the cap at once, any other as soon as it passes it. Then
 it is parsed whole. The request's read deadline bounds slow clients.
@@ -14,18 +17,24 @@ import re
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import multipart
 from aiohttp import web
 
+from gateway.backends.base import CONTROL_NAMES, MAX_PROMPT_CHARS
 from gateway.errors import ApiError, invalid
 from gateway.png import MAX_UPLOAD_BYTES, NOT_PNG
 
 SIZES = {"256x256": 256, "512x512": 512, "1024x1024": 1024}
 RESPONSE_FORMATS = ("url", "b64_json")
-FIELDS = ("image", "model", "n", "response_format", "size", "user")
+CONTROLS = CONTROL_NAMES  # strength, seed, prompt: beyond OpenAI's contract
+FIELDS = ("image", "model", "n", "response_format", "size", "user", *CONTROLS)
 MAX_FIELD_BYTES = 1024
 MAX_USER_CHARS = 256
+MAX_SEED = 2**31 - 1
+# A hint of MAX_PROMPT_CHARS characters may take up to 4 bytes each in UTF-8.
+MAX_PROMPT_BYTES = 4 * MAX_PROMPT_CHARS
 # The whole body: the image plus generous room for the text parts and boundaries.
 MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 64 * 1024
 MAX_PARTS = len(FIELDS) + 1
@@ -41,6 +50,14 @@ class VariationForm:
     size: int
     size_label: str
     user: str | None
+    # The variation controls; None: not sent (the backend's default).
+    strength: float | None = None
+    seed: int | None = None
+    prompt: str | None = None
+
+    def controls_used(self) -> list[str]:
+        """The names of the controls this request sets."""
+        return [name for name in CONTROLS if getattr(self, name) is not None]
 
 
 class UploadBudget:
@@ -136,7 +153,7 @@ def _malformed(detail: str) -> ApiError:
 
 
 def _field_too_long(name: str) -> ApiError:
-    limit = MAX_USER_CHARS if name == "user" else MAX_FIELD_BYTES
+    limit = {"user": MAX_USER_CHARS, "prompt": MAX_PROMPT_CHARS}.get(name, MAX_FIELD_BYTES)
     return invalid(f"Invalid '{name}': string too long. Expected a string with maximum "
                    f"length {limit}.", name, "string_above_max_length")
 
@@ -164,7 +181,8 @@ class _Parts:
         if current is None:
             return
         self._sizes[current] += len(data)
-        limit = MAX_UPLOAD_BYTES - 1 if current == "image" else MAX_FIELD_BYTES
+        limit = {"image": MAX_UPLOAD_BYTES - 1, "prompt": MAX_PROMPT_BYTES}.get(
+            current, MAX_FIELD_BYTES)
         if self._sizes[current] > limit:
             raise _too_large() if current == "image" else _field_too_long(current)
         self._chunks[current].append(data)
@@ -258,6 +276,70 @@ def _parse_n(value: str) -> int:
     return n
 
 
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+
+
+def _parse_strength(value: str) -> float:
+    """A decimal 0..1 (no exponent, NaN or infinity), as OpenAI words its ranges."""
+    text = value.strip(_ASCII_SPACE)
+    if not _DECIMAL.fullmatch(text):
+        raise invalid(
+            "Invalid type for 'strength': expected a decimal, but got a string value that "
+            "could not be converted into a decimal.", "strength", "invalid_type")
+    strength = float(text)
+    if strength < 0:
+        raise invalid("Invalid 'strength': decimal below minimum value. Expected a value "
+                      f">= 0, but got {_printable(text)} instead.", "strength",
+                      "decimal_below_min_value")
+    if strength > 1:
+        raise invalid("Invalid 'strength': decimal above maximum value. Expected a value "
+                      f"<= 1, but got {_printable(text)} instead.", "strength",
+                      "decimal_above_max_value")
+    return strength + 0.0  # -0.0 is 0.0
+
+
+def _parse_seed(value: str) -> int:
+    text = value.strip(_ASCII_SPACE)
+    if not _INTEGER.fullmatch(text):
+        raise invalid(
+            "Invalid type for 'seed': expected an integer, but got a string value that "
+            "could not be converted into an integer.", "seed", "invalid_type")
+    seed = int(text)
+    if seed < 0:
+        raise invalid("Invalid 'seed': integer below minimum value. Expected a value >= 0, "
+                      f"but got {seed} instead.", "seed", "integer_below_min_value")
+    if seed > MAX_SEED:
+        raise invalid("Invalid 'seed': integer above maximum value. Expected a value <= "
+                      f"{MAX_SEED}, but got {_printable(text)} instead.", "seed",
+                      "integer_above_max_value")
+    return seed
+
+
+def _parse_prompt(value: str) -> str | None:
+    """The hint; blank means none (a form's empty hint line)."""
+    if len(value) > MAX_PROMPT_CHARS:
+        raise invalid(
+            "Invalid 'prompt': string too long. Expected a string with maximum length "
+            f"{MAX_PROMPT_CHARS}, but got a string with length {len(value)} instead.",
+            "prompt", "string_above_max_length")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise invalid("Invalid 'prompt': control characters are not allowed.", "prompt",
+                      "invalid_value")
+    return value.strip() or None
+
+
+def _controls(values: dict[str, str], strict: bool) -> dict[str, Any]:
+    """The variation controls sent, typed; with ``strict`` each is an unknown parameter."""
+    sent = [name for name in CONTROLS if name in values]
+    if strict and sent:
+        raise invalid(f"Unknown parameter: '{sent[0]}'.", sent[0], "unknown_parameter")
+    return {
+        "strength": _parse_strength(values["strength"]) if "strength" in values else None,
+        "seed": _parse_seed(values["seed"]) if "seed" in values else None,
+        "prompt": _parse_prompt(values["prompt"]) if "prompt" in values else None,
+    }
+
+
 def _printable(value: str, limit: int = 40) -> str:
     shown = value[:limit].encode("unicode_escape").decode("ascii")
     return shown + ("..." if len(value) > limit else "")
@@ -300,15 +382,17 @@ def for_audit(raw: bytes | None) -> str | None:
 
 
 async def read_form(request: web.Request, models: frozenset[str],
-                    read_timeout: float | None = None) -> VariationForm:
+                    read_timeout: float | None = None, *, strict: bool = False
+                    ) -> VariationForm:
     """Read and validate the form; raise :class:`ApiError` with the right ``param``."""
     image, fields = await read_fields(request, read_timeout)
-    return validate(image, fields, models)
+    return validate(image, fields, models, strict=strict)
 
 
-def validate(image: bytes | None, fields: dict[str, bytes], models: frozenset[str]
-             ) -> VariationForm:
-    """Type and check every field per the contract (defaults for missing ones)."""
+def validate(image: bytes | None, fields: dict[str, bytes], models: frozenset[str], *,
+             strict: bool = False) -> VariationForm:
+    """Type and check every field per the contract (defaults for missing ones);
+    ``strict`` refuses the variation controls as OpenAI would (unknown parameters)."""
     values = {name: _text(data, name) for name, data in fields.items()}
 
     if image is None:
@@ -345,4 +429,4 @@ def validate(image: bytes | None, fields: dict[str, bytes], models: frozenset[st
             raise invalid("Invalid 'user': control characters are not allowed.", "user",
                           "invalid_value")
     return VariationForm(image, model, n, response_format, SIZES[size_label], size_label,
-                         user)
+                         user, **_controls(values, strict))

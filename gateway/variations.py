@@ -22,6 +22,7 @@ from aiohttp import web
 
 from gateway import png, upload
 from gateway.auth import Principal
+from gateway.backends.base import Controls
 from gateway.cache import CacheResult, Fresh, cache_key, policy_from_header
 from gateway.charging import Charge, counted
 from gateway.config import ServerConfig
@@ -103,7 +104,8 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         cached = app[CACHE].enabled and policy != "no-store"
         source = await _look_at(app[PIXEL_HASHES], form.image, upload_sha256, cached)
         key = cache_key(source.pixels_sha256, form.size, form.model,
-                        app[ROUTER].identity(form.model)) if cached else ""
+                        app[ROUTER].identity(form.model), _controls_key(form)
+                        ) if cached else ""
         # Held at the dearest backend the request may reach; charged at the price of the
         # backend that generated (or its reported token usage).
         price = config.price_ceiling(form.model, form.size_label)
@@ -114,8 +116,9 @@ async def create_variation(request: web.Request) -> web.StreamResponse:
         # Look up the cache, generating only what is missing; store (and sign) what we
         # answer, inside the block (the files stay until it exits).
         try:
-            async with charge, app[CACHE].serve(key, form.n, policy, generate,
-                                                partial(_add_backend_time, request)) as result:
+            async with charge, app[CACHE].serve(
+                    key, form.n, policy, generate, partial(_add_backend_time, request),
+                    seeded=form.seed is not None) as result:
                 data = await _render(app[RENDERER], result.items, form.response_format, base)
         finally:  # what the ledger holds, whatever happened: the audit says the same
             record.images_charged, record.cost_usd = charge.images, charge.cost
@@ -149,11 +152,37 @@ async def _read_form(request: web.Request) -> tuple[upload.VariationForm, str]:
     upload_sha256 = "" if image is None else hashlib.sha256(image).hexdigest()
     if image is not None:
         record.image_sha256, record.upload_bytes = upload_sha256, len(image)
-    form = upload.validate(image, fields, app[ROUTER].models)  # refuses a missing image
+    # refuses a missing image
+    form = upload.validate(image, fields, app[ROUTER].models,
+                           strict=app[CONFIG].api.strict_contract)
     record.n, record.size, record.model = form.n, form.size_label, form.model
     record.end_user = form.user
+    record.strength, record.seed, record.prompt = form.strength, form.seed, form.prompt
+    _check_controls(app[ROUTER].controls(form.model), form)
     app[METRICS].upload_bytes.observe(len(form.image))
+    for control in form.controls_used():
+        app[METRICS].variation_controls.labels(control).inc()
     return form, upload_sha256
+
+
+def _check_controls(honoured: Controls, form: upload.VariationForm) -> None:
+    """A control the model's route cannot honour is refused, never silently ignored."""
+    for name in form.controls_used():
+        if not honoured.honours(name):
+            raise ApiError(
+                400, f"Unsupported parameter: '{name}' is not supported with the model "
+                f"'{form.model}' on this gateway (GET /v1/models lists its controls).",
+                code="unsupported_parameter", param=name, should_retry=False)
+
+
+def _controls_key(form: upload.VariationForm) -> str:
+    """The controls' part of the cache key: "" when none is set (the key of a plain
+    OpenAI request is unchanged), else strength, hint and the seed its pool starts at."""
+    if not form.controls_used():
+        return ""
+    strength = "" if form.strength is None else f"{form.strength!r}"
+    seed = "" if form.seed is None else str(form.seed)
+    return f"strength={strength}\nseed={seed}\nprompt={form.prompt or ''}"
 
 
 @dataclass(frozen=True)
@@ -210,8 +239,12 @@ class _Generate:
         await self.charge.reserve(count)
         image = await asyncio.get_running_loop().run_in_executor(None, self.source.make)
         app[PIXEL_HASHES].put(self.source.sha256, png.Known(self.source.info))  # checked
+        # A seeded request's pool position i is seed + i (its pool is the seed's own);
+        # fresh images for it (no-cache, no-store) are positions 0.. again.
+        seed = seed_for(self.source.pixels_sha256, offset) if form.seed is None \
+            else form.seed + max(offset, 0)
         job = VariationRequest(image, count, form.size, self.end_user, record.request_id,
-                               seed_for(self.source.pixels_sha256, offset))
+                               seed, form.strength, form.prompt)
         # A client that leaves now cancels this: the backend stops what it can
         # (procedural workers, ComfyUI prompts) and the charge's hold is refunded.
         result = await _call_backend(self.request, form.model, job)

@@ -27,7 +27,13 @@ from PIL import Image
 from support import auth
 
 from gateway import backends
-from gateway.backends.base import BackendError, BackendOptions, BackendState, Timeouts
+from gateway.backends.base import (
+    BackendError,
+    BackendOptions,
+    BackendState,
+    Controls,
+    Timeouts,
+)
 from gateway.generation import Generation, VariationRequest
 from gateway.keys import ROUTER
 
@@ -56,6 +62,10 @@ class InstrumentedBackend:
         # Calls wait here; tests clear it to hold calls at the backend.
         self.gate = asyncio.Event()
         self.gate.set()
+
+    @property
+    def controls(self) -> Controls:
+        return Controls(strength=0.5, seed=True, prompt=True)
 
     @property
     def identity(self) -> str:
@@ -87,7 +97,8 @@ class InstrumentedBackend:
 
 def _image(request: VariationRequest, i: int) -> bytes:
     digest = hashlib.sha256(
-        f"{request.image.pixels_sha256}:{request.size}:{request.seed + i}".encode()).digest()
+        f"{request.image.pixels_sha256}:{request.size}:{request.seed + i}:"
+        f"{request.strength}:{request.prompt}".encode()).digest()
     img = Image.new("RGB", (request.size, request.size), tuple(digest[:3]))
     img.putpixel((0, 0), tuple(digest[3:6]))
     buf = io.BytesIO()

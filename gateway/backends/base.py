@@ -120,6 +120,48 @@ class BackendState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+CONTROL_NAMES = ("strength", "seed", "prompt")
+MAX_PROMPT_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The variation controls (issue 22) a backend honours beyond OpenAI's contract.
+
+    ``strength``: its default strength (0..1) when it honours one, else None; ``seed``:
+    the same seed gives the same images; ``prompt``: a hint joins its prompt. A request
+    that sets a control its backend cannot honour is refused (400, ``param`` names it)
+    rather than silently ignored.
+    """
+
+    strength: float | None = None
+    seed: bool = False
+    prompt: bool = False
+
+    def honours(self, name: str) -> bool:
+        return self.strength is not None if name == "strength" else bool(getattr(self, name))
+
+    def __and__(self, other: Controls) -> Controls:
+        """What a route of both honours: a control only if both do (a fallback must
+        honour what the request set too); the first one's default strength."""
+        return Controls(self.strength if other.strength is not None else None,
+                        self.seed and other.seed, self.prompt and other.prompt)
+
+    def described(self) -> dict[str, dict[str, object]]:
+        """As ``GET /v1/models`` lists them: only the honoured ones."""
+        out: dict[str, dict[str, object]] = {}
+        if self.strength is not None:
+            out["strength"] = {"default": self.strength}
+        if self.seed:
+            out["seed"] = {}
+        if self.prompt:
+            out["prompt"] = {"max_length": MAX_PROMPT_CHARS}
+        return out
+
+
+NO_CONTROLS = Controls()
+
+
 class Backend(Protocol):
     """A variations backend. One instance per configured ``backends[]`` entry."""
 
@@ -127,6 +169,12 @@ class Backend(Protocol):
     options_class: ClassVar[type[BackendOptions]]
 
     name: str
+
+    @property
+    def controls(self) -> Controls:
+        """The variation controls it honours (:class:`Controls`), and its default
+        strength; ``generate`` maps ``request.strength``/``seed``/``prompt``."""
+        ...
 
     @property
     def identity(self) -> str:

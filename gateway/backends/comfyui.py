@@ -26,8 +26,11 @@ else ``POST /queue {"delete"}`` and, only when ``GET /queue`` shows our prompt r
 whatever runs, which is why it is sent only when that is ours).
 
 Placeholders are JSON strings: ``"{{seed}}"``, ``"{{batch_size}}"``, ``"{{width}}"``,
-``"{{height}}"`` become numbers, ``"{{image}}"``, ``"{{prompt}}"``,
-``"{{negative_prompt}}"`` strings (also inside longer strings).
+``"{{height}}"``, ``"{{strength}}"`` become numbers, ``"{{image}}"``, ``"{{prompt}}"``,
+``"{{negative_prompt}}"`` strings (also inside longer strings). A request's variation
+controls fill ``{{strength}}`` (else the ``strength`` option), ``{{seed}}`` and
+``{{prompt}}`` (the hint appended to the ``prompt`` option); the backend honours a
+control only if its workflow has that placeholder.
 """
 
 from __future__ import annotations
@@ -50,16 +53,18 @@ from gateway.backends.base import (
     DEFAULT_TIMEOUTS,
     BackendError,
     BackendOptions,
+    Controls,
     Timeouts,
     bad_response,
 )
 from gateway.backends.http import HttpBackend, HttpOptions, gather_all, strip_userinfo
 from gateway.backends.normalise import to_pngs
-from gateway.generation import Generation, VariationRequest
+from gateway.generation import Generation, VariationRequest, with_hint
 
 log = structlog.get_logger("gateway.backends.comfyui")
-_PLACEHOLDER = re.compile(r"\{\{(image|seed|batch_size|width|height|prompt|negative_prompt)\}\}")
-_NUMERIC = frozenset({"seed", "batch_size", "width", "height"})
+_PLACEHOLDER = re.compile(
+    r"\{\{(image|seed|batch_size|width|height|strength|prompt|negative_prompt)\}\}")
+_NUMERIC = frozenset({"seed", "batch_size", "width", "height", "strength"})
 # Upstream text shown to clients or logged: control characters (line breaks included)
 # become spaces, URLs are dropped, and the length is capped.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
@@ -83,6 +88,8 @@ class ComfyUIOptions(HttpOptions):
     native_size: int = 512
     prompt: str = ""
     negative_prompt: str = ""
+    # What ``{{strength}}`` becomes when a request sets none (e.g. KSampler's denoise).
+    strength: float = 0.55
     poll_interval_seconds: float = 0.25
     vanished_grace_seconds: float = 2.0
     cancel_timeout_seconds: float = 5.0
@@ -93,6 +100,8 @@ class ComfyUIOptions(HttpOptions):
             raise ValueError("native_size must be a multiple of 8, at least 64")
         if self.poll_interval_seconds <= 0:
             raise ValueError("poll_interval_seconds must be positive")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError("strength must be between 0 and 1")
         if self.vanished_grace_seconds <= 0:
             raise ValueError("vanished_grace_seconds must be positive")
         if self.cancel_timeout_seconds <= 0:
@@ -148,14 +157,22 @@ class ComfyUIBackend(HttpBackend[ComfyUIOptions]):
                  timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         super().__init__(name, options, timeouts)
         self.template, self._digest = load_workflow(options.workflow)
+        used = set(_PLACEHOLDER.findall(json.dumps(self.template)))
+        self._controls = Controls(strength=options.strength if "strength" in used else None,
+                                  seed="seed" in used, prompt="prompt" in used)
         self.client_id = uuid.uuid4().hex
         self._cleanups: set[asyncio.Task[None]] = set()
+
+    @property
+    def controls(self) -> Controls:
+        """Those whose placeholder the workflow has."""
+        return self._controls
 
     @property
     def identity(self) -> str:
         o = self.options
         return (f"comfyui:{strip_userinfo(self.base_url)}:{self._digest}:{o.native_size}:"
-                f"{o.prompt}:{o.negative_prompt}")
+                f"{o.prompt}:{o.negative_prompt}:{o.strength:g}")
 
     def headers(self) -> dict[str, str]:
         headers = super().headers()
@@ -216,7 +233,9 @@ class ComfyUIBackend(HttpBackend[ComfyUIOptions]):
         o = self.options
         workflow = fill(self.template, {
             "image": image, "seed": request.seed, "batch_size": request.n,
-            "width": o.native_size, "height": o.native_size, "prompt": o.prompt,
+            "width": o.native_size, "height": o.native_size,
+            "strength": o.strength if request.strength is None else request.strength,
+            "prompt": with_hint(o.prompt, request.prompt),
             "negative_prompt": o.negative_prompt})
         answer = await self.request_json("POST", "/prompt", json={
             "prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id})

@@ -1,7 +1,8 @@
 """``kind: sdwebui``: Stable Diffusion WebUI (A1111, Forge, SD.Next) ``img2img``.
 
 One call with ``batch_size = n``: WebUI gives image ``i`` of a batch the seed
-``seed + i``, so the variations differ and a pool position keeps its seed. Images are
+``seed + i``, so the variations differ and a pool position keeps its seed. A request's
+``strength`` is sent as ``denoising_strength`` and its hint is appended to ``prompt``. Images are
 generated at the model's native size and resized, since SD models draw poorly off it.
 
 A configured ``checkpoint`` is sent as ``override_settings.sd_model_checkpoint``, which
@@ -23,10 +24,10 @@ from typing import Any, ClassVar, NamedTuple
 
 import structlog
 
-from gateway.backends.base import BackendError, BackendOptions, bad_response
+from gateway.backends.base import BackendError, BackendOptions, Controls, bad_response
 from gateway.backends.http import HttpBackend, HttpOptions, batches, decode_b64, strip_userinfo
 from gateway.backends.normalise import to_pngs
-from gateway.generation import Generation, VariationRequest
+from gateway.generation import Generation, VariationRequest, with_hint
 
 log = structlog.get_logger("gateway.backends.sdwebui")
 
@@ -145,6 +146,12 @@ class SdWebUIBackend(HttpBackend[SdWebUIOptions]):
         return model_id(self.options.checkpoint) if self.options.checkpoint else None
 
     @property
+    def controls(self) -> Controls:
+        """``denoising_strength``, ``seed`` (image i of a batch gets seed + i) and the
+        hint appended to ``prompt``: img2img takes all three."""
+        return Controls(strength=self.options.denoising_strength, seed=True, prompt=True)
+
+    @property
     def identity(self) -> str:
         o = self.options
         return (f"sdwebui:{strip_userinfo(self.base_url)}:{o.checkpoint or ''}:"
@@ -164,8 +171,9 @@ class SdWebUIBackend(HttpBackend[SdWebUIOptions]):
         body: dict[str, Any] = {
             "init_images": [base64.b64encode(request.image.png).decode("ascii")],
             "resize_mode": 0,
-            "denoising_strength": o.denoising_strength,
-            "prompt": o.prompt,
+            "denoising_strength": o.denoising_strength if request.strength is None
+            else request.strength,
+            "prompt": with_hint(o.prompt, request.prompt),
             "negative_prompt": o.negative_prompt,
             "steps": o.steps,
             "cfg_scale": o.cfg_scale,

@@ -70,9 +70,14 @@ Flight = asyncio.Future[list[Item] | None]
 Generate = Callable[[int, int], Awaitable[Fresh]]
 
 
-def cache_key(pixels_sha256: str, size: int, model: str, identity: str) -> str:
-    return hashlib.sha256(f"v1\n{pixels_sha256}\n{size}\n{model}\n{identity}".encode()
-                          ).hexdigest()
+def cache_key(pixels_sha256: str, size: int, model: str, identity: str,
+              controls: str = "") -> str:
+    """``controls``: the request's variation controls (strength, hint, seed) as text;
+    empty for a plain OpenAI request, whose key it leaves as it always was."""
+    text = f"v1\n{pixels_sha256}\n{size}\n{model}\n{identity}"
+    if controls:
+        text += f"\ncontrols\n{controls}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def policy_from_header(value: str | None) -> Policy:
@@ -303,17 +308,19 @@ class ResultCache:
 
     @contextlib.asynccontextmanager
     async def serve(self, key: str, n: int, policy: Policy, generate: Generate,
-                    on_wait: Callable[[float], None] | None = None
-                    ) -> AsyncIterator[CacheResult]:
+                    on_wait: Callable[[float], None] | None = None, *,
+                    seeded: bool = False) -> AsyncIterator[CacheResult]:
         """``n`` images for ``key`` per ``policy``, generating only what is missing.
 
         The result's files stay on disk until the block exits: answer inside it.
         ``on_wait(seconds)`` is told of each wait for an identical request's generation
-        (succeeded or not): backend time, not the gateway's.
+        (succeeded or not): backend time, not the gateway's. ``seeded``: the key's pool
+        positions are a client's seeds (position i is seed + i), so ``no-cache`` images,
+        which are positions 0.. made again, are never appended after the pool.
         """
         self._in_use[key] = self._in_use.get(key, 0) + 1
         try:
-            yield await self._serve(key, n, policy, generate, on_wait or _ignore)
+            yield await self._serve(key, n, policy, generate, on_wait or _ignore, seeded)
         finally:
             if self._in_use[key] > 1:
                 self._in_use[key] -= 1
@@ -327,13 +334,13 @@ class ResultCache:
                     self._pass_soon()
 
     async def _serve(self, key: str, n: int, policy: Policy, generate: Generate,
-                     on_wait: Callable[[float], None]) -> CacheResult:
+                     on_wait: Callable[[float], None], seeded: bool = False) -> CacheResult:
         if not self.enabled or policy != "default":
             # no-store: a bypass both ways; no-cache: fresh images, appended after the pool
             bypass = not self.enabled or policy == "no-store"
             made = await generate(n, -1)
             landing = asyncio.ensure_future(
-                self._charge_then_keep(key, made, room=0 if bypass else -1))
+                self._charge_then_keep(key, made, room=0 if bypass or seeded else -1))
             return CacheResult((await outlive_cancel(landing))[0],
                                "BYPASS" if bypass else "MISS", n)
         while True:

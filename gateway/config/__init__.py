@@ -21,6 +21,7 @@ from gateway.config.model import (
     DEFAULT_YAML,
     SIZES,
     AbuseConfig,
+    ApiConfig,
     AuditConfig,
     AuthConfig,
     BackendConfig,
@@ -40,7 +41,7 @@ from gateway.config.model import (
 )
 
 __all__ = [
-    "DEFAULT_CONFIG_ENV", "DEFAULT_YAML", "SIZES", "AbuseConfig", "AuditConfig",
+    "DEFAULT_CONFIG_ENV", "DEFAULT_YAML", "SIZES", "AbuseConfig", "ApiConfig", "AuditConfig",
     "AuthConfig", "BackendConfig", "BreakerConfig", "CacheConfig", "Config", "ConfigError",
     "ImagesConfig", "LoggingConfig", "MetricsConfig", "QuotaLimits", "RetryConfig",
     "ServerConfig", "StateConfig", "TokenPrices", "UserConfig", "build_config",

@@ -241,6 +241,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """What the API accepts beyond OpenAI's contract. ``strict_contract``: refuse the
+    variation controls (``strength``, ``seed``, ``prompt``) as unknown parameters, as
+    OpenAI itself would, for clients that must not come to rely on them."""
+
+    strict_contract: bool = False
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -261,6 +270,7 @@ class Config:
     abuse: AbuseConfig = field(default_factory=AbuseConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     def backend(self, name: str) -> BackendConfig:
         for b in self.backends:

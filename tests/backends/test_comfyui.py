@@ -360,7 +360,8 @@ async def test_the_fake_behaves_like_comfyui() -> None:
                 node = body["node_errors"]["2"]
                 assert node["class_type"] == "LoadImage" and node["dependent_outputs"] == ["10"]
             filled = fill(wf, {"image": "a.png", "seed": 1, "batch_size": 1, "width": 64,
-                               "height": 64, "prompt": "", "negative_prompt": ""})
+                               "height": 64, "strength": 0.5, "prompt": "",
+                               "negative_prompt": ""})
             async with s.post(url + "/prompt", json={"prompt": filled, "prompt_id": "x1"}) as r:
                 assert (await r.json())["error"]["type"] == "invalid_prompt_id"
             async with s.post(url + "/api/prompt", json={"prompt": filled}) as r:
@@ -394,9 +395,11 @@ async def test_the_fake_behaves_like_comfyui() -> None:
 def test_template_placeholders(tmp_path: Any) -> None:
     template, _ = load_workflow(WORKFLOW)
     filled = fill(template, {"image": "a.png", "seed": 7, "batch_size": 3, "width": 512,
-                             "height": 512, "prompt": "p", "negative_prompt": "n"})
+                             "height": 512, "strength": 0.4, "prompt": "p",
+                             "negative_prompt": "n"})
     assert "{{" not in json.dumps(filled)
     assert filled["8"]["inputs"]["seed"] == 7 and filled["2"]["inputs"]["image"] == "a.png"
+    assert filled["8"]["inputs"]["denoise"] == 0.4  # the example uses {{strength}}
     bad = tmp_path / "wf.json"
     bad.write_text('{"1": {"class_type": "LoadImage", "inputs": {"image": "fixed.png"}}}')
     with pytest.raises(ValueError, match="placeholder"):

@@ -50,7 +50,11 @@ async def test_xinference_every_size_format_and_n(gateway_client: Any) -> None:
         assert c.fields["model"] == XINFERENCE_MODEL and c.fields["n"] == str(n)
         assert c.fields["prompt"] == DEFAULT_PROMPT
         assert c.fields["negative_prompt"] == "blurry"
-        assert json.loads(c.fields["kwargs"]) == {"strength": 0.6, "seed": 7}
+        kwargs = json.loads(c.fields["kwargs"])
+        # The pool position's seed replaces a configured one (else every image of the
+        # pool would share it).
+        assert kwargs["strength"] == 0.6 and isinstance(kwargs["seed"], int)
+        assert kwargs["seed"] != 7 and set(kwargs) == {"strength", "seed"}
         assert c.fields["size"] == f"{size}x{size}"
         assert c.fields["response_format"] == "b64_json"  # url would be a server path
         assert_hashed_user(c.fields["user"])
@@ -106,9 +110,10 @@ async def test_lemonade_every_size_format_and_n(gateway_client: Any) -> None:
 
 
 async def test_another_gateway_with_prompt_off(gateway_client: Any) -> None:
-    """Another instance of this gateway refuses fields beyond OpenAI's contract."""
+    """Another instance of this gateway (with ``api.strict_contract``) refuses fields
+    beyond OpenAI's contract: ``prompt: null`` and ``send_controls: none`` send none."""
     up, server = await start_upstream(gateway_client, "openai", fake=OpenAIVariationsFake(KEY),
-                                      model="dall-e-2", prompt=None)
+                                      model="dall-e-2", prompt=None, send_controls="none")
     try:
         answer = await vary(up.client, png_bytes(64, seed=3), n=3, size="512x512")
         assert answer.status == 200, answer.body

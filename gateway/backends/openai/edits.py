@@ -11,6 +11,11 @@ Field facts (openai/openai-openapi ``CreateImageEditRequest``; backends.md): the
 user goes as ``safety_identifier`` (it supersedes ``user``); ``quality`` ``xhigh`` and
 ``max`` exist on the 2.5 and 2.6 models only, ``complexity`` on 2.6 only; unknown fields
 are refused, so optional fields are sent only when the admin set them.
+
+gpt-image takes no seed and no strength. A request's ``strength`` picks one of three
+wordings of the prompt (:func:`variation_prompt`: below 1/3 :data:`SUBTLE_PROMPT`, from
+2/3 :data:`LOOSE_PROMPT`, between them the configured ``prompt``), and its hint joins
+the prompt. A seed cannot be honoured: such a request is refused before it gets here.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ from typing import Any, ClassVar
 
 import aiohttp
 
-from gateway.backends.base import BackendOptions
+from gateway.backends.base import BackendOptions, Controls
 from gateway.backends.http import batches, gather_all, strip_userinfo
 from gateway.backends.normalise import to_pngs
 from gateway.backends.openai import OpenAIAccount, OpenAIEndpoint
-from gateway.generation import Generation, TokenUsage, VariationRequest
+from gateway.generation import Generation, TokenUsage, VariationRequest, with_hint
 
 # A model alive on 2026-12-03 with a dated snapshot (gpt-image-2-2026-04-21) and
 # published per-image estimates. Models retire on a schedule: the lifecycle watcher
@@ -32,6 +37,12 @@ from gateway.generation import Generation, TokenUsage, VariationRequest
 DEFAULT_MODEL = "gpt-image-2"
 DEFAULT_PROMPT = ("A close variation of this image: the same subject, composition and "
                   "style, with different details.")
+# The wordings a request's strength chooses between (the middle band is ``prompt``).
+SUBTLE_PROMPT = ("A very close variation of this image: keep the subject, composition, "
+                 "colours and style; change only small details.")
+LOOSE_PROMPT = ("A free variation of this image: keep the subject recognisable, but "
+                "change the composition, pose, lighting and colours as you see fit.")
+DEFAULT_STRENGTH = 0.5  # the middle band: the configured prompt
 QUALITIES = ("low", "medium", "high", "auto", "xhigh", "max")
 # USD per 1024x1024 image for gpt-image-2: ESTIMATES (gpt-image bills per token), the
 # upper end of the published figures in backends.md, so budgets err on the safe side.
@@ -88,6 +99,16 @@ class OpenAIEditsOptions(OpenAIAccount):
         return self.quality
 
 
+def variation_prompt(prompt: str, strength: float | None, hint: str | None) -> str:
+    """The prompt sent: the wording ``strength`` picks (``prompt`` when unset or in the
+    middle band), with the client's hint joined to it."""
+    if strength is not None and strength < 1 / 3:
+        prompt = SUBTLE_PROMPT
+    elif strength is not None and strength >= 2 / 3:
+        prompt = LOOSE_PROMPT
+    return with_hint(prompt, hint, " Hint: ")
+
+
 def usage_of(payload: Any) -> TokenUsage | None:
     """gpt-image's ``usage``: ``input_tokens`` split by ``input_tokens_details`` into
     text and image tokens, and ``output_tokens`` (image output)."""
@@ -115,6 +136,11 @@ class OpenAIEditsBackend(OpenAIEndpoint[OpenAIEditsOptions]):
     options_class: ClassVar[type[BackendOptions]] = OpenAIEditsOptions
 
     @property
+    def controls(self) -> Controls:
+        """Strength (as a wording) and a hint; gpt-image has no seed."""
+        return Controls(strength=DEFAULT_STRENGTH, prompt=True)
+
+    @property
     def identity(self) -> str:
         o = self.options
         return (f"openai_edits:{strip_userinfo(self.base_url)}:{o.model}:{o.quality}:"
@@ -128,7 +154,8 @@ class OpenAIEditsBackend(OpenAIEndpoint[OpenAIEditsOptions]):
         form.add_field("image", request.image.png, filename="image.png",
                        content_type="image/png")
         fields: dict[str, str | int | None] = {
-            "prompt": o.prompt, "model": o.model, "n": count, "size": o.upstream_size,
+            "prompt": variation_prompt(o.prompt, request.strength, request.prompt),
+            "model": o.model, "n": count, "size": o.upstream_size,
             "quality": o.quality, "complexity": o.complexity, "background": o.background,
             "moderation": o.moderation, "output_format": o.output_format,
             "output_compression": o.output_compression if o.output_format != "png" else None,

@@ -34,6 +34,7 @@ from gateway.backends.base import (
     BackendError,
     BackendOptions,
     BackendState,
+    Controls,
     Timeouts,
 )
 from gateway.backends.procedural.recipe import ALGORITHM_VERSION, render_seed
@@ -152,6 +153,11 @@ class ProceduralBackend:
         # Workers and executor kind do not change the pixels, so they are not part of it.
         return f"procedural:v{ALGORITHM_VERSION}:strength={self.options.strength:g}"
 
+    @property
+    def controls(self) -> Controls:
+        """Strength and seed drive the recipe; it reads no text, so no hint."""
+        return Controls(strength=self.options.strength, seed=True)
+
     def _new_executor(self) -> Executor:
         if self.options.executor == "thread":
             return ThreadPoolExecutor(self.workers, thread_name_prefix=f"procedural-{self.name}")
@@ -225,8 +231,10 @@ class ProceduralBackend:
         with self._counts_lock:
             self._submitted += 1
         try:
+            strength = self.options.strength if request.strength is None \
+                else request.strength
             future = executor.submit(render_seed, request.image.png, request.size, seed,
-                                     self.options.strength)
+                                     strength)
         except BaseException as exc:
             with self._counts_lock:
                 self._finished += 1
