@@ -557,10 +557,12 @@ def test_strength_and_seed_name_the_group_and_each_layer_has_a_record(gimp_run: 
             "model": "dall-e-2", "strength": 0.4, "hint": None, "n": 2, "index": k}
         assert data["seed"] == 1234 + max(0, k - 1)  # image i uses seed + i
         assert data["request_id"] and data["request_id"] == records[0]["data"]["request_id"]
-    # Saved in the .xcf: the reloaded image has the same names and records.
+    # Saved in the .xcf (after More like this added its group below): the reloaded image
+    # has the same names and records.
     reloaded = c["reloaded"]
-    assert reloaded[1]["name"] == group["name"]
-    assert [ch["record"] for ch in reloaded[1]["children"]] == records[1:]
+    assert reloaded[0]["name"] == group["name"]
+    assert reloaded[0]["record"] == records[0]
+    assert [ch["record"] for ch in reloaded[0]["children"]] == records[1:]
     # The plug-in got what the gateway serves for that upload, strength and seed.
     assert sent_fields(c) == {"strength": "0.4", "seed": "1234"}
     images = served(gimp_run, "steer", 2, "256x256")

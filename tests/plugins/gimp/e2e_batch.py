@@ -285,6 +285,7 @@ def steer_case(name, **extra):
             Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(xcf), None)
             back = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(xcf))
             results["cases"]["steer"]["reloaded"] = tree(back)
+            back.delete()
 
 
 steer_case("steer")
