@@ -128,6 +128,8 @@ cfg.set_property("n", 3)
 cfg.set_property("size", "512x512")
 cfg.set_property("square-mode", "pad")
 cfg.set_property("scale-to-source", True)
+cfg.set_property("strength", 0.4)
+cfg.set_property("seed", 1234)
 res = proc.run(cfg)
 if res.index(0) != Gimp.PDBStatusType.SUCCESS:
     raise SystemExit("generate-variations failed: %s" % res.index(1))
@@ -224,6 +226,7 @@ cfg.set_property("run-mode", Gimp.RunMode.INTERACTIVE)
 if "$procedure" == "python-fu-generate-variations":
     cfg.set_property("image", img)
     cfg.set_core_object_array("drawables", [img.get_layers()[-1]])
+    cfg.set_property("strength", 0.4)  # as after the demo run above
 proc.run(cfg)
 EOF
   chroot "$ROOT" "${GIMP_ENV[@]}" DISPLAY=":$DISPLAY_NUM" gimp-3 --no-splash \

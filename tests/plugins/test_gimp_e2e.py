@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -316,11 +317,22 @@ def layer_pixels(run: Run, case: str, k: int, size: tuple[int, int]) -> Image.Im
     return Image.frombytes("RGBA", size, data)
 
 
+def sent_fields(case: dict[str, Any]) -> dict[str, str]:
+    """The steering fields the plug-in sent, read back from the group's record."""
+    rec = group_of(case)["record"]["data"]
+    fields = {"seed": str(rec["seed"]) if rec["seed"] is not None else None,
+              "strength": f"{rec['strength']:g}" if rec["strength"] is not None else None,
+              "prompt": rec["hint"],
+              "model": rec["model"] if rec["model"] != "dall-e-2" else None}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def served(run: Run, case: str, n: int, size: str) -> list[Image.Image]:
-    """What the gateway serves for the very PNG the plug-in uploaded: the cache answers
-    (X-Cache: HIT) with the same images the plug-in received."""
+    """What the gateway serves for the very PNG the plug-in uploaded, with the settings
+    it sent: the cache answers (X-Cache: HIT) with the same images the plug-in received."""
     upload = (run.out / f"{case}-upload.png").read_bytes()
-    status, headers, body = post_variations(run.gateway_url, ALICE, upload, n, size)
+    status, headers, body = post_variations(run.gateway_url, ALICE, upload, n, size,
+                                            extra=sent_fields(run.case(case)))
     assert status == 200, body
     assert headers.get("x-cache") == "HIT"
     import base64
@@ -345,12 +357,18 @@ def assert_group(case: dict[str, Any], source: str, n: int, size: list[int],
                  offsets: list[int]) -> None:
     assert case["status"] == "success", case["message"]
     group = group_of(case)
-    assert group["name"] == f"Variations of {source}"
+    # No steering set: a random seed is drawn when the gateway's model honours seeds (the
+    # name then shows it, so the run can be repeated), else the name is the plain one.
+    seed = group["record"]["data"]["seed"]
+    assert group["name"] == f"Variations of {source}" + (
+        f" - seed {seed}" if seed is not None else "")
     # The group sits right above the source layer; the other layers are untouched.
     assert case["after"][1:] == case["before"]
     assert case["after"][1]["name"] == source
     assert [c["name"] for c in group["children"]] == [f"Variation {k}" for k in
                                                       range(1, n + 1)]
+    # The source is left as it was: no record on it.
+    assert case["after"][1]["record"] is None
     for child in group["children"]:
         assert child["size"] == size
         assert child["offsets"] == offsets
@@ -514,6 +532,66 @@ def test_menu_entries(gimp_run: Run) -> None:
     assert menu["python-fu-generate-variations"] == {
         "label": "Generate _Variations...", "paths": ["<Image>/Filters"]}
     assert menu["python-fu-generate-variations-settings"]["paths"] == ["<Image>/Filters"]
+    assert menu["python-fu-generate-variations-more"] == {
+        "label": "Generate _More Like This", "paths": ["<Image>/Filters"]}
+
+
+# ------------------------------------------------------------------ issue 22: steering
+
+
+def steer_pixels(run: Run, case: str) -> list[bytes]:
+    return [layer_pixels(run, case, k, (256, 256)).tobytes() for k in (1, 2)]
+
+
+def test_strength_and_seed_name_the_group_and_each_layer_has_a_record(gimp_run: Run) -> None:
+    c = gimp_run.case("steer")
+    assert c["status"] == "success", c["message"]
+    group = group_of(c)
+    assert group["name"] == "Variations of Dusk - strength 0.4, seed 1234"
+    assert c["after"][1:] == c["before"]
+    records = [group["record"]] + [child["record"] for child in group["children"]]
+    for k, rec in enumerate(records):
+        assert rec["flags"] & 1, "the parasite is not persistent (GIMP_PARASITE_PERSISTENT)"
+        data = rec["data"]
+        assert {key: data[key] for key in ("model", "strength", "hint", "n", "index")} == {
+            "model": "dall-e-2", "strength": 0.4, "hint": None, "n": 2, "index": k}
+        assert data["seed"] == 1234 + max(0, k - 1)  # image i uses seed + i
+        assert data["request_id"] and data["request_id"] == records[0]["data"]["request_id"]
+    # Saved in the .xcf (after More like this added its group below): the reloaded image
+    # has the same names and records.
+    reloaded = c["reloaded"]
+    assert reloaded[0]["name"] == group["name"]
+    assert reloaded[0]["record"] == records[0]
+    assert [ch["record"] for ch in reloaded[0]["children"]] == records[1:]
+    # The plug-in got what the gateway serves for that upload, strength and seed.
+    assert sent_fields(c) == {"strength": "0.4", "seed": "1234"}
+    images = served(gimp_run, "steer", 2, "256x256")
+    assert [img.tobytes() for img in images] == steer_pixels(gimp_run, "steer")
+
+
+def test_the_same_seed_again_gives_the_same_pixels(gimp_run: Run) -> None:
+    first = steer_pixels(gimp_run, "steer")
+    assert first[0] != first[1]
+    for case in ("steer-again", "steer-fresh"):  # a cache HIT, then made again (no-cache)
+        c = gimp_run.case(case)
+        assert group_of(c)["name"] == "Variations of Dusk - strength 0.4, seed 1234"
+        assert steer_pixels(gimp_run, case) == first, f"{case} differs from the first run"
+    other = gimp_run.case("steer-other-strength")
+    assert group_of(other)["name"] == "Variations of Dusk - strength 0.9, seed 1234"
+    assert steer_pixels(gimp_run, "steer-other-strength") != first
+
+
+def test_more_like_this_keeps_the_settings_with_the_next_seeds(gimp_run: Run) -> None:
+    c = gimp_run.case("steer-more")
+    assert c["status"] == "success", c["message"]
+    old, new, source = c["after"]
+    assert old == c["before"][0]  # the first group is untouched
+    assert source["name"] == "Dusk"
+    # Run on "Variation 2": the same source layer, the seeds after the group's 1234, 1235.
+    assert new["name"] == "Variations of Dusk - strength 0.4, seed 1236"
+    assert [ch["record"]["data"]["seed"] for ch in new["children"]] == [1236, 1237]
+    assert new["record"]["data"]["source_tattoo"] == c["tattoo_of_source"]
+    assert steer_pixels(gimp_run, "steer-more") != steer_pixels(gimp_run, "steer")
 
 
 def test_token_never_lands_in_the_xcf_or_gimps_own_files(gimp_run: Run) -> None:
@@ -552,7 +630,9 @@ def test_interactive_run_stores_arguments_but_never_the_token(gimp_ui_run: UiRun
     assert res["settings_mode"] == "0o600"
     assert res["settings_saved"] == {**PRIOR_SETTINGS, "timeout": 42.0}
     assert res["status"] == "success", res["message"]
-    assert res["layers"] == ["Variations of painting", "painting"]
+    seed = res["group_record"]["seed"]
+    assert res["layers"] == [
+        "Variations of painting" + (f" - seed {seed}" if seed is not None else ""), "painting"]
     # Defaults: 4 variations, centre crop of 300x200 scaled back over the 200x200 square.
     assert res["children"] == [[f"Variation {k}", 200, 200, [50, 0]] for k in range(1, 5)]
     # GIMP keeps the last arguments in the image ...
@@ -570,14 +650,36 @@ def test_interactive_run_stores_arguments_but_never_the_token(gimp_ui_run: UiRun
         "generate-variations.json"]
 
 
+def test_dialog_greys_out_what_the_model_cannot_honour(gimp_ui_run: UiRun,
+                                                       gateway_proc: Gateway) -> None:
+    """Issue 22: the steering rows follow the model's ``controls`` in /v1/models: what it
+    honours is active (the slider at its default), the rest greyed out with the reason."""
+    steer = json.loads((gimp_ui_run.debug / "generate-dialog.json").read_text())["steer"]
+    req = urllib.request.Request(gateway_proc.url + "/v1/models/dall-e-2",
+                                 headers={"Authorization": f"Bearer {ALICE}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        controls = json.loads(r.read())["controls"]
+    assert steer["model"] == ""
+    for row, control in (("strength", "strength"), ("seed", "seed"), ("hint", "prompt")):
+        honoured = control in controls
+        assert steer[row]["sensitive"] is honoured, (row, steer)
+        if not honoured:
+            assert "cannot use" in steer[row]["tooltip"], steer[row]
+    if "strength" in controls:
+        assert steer["strength"]["value"] == controls["strength"]["default"]
+    assert steer["seed"]["random"] is True  # the default: a new seed each run
+
+
 def test_dialog_draws_combo_boxes_without_mnemonic_warnings(gimp_ui_run: UiRun) -> None:
     """Issue 19 #18: GIMP 3.2 drew ``size`` and ``square-mode`` as radio buttons and printed
     "no mnemonic for property" for each; the dialog must hold combo boxes (one per Choice
     argument) and no radio button, in 3.0 and in the newest 3.x."""
     widgets = json.loads((gimp_ui_run.debug / "generate-dialog.json").read_text())["widgets"]
     assert "GtkRadioButton" not in widgets, widgets
+    # One per Choice argument, plus the steering rows' model list (issue 22).
     combos = [w for w in widgets if "ComboBox" in w and "Entry" not in w]
-    assert len(combos) == 2, widgets
+    assert combos.count("GimpStringComboBox") == 2, widgets
+    assert combos.count("GtkComboBoxText") == 1, widgets
     assert "mnemonic" not in gimp_ui_run.stderr.lower(), [
         line for line in gimp_ui_run.stderr.splitlines() if "mnemonic" in line.lower()]
 

@@ -26,9 +26,11 @@ gi.require_version("Gimp", "3.0")
 import vg_client  # noqa: E402
 import vg_prepare  # noqa: E402
 import vg_settings  # noqa: E402
+import vg_steer  # noqa: E402
 from gi.repository import Gimp, Gio, GLib, GObject  # noqa: E402
 
 PROC = "python-fu-generate-variations"
+PROC_MORE = "python-fu-generate-variations-more"
 PROC_SETTINGS = "python-fu-generate-variations-settings"
 DEFAULT_N = 4
 DEFAULT_SIZE = "512x512"
@@ -173,16 +175,24 @@ def _prepare_upload(layer, plan, tmpdir):
 # --------------------------------------------------------------------------- importing
 
 
-def _import_results(image, layer, plan, images, scale_to_source, tmpdir):
-    """All result layers in one group above ``layer``, in one undo step; on any failure
-    the group is removed again so nothing half-done stays in the image."""
+def _attach_record(item, record):
+    """The settings that made ``item`` as a persistent JSON parasite (saved in .xcf)."""
+    item.attach_parasite(Gimp.Parasite.new(vg_steer.PARASITE, Gimp.PARASITE_PERSISTENT,
+                                           list(record.to_json())))
+
+
+def _import_results(image, layer, plan, images, scale_to_source, tmpdir, name, records):
+    """All result layers in one group ``name`` above ``layer``, in one undo step, each
+    with its record (``records[0]``: the group's); on any failure the group is removed
+    again so nothing half-done stays in the image."""
     n = len(images)
     image.undo_group_start()
     group = None
     try:
-        group = Gimp.GroupLayer.new(image, f"Variations of {layer.get_name()}")
+        group = Gimp.GroupLayer.new(image, name)
         parent = layer.get_parent()
         image.insert_layer(group, parent, image.get_item_position(layer))
+        _attach_record(group, records[0])
         for k, data in enumerate(images, start=1):
             _progress(f"Importing variation {k} of {n}...", (k - 1) / n)
             path = os.path.join(tmpdir, f"variation-{k}.png")
@@ -194,6 +204,7 @@ def _import_results(image, layer, plan, images, scale_to_source, tmpdir):
                 raise Failure(f"GIMP could not read variation {k} returned by the gateway.")
             result.set_name(f"Variation {k}")
             image.insert_layer(result, group, k - 1)
+            _attach_record(result, records[k])
             p = vg_prepare.place(plan, result.get_width(), result.get_height(), scale_to_source)
             if (p.scale_w, p.scale_h) != (result.get_width(), result.get_height()):
                 result.scale(p.scale_w, p.scale_h, False)
@@ -214,9 +225,10 @@ def _import_results(image, layer, plan, images, scale_to_source, tmpdir):
 # --------------------------------------------------------------------------- procedures
 
 
-def _interactive_dialog(procedure, config, settings):
+def _interactive_dialog(procedure, config, settings, layer):
     gi.require_version("GimpUi", "3.0")
     gi.require_version("Gtk", "3.0")
+    import vg_dialog
     from gi.repository import GimpUi, Gtk
 
     GimpUi.init(PROC)
@@ -226,57 +238,141 @@ def _interactive_dialog(procedure, config, settings):
     for name in CHOICE_ARGS:
         dialog.get_widget(name, Gtk.ComboBox.__gtype__)
     dialog.fill(["n", "size", "square-mode", "scale-to-source", "fresh"])
+    note = None
+    if _record_of(layer) is not None:
+        note = ("This layer is a variation: Filters > Generate More Like This makes more "
+                "of them with the same settings and the next seeds.")
+    rows = vg_dialog.SteerRows(Gtk, GLib, config, settings, note)
+    rows.frame.set_margin_top(6)
+    dialog.get_content_area().pack_start(rows.frame, False, False, 0)
     who = "no token set" if not settings.token else f"token {settings.masked_token()}"
-    note = Gtk.Label(label=f"Gateway: {settings.url} ({who}).\n"
-                           "Change it in Filters > Generate Variations Settings.")
-    note.set_xalign(0.0)
-    note.get_style_context().add_class("dim-label")
-    note.set_margin_top(6)
-    dialog.get_content_area().pack_end(note, False, False, 0)
-    note.show()
+    footer = Gtk.Label(label=f"Gateway: {settings.url} ({who}).\n"
+                             "Change it in Filters > Generate Variations Settings.")
+    footer.set_xalign(0.0)
+    footer.get_style_context().add_class("dim-label")
+    footer.set_margin_top(6)
+    dialog.get_content_area().pack_end(footer, False, False, 0)
+    footer.show()
     if _autotest():
         dialog.show()
-        _autotest_record("generate-dialog.json", {"widgets": _widget_kinds(dialog)})
-    _auto_accept(dialog, Gtk.ResponseType.OK)
+
+        def ready():
+            # Test hook: record the dialog once the gateway's controls are shown, then OK.
+            _autotest_record("generate-dialog.json", {"widgets": _widget_kinds(dialog),
+                                                      "steer": rows.state()})
+            _auto_accept(dialog, Gtk.ResponseType.OK)
+        rows.on_ready.append(ready)
     ok = dialog.run()
+    if ok:
+        rows.store(config)
+    rows.closed = True
     dialog.destroy()
     return ok
 
 
-def run_generate(procedure, run_mode, image, drawables, config, data):
+def _record_of(drawable):
+    """The record Generate Variations left on ``drawable`` (a result layer or its group),
+    or None."""
+    for item in (drawable, drawable.get_parent()):
+        if item is None:
+            continue
+        parasite = item.get_parasite(vg_steer.PARASITE)
+        if parasite is not None:
+            record = vg_steer.read_record(bytes(parasite.get_data()))
+            if record is not None:
+                return record
+    return None
+
+
+class Args:
+    """One run's arguments, from the procedure's config or from a record."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    @classmethod
+    def of_config(cls, config):
+        return cls(n=int(config.get_property("n")), size=config.get_property("size"),
+                   fresh=bool(config.get_property("fresh")),
+                   square_mode=config.get_property("square-mode"),
+                   scale_to_source=bool(config.get_property("scale-to-source")),
+                   model=config.get_property("model") or "",
+                   strength=float(config.get_property("strength")),
+                   seed=int(config.get_property("seed")),
+                   hint=config.get_property("hint") or "")
+
+
+def _one_layer(procedure, drawables):
     if len(drawables) != 1 or not isinstance(drawables[0], Gimp.Layer) \
             or isinstance(drawables[0], Gimp.GroupLayer):
-        return _fail(procedure, "Generate Variations works on one ordinary layer: select a "
-                                "single layer (not a group, mask or channel) and try again.",
-                     Gimp.PDBStatusType.CALLING_ERROR)
-    layer = drawables[0]
+        return None, _fail(procedure, "Generate Variations works on one ordinary layer: "
+                                      "select a single layer (not a group, mask or channel) "
+                                      "and try again.", Gimp.PDBStatusType.CALLING_ERROR)
+    return drawables[0], None
+
+
+def run_generate(procedure, run_mode, image, drawables, config, data):
+    layer, error = _one_layer(procedure, drawables)
+    if error is not None:
+        return error
     try:
         settings = _settings()
     except Failure as e:
         return _fail(procedure, str(e))
 
     if run_mode == Gimp.RunMode.INTERACTIVE and not _interactive_dialog(
-            procedure, config, settings):
+            procedure, config, settings, layer):
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    args = Args.of_config(config)
+    b = Gimp.Selection.bounds(image)
+    selection = (b[2], b[3], b[4] - b[2], b[5] - b[3]) if bool(b[1]) else None
+    rv, seed = _generate(procedure, image, layer, args, settings, selection)
+    if seed is not None:
+        config.set_property("last-seed", seed)  # "Reuse last seed" in the next dialog
+    return rv
 
-    n = int(config.get_property("n"))
-    size = config.get_property("size")
-    fresh = bool(config.get_property("fresh"))
-    square_mode = config.get_property("square-mode")
-    scale_to_source = bool(config.get_property("scale-to-source"))
 
+def run_more(procedure, run_mode, image, drawables, config, data):
+    """More like this: the settings recorded on the chosen variation (or its group), the
+    next seeds, the same source layer and area."""
+    if len(drawables) != 1 or not isinstance(drawables[0], Gimp.Layer):
+        return _fail(procedure, "Select one layer made by Generate Variations (or its group) "
+                                "and try again.", Gimp.PDBStatusType.CALLING_ERROR)
+    record = _record_of(drawables[0])
+    if record is None:
+        return _fail(procedure, f"The layer '{drawables[0].get_name()}' was not made by "
+                                "Generate Variations: select one of its results (or their "
+                                "group), or use Filters > Generate Variations.",
+                     Gimp.PDBStatusType.CALLING_ERROR)
+    source = image.get_layer_by_tattoo(record.source_tattoo) \
+        if record.source_tattoo is not None else None
+    if source is None or isinstance(source, Gimp.GroupLayer):
+        return _fail(procedure, f"The layer these variations were made from "
+                                f"('{record.source_name}') is no longer in the image, so "
+                                "there is nothing to make more of.")
+    try:
+        settings = _settings()
+    except Failure as e:
+        return _fail(procedure, str(e))
+    more = vg_steer.more_like_this(record)
+    args = Args(fresh=False, **vars(more))
+    return _generate(procedure, image, source, args, settings, record.selection)[0]
+
+
+def _generate(procedure, image, layer, args, settings, selection):
+    """Upload, ask the gateway, import: (return values, the first seed sent or None)."""
     Gimp.progress_init(f"Generate Variations: preparing {layer.get_name()}...")
     try:
         with tempfile.TemporaryDirectory(prefix="generate-variations-") as tmpdir:
             # No token is fine for a gateway with auth mode "none"; one that wants a token
             # answers 401, which reads as "The gateway needs a token ...".
             lx, ly = _pair(layer.get_offsets())
-            b = Gimp.Selection.bounds(image)
-            non_empty = bool(b[1])
-            selection = (b[2], b[3], b[4], b[5]) if non_empty else None
+            bounds = None if selection is None else (
+                selection[0], selection[1], selection[0] + selection[2],
+                selection[1] + selection[3])
             try:
                 plan = vg_prepare.make_plan(lx, ly, layer.get_width(), layer.get_height(),
-                                            selection, square_mode, size)
+                                            bounds, args.square_mode, args.size)
             except vg_prepare.PrepareError as e:
                 raise Failure(str(e)) from None
             _progress("Preparing the square source image...", 0.0)
@@ -286,27 +382,43 @@ def run_generate(procedure, run_mode, image, drawables, config, data):
                 os.makedirs(dbg, exist_ok=True)
                 with open(os.path.join(dbg, "upload.png"), "wb") as f:
                     f.write(png)
+            controls = _in_thread(lambda: vg_steer.model_controls(
+                settings.url, settings.token, args.model, settings.timeout,
+                settings.ca_file), "Asking the gateway what the model honours...")
+            try:
+                steer = vg_steer.plan(controls, model=args.model, strength=args.strength,
+                                      seed=args.seed, hint=args.hint, n=args.n)
+            except vg_steer.SteerError as e:
+                raise Failure(str(e)) from None
             _progress(f"Uploading {len(png) // 1024 + 1} KB ({side}x{side}) to "
                       f"{settings.url}...", 0.05)
+            n, size = args.n, args.size
             try:
                 result = _in_thread(
                     lambda: vg_client.request_variations(
-                        settings.url, settings.token, png, n=n, size=size, fresh=fresh,
-                        timeout=settings.timeout, ca_file=settings.ca_file),
+                        settings.url, settings.token, png, n=n, size=size, fresh=args.fresh,
+                        timeout=settings.timeout, ca_file=settings.ca_file,
+                        extra=steer.fields()),
                     f"Waiting for the gateway to make {n} variation"
                     f"{'s' if n != 1 else ''} ({size})...")
             except vg_client.GatewayError as e:
                 raise Failure(str(e)) from None
-            _import_results(image, layer, plan, result.images, scale_to_source, tmpdir)
+            records = vg_steer.records(
+                steer, request_id=result.request_id, n=n, size=size,
+                square_mode=args.square_mode, scale_to_source=args.scale_to_source,
+                source_tattoo=layer.get_tattoo(), source_name=layer.get_name(),
+                selection=selection)
+            _import_results(image, layer, plan, result.images, args.scale_to_source,
+                            tmpdir, vg_steer.group_name(layer.get_name(), steer), records)
     except Failure as e:
         Gimp.progress_end()
-        return _fail(procedure, str(e))
+        return _fail(procedure, str(e)), None
     except Exception as e:
         Gimp.progress_end()
-        return _fail(procedure, f"Generate Variations failed unexpectedly: {e}")
+        return _fail(procedure, f"Generate Variations failed unexpectedly: {e}"), None
     Gimp.progress_end()
     Gimp.displays_flush()
-    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error()), steer.seed
 
 
 def _settings_dialog(settings):
@@ -486,7 +598,7 @@ class GenerateVariations(Gimp.PlugIn):
         return False
 
     def do_query_procedures(self):
-        return [PROC, PROC_SETTINGS]
+        return [PROC, PROC_MORE, PROC_SETTINGS]
 
     def do_create_procedure(self, name):
         if name == PROC_SETTINGS:
@@ -506,6 +618,20 @@ class GenerateVariations(Gimp.PlugIn):
             p.add_string_return_value("summary", "Summary",
                                       "The user's quota as the gateway reports it", "",
                                       GObject.ParamFlags.READWRITE)
+            return p
+
+        if name == PROC_MORE:
+            p = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run_more, None)
+            p.set_image_types("*")
+            p.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
+            p.set_menu_label("Generate _More Like This")
+            p.add_menu_path("<Image>/Filters")
+            p.set_documentation(
+                "More variations with the same settings and the next seeds",
+                "Run on a layer (or group) made by Generate Variations: makes as many "
+                "variations again of the same source layer and area, with the same model, "
+                "strength, hint, size and shape, and the seeds that follow the group's.", name)
+            p.set_attribution("variations-gateway", "variations-gateway", "2025")
             return p
 
         p = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run_generate, None)
@@ -540,7 +666,26 @@ class GenerateVariations(Gimp.PlugIn):
         p.add_boolean_argument("scale-to-source", "Scale results back to the source _area",
                                "Scale each result back over the pixels it was made from",
                                True, GObject.ParamFlags.READWRITE)
+        _add_steer_arguments(p)
         return p
+
+
+def _add_steer_arguments(p):
+    """Issue 22's controls: sent only when set and honoured by the model (vg_steer)."""
+    rw = GObject.ParamFlags.READWRITE
+    p.add_string_argument("model", "_Model", "A model the gateway lists in /v1/models; "
+                          "empty: the gateway's default", "", rw)
+    p.add_double_argument("strength", "How _different",
+                          "How far the variations stray, 0 to 1; -1: the model's default",
+                          vg_steer.MODEL_DEFAULT, 1.0, vg_steer.MODEL_DEFAULT, rw)
+    p.add_int_argument("seed", "S_eed", "Seed of the first variation (the next ones use "
+                       "seed + 1, ...); -1: a random one", vg_steer.RANDOM_SEED,
+                       vg_steer.SEED_MAX, vg_steer.RANDOM_SEED, rw)
+    p.add_string_argument("hint", "_Hint", "Optional words to steer the variations, "
+                          "e.g. autumn colours", "", rw)
+    # Not an argument of the call: the first seed of the last run, for "Reuse last seed".
+    p.add_int_aux_argument("last-seed", "Last seed", "The first seed the last run used",
+                           -1, vg_steer.SEED_MAX, -1, rw)
 
 
 Gimp.main(GenerateVariations.__gtype__, sys.argv)

@@ -531,9 +531,11 @@ def request_variations(
     filename: str = "image.png",
     user: str | None = None,
     ca_file: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> VariationsResult:
     """``POST /v1/images/variations`` with ``response_format=b64_json``; returns the PNGs.
-    ``ca_file``: a PEM file of the studio's CA, trusted besides the OS trust store."""
+    ``ca_file``: a PEM file of the studio's CA, trusted besides the OS trust store.
+    ``extra``: the gateway's own fields (model, strength, seed, prompt; vg_steer)."""
     if not png.startswith(PNG_SIGNATURE):
         raise GatewayError("Internal error: the prepared upload is not a PNG.", kind="client")
     if len(png) >= MAX_UPLOAD:
@@ -544,6 +546,7 @@ def request_variations(
     fields = {"n": str(int(n)), "size": size, "response_format": "b64_json"}
     if user:
         fields["user"] = user
+    fields.update(extra or {})
     body, ctype = build_multipart(fields, [("image", filename, "image/png", png)])
     headers = {"Content-Type": ctype}
     if fresh:

@@ -78,10 +78,19 @@ def offsets(item):
     return [t[-2], t[-1]]
 
 
+def record(item):
+    """The plug-in's JSON parasite on ``item`` (issue 22), and its flags."""
+    p = item.get_parasite("generate-variations")
+    if p is None:
+        return None
+    return {"flags": p.get_flags(), "data": json.loads(bytes(p.get_data()).decode())}
+
+
 def tree(img):
     def node(item):
         d = {"name": item.get_name(), "size": [item.get_width(), item.get_height()],
-             "offsets": offsets(item), "group": isinstance(item, Gimp.GroupLayer)}
+             "offsets": offsets(item), "group": isinstance(item, Gimp.GroupLayer),
+             "record": record(item)}
         if d["group"]:
             d["children"] = [node(c) for c in item.get_children()]
         return d
@@ -104,12 +113,12 @@ def set_settings(url, token):
     vg_settings.save(Gimp.directory(), url, token, 60)
 
 
-def run(case, img, layer, **args):
+def run(case, img, layer, procedure="python-fu-generate-variations", **args):
     upload = os.path.join(job["debug_dir"], "upload.png")
     if os.path.exists(upload):
         os.unlink(upload)
     before = tree(img)
-    proc = Gimp.get_pdb().lookup_procedure("python-fu-generate-variations")
+    proc = Gimp.get_pdb().lookup_procedure(procedure)
     cfg = proc.create_config()
     cfg.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
     cfg.set_property("image", img)
@@ -255,6 +264,36 @@ def failing_case(name, url, token, salt):
         run(name, img, layer, n=2, size="256x256")
 
 
+# Issue 22: strength and seed; the same seed again (a HIT, then fresh from the backend);
+# More like this on a result layer. Each run on its own copy of the same pixels.
+STEER = {"n": 2, "size": "256x256", "strength": 0.4, "seed": 1234,
+         "square-mode": "selection-or-center-crop", "scale-to-source": False}
+
+
+def steer_case(name, **extra):
+    @case(name)
+    def _s():
+        img = new_image(300, 200)
+        layer = add_layer(img, "Dusk", 300, 200, Gimp.ImageType.RGB_IMAGE, 3, salt=55)
+        run(name, img, layer, **{**STEER, **extra})
+        if name == "steer":
+            # More like this, on the second variation of the group just made.
+            variation = img.get_layers()[0].get_children()[1]
+            run("steer-more", img, variation, procedure="python-fu-generate-variations-more")
+            results["cases"]["steer-more"]["tattoo_of_source"] = layer.get_tattoo()
+            xcf = os.path.join(OUT, "steer.xcf")
+            Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(xcf), None)
+            back = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(xcf))
+            results["cases"]["steer"]["reloaded"] = tree(back)
+            back.delete()
+
+
+steer_case("steer")
+steer_case("steer-again")
+steer_case("steer-fresh", fresh=True)
+steer_case("steer-other-strength", strength=0.9)
+
+
 failing_case("quota", job["url"], job["tokens"]["carol"], 101)
 failing_case("bad-token", job["url"], "not-a-valid-token-at-all", 102)
 failing_case("unreachable", job["dead_url"], job["tokens"]["alice"], 103)
@@ -285,7 +324,8 @@ def _settings_proc():
 
 results["menu"] = {
     name: {"label": p.get_menu_label(), "paths": list(p.get_menu_paths())}
-    for name in ("python-fu-generate-variations", "python-fu-generate-variations-settings")
+    for name in ("python-fu-generate-variations", "python-fu-generate-variations-more",
+                 "python-fu-generate-variations-settings")
     for p in [Gimp.get_pdb().lookup_procedure(name)]
 }
 with open(os.path.join(OUT, "results.json"), "w") as f:

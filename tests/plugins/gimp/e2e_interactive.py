@@ -62,6 +62,8 @@ try:
     res["children"] = [[c.get_name(), c.get_width(), c.get_height(), list(c.get_offsets())[-2:]]
                        for c in (group.get_children() if isinstance(group, Gimp.GroupLayer)
                                  else [])]
+    p = group.get_parasite("generate-variations")
+    res["group_record"] = json.loads(bytes(p.get_data()).decode()) if p else None
     res["parasites"] = list(img.get_parasite_list())
     Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img,
                    Gio.File.new_for_path(os.path.join(OUT, "interactive.xcf")), None)

@@ -101,12 +101,14 @@ def running_gateway(tmp: Path, config: Path, host: str = "127.0.0.1") -> Iterato
 
 
 def post_variations(
-    url: str, token: str, png: bytes, n: int, size: str, fresh: bool = False
+    url: str, token: str, png: bytes, n: int, size: str, fresh: bool = False,
+    extra: Mapping[str, str] | None = None,
 ) -> tuple[int, dict[str, str], dict[str, Any]]:
-    """A reference request made without the plug-in's client (for comparisons)."""
+    """A reference request made without the plug-in's client (for comparisons);
+    ``extra``: the gateway's own fields (strength, seed, prompt, model)."""
     boundary = "----test-boundary-7d1c"
-    body = support.multipart_body({"n": str(n), "size": size, "response_format": "b64_json"},
-                                  png, boundary)
+    body = support.multipart_body({"n": str(n), "size": size, "response_format": "b64_json",
+                                   **(extra or {})}, png, boundary)
     headers = {"Authorization": f"Bearer {token}",
                "Content-Type": f"multipart/form-data; boundary={boundary}"}
     if fresh:
