@@ -1,7 +1,8 @@
 """A real PostgreSQL (Debian's ``postgresql`` package) for the audit tests.
 
 Its own cluster (``initdb``) in a temporary directory, on a free loopback port, run as a
-non-root user (PostgreSQL refuses root; the tests run as root in CI): ``nobody``. Unix
+non-root user (PostgreSQL refuses root; the tests run as root in CI): ``nobody``, set
+by Popen's ``user``/``group`` (what ``runuser`` does, without a process in between). Unix
 sockets go to the cluster's directory; 127.0.0.1 uses trust auth. Readiness is a
 connection polled against a deadline. :meth:`stop` and :meth:`start` keep the data and
 the port, for the outage tests.
@@ -14,11 +15,11 @@ import contextlib
 import glob
 import os
 import pwd
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import IN_CI, eventually_sync, free_port, stop_process
@@ -31,10 +32,12 @@ def pg_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
-def _as_user(argv: list[str]) -> list[str]:
+def _as_user() -> dict[str, Any]:
+    """Popen arguments that drop root for :data:`RUN_AS` (as ``runuser`` would, but the
+    child is postgres itself, so :meth:`PostgresServer.stop`'s signal reaches it)."""
     if os.geteuid() != 0:
-        return argv
-    return [shutil.which("runuser") or "/usr/sbin/runuser", "-u", RUN_AS, "--", *argv]
+        return {}
+    return {"user": RUN_AS, "group": pwd.getpwnam(RUN_AS).pw_gid, "extra_groups": []}
 
 
 @dataclass
@@ -65,19 +68,19 @@ class PostgresServer:
                 if parent == Path("/tmp") or parent == Path("/"):
                     break
                 os.chmod(parent, os.stat(parent).st_mode | 0o011)
-        r = subprocess.run(_as_user([str(self.bindir / "initdb"), "-D",
-                                     str(self.workdir / "data"), "-U", "postgres",
-                                     "--auth=trust", "--no-sync", "-E", "UTF8"]),
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run([str(self.bindir / "initdb"), "-D", str(self.workdir / "data"),
+                            "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
+                           capture_output=True, text=True, timeout=120, cwd=self.workdir,
+                           **_as_user())
         assert r.returncode == 0, r.stdout + r.stderr
 
     def start(self, deadline_s: float = 30) -> None:
         log = open(self.workdir / "postgres.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            _as_user([str(self.bindir / "postgres"), "-D", str(self.workdir / "data"),
-                      "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.workdir),
-                      "-c", "fsync=off", "-c", "max_connections=60"]),
-            stdout=log, stderr=subprocess.STDOUT)
+            [str(self.bindir / "postgres"), "-D", str(self.workdir / "data"),
+             "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.workdir),
+             "-c", "fsync=off", "-c", "max_connections=60"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, **_as_user())
         log.close()
         proc, last = self.proc, []
 
