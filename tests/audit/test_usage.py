@@ -104,3 +104,38 @@ async def test_usage_csv_is_for_the_admin_only(gateway_client: Any) -> None:
         assert r.status == 403
     async with client.get("/admin/usage.csv") as r:
         assert r.status == 401
+
+
+def test_usage_cli_prints_the_month_from_a_running_gateway(
+        gateway_process: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``variations-gateway usage``: the admin token from the environment, a table or
+    the CSV as is; a bad month is the gateway's 400 message, exit 1."""
+    import urllib.request
+
+    from support import multipart_body
+
+    from gateway.cli import main
+
+    g = gateway_process()
+    body = multipart_body({"n": "2", "size": "256x256"}, png_bytes(32), "b")
+    req = urllib.request.Request(g.url + "/v1/images/variations", data=body, headers={
+        **auth(), "Content-Type": "multipart/form-data; boundary=b"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+    month = datetime.now(UTC).strftime("%Y-%m")
+    monkeypatch.delenv("VARIATIONS_GATEWAY_ADMIN_TOKEN", raising=False)
+    assert main(["usage", "--url", g.url]) == 2  # no token: says which variable
+    assert "VARIATIONS_GATEWAY_ADMIN_TOKEN" in capsys.readouterr().err
+    monkeypatch.setenv("VARIATIONS_GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    assert main(["usage", "--month", month, "--url", g.url, "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["member"]: (r["images"], r["requests"]) for r in rows} == {
+        "alice": ("2", "1"), "bob": ("0", "0")}
+    assert main(["usage", "--month", month, "--url", g.url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["member", "month", "images", "requests", "cache_hits",
+                                "spend_usd"]
+    assert lines[-1].split()[:4] == ["total", month, "2", "1"]
+    assert main(["usage", "--month", "2024-13", "--url", g.url]) == 1
+    assert "Invalid 'month'" in capsys.readouterr().err
