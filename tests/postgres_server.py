@@ -15,7 +15,9 @@ import contextlib
 import glob
 import os
 import pwd
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,10 +66,6 @@ class PostgresServer:
         if os.geteuid() == 0:
             entry = pwd.getpwnam(RUN_AS)
             os.chown(self.workdir, entry.pw_uid, entry.pw_gid)
-            for parent in self.workdir.parents:  # pytest's tmp dirs are 0700 root
-                if parent == Path("/tmp") or parent == Path("/"):
-                    break
-                os.chmod(parent, os.stat(parent).st_mode | 0o011)
         r = subprocess.run([str(self.bindir / "initdb"), "-D", str(self.workdir / "data"),
                             "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
                            capture_output=True, text=True, timeout=120, cwd=self.workdir,
@@ -121,7 +119,7 @@ class PostgresServer:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL cluster for the session (tests make their own databases)."""
     bindir = pg_bin()
     if bindir is None:
@@ -130,11 +128,15 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    server = PostgresServer(tmp_path_factory.mktemp("postgres"), bindir)
-    server.init()
-    server.start()
+    # Not under pytest's base temp: pytest keeps that 0700 for root, which the
+    # unprivileged server could not enter.
+    workdir = Path(tempfile.mkdtemp(prefix="vg-postgres-"))
+    server = PostgresServer(workdir, bindir)
     try:
+        server.init()
+        server.start()
         yield server
     finally:
         with contextlib.suppress(Exception):
             server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

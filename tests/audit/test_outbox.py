@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -78,7 +79,7 @@ async def test_shipper_backs_off_while_postgres_is_away_and_catches_up(
     away = PostgresStore(closed, connect_timeout=2)
     shipper = Shipper(outbox, away, batch=3, backoff_initial=0.5, backoff_max=2.0,
                       sleep=sleep)
-    task = __import__("asyncio").create_task(shipper.run())
+    task = asyncio.create_task(shipper.run())
     try:
         await _fill(outbox, 7)
         await eventually(lambda: len(waits) >= 5, "five failed tries")
@@ -90,7 +91,7 @@ async def test_shipper_backs_off_while_postgres_is_away_and_catches_up(
     await _create_database(postgres_server, "catchup")
     store = PostgresStore(dsn)
     shipper = Shipper(outbox, store, batch=3)
-    task = __import__("asyncio").create_task(shipper.run())
+    task = asyncio.create_task(shipper.run())
     try:
         await eventually(lambda: outbox.backlog().records == 0, "the outbox shipped")
         assert await _count(dsn) == (7, 7)
