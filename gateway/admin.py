@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import csv
+import io
+import time
+from datetime import UTC, datetime
 
 from aiohttp import web
 
+from gateway.audit import MemberUsage, month_range
 from gateway.errors import ApiError, invalid
 from gateway.keys import AUDIT, AUDIT_RECORD, AUTH, QUOTA, snapshot
 
@@ -47,10 +51,12 @@ def _known(request: web.Request, name: str) -> bool:
 
 
 async def admin_usage(request: web.Request) -> web.Response:
-    """Per user: images today and this month, requests, cache hits, spend."""
+    """Per user: images today and this month, requests, cache hits, spend. With
+    ``audit.kind: postgres`` from the team's audit trail (every replica), else the ledger."""
     require_admin(request)
     config = snapshot(request).config
-    rows = await request.app[QUOTA].all_usage()
+    team = await request.app[AUDIT].team_usage(time.time())
+    rows = team if team is not None else await request.app[QUOTA].all_usage()
     for name in [*config.users, *(p.name for p in request.app[AUTH].principals())]:
         rows.setdefault(name, {"images_today": 0, "images_this_month": 0, "requests_today": 0,
                                "cache_hits_today": 0, "spend_usd_this_month": 0.0})
@@ -104,7 +110,7 @@ async def admin_audit(request: web.Request) -> web.Response:
     assert limit is not None
     if not 1 <= limit <= MAX_AUDIT_PAGE:
         raise invalid(f"Invalid 'limit': expected 1 to {MAX_AUDIT_PAGE}.", "limit")
-    rows = request.app[AUDIT].query(
+    rows = await request.app[AUDIT].search(
         member=q.get("user") or None, end_user=q.get("end_user") or None,
         since=_time(q.get("since"), "since"), until=_time(q.get("until"), "until"),
         before_id=_int(q.get("before"), "before", None), limit=limit + 1)
@@ -132,3 +138,31 @@ async def block(request: web.Request) -> web.Response:
 
 async def unblock(request: web.Request) -> web.Response:
     return await _set_block(request, False)
+
+
+CSV_FIELDS = ("member", "month", "images", "requests", "cache_hits", "spend_usd")
+
+
+async def usage_csv(request: web.Request) -> web.Response:
+    """``?month=YYYY-MM`` (default: this UTC month): one row per member, from the audit
+    trail (the team's with ``audit.kind: postgres``), for chargeback."""
+    require_admin(request)
+    month = request.query.get("month") or datetime.now(UTC).strftime("%Y-%m")
+    try:
+        start, end = month_range(month)
+    except ValueError:
+        shown = month[:20].encode("unicode_escape").decode("ascii")
+        raise invalid(f"Invalid 'month': expected YYYY-MM, got '{shown}'.", "month"
+                      ) from None
+    usage = await request.app[AUDIT].member_usage(start, end)
+    for principal in request.app[AUTH].principals():
+        usage.setdefault(principal.name, MemberUsage())
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for name, u in sorted(usage.items()):
+        # A spreadsheet runs a cell that starts with = + - @ as a formula.
+        cell = f"'{name}" if name[:1] in ("=", "+", "-", "@") else name
+        writer.writerow([cell, month, u.images, u.requests, u.cache_hits, f"{u.spend_usd:.6f}"])
+    return web.Response(text=out.getvalue(), content_type="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="usage-{month}.csv"'})

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from gateway import admin, admin_users, discovery, health, memory, variations
 from gateway.abuse import Suspicion
-from gateway.audit import AuditLog, AuditRecord
+from gateway.audit import AuditRecord
 from gateway.auth import Authenticator
 from gateway.charging import records_unavailable
 from gateway.config import Config
@@ -55,7 +55,7 @@ from gateway.proxies import ClientAddress
 from gateway.quota import QuotaRejected, budget_used
 from gateway.render import Renderer
 from gateway.router import Router
-from gateway.state import build_state
+from gateway.state import build_audit, build_state
 from gateway.upload import UploadBudget
 from gateway.writes import WriteHealth
 
@@ -225,7 +225,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(app[IMAGES].sweeper(config.images.sweep_interval_seconds)),
              asyncio.create_task(_refresh_gauges(app)),
              asyncio.create_task(app[CACHE].sweeper()),
-             asyncio.create_task(app[AUDIT].keep_retention()),
+             asyncio.create_task(app[AUDIT].run()),
              asyncio.create_task(memory.trim_after_bursts())]
     if members is not None:  # other replicas' member changes
         tasks.append(asyncio.create_task(members.store.watch(app[AUTH].refresh)))
@@ -241,7 +241,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await app[ABUSE].close()
         if members is not None:
             await members.store.close()
-        app[AUDIT].close()
+        await app[AUDIT].aclose()
 
 
 async def _refresh_gauges(app: web.Application, interval: float = 5.0) -> None:
@@ -266,6 +266,8 @@ async def refresh_gauges(app: web.Application) -> None:
     if not live.config.metrics.enabled:
         return
     metrics = app[METRICS]
+    outbox = app[AUDIT].outbox_stats()
+    metrics.set_outbox(outbox.records, outbox.oldest_ts, time.time())
     live.router.report_breakers()  # open -> half_open happens with no request to see it
     with contextlib.suppress(Exception):
         metrics.set_cache_stats(*await app[CACHE].stats())
@@ -297,8 +299,7 @@ def build_app(config: Config, sha256: str | None = None) -> web.Application:
     app[USER_KEY] = user_hash_key(state.signing_key)
     app[QUOTA] = state.quota
     app[CACHE] = state.cache
-    app[AUDIT] = AuditLog(config.audit.path, config.audit.retention_days,
-                          stdout=config.audit.stdout)
+    app[AUDIT] = build_audit(config)
     app[ABUSE] = state.abuse
     app[PIXEL_HASHES] = PixelHashes()
     app[RENDERER] = Renderer(state.images, config.cache.memory_bytes)
@@ -315,6 +316,7 @@ def build_app(config: Config, sha256: str | None = None) -> web.Application:
     app.router.add_get("/", discovery.index)
     app.router.add_get("/v1/usage", admin.usage)
     app.router.add_get("/admin/usage", admin.admin_usage)
+    app.router.add_get("/admin/usage.csv", admin.usage_csv)
     app.router.add_get("/admin/audit", admin.admin_audit)
     admin_users.add_routes(app.router)
     app.router.add_post("/admin/users/{name}/block", admin.block)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__
+from gateway import __version__, cli_usage, cli_users
 from gateway.config import Config, ConfigError, dump_config, exposure_problem, load_config
 from gateway.tls import TLSFileError, server_context
 
@@ -424,9 +424,8 @@ def parser() -> argparse.ArgumentParser:
                    "transparency; any format Pillow reads is sent as PNG")
     v.set_defaults(func=cmd_vary)
 
-    from gateway import cli_users
-
     cli_users.add_parser(sub)
+    cli_usage.add_parser(sub)
 
     g = sub.add_parser("install-gimp-plugin", help="install the GIMP 3 plug-in for this user")
     try:

@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.auth import bearer_token, token_sha256
 from gateway.config import Config
 from gateway.errors import ApiError
-from gateway.keys import IMAGES, METRICS, QUOTA, WRITES, snapshot
+from gateway.keys import AUDIT, IMAGES, METRICS, QUOTA, WRITES, snapshot
 from gateway.live import Snapshot
 
 
@@ -58,6 +58,9 @@ async def readyz(request: web.Request) -> web.Response:
     failing = app[WRITES].failing()
     checks["writes"] = {store: f"failing: {why}" for store, why in failing.items()} or "ok"
     ok = ok and not failing
+    # Shown, never a reason to be unready: with kind postgres every answer is committed
+    # to the local outbox first, and PostgreSQL away only delays the team's view.
+    checks["audit"] = app[AUDIT].status()
     live = snapshot(request)
     states = await live.router.check()
     checks["backends"] = {s.name: {"kind": s.kind, "ready": s.ready, "detail": s.detail,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.abuse import Abuse
-from gateway.audit import AuditLog, AuditRecord
+from gateway.audit import AuditRecord, AuditTrail
 from gateway.auth import Authenticator
 from gateway.cache import ResultCache
 from gateway.images import Images
@@ -24,7 +24,7 @@ AUTH = web.AppKey("auth", Authenticator)
 IMAGES = web.AppKey("images", Images)
 QUOTA = web.AppKey("quota", QuotaStore)
 CACHE = web.AppKey("cache", ResultCache)
-AUDIT = web.AppKey("audit", AuditLog)
+AUDIT: web.AppKey[AuditTrail] = web.AppKey("audit")
 ABUSE = web.AppKey("abuse", Abuse)
 METRICS = web.AppKey("metrics", Metrics)
 PIXEL_HASHES = web.AppKey("pixel_hashes", PixelHashes)

@@ -212,6 +212,13 @@ class Metrics:
                                     registry=r)
         self.audit_errors = Counter(P + "audit_write_errors_total",
                                     "Audit records that could not be written.", registry=r)
+        self.audit_outbox_records = Gauge(
+            P + "audit_outbox_records", "Audit records committed to this replica's local "
+            "outbox and not yet shipped to PostgreSQL (0 with audit.kind: sqlite).",
+            registry=r)
+        self.audit_outbox_oldest_age = Gauge(
+            P + "audit_outbox_oldest_age_seconds", "Age of the oldest audit record waiting "
+            "in the outbox (0 when it is empty).", registry=r)
         self.abuse_suspected = Family(Counter(P + "abuse_suspected_total",
                                               "abuse_suspected events (many_end_users, "
                                               "repeated_limit_hits).", ["reason", "user"],
@@ -261,6 +268,10 @@ class Metrics:
     def user_label(self, member: str | None) -> str:
         """``member`` if named in the config (or ``anonymous``), else ``_unknown``."""
         return member if member is not None and member in self._members else UNKNOWN_USER
+
+    def set_outbox(self, records: int, oldest_ts: float | None, now: float) -> None:
+        self.audit_outbox_records.set(records)
+        self.audit_outbox_oldest_age.set(0 if oldest_ts is None else max(0.0, now - oldest_ts))
 
     def set_cache_stats(self, entries: int, total_bytes: int) -> None:
         self._cache_stats = (entries, total_bytes)

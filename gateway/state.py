@@ -16,6 +16,8 @@ from pathlib import Path
 
 from gateway.abuse import Abuse
 from gateway.abuse.memory import AbuseMonitor
+from gateway.audit import AuditTrail
+from gateway.audit.sqlite import AuditLog
 from gateway.cache import CacheIndex, ResultCache
 from gateway.cache.sqlite import SqliteCacheIndex
 from gateway.config import Config
@@ -60,6 +62,17 @@ def generation_deadline(config: Config) -> float:
             total += (b.queue_timeout_seconds + attempts * (b.timeout_seconds
                       + b.connect_timeout_seconds) + attempts * b.retry.backoff_max_seconds)
     return total + 60.0
+
+
+def build_audit(config: Config) -> AuditTrail:
+    """The audit trail; asyncpg is imported only with ``audit.kind: postgres``."""
+    a = config.audit
+    local = AuditLog(a.path, a.retention_days, stdout=a.stdout)
+    if a.kind != "postgres":
+        return local
+    from gateway.audit.postgres import PostgresAudit, PostgresStore
+
+    return PostgresAudit(local, PostgresStore(a.dsn or ""), a.retention_days)
 
 
 def build_state(config: Config) -> State:

@@ -12,6 +12,8 @@ need nginx nginx
 need wrk wrk
 need debootstrap debootstrap
 need systemd-analyze systemd
+# PostgreSQL's server binaries live outside PATH (tests/postgres_server.py finds them).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || want+=(postgresql)
 
 if [ ${#want[@]} -eq 0 ]; then
   exit 0

@@ -1,6 +1,7 @@
 """Fixtures for every test; the helpers themselves live in support.py."""
 
 import pytest
+from postgres_server import postgres_server  # noqa: F401
 from redis_server import redis_server  # noqa: F401
 from support import IN_CI, gateway_client, gateway_process, make_config  # noqa: F401
 

@@ -14,7 +14,8 @@ import structlog
 from instrumented_backend import Start, register, variation_form, vary
 from support import ADMIN_TOKEN, TOKENS, eventually, eventually_sync, png_bytes
 
-from gateway.audit import AuditLog, AuditRecord
+from gateway.audit import AuditRecord
+from gateway.audit.sqlite import AuditLog
 from gateway.keys import AUDIT
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -142,7 +143,7 @@ async def test_retention_days(instrumented: Start, monkeypatch: pytest.MonkeyPat
 
     # Two days later, without a restart: the background task purges.
     later = types.SimpleNamespace(time=lambda: time.time() + 2 * 86400)
-    monkeypatch.setattr("gateway.audit.time", later)
+    monkeypatch.setattr("gateway.audit.sqlite.time", later)
     await eventually(lambda: "req_recent" not in ids(), "the recent row purged two days on")
 
 

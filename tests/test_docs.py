@@ -71,7 +71,7 @@ def test_every_whole_config_in_the_docs_loads(tmp_path: Path) -> None:
     top = {f.name for f in dataclasses.fields(Config)}
     ca = make_test_ca(tmp_path / "tls")
     env = dict.fromkeys(("OPENAI_API_KEY", "XINFERENCE_KEY", "UPSTREAM_KEY",
-                         "SDWEBUI_PASSWORD", "COMFY_PROXY_TOKEN"), "secret")
+                         "SDWEBUI_PASSWORD", "COMFY_PROXY_TOKEN", "AUDIT_DB_PASSWORD"), "secret")
     checked = []
     for page in pages():
         for block in re.findall(r"```yaml\n(.*?)```", page.read_text(encoding="utf-8"), re.S):

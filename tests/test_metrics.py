@@ -56,6 +56,8 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     P + "backend_model_available": ("gauge", frozenset({"backend"})),
     P + "audit_events": ("counter", frozenset()),
     P + "audit_write_errors": ("counter", frozenset()),
+    P + "audit_outbox_records": ("gauge", frozenset()),
+    P + "audit_outbox_oldest_age_seconds": ("gauge", frozenset()),
     P + "abuse_suspected": ("counter", frozenset({"reason", "user"})),
     P + "storage_free_ratio": ("gauge", frozenset({"store"})),
     P + "config_reloads": ("counter", frozenset({"result"})),

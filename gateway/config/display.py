@@ -22,7 +22,13 @@ def _mask(key: str, value: Any) -> Any:
         return "***"
     if key.endswith("_url") and isinstance(value, str):
         return _mask_url(value)
+    if key == "dsn" and isinstance(value, str):
+        return _mask_url(value) if "://" in value else _KEYWORD_SECRET.sub(r"\1***", value)
     return value
+
+
+# A key=value DSN's password (``host=db password=s3cret``); quoted or not.
+_KEYWORD_SECRET = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
 
 _SECRET_QUERY = re.compile(r"key|token|secret|pass|auth|sig", re.IGNORECASE)

@@ -208,6 +208,9 @@ def _check(b: _Builder, cfg: Config) -> None:
     _check_members(b, cfg)
     if cfg.state.kind == "redis" and not cfg.state.redis_url:
         raise b.error("state.kind redis needs state.redis_url", "state.redis_url")
+    if cfg.audit.kind == "postgres" and not cfg.audit.dsn:
+        raise b.error("audit.kind postgres needs audit.dsn (postgresql://user@host/db; "
+                      "the password from ${ENV})", "audit.dsn")
     if cfg.images.store == "redis" and cfg.state.kind != "redis":
         raise b.error("images.store redis needs state.kind redis", "images.store")
     if cfg.server.public_base_url and not re.match(r"^https?://", cfg.server.public_base_url):

@@ -213,7 +213,12 @@ _BACKEND_COMMON = {f.name for f in dataclasses.fields(BackendConfig)} - {"option
 
 @dataclass(frozen=True)
 class AuditConfig:
+    """``kind: sqlite`` keeps the trail in ``path``; ``kind: postgres`` uses ``path`` as
+    the outbox and ships every record to the PostgreSQL database of ``dsn``."""
+
+    kind: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "var/audit.sqlite3"
+    dsn: str | None = field(default=None, repr=False)
     retention_days: int = 90
     stdout: bool = False
 
