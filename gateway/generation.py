@@ -44,6 +44,7 @@ class VariationRequest:
     # The client's variation controls (issue 22); None: the backend's own default.
     strength: float | None = None  # 0..1, how far the variations stray
     prompt: str | None = None  # a hint, joined to the backend's own prompt
+    seeded: bool = False  # the client chose ``seed`` (else it is the pool position's)
 
 
 def with_hint(prompt: str, hint: str | None, separator: str = ", ") -> str:

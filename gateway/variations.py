@@ -243,7 +243,7 @@ class _Generate:
         seed = seed_for(self.source.pixels_sha256, offset) if form.seed is None \
             else form.seed + max(offset, 0)
         job = VariationRequest(image, count, form.size, self.end_user, record.request_id,
-                               seed, form.strength, form.prompt)
+                               seed, form.strength, form.prompt, form.seed is not None)
         # A client that leaves now cancels this: the backend stops what it can
         # (procedural workers, ComfyUI prompts) and the charge's hold is refunded.
         result = await _call_backend(self.request, form.model, job)

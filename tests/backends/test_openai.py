@@ -218,3 +218,18 @@ async def test_with_send_controls_none_no_control_is_honoured(gateway_client: An
         assert up.fake.calls() == []
     finally:
         await server.close()
+
+
+async def test_a_request_without_controls_is_sent_as_before_controls(
+        gateway_client: Any) -> None:
+    # Another gateway (strict: it refuses fields beyond OpenAI's contract) configured
+    # before controls existed, with the default send_controls: a plain request must not
+    # gain a `kwargs` field, or every request of an upgraded config would get a 400.
+    up, server = await start_upstream(gateway_client, "openai", fake=OpenAIVariationsFake(KEY),
+                                      model="dall-e-2", prompt=None)
+    try:
+        answer = await vary(up.client, png_bytes(64, seed=54), n=2)
+        assert answer.status == 200, answer.body
+        assert "kwargs" not in up.fake.calls()[-1].fields
+    finally:
+        await server.close()

@@ -14,6 +14,9 @@ A request's variation controls go as ``send_controls`` says: ``kwargs`` (Xinfere
 ``strength`` and ``seed`` join the ``kwargs`` JSON, the hint is appended to ``prompt``),
 ``fields`` (another instance of this gateway: its own ``strength``/``seed``/``prompt``
 fields), or ``none`` (an upstream that takes neither, e.g. Lemonade: none honoured).
+A request that sets no control is sent exactly as before controls existed (no seed,
+no extra field), so a config written for an upstream that refuses unknown fields keeps
+working, and its pooled images keep their cache key.
 """
 
 from __future__ import annotations
@@ -86,8 +89,11 @@ class OpenAIBackend(OpenAIEndpoint[OpenAIOptions]):
     def identity(self) -> str:
         o = self.options
         extra = json.dumps(dict(o.extra), sort_keys=True)
+        # Unchanged for the default send_controls: a request without controls is
+        # sent as before, so the images pooled before controls existed stay valid.
+        how = "" if o.send_controls == "kwargs" else f":{o.send_controls}"
         return (f"openai:{strip_userinfo(self.base_url)}:{o.model}:{o.prompt}:"
-                f"{o.negative_prompt}:{extra}:{o.send_controls}")
+                f"{o.negative_prompt}:{extra}{how}")
 
     def form(self, request: VariationRequest) -> aiohttp.FormData:
         o = self.options
@@ -107,7 +113,9 @@ class OpenAIBackend(OpenAIEndpoint[OpenAIOptions]):
         form.add_field("size", f"{request.size}x{request.size}")
         form.add_field("response_format", "b64_json")
         kwargs = dict(o.extra)
-        if o.send_controls == "kwargs":  # the pool position's seed, as every backend
+        # The pool position's seed, when the client chose one, or in place of a
+        # configured one (which would give every image of the pool the same seed).
+        if o.send_controls == "kwargs" and (request.seeded or "seed" in kwargs):
             kwargs["seed"] = request.seed
             if request.strength is not None:
                 kwargs["strength"] = request.strength
@@ -122,7 +130,8 @@ class OpenAIBackend(OpenAIEndpoint[OpenAIOptions]):
     @staticmethod
     def _add_controls(form: aiohttp.FormData, request: VariationRequest) -> None:
         """Another gateway's own fields (its ``prompt`` is the hint, not a prompt)."""
-        form.add_field("seed", str(request.seed))
+        if request.seeded:
+            form.add_field("seed", str(request.seed))
         if request.strength is not None:
             form.add_field("strength", f"{request.strength:g}")
         if request.prompt:
