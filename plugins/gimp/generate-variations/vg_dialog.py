@@ -11,8 +11,8 @@ answer comes back through ``GLib.idle_add``. The values go into the config on OK
 
 import threading
 
-import vg_client
 import vg_steer
+from vg_errors import GatewayError
 
 LOADING = "Asking the gateway which controls this model honours..."
 
@@ -160,7 +160,7 @@ class SteerRows:
             try:
                 result = vg_steer.get_models(settings.url, settings.token, settings.timeout,
                                              settings.ca_file)
-            except vg_client.GatewayError as e:
+            except GatewayError as e:
                 result = str(e)
             except Exception as e:  # a thread must not die with a traceback
                 result = f"the model list could not be read ({type(e).__name__})."
