@@ -755,12 +755,13 @@ def test_background_call_returns_at_once_and_delivers_from_its_thread() -> None:
     assert got.get(timeout=30)[0] == "Testing the connection failed unexpectedly (KeyError)."
 
 
-PLUGIN_MAIN = HERE.parents[1] / "plugins" / "gimp" / "generate-variations" / \
-    "generate-variations.py"
+PLUGIN_DIR = HERE.parents[1] / "plugins" / "gimp" / "generate-variations"
+SETTINGS_DIALOG = PLUGIN_DIR / "vg_settings_dialog.py"
+GENERATE_DIALOG = PLUGIN_DIR / "vg_dialog.py"
 
 
-def _function(name: str) -> ast.FunctionDef:
-    tree = ast.parse(PLUGIN_MAIN.read_text())
+def _function(path: Path, name: str) -> ast.FunctionDef:
+    tree = ast.parse(path.read_text())
     return next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
 
 
@@ -777,7 +778,7 @@ def test_settings_dialog_tests_the_connection_off_the_gtk_thread() -> None:
     """GIMP glue (GTK is not importable here; the e2e run drives the real dialog): the
     dialog hands Test Connection to call_in_background, answers through GLib.idle_add and
     makes no blocking gateway call itself."""
-    calls = _calls(_function("_settings_dialog"))
+    calls = _calls(_function(SETTINGS_DIALOG, "settings_dialog"))
     assert "vg_client.call_in_background" in calls
     assert "GLib.idle_add" in calls
     assert not {"_test_connection", "_usage_summary", "vg_client.get_usage",
@@ -787,11 +788,11 @@ def test_settings_dialog_tests_the_connection_off_the_gtk_thread() -> None:
 def test_generate_dialog_asks_for_combo_boxes_before_fill() -> None:
     """GIMP 3.2 draws a 3-value Choice as radio buttons; a combo box asked for before
     fill() stays one in 3.0 and 3.2 (libgimp/gimpproceduredialog.c)."""
-    fn = _function("_interactive_dialog")
+    fn = _function(GENERATE_DIALOG, "generate_dialog")
     src = ast.unparse(fn)
     assert "dialog.get_widget(name, Gtk.ComboBox.__gtype__)" in src
     assert src.index("get_widget") < src.index("dialog.fill(")
-    tree = ast.parse(PLUGIN_MAIN.read_text())
+    tree = ast.parse(GENERATE_DIALOG.read_text())
     choice_args = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                        and ast.unparse(n.targets[0]) == "CHOICE_ARGS")
     assert set(choice_args) == {"size", "square-mode"}
