@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins" / "gimp" / "generate-variations"))
 sys.path.insert(0, str(ROOT / "tests" / "robustness"))
 
-import vg_client  # noqa: E402
+import vg_multipart  # noqa: E402
 from hostile_corpus import BOUNDARY, image_part, part  # noqa: E402
 from hostile_corpus import multipart as framed  # noqa: E402
 
@@ -94,7 +94,7 @@ async def test_real_clients_bodies_are_read_whole(
             base + "/images/variations", data=form) as r:
         assert r.status == 200
     bodies = list(seen)
-    body, ctype = vg_client.build_multipart(
+    body, ctype = vg_multipart.build_multipart(
         {"n": "4", "size": "256x256", "response_format": "b64_json", "user": "ann"},
         [("image", "layer.png", "image/png", PNG)])
     bodies += [(ctype, body), (f"multipart/form-data; boundary={B}",

@@ -259,7 +259,7 @@ end
 """
 
 
-# The GIMP plug-in's boundary shape (vg_client.encode_multipart); the SDK's httpx and curl
+# The GIMP plug-in's boundary shape (vg_multipart.build_multipart); the SDK's httpx and curl
 # also send 32-40 characters. Longer boundaries are found faster: a 13-character one made
 # every request's scan of the upload cost 13 us instead of 6.
 BOUNDARY = "----generate-variations-0123456789abcdef0123456789abcdef"

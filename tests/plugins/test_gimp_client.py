@@ -1,4 +1,5 @@
-"""The GIMP plug-in's HTTP client (plugins/gimp/generate-variations/vg_client.py) against a
+"""The GIMP plug-in's HTTP client (plugins/gimp/generate-variations/vg_client.py and
+the vg_http, vg_multipart and vg_errors modules it uses) against a
 real gateway process: the hand-built multipart is accepted, every error envelope becomes
 the right sentence, the usage call works. No GIMP needed."""
 
@@ -31,6 +32,9 @@ sys.path.insert(0, str(HERE.parents[1] / "plugins" / "gimp" / "generate-variatio
 sys.path.insert(0, str(HERE / "gimp"))
 
 import vg_client  # noqa: E402
+import vg_errors  # noqa: E402
+import vg_http  # noqa: E402
+import vg_multipart  # noqa: E402
 import vg_settings  # noqa: E402
 from tls_certs import make_test_ca  # noqa: E402
 from vg_gateway_proc import Gateway, raw_server, running_gateway, write_config  # noqa: E402
@@ -77,17 +81,17 @@ def sentence_of(fn: Any, *args: Any, **kwargs: Any) -> vg_client.GatewayError:
 
 
 def test_api_base_accepts_root_or_v1_urls() -> None:
-    assert vg_client.api_base("http://h:8080") == "http://h:8080/v1"
-    assert vg_client.api_base("http://h:8080/") == "http://h:8080/v1"
-    assert vg_client.api_base("http://h:8080/v1/") == "http://h:8080/v1"
-    assert vg_client.api_base("https://h/gw") == "https://h/gw/v1"
-    assert vg_client.api_base("h:9000") == "http://h:9000/v1"
-    assert "No gateway URL" in str(sentence_of(vg_client.api_base, ""))
-    assert "not an http" in str(sentence_of(vg_client.api_base, "ftp://x"))
+    assert vg_http.api_base("http://h:8080") == "http://h:8080/v1"
+    assert vg_http.api_base("http://h:8080/") == "http://h:8080/v1"
+    assert vg_http.api_base("http://h:8080/v1/") == "http://h:8080/v1"
+    assert vg_http.api_base("https://h/gw") == "https://h/gw/v1"
+    assert vg_http.api_base("h:9000") == "http://h:9000/v1"
+    assert "No gateway URL" in str(sentence_of(vg_http.api_base, ""))
+    assert "not an http" in str(sentence_of(vg_http.api_base, "ftp://x"))
 
 
 def test_multipart_body_is_well_formed() -> None:
-    body, ctype = vg_client.build_multipart(
+    body, ctype = vg_multipart.build_multipart(
         {"n": "3", "size": "256x256"}, [("image", 'we"ird.png', "image/png", b"\x89PNG-bytes")],
         boundary="XyZ")
     assert ctype == "multipart/form-data; boundary=XyZ"
@@ -327,7 +331,7 @@ def test_backend_errors_read_as_sentences(
     status: int, code: str, headers: dict[str, str], start: str, kind: str
 ) -> None:
     headers = {**headers, "x-request-id": "req_123"}
-    e = vg_client.error_sentence(status, envelope(status, "backend said no", code), headers,
+    e = vg_errors.error_sentence(status, envelope(status, "backend said no", code), headers,
                                  "http://gw/v1/images/variations")
     assert str(e).startswith(start)
     assert e.kind == kind
@@ -335,19 +339,19 @@ def test_backend_errors_read_as_sentences(
 
 
 def test_non_json_proxy_error() -> None:
-    e = vg_client.error_sentence(502, b"<html>Bad Gateway</html>", {}, "http://gw/v1/x")
+    e = vg_errors.error_sentence(502, b"<html>Bad Gateway</html>", {}, "http://gw/v1/x")
     assert str(e).startswith("The gateway at http://gw/v1/x answered HTTP 502 Bad Gateway "
                              "without an error message")
 
 
 def test_quota_sentence_from_headers_only() -> None:
     body = envelope(429, "Quota exceeded", "quota_exceeded")
-    e = vg_client.error_sentence(429, body, {"x-ratelimit-limit-images": "200",
+    e = vg_errors.error_sentence(429, body, {"x-ratelimit-limit-images": "200",
                                              "x-ratelimit-remaining-images": "1",
                                              "x-ratelimit-reset-images": "6h0m0s"}, "u")
     assert str(e) == ("Your image quota on the gateway is used up: 1 of 200 images are left; "
                       "it resets in 6h0m0s. Ask for fewer variations, or wait until it resets.")
-    e = vg_client.error_sentence(429, body, {"retry-after": "7200"}, "u")
+    e = vg_errors.error_sentence(429, body, {"retry-after": "7200"}, "u")
     assert "it resets in 2 h 0 min" in str(e)
 
 
@@ -468,7 +472,7 @@ def test_the_token_goes_only_to_the_gateway_itself(monkeypatch: pytest.MonkeyPat
         sent[url] = dict(req.header_items())
         return b"png", {}
 
-    monkeypatch.setattr(vg_client, "_call", call)
+    monkeypatch.setattr(vg_http, "call", call)
     api = "http://gw.example:8080/v1/images/variations"
     vg_client._download("/v1/images/files/a.png?sig=1", api, ALICE, 5)
     vg_client._download("https://cdn.example/v1/images/files/b.png?sig=1", api, ALICE, 5)
@@ -664,7 +668,7 @@ def test_state_store_outage_has_its_own_sentence() -> None:
     """503 state_unavailable (Redis down) is not the image backend being down."""
     body = envelope(503, "The gateway's state store (Redis) is unavailable; retry shortly.",
                     "state_unavailable")
-    e = vg_client.error_sentence(503, body, {"retry-after": "2", "x-request-id": "req_9"},
+    e = vg_errors.error_sentence(503, body, {"retry-after": "2", "x-request-id": "req_9"},
                                  "http://gw/v1/images/variations")
     assert e.kind == "state" and e.code == "state_unavailable"
     assert str(e).startswith("The gateway cannot reach its shared state store (Redis)")
@@ -708,7 +712,7 @@ def test_an_endless_answer_is_cut_at_the_cap(monkeypatch: pytest.MonkeyPatch) ->
     """No Content-Length (read until the connection closes): reading stops one byte past
     the cap instead of filling memory."""
     monkeypatch.setattr(vg_client, "MAX_ANSWER", 4096)
-    monkeypatch.setattr(vg_client, "MAX_SMALL_ANSWER", 1024)
+    monkeypatch.setattr(vg_http, "MAX_SMALL_ANSWER", 1024)
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b" " * 100_000
     with raw_server(answer) as url:
         errors = both_calls(url)
@@ -751,12 +755,13 @@ def test_background_call_returns_at_once_and_delivers_from_its_thread() -> None:
     assert got.get(timeout=30)[0] == "Testing the connection failed unexpectedly (KeyError)."
 
 
-PLUGIN_MAIN = HERE.parents[1] / "plugins" / "gimp" / "generate-variations" / \
-    "generate-variations.py"
+PLUGIN_DIR = HERE.parents[1] / "plugins" / "gimp" / "generate-variations"
+SETTINGS_DIALOG = PLUGIN_DIR / "vg_settings_dialog.py"
+GENERATE_DIALOG = PLUGIN_DIR / "vg_dialog.py"
 
 
-def _function(name: str) -> ast.FunctionDef:
-    tree = ast.parse(PLUGIN_MAIN.read_text())
+def _function(path: Path, name: str) -> ast.FunctionDef:
+    tree = ast.parse(path.read_text())
     return next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
 
 
@@ -773,7 +778,7 @@ def test_settings_dialog_tests_the_connection_off_the_gtk_thread() -> None:
     """GIMP glue (GTK is not importable here; the e2e run drives the real dialog): the
     dialog hands Test Connection to call_in_background, answers through GLib.idle_add and
     makes no blocking gateway call itself."""
-    calls = _calls(_function("_settings_dialog"))
+    calls = _calls(_function(SETTINGS_DIALOG, "settings_dialog"))
     assert "vg_client.call_in_background" in calls
     assert "GLib.idle_add" in calls
     assert not {"_test_connection", "_usage_summary", "vg_client.get_usage",
@@ -783,11 +788,11 @@ def test_settings_dialog_tests_the_connection_off_the_gtk_thread() -> None:
 def test_generate_dialog_asks_for_combo_boxes_before_fill() -> None:
     """GIMP 3.2 draws a 3-value Choice as radio buttons; a combo box asked for before
     fill() stays one in 3.0 and 3.2 (libgimp/gimpproceduredialog.c)."""
-    fn = _function("_interactive_dialog")
+    fn = _function(GENERATE_DIALOG, "generate_dialog")
     src = ast.unparse(fn)
     assert "dialog.get_widget(name, Gtk.ComboBox.__gtype__)" in src
     assert src.index("get_widget") < src.index("dialog.fill(")
-    tree = ast.parse(PLUGIN_MAIN.read_text())
+    tree = ast.parse(GENERATE_DIALOG.read_text())
     choice_args = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                        and ast.unparse(n.targets[0]) == "CHOICE_ARGS")
     assert set(choice_args) == {"size", "square-mode"}

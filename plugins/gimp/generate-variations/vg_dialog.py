@@ -1,4 +1,5 @@
-"""The steering rows of the Generate Variations dialog (GTK glue; issue 22).
+"""The Generate Variations dialog (GTK glue): GIMP's procedure dialog for the plain
+arguments, the steering rows below it (issue 22), and a footer naming the gateway.
 
 Model, "How different" (strength), seed and hint are procedure arguments (scripts pass
 them, GIMP remembers them), but drawn here rather than by ``ProcedureDialog.fill``: the
@@ -7,14 +8,63 @@ slider's default is the chosen model's (``controls.strength.default`` of
 saying why. The model list is fetched in a thread, so the dialog opens at once; the
 answer comes back through ``GLib.idle_add``. The values go into the config on OK
 (:meth:`SteerRows.store`); the decisions themselves live in ``vg_steer``.
+
+GTK is imported only when a dialog opens: a non-interactive run never loads it.
 """
 
 import threading
 
-import vg_client
+import vg_autotest
 import vg_steer
+from vg_errors import GatewayError
 
 LOADING = "Asking the gateway which controls this model honours..."
+CHOICE_ARGS = ("size", "square-mode")  # shown as combo boxes
+MORE_NOTE = ("This layer is a variation: Filters > Generate More Like This makes more "
+             "of them with the same settings and the next seeds.")
+
+
+def generate_dialog(procedure, config, settings, is_variation):
+    """Show the dialog; on OK the steering rows go into ``config``. True for OK."""
+    import gi
+
+    gi.require_version("GimpUi", "3.0")
+    gi.require_version("Gtk", "3.0")
+    from gi.repository import GimpUi, GLib, Gtk
+
+    GimpUi.init(procedure.get_name())
+    dialog = GimpUi.ProcedureDialog.new(procedure, config, "Generate Variations")
+    # GIMP 3.2 draws a Choice with few values as radio buttons (and warns "no mnemonic for
+    # property"); asking for a combo box before fill() keeps one in 3.0 and 3.2 alike.
+    for name in CHOICE_ARGS:
+        dialog.get_widget(name, Gtk.ComboBox.__gtype__)
+    dialog.fill(["n", "size", "square-mode", "scale-to-source", "fresh"])
+    rows = SteerRows(Gtk, GLib, config, settings, MORE_NOTE if is_variation else None)
+    rows.frame.set_margin_top(6)
+    dialog.get_content_area().pack_start(rows.frame, False, False, 0)
+    who = "no token set" if not settings.token else f"token {settings.masked_token()}"
+    footer = Gtk.Label(label=f"Gateway: {settings.url} ({who}).\n"
+                             "Change it in Filters > Generate Variations Settings.")
+    footer.set_xalign(0.0)
+    footer.get_style_context().add_class("dim-label")
+    footer.set_margin_top(6)
+    dialog.get_content_area().pack_end(footer, False, False, 0)
+    footer.show()
+    if vg_autotest.active():
+        dialog.show()
+
+        def ready():
+            # Test hook: record the dialog once the gateway's controls are shown, then OK.
+            vg_autotest.record("generate-dialog.json", {
+                "widgets": vg_autotest.widget_kinds(dialog), "steer": rows.state()})
+            vg_autotest.auto_accept(dialog, Gtk.ResponseType.OK)
+        rows.on_ready.append(ready)
+    ok = dialog.run()
+    if ok:
+        rows.store(config)
+    rows.closed = True
+    dialog.destroy()
+    return ok
 
 
 class SteerRows:
@@ -160,7 +210,7 @@ class SteerRows:
             try:
                 result = vg_steer.get_models(settings.url, settings.token, settings.timeout,
                                              settings.ca_file)
-            except vg_client.GatewayError as e:
+            except GatewayError as e:
                 result = str(e)
             except Exception as e:  # a thread must not die with a traceback
                 result = f"the model list could not be read ({type(e).__name__})."

@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import vg_client
+import vg_http
+from vg_errors import GatewayError
 
 SEED_MAX = 2147483647
 RANDOM_SEED = -1  # the ``seed`` argument's "random": the plug-in draws one per run
@@ -120,15 +121,15 @@ def parse_models(data: Any) -> Models:
 
 def get_models(base_url: str, token: str, timeout: float = 10.0,
                ca_file: str | None = None) -> Models:
-    """``GET /v1/models`` (raises :class:`vg_client.GatewayError`)."""
-    url = vg_client.api_base(base_url) + "/models"
-    req = vg_client._request(url, token)
-    raw, _ = vg_client._call(req, url, min(float(timeout), 15.0), ca_file=ca_file,
-                             cap=vg_client.MAX_SMALL_ANSWER)
+    """``GET /v1/models`` (raises :class:`GatewayError`)."""
+    url = vg_http.api_base(base_url) + "/models"
+    req = vg_http.request(url, token)
+    raw, _ = vg_http.call(req, url, min(float(timeout), 15.0), ca_file=ca_file,
+                          cap=vg_http.MAX_SMALL_ANSWER)
     try:
         return parse_models(json.loads(raw.decode("utf-8")))
     except (UnicodeDecodeError, ValueError) as e:
-        raise vg_client.GatewayError(
+        raise GatewayError(
             f"The gateway at {url} sent a model list GIMP cannot read ({e}).",
             kind="protocol") from None
 
@@ -139,7 +140,7 @@ def model_controls(base_url: str, token: str, model: str, timeout: float = 10.0,
     gateway that cannot be asked: the variations call then says what is wrong."""
     try:
         return get_models(base_url, token, timeout, ca_file).of(model)
-    except vg_client.GatewayError as e:
+    except GatewayError as e:
         return unknown(str(e))
 
 
