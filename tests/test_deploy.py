@@ -316,7 +316,10 @@ def test_dockerfile_lints_clean_and_runs_unprivileged(tmp_path: Path) -> None:
     assert len(stages) == 2 and all("-slim" in s for s in stages)
     assert "USER 10001" in text and "HEALTHCHECK" in text and "/healthz" in text
     assert 'CMD ["variations-gateway", "healthcheck"]' in text  # the config's port and TLS
-    assert 'VOLUME ["/etc/variations-gateway", "/var/lib/variations-gateway"]' in text
+    # State on the volume; the config is the image's own (deploy/container.yaml), or a
+    # file mounted over it.
+    assert 'VOLUME ["/var/lib/variations-gateway"]' in text
+    assert "COPY deploy/container.yaml /etc/variations-gateway/gateway.yaml" in text
     broken = tmp_path / "Dockerfile"
     broken.write_text(text.replace("WORKDIR /src", "RUN cd /src"))
     assert run(hadolint, "--no-color", str(broken)).returncode != 0
