@@ -46,7 +46,7 @@ bench: test-deps
 lock:
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet pip-tools
-	.lock-venv/bin/pip-compile --quiet --generate-hashes --strip-extras --extra redis \
+	.lock-venv/bin/pip-compile --quiet --generate-hashes --strip-extras --extra redis --extra postgres \
 	  --no-emit-index-url --no-emit-find-links --output-file deploy/requirements.lock \
 	  pyproject.toml
 	rm -rf .lock-venv

@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import errno
 import ipaddress
+import os
 import signal
 import socket
 import sqlite3
@@ -257,10 +258,19 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, arenas)
 
 
+def unwritable_advice(directory: Path) -> str:
+    """What to do about a state directory this process cannot write in: in a container,
+    usually a host directory owned by root, mounted where uid 10001 keeps its state."""
+    uid = os.getuid()
+    return (f"{directory} is not writable by uid {uid}, which this gateway runs as. "
+            f"Give it that user: chown -R {uid} {directory} (for a bind mount, on the "
+            "host directory you mounted there), or use a named volume")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs
     from gateway.sqlite import StateInUse
-    from gateway.state import sqlite_files
+    from gateway.state import sqlite_files, unwritable_dir
 
     limit_malloc_arenas()
 
@@ -280,6 +290,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         structlog.get_logger("gateway.server").warning("plain_http_beyond_loopback",
                                                        host=host, advice=plain)
         print(f"variations-gateway: warning: {plain}", file=sys.stderr, flush=True)
+    blocked = unwritable_dir(config)
+    if blocked is not None:
+        print(f"variations-gateway: cannot start: {unwritable_advice(blocked)}",
+              file=sys.stderr)
+        return 1
     with contextlib.suppress(KeyboardInterrupt):
         try:
             return asyncio.run(_serve(config, host, port, args.config, sha256))

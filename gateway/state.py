@@ -11,6 +11,7 @@ redis-py is imported only in Redis mode, so an edge box does not need it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,32 @@ def sqlite_files(config: Config) -> list[Path]:
     files = [Path(config.state.path), cache_index_path(config)
              ] if config.state.kind == "sqlite" else []
     return [*files, Path(config.audit.path)]
+
+
+def written_dirs(config: Config) -> list[Path]:
+    """The directories this config writes in (SQLite files, cache and image bytes)."""
+    dirs = [f.parent for f in sqlite_files(config)]
+    if config.cache.enabled:
+        dirs.append(Path(config.cache.dir))
+    if config.images.store == "fs":
+        dirs.append(Path(config.images.dir))
+    return list(dict.fromkeys(d.absolute() for d in dirs))
+
+
+def unwritable_dir(config: Config) -> Path | None:
+    """The first directory this process could not write in (or create), else ``None``.
+
+    Checked before serving: a root-owned directory mounted on the container's state
+    volume failed deep in start-up with ``Permission denied: 'var'`` (or SQLite's
+    "unable to open database file"), naming neither the directory nor the fix.
+    """
+    for d in written_dirs(config):
+        probe = d
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent  # it will be created in the nearest existing one
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return probe
+    return None
 
 
 def cache_index_path(config: Config) -> Path:

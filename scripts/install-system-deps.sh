@@ -14,6 +14,19 @@ need debootstrap debootstrap
 need systemd-analyze systemd
 # PostgreSQL's server binaries live outside PATH (tests/postgres_server.py finds them).
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || want+=(postgresql)
+# tests/test_container.py: rootful podman builds and runs the image (Docker format, for
+# its HEALTHCHECK), podman-compose runs the replicas on a CNI network whose dnsname
+# plugin (with dnsmasq) resolves service names; runc/fuse-overlayfs/slirp4netns/uidmap:
+# what podman needs on these VMs (docs/deploy.md#podman).
+need podman podman
+need buildah buildah
+need podman-compose podman-compose
+need runc runc
+need fuse-overlayfs fuse-overlayfs
+need slirp4netns slirp4netns
+need newuidmap uidmap
+need /usr/lib/cni/dnsname golang-github-containernetworking-plugin-dnsname
+need dnsmasq dnsmasq-base
 
 if [ ${#want[@]} -eq 0 ]; then
   exit 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -89,6 +90,31 @@ def test_unusable_state_files_stop_serve_with_one_clear_line(tmp_path: Path) -> 
     assert out.returncode == 1
     assert "SQLite said" in out.stderr and "audit.sqlite3" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_state_dir_it_cannot_write_stops_serve_with_the_chown_to_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A root-owned host directory on the container's state volume: one line naming the
+    directory and the chown, not ``Permission denied: 'var'`` from deep in start-up.
+    (Tests run as root, which may write anywhere: the refusal of access is simulated
+    here; tests/test_container.py meets the real one as uid 10001.)"""
+    from gateway import cli, state
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(f"auth: {{mode: none}}\nstate: {{path: {volume}/state.sqlite3}}\n"
+                   f"cache: {{dir: {volume}/cache}}\nimages: {{dir: {volume}/images}}\n"
+                   f"audit: {{path: {volume}/audit.sqlite3}}\n")
+    real_access = state.os.access
+    monkeypatch.setattr(state.os, "access",
+                        lambda p, mode: Path(p) != volume and real_access(p, mode))
+    assert cli.main(["serve", "--config", str(cfg), "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{volume} is not writable by uid" in err and f"chown -R {os.getuid()} {volume}" in err
+    assert not (volume / "images").exists()
 
 
 def test_vary_writes_pngs(gateway_process, tmp_path: Path) -> None:

@@ -41,6 +41,35 @@ def test_missing_env_var_is_an_error_with_its_line() -> None:
     assert "line 3" in str(info.value) and "NOPE" in str(info.value)
 
 
+def test_required_env_var_says_the_advice_the_config_gives() -> None:
+    """``${NAME:?advice}``: the shipped container config says what to set or mount."""
+    text = "auth: {mode: none}\nserver:\n  public_base_url: '${BASE:?set BASE or mount one}'\n"
+    for env in ({}, {"BASE": ""}):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, env=env)
+        assert str(info.value) == ("line 3: server.public_base_url: BASE is not set: "
+                                   "set BASE or mount one")
+    cfg = parse_config(text, env={"BASE": "https://vg.example"})
+    assert cfg.server.public_base_url == "https://vg.example"
+
+
+def test_members_from_one_string_as_an_env_var_gives_them() -> None:
+    text = "auth: {mode: tokens}\nquota_defaults: {images_per_day: 7}\nusers: ${MEMBERS}\n"
+    cfg = parse_config(text, env={"MEMBERS": f"alice={HEX}, bob.b={'B' * 64}\n"})
+    assert {n: u.token_sha256 for n, u in cfg.users.items()} == {
+        "alice": HEX, "bob.b": "b" * 64}
+    assert cfg.users["bob.b"].quota.images_per_day == 7
+    # Each entry is checked like a mapping's; the message never shows the value.
+    for bad, fragment in ((f"alice:{HEX}", "entry 1 is not name=<token sha256>"),
+                          ("alice=vg-plain-token", "users.alice.token_sha256: must be 64"),
+                          (f"al ice={HEX}", "entry 1 is not"),
+                          (f"alice={HEX},alice2={HEX}", "the same token hash")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, env={"MEMBERS": bad})
+        assert fragment in str(info.value) and "vg-plain" not in str(info.value)
+        assert "line 3" in str(info.value)
+
+
 @pytest.mark.parametrize(("text", "line", "fragment"), [
     ("auth: {mode: none}\nquota_defaults:\n  images_per_dya: 3\n", 3,
      "quota_defaults.images_per_dya: unknown key"),

@@ -317,7 +317,37 @@ def test_dockerfile_lints_clean_and_runs_unprivileged(tmp_path: Path) -> None:
     assert len(stages) == 2 and all("-slim" in s for s in stages)
     assert "USER 10001" in text and "HEALTHCHECK" in text and "/healthz" in text
     assert 'CMD ["variations-gateway", "healthcheck"]' in text  # the config's port and TLS
-    assert 'VOLUME ["/etc/variations-gateway", "/var/lib/variations-gateway"]' in text
+    # State on the volume; the config is the image's own (deploy/container.yaml), or a
+    # file mounted over it.
+    assert 'VOLUME ["/var/lib/variations-gateway"]' in text
+    assert "COPY deploy/container.yaml /etc/variations-gateway/gateway.yaml" in text
     broken = tmp_path / "Dockerfile"
     broken.write_text(text.replace("WORKDIR /src", "RUN cd /src"))
     assert run(hadolint, "--no-color", str(broken)).returncode != 0
+
+
+def test_the_images_own_config_serves_beyond_loopback_from_the_environment() -> None:
+    """deploy/container.yaml (the image's /etc/variations-gateway/gateway.yaml): what
+    `docker run -p 8080:8080 -e VARIATIONS_GATEWAY_MEMBERS=...` needs, and one sentence
+    saying what to set when the members are missing."""
+    from gateway.config import ConfigError
+
+    text = (DEPLOY / "container.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"VARIATIONS_GATEWAY_MEMBERS is not set: set "
+                       r"VARIATIONS_GATEWAY_MEMBERS=name=<token sha256>.* or mount a config"):
+        parse_config(text, {})
+    cfg = parse_config(text, {"VARIATIONS_GATEWAY_MEMBERS": f"artist={'c' * 64}"})
+    assert cfg.server.host == "0.0.0.0" and cfg.server.port == 8080
+    assert cfg.auth.mode == "tokens" and list(cfg.users) == ["artist"]
+    assert cfg.server.public_base_url == "http://localhost:8080"
+    assert cfg.metrics.port == 9464 and [b.kind for b in cfg.backends] == ["procedural"]
+    # Everything written is on the image's VOLUME; a stop fits in docker's default 10 s.
+    volume = re.search(r'VOLUME \["([^"]+)"\]', (DEPLOY / "Dockerfile").read_text())
+    assert volume is not None
+    for path in (cfg.state.path, cfg.cache.dir, cfg.images.dir, cfg.audit.path):
+        assert path.startswith(volume.group(1) + "/"), path
+    assert cfg.server.shutdown_timeout_seconds < 10
+    moved = parse_config(text, {"VARIATIONS_GATEWAY_MEMBERS": f"artist={'c' * 64}",
+                                "VARIATIONS_GATEWAY_PORT": "9000",
+                                "VARIATIONS_GATEWAY_PUBLIC_URL": "https://vg.example"})
+    assert moved.server.port == 9000 and moved.server.public_base_url == "https://vg.example"

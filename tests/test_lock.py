@@ -1,6 +1,6 @@
 """The container installs from ``deploy/requirements.lock``: it must agree with
-``pyproject.toml`` (every runtime dependency, redis extra included, pinned to a version
-its specifier allows, with hashes), or the image would not be the project."""
+``pyproject.toml`` (every runtime dependency, redis and postgres extras included, pinned
+to a version its specifier allows, with hashes), or the image would not be the project."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def locked() -> dict[str, tuple[str, int]]:
 def runtime_requirements() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return [Requirement(r) for r in
-            [*project["dependencies"], *project["optional-dependencies"]["redis"]]]
+            [*project["dependencies"], *project["optional-dependencies"]["redis"],
+             *project["optional-dependencies"]["postgres"]]]
 
 
 def disagreements(pins: dict[str, tuple[str, int]], wanted: list[Requirement]) -> list[str]:

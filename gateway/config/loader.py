@@ -118,9 +118,33 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None,
 _USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
+_MEMBER_ENTRY = re.compile(r"([^=,\s]+)=([^=,\s]*)")
+
+
+def _members_string(b: _Builder, text: str) -> dict[str, Any]:
+    """``users: "alice=<sha256>, bob=<sha256>"``: members from one environment variable.
+
+    A container is configured by ``-e`` more easily than by a mounted file; the string
+    is ``name=token_sha256`` entries separated by commas or spaces (quotas: the
+    defaults). Anything else is refused, the value unshown: it may hold a token.
+    """
+    entries = text.replace(",", " ").split()
+    out: dict[str, Any] = {}
+    for i, entry in enumerate(entries):
+        m = _MEMBER_ENTRY.fullmatch(entry)
+        if m is None:
+            raise b.error(f"entry {i + 1} is not name=<token sha256> (a string of users "
+                          "is name=<64 hex> entries separated by commas; "
+                          "variations-gateway add-user NAME prints both)", "users")
+        out[m.group(1)] = {"token_sha256": m.group(2)}
+    return out
+
+
 def _users(b: _Builder, users_raw: Any, defaults: QuotaLimits) -> dict[str, UserConfig]:
     """``users:``: each member's token hash and quota, falling back key by key to
     ``quota_defaults``."""
+    if isinstance(users_raw, str):
+        users_raw = _members_string(b, users_raw)
     if not isinstance(users_raw, Mapping):
         raise b.error("expected a mapping of user name to settings", "users")
     users: dict[str, UserConfig] = {}

@@ -1,6 +1,6 @@
 """YAML in: composed into nodes first, so every error can name the key's path *and* its
-line; ``${ENV}`` and ``${ENV:-default}`` are substituted in scalars before typing, so
-``port: ${PORT:-8080}`` is still an int."""
+line; ``${ENV}``, ``${ENV:-default}`` and ``${ENV:?what to do}`` are substituted in
+scalars before typing, so ``port: ${PORT:-8080}`` is still an int."""
 
 from __future__ import annotations
 
@@ -12,16 +12,20 @@ import yaml
 
 from gateway.config.model import ConfigError
 
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([-?])(.*?))?\}")
 
 
 def _interpolate(value: str, env: Mapping[str, str], path: str, line: int | None) -> str:
+    """``${NAME:?advice}`` (as in the shell and compose): unset or empty is an error that
+    says ``advice``, the fix a shipped config (the container's) can spell out."""
     def sub(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        if name in env and (env[name] != "" or default is None):
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if name in env and (env[name] != "" or op is None):
             return env[name]
-        if default is not None:
-            return default
+        if op == "-":
+            return arg
+        if op == "?":
+            raise ConfigError(f"{name} is not set: {arg or 'set it'}", path, line)
         raise ConfigError(f"environment variable {name} is not set", path, line)
 
     return _ENV_RE.sub(sub, value)
