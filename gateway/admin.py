@@ -52,10 +52,17 @@ def _known(request: web.Request, name: str) -> bool:
 
 async def admin_usage(request: web.Request) -> web.Response:
     """Per user: images today and this month, requests, cache hits, spend. With
-    ``audit.kind: postgres`` from the team's audit trail (every replica), else the ledger."""
+    ``audit.kind: postgres`` from the team's audit trail (every replica), else the ledger;
+    with PostgreSQL away from the ledger too (``source`` says which) rather than a 503."""
     require_admin(request)
     config = snapshot(request).config
-    team = await request.app[AUDIT].team_usage(time.time())
+    try:
+        team = await request.app[AUDIT].team_usage(time.time())
+    except ApiError as exc:
+        if exc.code != "audit_unavailable":
+            raise
+        team = None
+    source = "audit" if team is not None else "ledger"
     rows = team if team is not None else await request.app[QUOTA].all_usage()
     for name in [*config.users, *(p.name for p in request.app[AUTH].principals())]:
         rows.setdefault(name, {"images_today": 0, "images_this_month": 0, "requests_today": 0,
@@ -63,7 +70,7 @@ async def admin_usage(request: web.Request) -> web.Response:
     for name, row in rows.items():
         row["blocked"] = await request.app[QUOTA].is_blocked(name) or (
             name in config.users and config.users[name].quota.blocked)
-    return web.json_response({"users": dict(sorted(rows.items()))})
+    return web.json_response({"users": dict(sorted(rows.items())), "source": source})
 
 
 def _time(value: str | None, param: str) -> float | None:
@@ -147,6 +154,13 @@ async def usage_csv(request: web.Request) -> web.Response:
     """``?month=YYYY-MM`` (default: this UTC month): one row per member, from the audit
     trail (the team's with ``audit.kind: postgres``), for chargeback."""
     require_admin(request)
+    config = snapshot(request).config
+    if config.state.kind == "redis" and config.audit.kind == "sqlite":
+        # Replicas behind a load balancer: this replica's file holds only its own share.
+        raise ApiError(409, "usage.csv counts the audit trail, and with state.kind redis "
+                       "and audit.kind sqlite each replica keeps its own: set audit.kind: "
+                       "postgres for a team-wide chargeback (GET /admin/usage shows this "
+                       "month's totals from the shared ledger).", code="audit_not_shared")
     month = request.query.get("month") or datetime.now(UTC).strftime("%Y-%m")
     try:
         start, end = month_range(month)

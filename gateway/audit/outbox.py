@@ -48,7 +48,8 @@ class Shipper:
         self._describe, self._sleep = describe, sleep
         self._wake = asyncio.Event()
         self.shipped = 0
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # for the log: the sink's ``describe``
+        self.failure: str | None = None  # the class of the last failure, for /readyz
 
     def wake(self) -> None:
         """A record was committed to the outbox: ship it without waiting for the tick."""
@@ -78,13 +79,13 @@ class Shipper:
                     log.warning("audit_ship_failed", error=type(exc).__name__,
                                 detail=detail, retry_in_seconds=delay,
                                 outbox_records=self._outbox.backlog().records)
-                self.last_error = detail
+                self.last_error, self.failure = detail, type(exc).__name__
                 await self._sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
                 continue
             if self.last_error is not None:
                 log.info("audit_ship_resumed", outbox_records=self._outbox.backlog().records)
-                self.last_error = None
+                self.last_error = self.failure = None
             delay = self.backoff_initial
             if shipped >= self.batch:
                 await asyncio.sleep(0)  # requests queued meanwhile go first

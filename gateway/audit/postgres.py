@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
@@ -30,6 +28,8 @@ from gateway import audit
 from gateway.audit import COLUMNS, NAMES, AuditRecord, MemberUsage, OutboxStats
 from gateway.audit.outbox import Shipper
 from gateway.audit.sqlite import AuditLog
+from gateway.config.dsn import secrets as dsn_secrets
+from gateway.config.dsn import to_url
 from gateway.errors import ApiError
 
 log = structlog.get_logger("gateway.audit")
@@ -37,18 +37,6 @@ Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 _TYPES = {"integer": "bigint", "real": "double precision", "text": "text",
           "boolean": "boolean"}
 _MIGRATION_LOCK = 0x7667_6175_6469_74  # pg_advisory_xact_lock key: "vgaudit"
-_KEYWORD_PASSWORD = re.compile(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
-
-
-def dsn_password(dsn: str) -> str | None:
-    """The password inside ``dsn`` (URL or key=value form), to keep it out of messages."""
-    if "://" in dsn:
-        with contextlib.suppress(ValueError):
-            password = urllib.parse.urlsplit(dsn).password
-            return urllib.parse.unquote(password) if password else None
-        return None
-    match = _KEYWORD_PASSWORD.search(dsn)
-    return match[1].strip("'") if match else None
 
 
 def _schema_sql() -> list[str]:
@@ -92,7 +80,7 @@ class PostgresStore:
     def __init__(self, dsn: str, *, connect_timeout: float = 5.0,
                  command_timeout: float = 10.0) -> None:
         self._dsn = dsn
-        self._secret = dsn_password(dsn)
+        self._secrets = dsn_secrets(dsn)
         self._timeouts = connect_timeout, command_timeout
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
@@ -101,16 +89,23 @@ class PostgresStore:
                         "ON CONFLICT (request_id) DO NOTHING")
 
     def describe(self, exc: BaseException) -> str:
-        """``exc``'s message with the DSN's password masked, should a driver repeat it."""
+        """``exc``'s message for a log line, never the DSN's password. A server's or the
+        network's message is kept, with the password masked should it repeat it; any other
+        (a DSN the driver could not parse quotes pieces of it) is only its class."""
+        known = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+        if not isinstance(exc, known) or isinstance(exc, ValueError):
+            return f"{type(exc).__name__} (message withheld: it may quote the DSN)"
         text = str(exc) or type(exc).__name__
-        return text.replace(self._secret, "***") if self._secret else text
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         async with self._lock:
             if self._pool is None:
                 connect, command = self._timeouts
-                pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=4,
+                pool = await asyncpg.create_pool(to_url(self._dsn), min_size=0, max_size=4,
                                                  timeout=connect, command_timeout=command)
                 try:
                     async with pool.acquire() as conn:
@@ -231,7 +226,8 @@ class PostgresAudit:
     def status(self) -> dict[str, object]:
         error = self.shipper.last_error
         return {"kind": "postgres", "outbox_records": self.outbox.backlog().records,
-                "shipping": "ok" if error is None else f"retrying: {error}"}
+                # Unauthenticated (/readyz): the failure's class only, as checks.state.
+                "shipping": "ok" if error is None else f"retrying: {self.shipper.failure}"}
 
     async def run(self) -> None:
         await asyncio.gather(self.shipper.run(), self._keep_retention())

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from gateway.config import dsn
 from gateway.config.model import BackendConfig, Config, UserConfig
 
 _SECRET_KEYS = {"signing_key", "api_key", "password", "basic_auth", "token"}
@@ -23,12 +24,8 @@ def _mask(key: str, value: Any) -> Any:
     if key.endswith("_url") and isinstance(value, str):
         return _mask_url(value)
     if key == "dsn" and isinstance(value, str):
-        return _mask_url(value) if "://" in value else _KEYWORD_SECRET.sub(r"\1***", value)
+        return dsn.mask(value)
     return value
-
-
-# A key=value DSN's password (``host=db password=s3cret``); quoted or not.
-_KEYWORD_SECRET = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
 
 _SECRET_QUERY = re.compile(r"key|token|secret|pass|auth|sig", re.IGNORECASE)

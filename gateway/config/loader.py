@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import backends
+from gateway.config import dsn
 from gateway.config.builder import _Builder
 from gateway.config.model import (
     _BACKEND_COMMON,
@@ -235,6 +236,10 @@ def _check(b: _Builder, cfg: Config) -> None:
     if cfg.audit.kind == "postgres" and not cfg.audit.dsn:
         raise b.error("audit.kind postgres needs audit.dsn (postgresql://user@host/db; "
                       "the password from ${ENV})", "audit.dsn")
+    if cfg.audit.kind == "postgres" and cfg.audit.dsn:
+        why = dsn.problem(cfg.audit.dsn)
+        if why is not None:
+            raise b.error(why, "audit.dsn")
     if cfg.images.store == "redis" and cfg.state.kind != "redis":
         raise b.error("images.store redis needs state.kind redis", "images.store")
     if cfg.server.public_base_url and not re.match(r"^https?://", cfg.server.public_base_url):

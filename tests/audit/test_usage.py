@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from instrumented_backend import Start, register, vary
 from postgres_server import PostgresServer
+from redis_server import RedisServer
 from support import ADMIN_TOKEN, TOKENS, auth, eventually, png_bytes, sha
 
 from gateway.keys import AUDIT, QUOTA
@@ -79,7 +80,9 @@ async def test_usage_csv_for_this_month_matches_the_ledger(
     assert (rows["bob"]["images"], rows["bob"]["requests"]) == ("1", "1")
     # /admin/usage (from PostgreSQL with kind postgres) says the same as the ledger.
     async with client.get("/admin/usage", headers=ADMIN) as r:
-        users = (await r.json())["users"]
+        body = await r.json()
+    users = body["users"]
+    assert body["source"] == ("audit" if audit_section else "ledger")
     for member in ("alice", "bob"):
         shown = {k: v for k, v in users[member].items() if k != "blocked"}
         assert shown == pytest.approx(ledger[member]), member
@@ -87,6 +90,19 @@ async def test_usage_csv_for_this_month_matches_the_ledger(
     empty = await _csv(client, "2001-02")
     assert {m: (r["images"], r["spend_usd"]) for m, r in empty.items()} == {
         "alice": ("0", "0.000000"), "bob": ("0", "0.000000")}
+
+
+async def test_usage_csv_refuses_a_per_replica_trail_behind_a_shared_ledger(
+        gateway_client: Any, redis_server: RedisServer) -> None:
+    """state.kind redis with audit.kind sqlite: replicas behind a load balancer, each
+    with its own audit file; a CSV from one would be silently partial."""
+    client = await gateway_client(state={"kind": "redis", "redis_url": redis_server.url})
+    async with client.get("/admin/usage.csv", headers=ADMIN) as r:
+        assert r.status == 409
+        error = (await r.json())["error"]
+    assert error["code"] == "audit_not_shared" and "audit.kind: postgres" in error["message"]
+    async with client.get("/admin/usage", headers=ADMIN) as r:  # the ledger: the team's
+        assert r.status == 200 and (await r.json())["source"] == "ledger"
 
 
 @pytest.mark.parametrize("month", ["2024-13", "2024-1", "24-01", "2024-01-01", "x"])
