@@ -140,9 +140,14 @@ class Authenticator:
             await self.refresh()
 
     async def apply_config(self, config: Config) -> None:
-        """Take a reloaded config: its members, quotas and admin token (SIGHUP)."""
-        self._configure(config)
-        await self.start()
+        """Take a reloaded config: its members, quotas and admin token (SIGHUP). The
+        store is seeded and read first and the config taken only then, so a reload the
+        store fails (a Redis blip, SQLite locked) leaves the running members and admin
+        token in place, as the reload reports."""
+        if self.members is not None:
+            await self.members.seed(config)
+            self._snapshot = await self.members.store.load()
+        self._configure(config)  # no await since the load: nothing runs in between
 
     async def refresh(self) -> None:
         """Re-read the member store: after a change here, or announced by another
