@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import urllib.error
@@ -56,17 +57,31 @@ def _quota(args: argparse.Namespace) -> dict[str, Any]:
             continue
         try:
             out[key] = None if raw == "none" else (
-                float(raw) if key == "budget_usd_per_month" else int(raw))
+                _finite(raw) if key == "budget_usd_per_month" else int(raw))
         except ValueError:
             raise AdminError(f"--{key.replace('_', '-')}: expected a number or none, "
                              f"not {raw!r}") from None
     return out
 
 
+def _finite(raw: str) -> float:
+    """``float`` without nan and inf (which json.dumps would send as NaN, Infinity)."""
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
 def _expiry(raw: str | None) -> Any:
     if raw is None or raw == "none":
         return None
-    return float(raw) if raw.replace(".", "", 1).isdigit() else raw
+    if not raw.replace(".", "", 1).isdigit():
+        return raw  # ISO 8601: the gateway checks it
+    try:
+        return _finite(raw)
+    except ValueError:
+        raise AdminError(f"expected an ISO 8601 time or unix seconds, not {raw[:40]!r}"
+                         ) from None
 
 
 def table(rows: list[list[str]]) -> str:

@@ -73,6 +73,7 @@ async def test_a_concurrent_change_is_not_lost(members: Members) -> None:
     ({"images_per_day": -1}, "quota.images_per_day"),
     ({"images_per_day": 1.5}, "quota.images_per_day"),
     ({"blocked": True}, "quota.blocked"),
+    ({"budget_usd_per_month": float("nan")}, "quota.budget_usd_per_month"),
     ([1], "quota"),
 ])
 def test_quota_validation_names_the_key(raw: object, param: str) -> None:
@@ -85,7 +86,7 @@ def test_expiry_parsing() -> None:
     assert parse_time("2030-01-01T00:00:00Z", "expires_at", 0) == 1893456000.0
     assert parse_time("2030-01-01T00:00:00", "expires_at", 0) == 1893456000.0  # UTC
     assert parse_time(1893456000, "expires_at", 0) == 1893456000.0
-    for bad in ("tomorrow", "2020-01-01T00:00:00Z", 5, True, [1]):
+    for bad in ("tomorrow", "2020-01-01T00:00:00Z", 5, True, [1], 10**400, float("nan")):
         with pytest.raises(ApiError) as err:
             parse_time(bad, "expires_at", 1_700_000_000)
         assert err.value.param == "expires_at"
