@@ -258,10 +258,14 @@ class Members:
         snap = await self.store.load()
         now = self.clock()
         for name, user in config.users.items():
-            tokens = (Token(user.token_sha256, "config", now),) if user.token_sha256 else ()
+            digests = (user.token_sha256,) if user.token_sha256 else ()
             old = snap.members.get(name)
-            if old is not None and old.source == "config" and old.tokens == tokens:
+            # By digest, not by record: the same member seeded again (every start and
+            # reload) is no change, which would bump the version and reload every replica.
+            if old is not None and old.source == "config" and tuple(
+                    t.sha256 for t in old.tokens) == digests:
                 continue
+            tokens = tuple(Token(d, "config", now) for d in digests)
             await self._change(name, _replace_with(
                 Member(name, "config", old.created_at if old else now, tokens=tokens)))
         for name, old in snap.members.items():

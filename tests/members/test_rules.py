@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import base_config, sha
@@ -57,6 +58,29 @@ async def test_config_members_are_seeded_and_answer_409(tmp_path: Path, members:
     await members.seed(build_config(raw))
     snap = await members.store.load()
     assert set(snap.members) == {"alice"} and sha("vg-test-bob-token") in snap.revoked
+
+
+async def test_seeding_the_same_config_again_changes_nothing(tmp_path: Path,
+                                                              members: Members) -> None:
+    """Every start and reload seeds: an unchanged member must not be rewritten (on Redis
+    each write bumps the version and makes every replica reload)."""
+    config = build_config(base_config(tmp_path))
+    await members.seed(config)
+    before = await members.store.load()
+    writes = []
+    swap = members.store.swap
+
+    async def counted(*args: Any, **kwargs: Any) -> bool:
+        writes.append(args[0])
+        return await swap(*args, **kwargs)
+    members.store.swap = counted  # type: ignore[method-assign]
+    members.clock = lambda: 2_000.0  # a later start
+    await members.seed(config)
+    assert writes == [] and await members.store.load() == before
+    raw = base_config(tmp_path)
+    raw["users"]["bob"] = {"token_sha256": sha("vg-test-bob-new-token")}
+    await members.seed(build_config(raw))
+    assert writes == ["bob"]  # a changed token is written
 
 
 async def test_a_concurrent_change_is_not_lost(members: Members) -> None:
