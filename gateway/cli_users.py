@@ -1,7 +1,8 @@
 """``variations-gateway users ...``: manage members of a running gateway over its admin API.
 
 The admin token comes from ``$VARIATIONS_GATEWAY_ADMIN_TOKEN`` (never a flag: flags
-land in shell history and ``ps``). Plain ``urllib``: one request per command.
+land in shell history and ``ps``). Plain ``urllib``: one request per command, and no
+redirect followed (:mod:`gateway.cli_http`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+from gateway.cli_http import RedirectRefused, open_url
 
 ENV_TOKEN = "VARIATIONS_GATEWAY_ADMIN_TOKEN"
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -34,8 +37,10 @@ def request(url: str, method: str, path: str, body: object = None) -> Any:
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with open_url(req, timeout=30) as r:
             return json.loads(r.read() or b"{}")
+    except RedirectRefused as exc:
+        raise AdminError(str(exc)) from None
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())["error"]
