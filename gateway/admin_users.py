@@ -59,7 +59,7 @@ async def _body(request: web.Request, known: tuple[str, ...]) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...
         raise invalid("The body is not valid JSON.", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("Expected a JSON object.", None, "invalid_type")

@@ -15,6 +15,7 @@ or expired token is told only that it was revoked or has expired.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Callable
@@ -97,6 +98,9 @@ class Authenticator:
         self.members = members
         self.clock = clock
         self._snapshot = Snapshot({}, frozenset())
+        # One store read applied at a time, in the order read: two overlapping reads (the
+        # admin API's and the watcher's) must not leave the older one in place.
+        self._reading = asyncio.Lock()
         self._listeners: list[Callable[[tuple[Principal, ...]], object]] = []
         self._configure(config)
 
@@ -140,16 +144,25 @@ class Authenticator:
             await self.refresh()
 
     async def apply_config(self, config: Config) -> None:
-        """Take a reloaded config: its members, quotas and admin token (SIGHUP)."""
-        self._configure(config)
-        await self.start()
+        """Take a reloaded config: its members, quotas and admin token (SIGHUP). The
+        store is seeded and read first and the config taken only then, so a reload the
+        store fails (a Redis blip, SQLite locked) leaves the running members and admin
+        token in place, as the reload reports."""
+        if self.members is not None:
+            await self.members.seed(config)
+            async with self._reading:
+                self._snapshot = await self.members.store.load()
+                self._configure(config)
+        else:
+            self._configure(config)
 
     async def refresh(self) -> None:
         """Re-read the member store: after a change here, or announced by another
         replica."""
         if self.members is not None:
-            self._snapshot = await self.members.store.load()
-            self._rebuild()
+            async with self._reading:
+                self._snapshot = await self.members.store.load()
+                self._rebuild()
 
     @property
     def mode(self) -> str:

@@ -14,6 +14,8 @@ import urllib.parse
 import urllib.request
 from datetime import UTC, datetime
 
+from gateway.cli_http import RedirectRefused, open_url
+
 TOKEN_ENV = "VARIATIONS_GATEWAY_ADMIN_TOKEN"
 
 
@@ -39,8 +41,11 @@ def run(args: argparse.Namespace) -> int:
            + urllib.parse.urlencode({"month": args.month}))
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with open_url(request, timeout=60) as r:
             text = r.read().decode("utf-8")
+    except RedirectRefused as exc:
+        print(f"variations-gateway usage: {exc}", file=sys.stderr)
+        return 1
     except urllib.error.HTTPError as exc:
         print(f"variations-gateway usage: {exc.code}: {_message(exc.read())}",
               file=sys.stderr)

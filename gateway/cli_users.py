@@ -1,19 +1,23 @@
 """``variations-gateway users ...``: manage members of a running gateway over its admin API.
 
 The admin token comes from ``$VARIATIONS_GATEWAY_ADMIN_TOKEN`` (never a flag: flags
-land in shell history and ``ps``). Plain ``urllib``: one request per command.
+land in shell history and ``ps``). Plain ``urllib``: one request per command, and no
+redirect followed (:mod:`gateway.cli_http`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+from gateway.cli_http import RedirectRefused, open_url
 
 ENV_TOKEN = "VARIATIONS_GATEWAY_ADMIN_TOKEN"
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -33,8 +37,10 @@ def request(url: str, method: str, path: str, body: object = None) -> Any:
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with open_url(req, timeout=30) as r:
             return json.loads(r.read() or b"{}")
+    except RedirectRefused as exc:
+        raise AdminError(str(exc)) from None
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())["error"]
@@ -56,17 +62,31 @@ def _quota(args: argparse.Namespace) -> dict[str, Any]:
             continue
         try:
             out[key] = None if raw == "none" else (
-                float(raw) if key == "budget_usd_per_month" else int(raw))
+                _finite(raw) if key == "budget_usd_per_month" else int(raw))
         except ValueError:
             raise AdminError(f"--{key.replace('_', '-')}: expected a number or none, "
                              f"not {raw!r}") from None
     return out
 
 
+def _finite(raw: str) -> float:
+    """``float`` without nan and inf (which json.dumps would send as NaN, Infinity)."""
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
 def _expiry(raw: str | None) -> Any:
     if raw is None or raw == "none":
         return None
-    return float(raw) if raw.replace(".", "", 1).isdigit() else raw
+    if not raw.replace(".", "", 1).isdigit():
+        return raw  # ISO 8601: the gateway checks it
+    try:
+        return _finite(raw)
+    except ValueError:
+        raise AdminError(f"expected an ISO 8601 time or unix seconds, not {raw[:40]!r}"
+                         ) from None
 
 
 def table(rows: list[list[str]]) -> str:

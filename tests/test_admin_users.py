@@ -193,3 +193,40 @@ async def test_members_survive_a_restart(gateway_client: Any) -> None:
     await client.close()
     restarted = await gateway_client()
     assert (await usage_status(restarted, made["token"]))[0] == 200
+
+
+HUGE = "1" + "0" * 400  # a JSON integer float() cannot hold (OverflowError)
+
+
+@pytest.mark.parametrize(("method", "path", "body", "param", "code"), [
+    ("POST", "/admin/users", f'{{"name": "ok", "expires_at": {HUGE}}}', "expires_at",
+     "invalid_value"),
+    ("POST", "/admin/users/ok/tokens", f'{{"expires_at": {HUGE}}}', "expires_at",
+     "invalid_value"),
+    ("PATCH", "/admin/users/ok", f'{{"expires_at": -{HUGE}}}', "expires_at", "invalid_value"),
+    ("POST", "/admin/users", "[" * 100_000, None, "invalid_json"),  # RecursionError
+    ("PATCH", "/admin/users/ok", '{"quota": ' * 100_000, None, "invalid_json"),
+    # json.loads takes NaN and Infinity, which are not JSON (RFC 8259 section 6).
+    ("POST", "/admin/users", '{"name": "ok", "quota": {"budget_usd_per_month": NaN}}',
+     "quota.budget_usd_per_month", "invalid_value"),
+    ("POST", "/admin/users", '{"name": "ok", "quota": {"budget_usd_per_month": Infinity}}',
+     "quota.budget_usd_per_month", "invalid_value"),
+    ("PATCH", "/admin/users/ok", '{"quota": {"budget_usd_per_month": NaN}}',
+     "quota.budget_usd_per_month", "invalid_value"),
+    ("POST", "/admin/users", '{"name": "ok", "quota": {"images_per_day": NaN}}',
+     "quota.images_per_day", "invalid_value"),
+    ("POST", "/admin/users", '{"name": "ok", "expires_at": NaN}', "expires_at",
+     "invalid_value"),
+    ("POST", "/admin/users/ok/tokens", '{"expires_at": Infinity}', "expires_at",
+     "invalid_value"),
+])
+async def test_hostile_input_is_a_400_not_a_500(gateway_client: Any, method: str, path: str,
+                                                body: str, param: str | None, code: str
+                                                ) -> None:
+    client = await gateway_client()
+    async with client.request(method, path, headers=ADMIN, data=body) as r:
+        assert r.status == 400, await r.text()
+        error = (await r.json())["error"]
+    assert (error["param"], error["code"]) == (param, code) and error["message"]
+    listed = await call(client, "GET", "/admin/users")
+    assert [m["name"] for m in listed["data"]] == ["alice", "bob"]  # nothing made

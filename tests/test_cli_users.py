@@ -59,6 +59,14 @@ def test_users_commands_over_the_admin_api(gateway_process: Callable[..., Gatewa
     assert code == 1 and "param: expires_at" in err  # checked before whose it is
     code, _, err = users(capsys, g.url, "add", "bad name")
     assert code == 1 and "param: name" in err
+    # nan and inf are refused before they are sent (json.dumps would send NaN).
+    for value in ("nan", "inf", "Infinity"):
+        code, _, err = users(capsys, g.url, "add", "dora", "--budget-usd-per-month", value)
+        assert code == 1 and "--budget-usd-per-month: expected a number" in err
+    code, _, err = users(capsys, g.url, "expire", "bob", "1" + "0" * 400)
+    assert code == 1 and "unix seconds" in err
+    code, out, _ = users(capsys, g.url, "list")
+    assert "dora" not in out
     code, _, err = users(capsys, "http://127.0.0.1:9", "list")
     assert code == 1 and "cannot reach" in err
     assert ADMIN_TOKEN not in g.log() and token.group() not in g.log()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from upstream_cases import GATEWAY_UPSTREAM, KEY, backend_entry, serve_fake
 from gateway.app import build_app
 from gateway.backends.base import Backend
 from gateway.config import build_config
+from gateway.errors import StorageUnavailable
 from gateway.keys import AUTH, LIVE, METRICS
 from gateway.live import Live, Snapshot
 from gateway.reload import Reloader, keep_restart_sections
@@ -244,6 +246,36 @@ async def test_reload_refuses_what_the_running_process_must_not_run(
     assert r.status == 200
     r = await client.get("/admin/usage", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert r.status == 200
+
+
+async def test_a_reload_the_member_store_fails_changes_nothing(
+        tmp_path: Path, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store failing mid-reload (SQLite locked, a Redis blip) is reported as "kept
+    the running config": the authenticator must then still hold the running admin token
+    and members, not the new file's."""
+    raw = base_config(tmp_path)
+    path = tmp_path / "gateway.yaml"
+    client = await aiohttp_client(build_app(build_config(raw)))
+    app = client.server.app
+    new_admin = "vg-test-new-admin-token"
+    raw["auth"] = {**raw["auth"], "admin_token_sha256": sha(new_admin)}
+    raw["users"]["carol"] = {"token_sha256": sha(CAROL)}
+    write(path, raw)
+    members = app[AUTH].members
+    assert members is not None
+
+    async def locked(*args: Any, **kwargs: Any) -> bool:
+        raise StorageUnavailable(sqlite3.OperationalError("database is locked"))
+    monkeypatch.setattr(members.store, "swap", locked)
+    with capture_logs() as logs:
+        assert not await Reloader(app, str(path)).reload()
+    assert [e["event"] for e in logs] == ["config_reload_failed"]
+    for token, status in ((ADMIN_TOKEN, 200), (new_admin, 403)):
+        r = await client.get("/admin/usage", headers={"Authorization": f"Bearer {token}"})
+        assert r.status == status, token
+    r = await client.get("/v1/usage", headers={"Authorization": f"Bearer {CAROL}"})
+    assert r.status == 401
+    assert [p.name for p in app[AUTH].principals()] == ["alice", "bob"]
 
 
 def test_restart_only_sections_keep_their_running_values(tmp_path: Path) -> None:

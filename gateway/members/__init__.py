@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
@@ -160,8 +161,11 @@ def parse_quota(raw: object) -> dict[str, float | None]:
             raise invalid(f"Unknown quota key '{str(key)[:40]}' (known: "
                           f"{', '.join(QUOTA_KEYS)}).", param, "unknown_parameter")
         number = key == "budget_usd_per_month"
+        # json.loads takes NaN and Infinity: a NaN limit would refuse everything on
+        # SQLite, mean unlimited on Redis and make /v1/usage answer invalid JSON.
         if value is not None and (isinstance(value, bool) or not isinstance(
-                value, (int, float) if number else int) or value < 0 or value >= 2**53):
+                value, (int, float) if number else int) or not math.isfinite(value)
+                or value < 0 or value >= 2**53):
             kind = "a non-negative number" if number else "a non-negative integer"
             raise invalid(f"Invalid '{param}': expected {kind} or null (unlimited).", param)
         out[key] = float(value) if number and value is not None else value
@@ -176,7 +180,10 @@ def parse_time(raw: object, param: str, now: float) -> float | None:
     if isinstance(raw, bool):
         raw = "bool"  # refused below
     if isinstance(raw, (int, float)):
-        ts = float(raw)
+        try:
+            ts = float(raw)  # OverflowError for an integer of hundreds of digits
+        except OverflowError:
+            ts = math.inf  # refused below
     elif isinstance(raw, str):
         try:
             parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
@@ -187,7 +194,7 @@ def parse_time(raw: object, param: str, now: float) -> float | None:
     else:
         raise invalid(f"Invalid '{param}': expected unix seconds or an ISO 8601 time.",
                       param, "invalid_type")
-    if not 0 < ts < 253402300800:  # before year 10000
+    if not math.isfinite(ts) or not 0 < ts < 253402300800:  # before year 10000
         raise invalid(f"Invalid '{param}': out of range.", param)
     if ts <= now:
         raise invalid(f"Invalid '{param}': {iso(ts)} is in the past.", param)
@@ -251,10 +258,14 @@ class Members:
         snap = await self.store.load()
         now = self.clock()
         for name, user in config.users.items():
-            tokens = (Token(user.token_sha256, "config", now),) if user.token_sha256 else ()
+            digests = (user.token_sha256,) if user.token_sha256 else ()
             old = snap.members.get(name)
-            if old is not None and old.source == "config" and old.tokens == tokens:
+            # By digest, not by record: the same member seeded again (every start and
+            # reload) is no change, which would bump the version and reload every replica.
+            if old is not None and old.source == "config" and tuple(
+                    t.sha256 for t in old.tokens) == digests:
                 continue
+            tokens = tuple(Token(d, "config", now) for d in digests)
             await self._change(name, _replace_with(
                 Member(name, "config", old.created_at if old else now, tokens=tokens)))
         for name, old in snap.members.items():

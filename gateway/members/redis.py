@@ -32,16 +32,14 @@ class RedisMembers(Guarded):
     def __init__(self, client: Any, timeout: float) -> None:
         super().__init__(client, timeout)
         self._swap = client.register_script(lua("members_swap"))
-        self._version: bytes | None = None  # what the last load saw
 
     async def load(self) -> Snapshot:
         async def read() -> list[Any]:
             async with self.r.pipeline(transaction=True) as pipe:
-                pipe.get(VERSION).hgetall(MEMBERS).smembers(REVOKED)
+                pipe.hgetall(MEMBERS).smembers(REVOKED)
                 return list(await pipe.execute())
 
-        version, records, revoked = await self._do(read())
-        self._version = version
+        records, revoked = await self._do(read())
         return Snapshot({text(k): Member.from_json(v) for k, v in records.items()},
                         frozenset(text(d) for d in revoked))
 
@@ -53,8 +51,8 @@ class RedisMembers(Guarded):
                   *revoked]))
         return bool(int(done))
 
-    async def _version_moved(self) -> bool:
-        return bool(await self._do(self.r.get(VERSION)) != self._version)
+    async def _version(self) -> object:
+        return await self._do(self.r.get(VERSION))
 
     async def watch(self, changed: Callable[[], Awaitable[None]]) -> None:
         backoff = 0.1
@@ -65,9 +63,10 @@ class RedisMembers(Guarded):
                     pubsub = self.r.pubsub()  # none on a cluster client: the version only
                 if pubsub is not None:
                     await pubsub.subscribe(CHANNEL)
+                seen = await self._version()
                 await changed()  # whatever happened while not subscribed
                 backoff = 0.1
-                await self._follow(pubsub, changed)
+                await self._follow(pubsub, changed, seen)
             except (*FAILURES, StorageUnavailable) as exc:  # Redis away
                 log.warning("members_watch_interrupted", error=type(exc).__name__)
             except Exception:  # a bug here must not end the watching for good
@@ -79,7 +78,12 @@ class RedisMembers(Guarded):
             await asyncio.sleep(backoff)  # then resubscribe (and reload), backing off
             backoff = min(backoff * 2, 5.0)
 
-    async def _follow(self, pubsub: Any, changed: Callable[[], Awaitable[None]]) -> None:
+    async def _follow(self, pubsub: Any, changed: Callable[[], Awaitable[None]],
+                      seen: object) -> None:
+        """``seen`` is the version read just before the last ``changed()``, which so
+        loaded at least that version. Only these reloads move it: any other load (an
+        admin's listing, a failed change) applies nothing to the authenticator, and
+        counting it as seen would hide a change whose message was lost."""
         while True:
             message = None
             if pubsub is not None:
@@ -87,5 +91,7 @@ class RedisMembers(Guarded):
                                                    timeout=CHECK_EVERY_SECONDS)
             else:
                 await asyncio.sleep(CHECK_EVERY_SECONDS)  # a cluster: poll the version
-            if message is not None or await self._version_moved():
+            version = await self._version()
+            if message is not None or version != seen:
+                seen = version
                 await changed()

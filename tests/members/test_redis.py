@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from redis_server import RedisServer
 from support import ADMIN_TOKEN, GatewayProcess, base_config, eventually, start_gateway
 
-from gateway.auth import REVOKED_KEY
+from gateway.auth import REVOKED_KEY, Authenticator
+from gateway.config import build_config
+from gateway.errors import ApiError
 from gateway.members import Members
-from gateway.members.redis import RedisMembers
+from gateway.members.redis import VERSION, RedisMembers
 from gateway.redis.client import connect
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -118,3 +122,82 @@ async def test_a_missed_message_is_caught_up_by_the_version(redis_server: RedisS
     finally:
         await here.store.close()
         await there.close()
+
+
+class LosesOne:
+    """A subscription that loses the next message once ``armed``: pub/sub delivers at
+    most once (Redis drops what a subscriber's connection had not read when it breaks,
+    https://redis.io/docs/latest/develop/interact/pubsub/#delivery-semantics). While
+    it is lost, ``meanwhile`` runs: an admin listing the members on this replica."""
+
+    def __init__(self, pubsub: Any, meanwhile: Callable[[], Awaitable[object]]) -> None:
+        self._pubsub = pubsub
+        self._meanwhile = meanwhile
+        self.armed = False
+
+    async def subscribe(self, *channels: str) -> None:
+        await self._pubsub.subscribe(*channels)
+
+    async def aclose(self) -> None:
+        await self._pubsub.aclose()
+
+    async def get_message(self, **kwargs: Any) -> Any:
+        message = await self._pubsub.get_message(**kwargs)
+        if message is None or not self.armed:
+            return message
+        self.armed = False
+        await self._meanwhile()
+        return None
+
+
+async def test_a_lost_message_is_caught_up_after_an_admin_listing(redis_server: RedisServer,
+                                                                  tmp_path: Path) -> None:
+    """A listing (GET /admin/users) loads the store without rebuilding the authenticator's
+    table: it must not count as the change seen, or a revoke whose message was lost
+    would never reach this replica."""
+    url = redis_server.url
+    here = Members(RedisMembers(connect(url, 2.0), 2.0))
+    there = Members(RedisMembers(connect(url, 2.0), 2.0))
+    auth = Authenticator(build_config(base_config(tmp_path)), there)
+    subscription = LosesOne(there.store.r.pubsub(), there.store.load)
+    there.store.r.pubsub = lambda: subscription  # type: ignore[attr-defined]
+    task = asyncio.create_task(there.store.watch(auth.refresh))
+    try:
+        made = await here.create("dave", {}, None)
+        assert made.token is not None
+        await eventually(lambda: _status(auth, made.token) == 200, "dave's token working",
+                         3.0)
+        subscription.armed = True
+        await here.revoke("dave")
+        await eventually(lambda: not subscription.armed, "the revoke's message lost", 3.0)
+        await eventually(lambda: _status(auth, made.token) == 401,
+                         "the revoke caught up by the version", 3.0)
+    finally:
+        task.cancel()
+        await here.store.close()
+        await there.store.close()
+
+
+def _status(auth: Authenticator, token: str | None) -> int:
+    request = make_mocked_request("GET", "/v1/usage",
+                                  headers={"Authorization": f"Bearer {token}"})
+    try:
+        auth.member(request)
+    except ApiError as exc:
+        return exc.status
+    return 200
+
+
+async def test_seeding_the_same_config_again_bumps_no_version(redis_server: RedisServer,
+                                                              tmp_path: Path) -> None:
+    """Every replica seeds at start and reload: an unchanged config must not make every
+    replica reload its members."""
+    store = RedisMembers(connect(redis_server.url, 2.0), 2.0)
+    config = build_config(base_config(tmp_path))
+    try:
+        await Members(store, clock=lambda: 1_000.0).seed(config)
+        version = await store.r.get(VERSION)
+        await Members(store, clock=lambda: 2_000.0).seed(config)  # a later start
+        assert await store.r.get(VERSION) == version
+    finally:
+        await store.close()

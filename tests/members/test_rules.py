@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import base_config, sha
@@ -59,6 +60,29 @@ async def test_config_members_are_seeded_and_answer_409(tmp_path: Path, members:
     assert set(snap.members) == {"alice"} and sha("vg-test-bob-token") in snap.revoked
 
 
+async def test_seeding_the_same_config_again_changes_nothing(tmp_path: Path,
+                                                              members: Members) -> None:
+    """Every start and reload seeds: an unchanged member must not be rewritten (on Redis
+    each write bumps the version and makes every replica reload)."""
+    config = build_config(base_config(tmp_path))
+    await members.seed(config)
+    before = await members.store.load()
+    writes = []
+    swap = members.store.swap
+
+    async def counted(*args: Any, **kwargs: Any) -> bool:
+        writes.append(args[0])
+        return await swap(*args, **kwargs)
+    members.store.swap = counted  # type: ignore[method-assign]
+    members.clock = lambda: 2_000.0  # a later start
+    await members.seed(config)
+    assert writes == [] and await members.store.load() == before
+    raw = base_config(tmp_path)
+    raw["users"]["bob"] = {"token_sha256": sha("vg-test-bob-new-token")}
+    await members.seed(build_config(raw))
+    assert writes == ["bob"]  # a changed token is written
+
+
 async def test_a_concurrent_change_is_not_lost(members: Members) -> None:
     await members.create("dave", {}, None)
     store = members.store
@@ -73,6 +97,7 @@ async def test_a_concurrent_change_is_not_lost(members: Members) -> None:
     ({"images_per_day": -1}, "quota.images_per_day"),
     ({"images_per_day": 1.5}, "quota.images_per_day"),
     ({"blocked": True}, "quota.blocked"),
+    ({"budget_usd_per_month": float("nan")}, "quota.budget_usd_per_month"),
     ([1], "quota"),
 ])
 def test_quota_validation_names_the_key(raw: object, param: str) -> None:
@@ -85,7 +110,7 @@ def test_expiry_parsing() -> None:
     assert parse_time("2030-01-01T00:00:00Z", "expires_at", 0) == 1893456000.0
     assert parse_time("2030-01-01T00:00:00", "expires_at", 0) == 1893456000.0  # UTC
     assert parse_time(1893456000, "expires_at", 0) == 1893456000.0
-    for bad in ("tomorrow", "2020-01-01T00:00:00Z", 5, True, [1]):
+    for bad in ("tomorrow", "2020-01-01T00:00:00Z", 5, True, [1], 10**400, float("nan")):
         with pytest.raises(ApiError) as err:
             parse_time(bad, "expires_at", 1_700_000_000)
         assert err.value.param == "expires_at"
