@@ -308,3 +308,12 @@ def test_relative_paths_follow_the_config_file_not_the_working_directory(
     assert cfg.images.dir == str(conf / "var" / "images")
     assert cfg.audit.path == "/abs/audit.sqlite3"
     assert cfg.backends[0].options.workflow == str(conf / "wf.json")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_quota_that_is_not_a_finite_number_is_refused(value: str) -> None:
+    # NaN compares False with everything: as a budget, the SQLite ledger refused every
+    # priced request and Redis's reserve.lua treated it as unlimited.
+    with pytest.raises(ConfigError, match=r"line 2: quota_defaults\.budget_usd_per_month: "
+                       r"expected a finite number"):
+        parse_config(f"quota_defaults:\n  budget_usd_per_month: {value}\n", {})

@@ -4,6 +4,7 @@ errors. Unknown keys are errors: a typo in a quota must not silently mean "unlim
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -100,6 +101,8 @@ class _Builder:
     def _float(self, raw: Any, path: str) -> float:
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise self.error(f"expected a number, got {raw!r}", path)
+        if not math.isfinite(raw):  # YAML's .nan / .inf: every comparison with NaN is False
+            raise self.error(f"expected a finite number, got {raw!r}", path)
         if raw < 0:
             raise self.error(f"must not be negative, got {raw}", path)
         return float(raw)
