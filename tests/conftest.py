@@ -4,6 +4,7 @@ import pytest
 from postgres_server import postgres_server  # noqa: F401
 from redis_server import redis_server  # noqa: F401
 from support import IN_CI, gateway_client, gateway_process, make_config  # noqa: F401
+from upstream_cases import held_upstream  # noqa: F401
 
 
 @pytest.hookimpl(hookwrapper=True)

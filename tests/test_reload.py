@@ -14,7 +14,6 @@ import asyncio
 import json
 import signal
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from fakes_upstreams import OpenAIVariationsFake
 from instrumented_backend import variation_form
 from structlog.testing import capture_logs
 from support import ADMIN_TOKEN, TOKENS, GatewayProcess, base_config, eventually, png_bytes, sha
-from upstream_cases import GATEWAY_UPSTREAM, KEY, backend_entry, serve_fake
+from upstream_cases import GATEWAY_UPSTREAM, backend_entry
 
 from gateway.app import build_app
 from gateway.backends.base import Backend
@@ -38,16 +37,6 @@ from gateway.router import Router
 
 CAROL = "vg-test-carol-token"
 IN_FLIGHT = 50
-
-
-@pytest.fixture
-async def held_upstream() -> AsyncIterator[tuple[OpenAIVariationsFake, str]]:
-    fake = OpenAIVariationsFake(KEY)
-    fake.gate.clear()  # every call waits at the upstream until the test opens the gate
-    server, url = await serve_fake(fake)
-    yield fake, url
-    fake.release()
-    await server.close()
 
 
 async def post(session: aiohttp.ClientSession, gateway: GatewayProcess, token: str

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -18,17 +17,7 @@ import pytest
 from fakes_upstreams import OpenAIVariationsFake
 from instrumented_backend import variation_form
 from support import TOKENS, GatewayProcess, eventually, png_bytes
-from upstream_cases import GATEWAY_UPSTREAM, KEY, backend_entry, serve_fake
-
-
-@pytest.fixture
-async def held_upstream() -> AsyncIterator[tuple[OpenAIVariationsFake, str]]:
-    fake = OpenAIVariationsFake(KEY)
-    fake.gate.clear()  # every call waits at the upstream until the test opens the gate
-    server, url = await serve_fake(fake)
-    yield fake, url
-    fake.release()
-    await server.close()
+from upstream_cases import GATEWAY_UPSTREAM, backend_entry
 
 
 async def post(session: aiohttp.ClientSession, gateway: GatewayProcess

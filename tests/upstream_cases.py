@@ -11,16 +11,18 @@ import asyncio
 import base64
 import io
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import openai
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from fakes_upstreams import (
     ComfyUIFake,
     FakeUpstream,
     OpenAIEditsFake,
+    OpenAIVariationsFake,
     Recorded,
     SdWebUIFake,
     XinferenceFake,
@@ -97,6 +99,18 @@ async def serve_fake(fake: FakeUpstream) -> tuple[TestServer, str]:
     server = TestServer(fake.app, host="127.0.0.1")
     await server.start_server()
     return server, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def held_upstream() -> AsyncIterator[tuple[OpenAIVariationsFake, str]]:
+    """A strict OpenAI variations upstream whose calls all wait until ``fake.release()``:
+    requests held in flight (shutdown drains them, a reload must not drop them)."""
+    fake = OpenAIVariationsFake(KEY)
+    fake.gate.clear()  # every call waits at the upstream until the test opens the gate
+    server, url = await serve_fake(fake)
+    yield fake, url
+    fake.release()
+    await server.close()
 
 
 async def start_upstream(gateway_client: Callable[..., Awaitable[TestClient]], kind: str,
