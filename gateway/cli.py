@@ -268,6 +268,11 @@ def unwritable_advice(directory: Path) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # SIGHUP's default action ends the process, and until _serve installs the reload
+    # handler (after the config, the imports and build_app, which may wait for Redis) a
+    # `systemctl reload` would kill the gateway with a status systemd counts as clean.
+    # Ignored until then: the config being read now is the newest one anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway import logs
     from gateway.sqlite import StateInUse
     from gateway.state import sqlite_files, unwritable_dir

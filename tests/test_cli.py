@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,8 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
-from support import ROOT, TOKENS, free_port, png_bytes
+from support import (ROOT, TOKENS, base_config, eventually_sync, free_port, png_bytes,
+                     stop_process, wait_http)
 
 CLI = [sys.executable, "-m", "gateway"]
 
@@ -246,3 +249,33 @@ def test_vary_pads_when_asked() -> None:
     assert note == "padded from 80x40 to 80x80"
     square = png_bytes(32)
     assert prepare_image(square) == (square, None)  # a square PNG goes as it is
+
+
+def _hup_ignored(pid: int) -> bool:
+    """Whether ``pid`` ignores SIGHUP now (bit 0 of SigIgn in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigIgn:"))
+    return bool(int(mask, 16) & 1 << (signal.SIGHUP - 1))
+
+
+def test_a_sighup_during_start_up_does_not_kill_serve(tmp_path: Path) -> None:
+    """`systemctl reload` while the gateway starts (build_app may wait for Redis): the
+    HUP used to end the process (exit 129, which Restart=on-failure does not restart).
+    The HUP goes at the first moment the process can take one, long before the reload
+    handler exists; without the fix that moment never comes and the poll fails."""
+    cfg = tmp_path / "g.yaml"
+    port = free_port()
+    cfg.write_text(yaml.safe_dump(base_config(tmp_path, server={"port": port})))
+    proc = subprocess.Popen([*CLI, "serve", "--config", str(cfg)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        eventually_sync(lambda: proc.poll() is not None or _hup_ignored(proc.pid),
+                        "serve to stop SIGHUP from being fatal", 30, interval_s=0.001)
+        proc.send_signal(signal.SIGHUP)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)
