@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-from support import (ROOT, TOKENS, base_config, eventually_sync, free_port, png_bytes,
-                     stop_process, wait_http)
+from support import (
+    ROOT,
+    TOKENS,
+    base_config,
+    eventually_sync,
+    free_port,
+    png_bytes,
+    stop_process,
+    wait_http,
+)
 
 CLI = [sys.executable, "-m", "gateway"]
 
@@ -46,7 +54,8 @@ def test_add_user_rejects_bad_names() -> None:
 
 def test_check_config_masks_secrets(tmp_path: Path) -> None:
     cfg = tmp_path / "g.yaml"
-    cfg.write_text("auth: {mode: none}\nimages: {signing_key: topsecretvalue}\n")
+    cfg.write_text("auth: {mode: none}\n"
+                   "images: {signing_key: topsecretvalue-0123456789abcdef0123}\n")
     out = run("check-config", str(cfg))
     assert out.returncode == 0, out.stderr
     assert "topsecretvalue" not in out.stdout and "signing_key: '***'" in out.stdout

@@ -245,6 +245,7 @@ def _check(b: _Builder, cfg: Config) -> None:
     if cfg.server.public_base_url and not re.match(r"^https?://", cfg.server.public_base_url):
         raise b.error("must start with http:// or https://", "server.public_base_url")
     _check_tls(b, cfg.server)
+    _check_signing_key(b, cfg.images.signing_key)
     problem = exposure_problem(cfg, cfg.server.host, is_loopback(cfg.server.host))
     if problem is not None:
         raise b.error(problem[1], problem[0])
@@ -286,6 +287,20 @@ def exposure_problem(cfg: Config, host: str, loopback: bool) -> tuple[str, str] 
                 "metrics.port (served only there: keep that port on an internal network), "
                 "or metrics.enabled: false")
     return None
+
+
+MIN_SIGNING_KEY = 32
+
+
+def _check_signing_key(b: _Builder, key: str) -> None:
+    """A configured key is used as its text (UTF-8 bytes, not decoded) to sign image
+    URLs: a short or guessable one lets anyone forge them. Never shown."""
+    if key and len(key) < MIN_SIGNING_KEY:
+        raise b.error(f"is {len(key)} characters long; a signing key needs at least "
+                      f"{MIN_SIGNING_KEY} random ones (anyone who guesses it can forge "
+                      "image URLs): make one with `openssl rand -hex 32`, or leave it "
+                      "empty to have one generated and kept with the state",
+                      "images.signing_key")
 
 
 def _check_tls(b: _Builder, server: ServerConfig) -> None:
