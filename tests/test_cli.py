@@ -126,6 +126,7 @@ def test_a_state_dir_it_cannot_write_stops_serve_with_the_chown_to_run(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"{volume} is not writable by uid" in err and f"chown -R {os.getuid()} {volume}" in err
+    assert f"podman unshare chown -R {os.getuid()} DIR, or mount it with :U" in err
     assert not (volume / "images").exists()
 
 
