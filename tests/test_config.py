@@ -101,6 +101,21 @@ def test_members_from_one_string_as_an_env_var_gives_them() -> None:
         assert "line 3" in str(info.value)
 
 
+def test_a_string_of_members_refuses_duplicates_emptiness_and_pasted_tokens() -> None:
+    text = "auth: {mode: tokens}\nusers: '${MEMBERS:?set MEMBERS}'\n"
+    token = "vg-Zq8pasted-secret-token"
+    for bad, fragment in ((f"a={HEX},a={'b' * 64}", "entry 2 names 'a' again: each member "
+                                                    "once"),
+                          (" , ,", "the string of users holds no entry (only spaces or "
+                                   "commas)"),
+                          (f"alice={HEX}, {token}={'b' * 64}",
+                           "entry 2's name looks like a token (it starts with vg-)")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, env={"MEMBERS": bad})
+        assert str(info.value).startswith("line 2: users: "), info.value
+        assert fragment in str(info.value) and "pasted" not in str(info.value)
+
+
 @pytest.mark.parametrize(("text", "line", "fragment"), [
     ("auth: {mode: none}\nquota_defaults:\n  images_per_dya: 3\n", 3,
      "quota_defaults.images_per_dya: unknown key"),

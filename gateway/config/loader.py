@@ -130,6 +130,9 @@ def _members_string(b: _Builder, text: str) -> dict[str, Any]:
     defaults). Anything else is refused, the value unshown: it may hold a token.
     """
     entries = text.replace(",", " ").split()
+    if not entries:  # "${MEMBERS:?...}" lets " , " through: a gateway nobody may use
+        raise b.error("the string of users holds no entry (only spaces or commas): give "
+                      "name=<token sha256> entries separated by commas", "users")
     out: dict[str, Any] = {}
     for i, entry in enumerate(entries):
         m = _MEMBER_ENTRY.fullmatch(entry)
@@ -137,7 +140,15 @@ def _members_string(b: _Builder, text: str) -> dict[str, Any]:
             raise b.error(f"entry {i + 1} is not name=<token sha256> (a string of users "
                           "is name=<64 hex> entries separated by commas; "
                           "variations-gateway add-user NAME prints both)", "users")
-        out[m.group(1)] = {"token_sha256": m.group(2)}
+        name = m.group(1)
+        if name.lower().startswith("vg-"):  # never echoed: it is probably a secret
+            raise b.error(f"entry {i + 1}'s name looks like a token (it starts with "
+                          "vg-): the name goes before '=', the token's sha256 after it, "
+                          "never the token itself", "users")
+        if name in out:  # the last one silently won, the first member's token stopped
+            raise b.error(f"entry {i + 1} names {name!r} again: each member once",
+                          "users")
+        out[name] = {"token_sha256": m.group(2)}
     return out
 
 
