@@ -39,6 +39,31 @@ def _interpolate(value: str, env: Mapping[str, str], path: str, line: int | None
     return _ENV_RE.sub(sub, value)
 
 
+def env_names(text: str) -> list[str]:
+    """The environment variables ``text``'s values substitute (comments aside), in order,
+    once each; none for a file that is not YAML (its load reports that)."""
+    names: list[str] = []
+
+    def walk(node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                walk(key)
+                walk(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item)
+        elif isinstance(node, yaml.ScalarNode):
+            names.extend(m.group(1) for m in _ENV_RE.finditer(str(node.value)))
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []
+    if node is not None:
+        walk(node)
+    return list(dict.fromkeys(names))
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader; interpolation happens on nodes before construction."""
 
