@@ -111,7 +111,7 @@ def test_a_state_dir_it_cannot_write_stops_serve_with_the_chown_to_run(
     directory and the chown, not ``Permission denied: 'var'`` from deep in start-up.
     (Tests run as root, which may write anywhere: the refusal of access is simulated
     here; tests/test_container.py meets the real one as uid 10001.)"""
-    from gateway import cli, state
+    from gateway import cli, logs, state
 
     volume = tmp_path / "volume"
     volume.mkdir()
@@ -119,6 +119,9 @@ def test_a_state_dir_it_cannot_write_stops_serve_with_the_chown_to_run(
     cfg.write_text(f"auth: {{mode: none}}\nstate: {{path: {volume}/state.sqlite3}}\n"
                    f"cache: {{dir: {volume}/cache}}\nimages: {{dir: {volume}/images}}\n"
                    f"audit: {{path: {volume}/audit.sqlite3}}\n")
+    # serve in-process: logging stays as the tests have it (a structlog configured with
+    # cached loggers here left later tests' capture_logs() empty).
+    monkeypatch.setattr(logs, "configure", lambda *args: None)
     real_access = state.os.access
     monkeypatch.setattr(state.os, "access",
                         lambda p, mode: Path(p) != volume and real_access(p, mode))
