@@ -264,10 +264,24 @@ def unwritable_advice(directory: Path) -> str:
     uid = os.getuid()
     return (f"{directory} is not writable by uid {uid}, which this gateway runs as. "
             f"Give it that user: chown -R {uid} {directory} (for a bind mount, on the "
-            "host directory you mounted there), or use a named volume")
+            f"host directory you mounted there; under rootless podman, whose uid {uid} "
+            f"is another on the host: podman unshare chown -R {uid} DIR, or mount it "
+            "with :U), or use a named volume")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # SIGHUP's default action ends the process, and until _serve installs the reload
+    # handler (after the config, the imports and build_app, which may wait for Redis) a
+    # `systemctl reload` would kill the gateway with a status systemd counts as clean.
+    # Ignored until then: the config being read now is the newest one anyway.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        return _serve_command(args)
+    finally:  # as it was (serve run in-process by a test, children it starts later)
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
     from gateway import logs
     from gateway.sqlite import StateInUse
     from gateway.state import sqlite_files, unwritable_dir

@@ -23,7 +23,14 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from gateway.config import DEFAULT_CONFIG_ENV, DEFAULT_YAML, Config, ConfigError, parse_config
+from gateway.config import (
+    DEFAULT_CONFIG_ENV,
+    DEFAULT_YAML,
+    Config,
+    ConfigError,
+    env_names,
+    parse_config,
+)
 from gateway.keys import AUTH, LIVE, METRICS
 from gateway.live import Snapshot
 from gateway.router import Router
@@ -52,6 +59,23 @@ def read_config(path: str | None, env: Mapping[str, str] | None = None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p} is not UTF-8 (byte {exc.start})") from None
     return parse_config(text, env, p.resolve().parent), hashlib.sha256(data).hexdigest()
+
+
+def warn_env_is_the_starting_one(path: str | None) -> None:
+    """A reload re-reads the file, not the environment: ``${NAME}`` keeps the value the
+    process started with, so an edited systemd ``EnvironmentFile`` changes nothing until
+    a restart. Said on every reload of a file that uses one (names only, never values)."""
+    chosen = path or os.environ.get(DEFAULT_CONFIG_ENV)
+    if not chosen:
+        return
+    try:
+        names = env_names(Path(chosen).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return  # read_config has said why
+    if names:
+        log.warning("config_reload_env_unchanged", variables=names,
+                    advice="these keep the values the process started with; after "
+                           "changing them (an EnvironmentFile), restart instead")
 
 
 def keep_restart_sections(running: Config, new: Config) -> tuple[Config, list[str]]:
@@ -123,8 +147,9 @@ class Reloader:
             return False
 
     async def _apply(self) -> None:
-        loaded, sha256 = await asyncio.get_running_loop().run_in_executor(
-            None, read_config, self._path)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, warn_env_is_the_starting_one, self._path)
+        loaded, sha256 = await loop.run_in_executor(None, read_config, self._path)
         live = self._app[LIVE]
         running = live.current
         config, restart = keep_restart_sections(running.config, loaded)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,8 +14,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
-from support import ROOT, TOKENS, free_port, png_bytes
+from support import (
+    ROOT,
+    TOKENS,
+    base_config,
+    eventually_sync,
+    free_port,
+    png_bytes,
+    stop_process,
+    wait_http,
+)
 
 CLI = [sys.executable, "-m", "gateway"]
 
@@ -43,7 +54,8 @@ def test_add_user_rejects_bad_names() -> None:
 
 def test_check_config_masks_secrets(tmp_path: Path) -> None:
     cfg = tmp_path / "g.yaml"
-    cfg.write_text("auth: {mode: none}\nimages: {signing_key: topsecretvalue}\n")
+    cfg.write_text("auth: {mode: none}\n"
+                   "images: {signing_key: topsecretvalue-0123456789abcdef0123}\n")
     out = run("check-config", str(cfg))
     assert out.returncode == 0, out.stderr
     assert "topsecretvalue" not in out.stdout and "signing_key: '***'" in out.stdout
@@ -99,7 +111,7 @@ def test_a_state_dir_it_cannot_write_stops_serve_with_the_chown_to_run(
     directory and the chown, not ``Permission denied: 'var'`` from deep in start-up.
     (Tests run as root, which may write anywhere: the refusal of access is simulated
     here; tests/test_container.py meets the real one as uid 10001.)"""
-    from gateway import cli, state
+    from gateway import cli, logs, state
 
     volume = tmp_path / "volume"
     volume.mkdir()
@@ -107,6 +119,9 @@ def test_a_state_dir_it_cannot_write_stops_serve_with_the_chown_to_run(
     cfg.write_text(f"auth: {{mode: none}}\nstate: {{path: {volume}/state.sqlite3}}\n"
                    f"cache: {{dir: {volume}/cache}}\nimages: {{dir: {volume}/images}}\n"
                    f"audit: {{path: {volume}/audit.sqlite3}}\n")
+    # serve in-process: logging stays as the tests have it (a structlog configured with
+    # cached loggers here left later tests' capture_logs() empty).
+    monkeypatch.setattr(logs, "configure", lambda *args: None)
     real_access = state.os.access
     monkeypatch.setattr(state.os, "access",
                         lambda p, mode: Path(p) != volume and real_access(p, mode))
@@ -114,6 +129,7 @@ def test_a_state_dir_it_cannot_write_stops_serve_with_the_chown_to_run(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"{volume} is not writable by uid" in err and f"chown -R {os.getuid()} {volume}" in err
+    assert f"podman unshare chown -R {os.getuid()} DIR, or mount it with :U" in err
     assert not (volume / "images").exists()
 
 
@@ -246,3 +262,33 @@ def test_vary_pads_when_asked() -> None:
     assert note == "padded from 80x40 to 80x80"
     square = png_bytes(32)
     assert prepare_image(square) == (square, None)  # a square PNG goes as it is
+
+
+def _hup_ignored(pid: int) -> bool:
+    """Whether ``pid`` ignores SIGHUP now (bit 0 of SigIgn in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigIgn:"))
+    return bool(int(mask, 16) & 1 << (signal.SIGHUP - 1))
+
+
+def test_a_sighup_during_start_up_does_not_kill_serve(tmp_path: Path) -> None:
+    """`systemctl reload` while the gateway starts (build_app may wait for Redis): the
+    HUP used to end the process (exit 129, which Restart=on-failure does not restart).
+    The HUP goes at the first moment the process can take one, long before the reload
+    handler exists; without the fix that moment never comes and the poll fails."""
+    cfg = tmp_path / "g.yaml"
+    port = free_port()
+    cfg.write_text(yaml.safe_dump(base_config(tmp_path, server={"port": port})))
+    proc = subprocess.Popen([*CLI, "serve", "--config", str(cfg)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        eventually_sync(lambda: proc.poll() is not None or _hup_ignored(proc.pid),
+                        "serve to stop SIGHUP from being fatal", 30, interval_s=0.001)
+        proc.send_signal(signal.SIGHUP)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)

@@ -53,6 +53,37 @@ def test_required_env_var_says_the_advice_the_config_gives() -> None:
     assert cfg.server.public_base_url == "https://vg.example"
 
 
+@pytest.mark.parametrize("form", ["${KEY-}", "${KEY?say}", "${KEY:=x}", "${KEY:+x}",
+                                  "${}", "pre${KEY-}post"])
+def test_a_substitution_form_the_loader_does_not_know_is_refused(form: str) -> None:
+    """Shell forms without ``:`` stayed literal text: ``signing_key: "${KEY-}"`` signed
+    every URL with a key printed in the docs."""
+    text = f"auth: {{mode: none}}\nimages:\n  signing_key: '{form}'\n"
+    for env in ({}, {"KEY": "k" * 40}):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, env=env)
+        message = str(info.value)
+        assert message.startswith("line 3: images.signing_key: ${"), message
+        assert ("is not a substitution this loader knows (it would stay as literal text): "
+                "use ${NAME}, ${NAME:-default} or ${NAME:?what to do}") in message
+    # A value that holds "${" itself comes from the environment and is kept as it is.
+    cfg = parse_config("auth: {mode: none}\nimages: {signing_key: '${KEY}'}\n",
+                       env={"KEY": "${" + "k" * 40})
+    assert cfg.images.signing_key == "${" + "k" * 40
+
+
+def test_a_short_signing_key_is_refused_unshown() -> None:
+    text = "auth: {mode: none}\nimages:\n  signing_key: '${KEY:-}'\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env={"KEY": "hunter2-short-key"})
+    message = str(info.value)
+    assert message.startswith("line 3: images.signing_key: is 17 characters long; a "
+                              "signing key needs at least 32"), message
+    assert "openssl rand -hex 32" in message and "hunter2" not in message
+    assert parse_config(text, env={"KEY": "f" * 64}).images.signing_key == "f" * 64
+    assert parse_config(text, env={}).images.signing_key == ""  # generated and kept
+
+
 def test_members_from_one_string_as_an_env_var_gives_them() -> None:
     text = "auth: {mode: tokens}\nquota_defaults: {images_per_day: 7}\nusers: ${MEMBERS}\n"
     cfg = parse_config(text, env={"MEMBERS": f"alice={HEX}, bob.b={'B' * 64}\n"})
@@ -68,6 +99,21 @@ def test_members_from_one_string_as_an_env_var_gives_them() -> None:
             parse_config(text, env={"MEMBERS": bad})
         assert fragment in str(info.value) and "vg-plain" not in str(info.value)
         assert "line 3" in str(info.value)
+
+
+def test_a_string_of_members_refuses_duplicates_emptiness_and_pasted_tokens() -> None:
+    text = "auth: {mode: tokens}\nusers: '${MEMBERS:?set MEMBERS}'\n"
+    token = "vg-Zq8pasted-secret-token"
+    for bad, fragment in ((f"a={HEX},a={'b' * 64}", "entry 2 names 'a' again: each member "
+                                                    "once"),
+                          (" , ,", "the string of users holds no entry (only spaces or "
+                                   "commas)"),
+                          (f"alice={HEX}, {token}={'b' * 64}",
+                           "entry 2's name looks like a token (it starts with vg-)")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, env={"MEMBERS": bad})
+        assert str(info.value).startswith("line 2: users: "), info.value
+        assert fragment in str(info.value) and "pasted" not in str(info.value)
 
 
 @pytest.mark.parametrize(("text", "line", "fragment"), [
@@ -106,7 +152,7 @@ def test_tokens_mode_requires_every_user_to_have_a_token() -> None:
 
 def test_dump_masks_secrets() -> None:
     cfg = parse_config(
-        "auth: {mode: none}\nimages: {signing_key: supersecret}\n"
+        "auth: {mode: none}\nimages: {signing_key: supersecret-0123456789abcdef012345}\n"
         "state: {kind: redis, redis_url: 'redis://:hunter2@redis:6379/0'}\n", env={})
     text = dump_config(cfg)
     assert "supersecret" not in text and "hunter2" not in text

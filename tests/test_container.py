@@ -216,6 +216,11 @@ def _healthy(url: str) -> bool:
     return _get(url, timeout=2)[0] == 200
 
 
+def _url(port: int = 8080) -> tuple[str, str]:
+    """The -e every run of the image needs: the address clients use."""
+    return "-e", f"VARIATIONS_GATEWAY_PUBLIC_URL=http://127.0.0.1:{port}"
+
+
 def _members() -> str:
     return f"artist={hashlib.sha256(TOKEN.encode()).hexdigest()}"
 
@@ -223,13 +228,22 @@ def _members() -> str:
 # ------------------------------------------------------------------- one container
 
 
-def test_without_members_the_image_says_what_to_set(built: Built) -> None:
-    r = built.podman.run("run", "--rm", IMAGE, check=False, timeout=60)
-    assert r.returncode == 2, r.stderr
-    # One line from the gateway (podman may add warnings of its own, "WARN[...]").
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The gateway's one line (podman may add warnings of its own, "WARN[...]")."""
     lines = [ln for ln in r.stderr.splitlines() if not ln.startswith(("WARN[", "time="))]
     assert len(lines) == 1, r.stderr
-    (line,) = lines
+    return lines[0]
+
+
+def test_without_its_settings_the_image_says_what_to_set(built: Built) -> None:
+    r = built.podman.run("run", "--rm", IMAGE, check=False, timeout=60)
+    assert r.returncode == 2, r.stderr
+    line = _one_line(r)
+    assert ("VARIATIONS_GATEWAY_PUBLIC_URL is not set: set VARIATIONS_GATEWAY_PUBLIC_URL "
+            "to the address clients use") in line
+    r = built.podman.run("run", "--rm", *_url(), IMAGE, check=False, timeout=60)
+    assert r.returncode == 2, r.stderr
+    line = _one_line(r)
     assert "VARIATIONS_GATEWAY_MEMBERS is not set: set VARIATIONS_GATEWAY_MEMBERS=" in line
     assert "mount a config of your own at /etc/variations-gateway/gateway.yaml" in line
 
@@ -237,17 +251,27 @@ def test_without_members_the_image_says_what_to_set(built: Built) -> None:
 def test_a_root_owned_state_dir_says_the_chown(built: Built, tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o755)  # root's, as `mkdir` on the host makes it
-    r = built.podman.run("run", "--rm", "-e", f"VARIATIONS_GATEWAY_MEMBERS={_members()}",
-                         "-v", f"{state}:/var/lib/variations-gateway", IMAGE,
-                         check=False, timeout=60)
+    run = ("run", "--rm", *_url(), "-e", f"VARIATIONS_GATEWAY_MEMBERS={_members()}",
+           "-v", f"{state}:/var/lib/variations-gateway", IMAGE)
+    r = built.podman.run(*run, check=False, timeout=60)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert ("/var/lib/variations-gateway is not writable by uid 10001, which this "
             "gateway runs as. Give it that user: chown -R 10001 /var/lib/variations-gateway"
             ) in r.stderr
+    assert "podman unshare chown -R 10001 DIR, or mount it with :U" in r.stderr
     os.chown(state, 10001, 10001)  # the fix the message gives
+    # A signing key left there by root: one line, not FileExistsError from a new one.
+    key = state / "signing.key"
+    key.write_text("ab" * 32)
+    key.chmod(0o600)
+    r = built.podman.run(*run, check=False, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert ("/var/lib/variations-gateway/signing.key (the image URL signing key) cannot "
+            "be read by uid 10001 (Permission denied): give it that user") in r.stderr
+    os.chown(key, 10001, 10001)
     name = f"vg-chown-{uuid.uuid4().hex[:8]}"
-    built.podman.run("run", "-d", "--name", name, "-e",
+    built.podman.run("run", "-d", "--name", name, *_url(), "-e",
                      f"VARIATIONS_GATEWAY_MEMBERS={_members()}",
                      "-v", f"{state}:/var/lib/variations-gateway", IMAGE)
     try:
@@ -298,6 +322,10 @@ def test_the_shipped_config_serves_real_variations(built: Built, served: tuple[s
     check = built.podman.run("image", "inspect", "--format", "{{json .HealthCheck}}", IMAGE)
     assert '"variations-gateway","healthcheck"' in check.stdout.replace(" ", ""), check.stdout
     assert built.podman.run("healthcheck", "run", name, check=False).returncode == 0
+    # Only the API port is exposed: /metrics (9464) names members, published by hand.
+    ports = built.podman.run("image", "inspect", "--format", "{{json .Config.ExposedPorts}}",
+                             IMAGE).stdout
+    assert list(json.loads(ports)) == ["8080/tcp"], ports
     # State is on the volume: the ledger, the audit trail, the two images.
     mount = Path(built.podman.run("volume", "inspect", "--format", "{{.Mountpoint}}",
                                   volume).stdout.strip())
@@ -333,7 +361,7 @@ def test_a_moved_port_is_followed_by_the_healthcheck(built: Built) -> None:
     port = free_port()
     name = f"vg-port-{uuid.uuid4().hex[:8]}"
     built.podman.run("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:9000",
-                     "-e", f"VARIATIONS_GATEWAY_MEMBERS={_members()}",
+                     "-e", f"VARIATIONS_GATEWAY_MEMBERS={_members()}", *_url(port),
                      "-e", "VARIATIONS_GATEWAY_PORT=9000", IMAGE)
     try:
         eventually_sync(lambda: _healthy(f"http://127.0.0.1:{port}/healthz"),

@@ -333,14 +333,16 @@ def test_the_images_own_config_serves_beyond_loopback_from_the_environment() -> 
     from gateway.config import ConfigError
 
     text = (DEPLOY / "container.yaml").read_text()
+    url = {"VARIATIONS_GATEWAY_PUBLIC_URL": "https://vg.example"}
     with pytest.raises(ConfigError, match=r"VARIATIONS_GATEWAY_MEMBERS is not set: set "
                        r"VARIATIONS_GATEWAY_MEMBERS=name=<token sha256>.* or mount a config"):
-        parse_config(text, {})
-    cfg = parse_config(text, {"VARIATIONS_GATEWAY_MEMBERS": f"artist={'c' * 64}"})
+        parse_config(text, url)
+    cfg = parse_config(text, {**url, "VARIATIONS_GATEWAY_MEMBERS": f"artist={'c' * 64}"})
     assert cfg.server.host == "0.0.0.0" and cfg.server.port == 8080
     assert cfg.auth.mode == "tokens" and list(cfg.users) == ["artist"]
-    assert cfg.server.public_base_url == "http://localhost:8080"
+    assert cfg.server.public_base_url == "https://vg.example"
     assert cfg.metrics.port == 9464 and [b.kind for b in cfg.backends] == ["procedural"]
+    assert cfg.metrics.token_sha256 is None and not cfg.server.tls
     # Everything written is on the image's VOLUME; a stop fits in docker's default 10 s.
     volume = re.search(r'VOLUME \["([^"]+)"\]', (DEPLOY / "Dockerfile").read_text())
     assert volume is not None
@@ -351,3 +353,35 @@ def test_the_images_own_config_serves_beyond_loopback_from_the_environment() -> 
                                 "VARIATIONS_GATEWAY_PORT": "9000",
                                 "VARIATIONS_GATEWAY_PUBLIC_URL": "https://vg.example"})
     assert moved.server.port == 9000 and moved.server.public_base_url == "https://vg.example"
+
+
+def test_the_images_own_config_needs_the_address_clients_use() -> None:
+    """A default of http://localhost:8080 gave remote clients localhost image links and
+    passed the check meant to make the admin choose an address."""
+    from gateway.config import ConfigError
+
+    text = (DEPLOY / "container.yaml").read_text()
+    members = {"VARIATIONS_GATEWAY_MEMBERS": f"artist={'c' * 64}"}
+    for env in (members, {**members, "VARIATIONS_GATEWAY_PUBLIC_URL": ""}):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, env)
+        message = str(info.value)
+        assert "server.public_base_url: VARIATIONS_GATEWAY_PUBLIC_URL is not set: set " \
+               "VARIATIONS_GATEWAY_PUBLIC_URL to the address clients use" in message
+        assert "-p 127.0.0.1:8080:8080" in message and "plain http" in message
+
+
+def test_the_images_metrics_token_and_tls_come_from_the_environment(tmp_path: Path) -> None:
+    from tls_certs import make_test_ca
+
+    certs = make_test_ca(tmp_path)
+    env = {"VARIATIONS_GATEWAY_MEMBERS": f"artist={'c' * 64}",
+           "VARIATIONS_GATEWAY_PUBLIC_URL": "https://vg.example",
+           "VARIATIONS_GATEWAY_METRICS_TOKEN_SHA256": "d" * 64,
+           "VARIATIONS_GATEWAY_TLS_CERT": str(certs.cert),
+           "VARIATIONS_GATEWAY_TLS_KEY": str(certs.key)}
+    cfg = parse_config((DEPLOY / "container.yaml").read_text(), env)
+    assert cfg.metrics.token_sha256 == "d" * 64 and cfg.server.tls
+    # /metrics names members: the image does not EXPOSE its port.
+    exposed = re.findall(r"^EXPOSE (.*)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert exposed == ["8080"]

@@ -273,3 +273,31 @@ def test_restart_only_sections_keep_their_running_values(tmp_path: Path) -> None
     kept, changed = keep_restart_sections(running, new)
     assert changed == ["metrics.port"]
     assert kept.metrics == running.metrics and kept.quota_defaults.images_per_day == 5
+
+
+async def test_a_reload_of_a_file_using_env_warns_they_keep_their_starting_values(
+        tmp_path: Path, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`systemctl reload` after editing the EnvironmentFile changed nothing, silently: a
+    reload re-reads the file with the environment the process started with."""
+    raw = base_config(tmp_path)
+    path = tmp_path / "gateway.yaml"
+    write(path, raw)
+    client = await aiohttp_client(build_app(build_config(raw)))
+    reloader = Reloader(client.server.app, str(path))
+    with capture_logs() as logs:
+        assert await reloader.reload()
+    assert "config_reload_env_unchanged" not in {e["event"] for e in logs}
+
+    monkeypatch.setenv("VG_CAROL_SHA", sha(CAROL))
+    monkeypatch.setenv("VG_RPM", "60")
+    raw["users"]["carol"] = {"token_sha256": "${VG_CAROL_SHA}"}
+    raw["quota_defaults"]["requests_per_minute"] = "${VG_RPM:-30}"
+    path.write_text("# ${NOT_IN_A_VALUE} is a comment\n" + yaml.safe_dump(raw)
+                    .replace("'${VG_RPM:-30}'", "${VG_RPM:-30}"))
+    with capture_logs() as logs:
+        assert await reloader.reload()
+    (warning,) = [e for e in logs if e["event"] == "config_reload_env_unchanged"]
+    assert warning["log_level"] == "warning"
+    assert sorted(warning["variables"]) == ["VG_CAROL_SHA", "VG_RPM"]
+    assert "restart" in warning["advice"]
+    assert sha(CAROL) not in json.dumps(logs, default=str)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ApiError
-from gateway.images import load_signing_key
+from gateway.images import SigningKeyUnusable, load_signing_key
 from gateway.images.fs import ImageStore
 
 
@@ -73,6 +73,25 @@ def test_signing_key_is_generated_once_and_kept(tmp_path: Path) -> None:
     assert load_signing_key("", tmp_path) == k1 and len(k1) == 32
     assert (tmp_path / "signing.key").stat().st_mode & 0o777 == 0o600
     assert load_signing_key("configured", tmp_path) == b"configured"
+
+
+def test_an_unusable_signing_key_file_is_one_sentence_with_the_fix(tmp_path: Path) -> None:
+    """A root-owned ``signing.key`` on a container's volume: reading it failed, and the
+    O_EXCL create of a new one ended in a bare FileExistsError. (Tests run as root, who
+    reads any file: a directory in its place fails to read the same way.)"""
+    (tmp_path / "signing.key").mkdir()
+    with pytest.raises(SigningKeyUnusable) as info:
+        load_signing_key("", tmp_path)
+    uid = os.getuid()
+    assert str(info.value).startswith(f"{tmp_path / 'signing.key'} (the image URL signing "
+                                      f"key) cannot be read by uid {uid} (")
+    assert f"podman unshare chown {uid} {tmp_path / 'signing.key'}" in str(info.value)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "signing.key").write_text("not-hex-secret")
+    with pytest.raises(SigningKeyUnusable, match="is not a hex key: delete it") as info:
+        load_signing_key("", damaged)
+    assert "not-hex-secret" not in str(info.value)
 
 
 def test_put_file_links_a_cache_file_and_replaces_a_damaged_link(

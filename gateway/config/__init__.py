@@ -39,12 +39,13 @@ from gateway.config.model import (
     TokenPrices,
     UserConfig,
 )
+from gateway.config.yamlfile import env_names
 
 __all__ = [
     "DEFAULT_CONFIG_ENV", "DEFAULT_YAML", "SIZES", "AbuseConfig", "ApiConfig", "AuditConfig",
     "AuthConfig", "BackendConfig", "BreakerConfig", "CacheConfig", "Config", "ConfigError",
     "ImagesConfig", "LoggingConfig", "MetricsConfig", "QuotaLimits", "RetryConfig",
     "ServerConfig", "StateConfig", "TokenPrices", "UserConfig", "build_config",
-    "dump_config", "exposure_problem", "is_loopback", "load_config", "parse_config",
+    "dump_config", "env_names", "exposure_problem", "is_loopback", "load_config", "parse_config",
     "resolve_paths", "to_plain",
 ]

@@ -130,6 +130,9 @@ def _members_string(b: _Builder, text: str) -> dict[str, Any]:
     defaults). Anything else is refused, the value unshown: it may hold a token.
     """
     entries = text.replace(",", " ").split()
+    if not entries:  # "${MEMBERS:?...}" lets " , " through: a gateway nobody may use
+        raise b.error("the string of users holds no entry (only spaces or commas): give "
+                      "name=<token sha256> entries separated by commas", "users")
     out: dict[str, Any] = {}
     for i, entry in enumerate(entries):
         m = _MEMBER_ENTRY.fullmatch(entry)
@@ -137,7 +140,15 @@ def _members_string(b: _Builder, text: str) -> dict[str, Any]:
             raise b.error(f"entry {i + 1} is not name=<token sha256> (a string of users "
                           "is name=<64 hex> entries separated by commas; "
                           "variations-gateway add-user NAME prints both)", "users")
-        out[m.group(1)] = {"token_sha256": m.group(2)}
+        name = m.group(1)
+        if name.lower().startswith("vg-"):  # never echoed: it is probably a secret
+            raise b.error(f"entry {i + 1}'s name looks like a token (it starts with "
+                          "vg-): the name goes before '=', the token's sha256 after it, "
+                          "never the token itself", "users")
+        if name in out:  # the last one silently won, the first member's token stopped
+            raise b.error(f"entry {i + 1} names {name!r} again: each member once",
+                          "users")
+        out[name] = {"token_sha256": m.group(2)}
     return out
 
 
@@ -245,6 +256,7 @@ def _check(b: _Builder, cfg: Config) -> None:
     if cfg.server.public_base_url and not re.match(r"^https?://", cfg.server.public_base_url):
         raise b.error("must start with http:// or https://", "server.public_base_url")
     _check_tls(b, cfg.server)
+    _check_signing_key(b, cfg.images.signing_key)
     problem = exposure_problem(cfg, cfg.server.host, is_loopback(cfg.server.host))
     if problem is not None:
         raise b.error(problem[1], problem[0])
@@ -286,6 +298,20 @@ def exposure_problem(cfg: Config, host: str, loopback: bool) -> tuple[str, str] 
                 "metrics.port (served only there: keep that port on an internal network), "
                 "or metrics.enabled: false")
     return None
+
+
+MIN_SIGNING_KEY = 32
+
+
+def _check_signing_key(b: _Builder, key: str) -> None:
+    """A configured key is used as its text (UTF-8 bytes, not decoded) to sign image
+    URLs: a short or guessable one lets anyone forge them. Never shown."""
+    if key and len(key) < MIN_SIGNING_KEY:
+        raise b.error(f"is {len(key)} characters long; a signing key needs at least "
+                      f"{MIN_SIGNING_KEY} random ones (anyone who guesses it can forge "
+                      "image URLs): make one with `openssl rand -hex 32`, or leave it "
+                      "empty to have one generated and kept with the state",
+                      "images.signing_key")
 
 
 def _check_tls(b: _Builder, server: ServerConfig) -> None:

@@ -1,6 +1,8 @@
 """YAML in: composed into nodes first, so every error can name the key's path *and* its
 line; ``${ENV}``, ``${ENV:-default}`` and ``${ENV:?what to do}`` are substituted in
-scalars before typing, so ``port: ${PORT:-8080}`` is still an int."""
+scalars before typing, so ``port: ${PORT:-8080}`` is still an int. Any other ``${``
+(``${KEY-}``, ``${KEY:=x}``) is refused: kept as text it became, say, a signing key
+anyone can read in the docs."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import yaml
 from gateway.config.model import ConfigError
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([-?])(.*?))?\}")
+_LEFTOVER_RE = re.compile(r"\$\{[^}\s]{0,40}\}?")  # shown: the form, never a value
+_FORMS = "${NAME}, ${NAME:-default} or ${NAME:?what to do}"
 
 
 def _interpolate(value: str, env: Mapping[str, str], path: str, line: int | None) -> str:
@@ -28,7 +32,36 @@ def _interpolate(value: str, env: Mapping[str, str], path: str, line: int | None
             raise ConfigError(f"{name} is not set: {arg or 'set it'}", path, line)
         raise ConfigError(f"environment variable {name} is not set", path, line)
 
+    left = _LEFTOVER_RE.search(_ENV_RE.sub("", value))
+    if left is not None:  # ${KEY-}, ${KEY?x}, ${KEY:=x}: kept as text, a public "secret"
+        raise ConfigError(f"{left.group(0)} is not a substitution this loader knows (it "
+                          f"would stay as literal text): use {_FORMS}", path, line)
     return _ENV_RE.sub(sub, value)
+
+
+def env_names(text: str) -> list[str]:
+    """The environment variables ``text``'s values substitute (comments aside), in order,
+    once each; none for a file that is not YAML (its load reports that)."""
+    names: list[str] = []
+
+    def walk(node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                walk(key)
+                walk(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item)
+        elif isinstance(node, yaml.ScalarNode):
+            names.extend(m.group(1) for m in _ENV_RE.finditer(str(node.value)))
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []
+    if node is not None:
+        walk(node)
+    return list(dict.fromkeys(names))
 
 
 class _Loader(yaml.SafeLoader):

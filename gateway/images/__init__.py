@@ -119,6 +119,11 @@ def disk_failures_translated() -> Iterator[None]:
         raise failure from exc
 
 
+class SigningKeyUnusable(OSError):
+    """``signing.key`` is there but cannot serve: ``serve`` prints this as one line
+    (creating a new one over it failed with a bare ``File exists``)."""
+
+
 def load_signing_key(configured: str, beside: Path) -> bytes:
     """The configured key, else one generated on first start and kept beside the state."""
     if configured:
@@ -126,8 +131,20 @@ def load_signing_key(configured: str, beside: Path) -> bytes:
     path = beside / "signing.key"
     try:
         return bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         pass
+    except OSError as exc:  # e.g. a root-owned file on a container's state volume
+        uid = os.getuid()
+        raise SigningKeyUnusable(
+            f"{path} (the image URL signing key) cannot be read by uid {uid} "
+            f"({exc.strerror}): give it that user, chown {uid} {path} (under rootless "
+            f"podman: podman unshare chown {uid} {path}), or set images.signing_key"
+        ) from None
+    except ValueError:  # never shown: it is a secret, even damaged
+        raise SigningKeyUnusable(
+            f"{path} (the image URL signing key) is not a hex key: delete it to have a "
+            "new one made (image URLs issued so far stop working), or set "
+            "images.signing_key") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
