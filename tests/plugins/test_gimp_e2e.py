@@ -677,10 +677,12 @@ def test_more_like_this_shows_the_recorded_settings_before_sending(gimp_ui_run: 
     dialog = json.loads((gimp_ui_run.debug / "more-dialog.json").read_text())["steer"]
     first, new = res["group_record"], res["more_record"]
     assert new["n"] == first["n"] == 4 and new["source_name"] == "painting"
-    assert res["more_layers"][1:] == res["layers"]
+    assert new["request_id"] != first["request_id"]
+    assert [res["more_layers"][0], res["more_layers"][2]] == res["layers"]
     if first["first_seed"] is not None:
         assert dialog["seed"]["random"] is False
         assert new["first_seed"] == first["first_seed"] + 4
+        assert res["more_layers"][1] == f"Variations of painting - seed {new['first_seed']}"
 
 
 def test_dialog_greys_out_what_the_model_cannot_honour(gimp_ui_run: UiRun,

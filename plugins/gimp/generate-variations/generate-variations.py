@@ -287,19 +287,18 @@ def _generate_procedure(plugin, name):
         "to the team's variations gateway (OpenAI /v1/images/variations) and adds the "
         "results as layers in a group above the layer.", name)
     p.set_attribution("variations-gateway", "variations-gateway", "2025")
-    _add_run_arguments(p, aux=False)
+    _add_run_arguments(p)
     return p
 
 
-def _add_run_arguments(p, aux):
-    """The run's arguments: the call's own for Generate Variations; for More like this
-    aux arguments (not part of its call, which takes the record's settings) that hold
-    what its dialog shows."""
+def _add_run_arguments(p):
+    """The run's arguments. More like this has them too, to hold what its dialog shows,
+    but takes their values from the record (aux arguments would do, but GIMP 3.0's
+    add_choice_aux_argument is annotated transfer none and frees the Choice)."""
     rw = GObject.ParamFlags.READWRITE
-    kind = "_aux_argument" if aux else "_argument"
 
     def add(what, *args):
-        getattr(p, f"add_{what}{kind}")(*args)
+        getattr(p, f"add_{what}_argument")(*args)
 
     add("int", "n", "_Number of variations", "How many variations (1-10)", 1,
         vg_steer.N_MAX, DEFAULT_N, rw)
@@ -333,9 +332,10 @@ def _more_procedure(plugin, name):
         "Run on a layer (or group) made by Generate Variations: makes as many "
         "variations again of the same source layer and area, with the same model, "
         "strength, hint, size and shape, and the seeds that follow the group's. "
-        "Interactively the settings are shown for confirmation first.", name)
+        "Interactively the settings are shown for confirmation first. The arguments "
+        "beyond image and drawables are set from the layer's record.", name)
     p.set_attribution("variations-gateway", "variations-gateway", "2025")
-    _add_run_arguments(p, aux=True)
+    _add_run_arguments(p)
     return p
 
 

@@ -80,7 +80,8 @@ try:
     res["more_status"] = r.index(0).value_nick
     res["more_message"] = r.index(1) if res["more_status"] != "success" else None
     res["more_layers"] = [x.get_name() for x in img.get_layers()]
-    p = img.get_layers()[0].get_parasite("generate-variations")
+    # The new group goes right above the source: below the first one.
+    p = img.get_layers()[1].get_parasite("generate-variations")
     res["more_record"] = json.loads(bytes(p.get_data()).decode()) if p else None
 except Exception:
     import traceback
