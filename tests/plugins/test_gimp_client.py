@@ -796,3 +796,51 @@ def test_generate_dialog_asks_for_combo_boxes_before_fill() -> None:
     choice_args = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                        and ast.unparse(n.targets[0]) == "CHOICE_ARGS")
     assert set(choice_args) == {"size", "square-mode"}
+
+
+# The characters a hostile (or broken) server could use to disguise a GIMP dialog: line
+# breaks, an ANSI escape, a right-to-left override, a zero-width joiner's kin.
+DISGUISE = "\n\r\x1b[2J\u202e\u2066\x00\u200b"
+
+
+@pytest.mark.parametrize("status", [400, 403, 500, 502, 429])
+def test_what_the_gateway_said_is_shown_printable_and_short(status: int) -> None:
+    """The envelope's message and param, and the x-request-id, reach the sentence with
+    no control or bidi characters and at most 200 characters each, however long (the
+    answer cap is a megabyte)."""
+    body = json.dumps({"error": {"message": "bad" + DISGUISE + "m" * 900_000,
+                                 "type": "invalid_request_error",
+                                 "param": "image" + DISGUISE + "p" * 5000,
+                                 "code": None}}).encode()
+    headers = {"x-request-id": "req_1" + DISGUISE + "r" * 5000,
+               "retry-after": "3" + DISGUISE + "9" * 5000}
+    e = vg_errors.error_sentence(status, body, headers, "http://gw/v1/images/variations")
+    text = str(e)
+    assert text.isprintable(), repr(text[:400])
+    assert len(text) < 1200, len(text)
+    assert "bad" in text
+    if status == 400:
+        assert "(parameter 'image" in text
+    if status in (403, 500, 502):
+        assert "req_1" in text
+    assert e.request_id is not None and len(e.request_id) <= 203
+    assert e.request_id.isprintable()
+
+
+def test_shown_keeps_printable_text_and_cuts_at_200() -> None:
+    assert vg_errors.shown("x" * 200) == "x" * 200
+    assert vg_errors.shown("x" * 201) == "x" * 200 + "..."
+    assert vg_errors.shown("a\u202eb\nc\x07d é 猫") == "abcd é 猫"
+
+
+def test_a_request_id_kept_in_records_is_printable() -> None:
+    """A successful answer's x-request-id goes into the layer's record: cleaned too."""
+    answer = json.dumps({"created": 1, "data": [
+        {"b64_json": base64.b64encode(png_bytes(4, 4)).decode()}]}).encode()
+    with http_server(lambda h: (200, {"Content-Type": "application/json",
+                                      "x-request-id": "req_9\x1b\x85" + "z" * 400},
+                                answer)) as (gw, _):
+        result = vg_client.request_variations(gw, ALICE, png_bytes(8, 8), n=1,
+                                              size="256x256", timeout=5)
+    assert result.request_id is not None and result.request_id.isprintable()
+    assert result.request_id.startswith("req_9zz") and len(result.request_id) == 203

@@ -533,7 +533,7 @@ def test_menu_entries(gimp_run: Run) -> None:
         "label": "Generate _Variations...", "paths": ["<Image>/Filters"]}
     assert menu["python-fu-generate-variations-settings"]["paths"] == ["<Image>/Filters"]
     assert menu["python-fu-generate-variations-more"] == {
-        "label": "Generate _More Like This", "paths": ["<Image>/Filters"]}
+        "label": "Generate _More Like This...", "paths": ["<Image>/Filters"]}
 
 
 # ------------------------------------------------------------------ issue 22: steering
@@ -594,6 +594,24 @@ def test_more_like_this_keeps_the_settings_with_the_next_seeds(gimp_run: Run) ->
     assert steer_pixels(gimp_run, "steer-more") != steer_pixels(gimp_run, "steer")
 
 
+def test_more_like_this_never_uploads_a_layer_the_record_does_not_name(gimp_run: Run) -> None:
+    """A result layer from another image: its record's tattoo points at this image's
+    "Secret" layer, whose name is not the recorded source's. Nothing is sent."""
+    c = gimp_run.case("more-foreign")
+    assert c["status"] == "execution-error"
+    assert "made from a layer 'Dusk', but the layer they point to in this image is " \
+        "'Secret'" in c["message"]
+    assert "upload" not in c and c["after"] == c["before"]
+
+
+def test_more_like_this_refuses_a_record_the_plug_in_did_not_write(gimp_run: Run) -> None:
+    """``first_seed: "5"``, ``n: "4"`` crashed the run with a TypeError; now a sentence."""
+    c = gimp_run.case("more-hostile")
+    assert c["status"] == "calling-error"
+    assert "is not one the plug-in wrote" in c["message"]
+    assert "upload" not in c and c["after"] == c["before"]
+
+
 def test_token_never_lands_in_the_xcf_or_gimps_own_files(gimp_run: Run) -> None:
     xcf = (gimp_run.out / gimp_run.results["xcf"]).read_bytes()
     assert xcf.startswith(b"gimp xcf ")
@@ -648,6 +666,23 @@ def test_interactive_run_stores_arguments_but_never_the_token(gimp_ui_run: UiRun
     assert [p.name for p in profile.rglob("*")
             if p.is_file() and FILE_TOKEN.encode() in p.read_bytes()] == [
         "generate-variations.json"]
+
+
+def test_more_like_this_shows_the_recorded_settings_before_sending(gimp_ui_run: UiRun) -> None:
+    """Interactively More like this opens the dialog filled from the record (the next
+    seeds): the record may come from someone else's .xcf, so the artist confirms first
+    (the autotest hook presses OK)."""
+    res = gimp_ui_run.results
+    assert res["more_status"] == "success", res["more_message"]
+    dialog = json.loads((gimp_ui_run.debug / "more-dialog.json").read_text())["steer"]
+    first, new = res["group_record"], res["more_record"]
+    assert new["n"] == first["n"] == 4 and new["source_name"] == "painting"
+    assert new["request_id"] != first["request_id"]
+    assert [res["more_layers"][0], res["more_layers"][2]] == res["layers"]
+    if first["first_seed"] is not None:
+        assert dialog["seed"]["random"] is False
+        assert new["first_seed"] == first["first_seed"] + 4
+        assert res["more_layers"][1] == f"Variations of painting - seed {new['first_seed']}"
 
 
 def test_dialog_greys_out_what_the_model_cannot_honour(gimp_ui_run: UiRun,

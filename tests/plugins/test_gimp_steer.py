@@ -4,8 +4,10 @@ which controls a model honours, what a run sends, the group name, the parasite r
 
 from __future__ import annotations
 
+import base64
 import json
 import random
+import re
 import sys
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,10 +77,25 @@ def test_only_set_and_honoured_controls_are_sent() -> None:
     s = vg_steer.plan(models.of("local"), model="local", strength=0.8, seed=5,
                       hint="autumn", n=2)
     assert s.fields() == {"model": "local", "strength": "0.8", "seed": "5"}
-    # A model honouring nothing (or a gateway that does not say): exactly OpenAI's request.
-    for controls in (models.of("openai"), vg_steer.unknown("down")):
-        s = vg_steer.plan(controls, model="", strength=0.8, seed=5, hint="x", n=2)
+    # A model honouring nothing: exactly OpenAI's request.
+    s = vg_steer.plan(models.of("openai"), model="", strength=0.8, seed=5, hint="x", n=2)
+    assert s.fields() == {}
+
+
+def test_controls_set_are_sent_when_the_gateway_did_not_say_what_it_honours() -> None:
+    """/v1/models timed out, failed or is older: dropping the controls would charge a run
+    made without them, so they go out and the gateway refuses what it cannot honour."""
+    for controls in (vg_steer.unknown("down"), vg_steer.parse_models(
+            {"data": [{"id": "dall-e-2", "object": "model"}]}).of("")):
+        s = vg_steer.plan(controls, model="", strength=0.8, seed=5, hint=" x  y ", n=2)
+        assert s.fields() == {"strength": "0.8", "seed": "5", "prompt": "x y"}
+        # Nothing set: nothing sent (a random seed is not the artist's choice).
+        s = vg_steer.plan(controls, model="", strength=vg_steer.MODEL_DEFAULT,
+                          seed=vg_steer.RANDOM_SEED, hint="", n=2)
         assert s.fields() == {}
+    with pytest.raises(vg_steer.SteerError, match="at most 1000"):
+        vg_steer.plan(vg_steer.unknown("down"), model="", strength=0.5, seed=1,
+                      hint="x" * 1001, n=1)
 
 
 @pytest.mark.parametrize(("kw", "words"), [
@@ -187,3 +204,97 @@ def test_a_gateway_that_cannot_be_asked_sends_no_controls() -> None:
         in (c.tooltip("seed", "dall-e-2") or "")
     with pytest.raises(vg_client.GatewayError):
         vg_steer.get_models(url, "tok")
+
+
+def test_a_gateway_whose_model_list_fails_still_gets_the_controls() -> None:
+    """GET /v1/models answers 500 (the gateway's envelope); the run that follows still
+    carries the seed, strength and hint the artist set (before: silently dropped)."""
+    posted: list[set[str]] = []
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the gateway's 500 envelope (gateway/errors.py)
+            self._send(500, {"error": {"message": "Internal server error",
+                                       "type": "server_error", "param": None,
+                                       "code": "internal_error"}})
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            posted.append(set(re.findall(rb'name="([a-z_]+)"', body)))
+            self._send(200, {"created": 1, "data": [
+                {"b64_json": base64.b64encode(png).decode()}]})
+
+        def _send(self, status: int, data: Any) -> None:
+            raw = json.dumps(data).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        controls = vg_steer.model_controls(url, "tok", "")
+        assert not controls.known
+        steer = vg_steer.plan(controls, model="", strength=0.3, seed=77, hint="dusk", n=1)
+        vg_client.request_variations(url, "tok", png, n=1, size="256x256", timeout=5,
+                                     extra=steer.fields())
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert {b"strength", b"seed", b"prompt"} <= posted[0]
+
+
+# ------------------------------------------------------------------ hostile records
+
+
+def good_record() -> dict[str, Any]:
+    rec = vg_steer.records(vg_steer.Steer(strength=0.4, seed=1234, prompt="autumn"),
+                           request_id="req_1", n=3, size="512x512", square_mode="pad",
+                           scale_to_source=True, source_tattoo=9, source_name="Dusk",
+                           selection=[10, 20, 100, 50])[1]
+    data: dict[str, Any] = json.loads(rec.to_json())
+    return data
+
+
+@pytest.mark.parametrize("changes", [
+    {"first_seed": "5"}, {"n": "4"}, {"source_tattoo": "2"},  # crashed More like this
+    {"n": 0}, {"n": 11}, {"n": 500}, {"n": True}, {"n": 2.0},
+    {"size": "4096x4096"}, {"size": None},
+    {"square_mode": "tile"},
+    {"strength": 1.5}, {"strength": -0.1}, {"strength": "0.4"}, {"strength": True},
+    {"seed": -1}, {"seed": 2147483648}, {"first_seed": 2 ** 40}, {"seed": 1.5},
+    {"hint": "x" * 1001}, {"hint": "autumn\ncolours"}, {"hint": "a\u202eb"}, {"hint": 5},
+    {"model": ""}, {"model": "m" * 101}, {"model": "gpt\x00"}, {"model": ["dall-e-2"]},
+    {"request_id": "r\n"}, {"scale_to_source": 1}, {"index": 7}, {"index": -1},
+    {"selection": [0, 0, 0, 10]}, {"selection": [0, 0, 10]}, {"selection": "0,0,1,1"},
+    {"selection": [0, 0, 10, "10"]}, {"source_tattoo": 0}, {"source_name": 3},
+    {"version": 2}, {"version": True}, {"extra": 1},
+])
+def test_a_record_the_plug_in_did_not_write_is_refused(changes: dict[str, Any]) -> None:
+    data = {**good_record(), **changes}
+    assert vg_steer.read_record(json.dumps(data)) is None, changes
+
+
+@pytest.mark.parametrize("missing", ["n", "source_tattoo", "version", "model"])
+def test_a_record_missing_a_field_is_refused(missing: str) -> None:
+    data = good_record()
+    del data[missing]
+    assert vg_steer.read_record(json.dumps(data)) is None
+
+
+def test_every_record_the_plug_in_writes_reads_back() -> None:
+    data = good_record()
+    assert vg_steer.read_record(json.dumps(data)) is not None
+    for steer in (vg_steer.Steer(), vg_steer.Steer(model="local", strength=1, seed=0),
+                  vg_steer.Steer(prompt="é" * 1000, seed=vg_steer.SEED_MAX - 9)):
+        for rec in vg_steer.records(steer, request_id=None, n=10, size="1024x1024",
+                                    square_mode="selection-or-center-crop",
+                                    scale_to_source=False, source_tattoo=None,
+                                    source_name="", selection=None):
+            assert vg_steer.read_record(rec.to_json()) == rec

@@ -29,6 +29,7 @@ import vg_layers  # noqa: E402
 import vg_prepare  # noqa: E402
 import vg_steer  # noqa: E402
 from gi.repository import Gimp, GLib, GObject  # noqa: E402
+from vg_errors import shown  # noqa: E402
 from vg_gimp import Failure, fail, in_thread, load_settings, pair, progress  # noqa: E402
 
 PROC = "python-fu-generate-variations"
@@ -80,8 +81,8 @@ def run_generate(procedure, run_mode, image, drawables, config, data):
     if run_mode == Gimp.RunMode.INTERACTIVE:
         import vg_dialog  # GTK only for interactive runs
 
-        if not vg_dialog.generate_dialog(procedure, config, settings,
-                                         vg_layers.record_of(layer) is not None):
+        note = vg_dialog.MORE_NOTE if vg_layers.record_of(layer) is not None else None
+        if not vg_dialog.generate_dialog(procedure, config, settings, note):
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     args = Args.of_config(config)
     b = Gimp.Selection.bounds(image)
@@ -94,29 +95,64 @@ def run_generate(procedure, run_mode, image, drawables, config, data):
 
 def run_more(procedure, run_mode, image, drawables, config, data):
     """More like this: the settings recorded on the chosen variation (or its group), the
-    next seeds, the same source layer and area."""
+    next seeds, the same source layer and area. Interactively the Generate Variations
+    dialog shows them first: the record may come from someone else's .xcf, and only the
+    artist's OK spends their quota."""
     if len(drawables) != 1 or not isinstance(drawables[0], Gimp.Layer):
         return fail(procedure, "Select one layer made by Generate Variations (or its group) "
                                "and try again.", Gimp.PDBStatusType.CALLING_ERROR)
-    record = vg_layers.record_of(drawables[0])
-    if record is None:
-        return fail(procedure, f"The layer '{drawables[0].get_name()}' was not made by "
-                               "Generate Variations: select one of its results (or their "
-                               "group), or use Filters > Generate Variations.",
+    name = shown(drawables[0].get_name())
+    record, refused = vg_layers.find_record(drawables[0])
+    if refused:
+        return fail(procedure, f"The record on the layer '{name}' is not one the plug-in "
+                               "wrote (a value is missing, of the wrong kind or out of "
+                               "range), so More like this will not use it and nothing was "
+                               "sent. Use Filters > Generate Variations instead.",
                     Gimp.PDBStatusType.CALLING_ERROR)
-    source = image.get_layer_by_tattoo(record.source_tattoo) \
-        if record.source_tattoo is not None else None
-    if source is None or isinstance(source, Gimp.GroupLayer):
-        return fail(procedure, f"The layer these variations were made from "
-                               f"('{record.source_name}') is no longer in the image, so "
-                               "there is nothing to make more of.")
+    if record is None:
+        return fail(procedure, f"The layer '{name}' was not made by Generate Variations: "
+                               "select one of its results (or their group), or use "
+                               "Filters > Generate Variations.",
+                    Gimp.PDBStatusType.CALLING_ERROR)
+    source = _source_of(image, record)
+    if isinstance(source, str):
+        return fail(procedure, source)
     try:
         settings = load_settings()
     except Failure as e:
         return fail(procedure, str(e))
     more = vg_steer.more_like_this(record)
-    args = Args(fresh=False, **vars(more))
-    return _generate(procedure, image, source, args, settings, record.selection)[0]
+    for key, value in vars(more).items():  # the record's settings, the next seeds
+        config.set_property(key.replace("_", "-"), value)
+    config.set_property("fresh", False)
+    if run_mode == Gimp.RunMode.INTERACTIVE:
+        import vg_dialog  # GTK only for interactive runs
+
+        note = vg_dialog.more_note(record)
+        if not vg_dialog.generate_dialog(procedure, config, settings, note,
+                                         "Generate More Like This"):
+            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    return _generate(procedure, image, source, Args.of_config(config), settings,
+                     record.selection)[0]
+
+
+def _source_of(image, record):
+    """The layer the record's variations were made from, or the sentence why there is
+    none. The tattoo alone is a small number any image has: the layer found must also
+    carry the recorded name, so a record from another image never uploads a layer the
+    artist did not pick."""
+    source = image.get_layer_by_tattoo(record.source_tattoo) \
+        if record.source_tattoo is not None else None
+    name = shown(record.source_name)
+    if source is None or isinstance(source, Gimp.GroupLayer):
+        return (f"The layer these variations were made from ('{name}') is no longer in the "
+                "image, so there is nothing to make more of.")
+    if source.get_name() != record.source_name:
+        return (f"These variations were made from a layer '{name}', but the layer they "
+                f"point to in this image is '{shown(source.get_name())}' (they "
+                "may come from another image, or the layer was renamed), so nothing was "
+                "sent. Rename the layer back, or use Filters > Generate Variations on it.")
+    return source
 
 
 def _generate(procedure, image, layer, args, settings, selection):
@@ -251,29 +287,37 @@ def _generate_procedure(plugin, name):
         "to the team's variations gateway (OpenAI /v1/images/variations) and adds the "
         "results as layers in a group above the layer.", name)
     p.set_attribution("variations-gateway", "variations-gateway", "2025")
-    p.add_int_argument("n", "_Number of variations", "How many variations (1-10)",
-                       1, 10, DEFAULT_N, GObject.ParamFlags.READWRITE)
+    _add_run_arguments(p)
+    return p
+
+
+def _add_run_arguments(p):
+    """The run's arguments. More like this has them too, to hold what its dialog shows,
+    but takes their values from the record (aux arguments would do, but GIMP 3.0's
+    add_choice_aux_argument is annotated transfer none and frees the Choice)."""
+    rw = GObject.ParamFlags.READWRITE
+
+    def add(what, *args):
+        getattr(p, f"add_{what}_argument")(*args)
+
+    add("int", "n", "_Number of variations", "How many variations (1-10)", 1,
+        vg_steer.N_MAX, DEFAULT_N, rw)
     sizes = Gimp.Choice.new()
     for i, s in enumerate(vg_prepare.SIZES):
         sizes.add(s, i, s.replace("x", " x "), "")
-    p.add_choice_argument("size", "Si_ze", "Size the gateway makes", sizes,
-                          DEFAULT_SIZE, GObject.ParamFlags.READWRITE)
-    p.add_boolean_argument("fresh", "_Fresh results (bypass the gateway cache)",
-                           "Ask for new images even when the gateway has some cached",
-                           False, GObject.ParamFlags.READWRITE)
+    add("choice", "size", "Si_ze", "Size the gateway makes", sizes, DEFAULT_SIZE, rw)
+    add("boolean", "fresh", "_Fresh results (bypass the gateway cache)",
+        "Ask for new images even when the gateway has some cached", False, rw)
     modes = Gimp.Choice.new()
     modes.add("selection-or-center-crop", 0, "Crop to a centred square",
               "The largest square in the middle of the selection or layer")
     modes.add("pad", 1, "Pad to a square with transparency", "Keeps everything")
     modes.add("stretch", 2, "Stretch to a square", "Distorts, then scales back")
-    p.add_choice_argument("square-mode", "S_quare mode",
-                          "How a non-square source is made square", modes,
-                          vg_prepare.DEFAULT_SQUARE_MODE, GObject.ParamFlags.READWRITE)
-    p.add_boolean_argument("scale-to-source", "Scale results back to the source _area",
-                           "Scale each result back over the pixels it was made from",
-                           True, GObject.ParamFlags.READWRITE)
-    _add_steer_arguments(p)
-    return p
+    add("choice", "square-mode", "S_quare mode", "How a non-square source is made square",
+        modes, vg_prepare.DEFAULT_SQUARE_MODE, rw)
+    add("boolean", "scale-to-source", "Scale results back to the source _area",
+        "Scale each result back over the pixels it was made from", True, rw)
+    _add_steer_arguments(p, add)
 
 
 def _more_procedure(plugin, name):
@@ -281,14 +325,17 @@ def _more_procedure(plugin, name):
     p = Gimp.ImageProcedure.new(plugin, name, Gimp.PDBProcType.PLUGIN, run_more, None)
     p.set_image_types("*")
     p.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
-    p.set_menu_label("Generate _More Like This")
+    p.set_menu_label("Generate _More Like This...")
     p.add_menu_path("<Image>/Filters")
     p.set_documentation(
         "More variations with the same settings and the next seeds",
         "Run on a layer (or group) made by Generate Variations: makes as many "
         "variations again of the same source layer and area, with the same model, "
-        "strength, hint, size and shape, and the seeds that follow the group's.", name)
+        "strength, hint, size and shape, and the seeds that follow the group's. "
+        "Interactively the settings are shown for confirmation first. The arguments "
+        "beyond image and drawables are set from the layer's record.", name)
     p.set_attribution("variations-gateway", "variations-gateway", "2025")
+    _add_run_arguments(p)
     return p
 
 
@@ -313,19 +360,19 @@ def _settings_procedure(plugin, name):
     return p
 
 
-def _add_steer_arguments(p):
-    """Issue 22's controls: sent only when set and honoured by the model (vg_steer)."""
+def _add_steer_arguments(p, add):
+    """Issue 22's controls: sent when set and honoured by the model (vg_steer)."""
     rw = GObject.ParamFlags.READWRITE
-    p.add_string_argument("model", "_Model", "A model the gateway lists in /v1/models; "
-                          "empty: the gateway's default", "", rw)
-    p.add_double_argument("strength", "How _different",
-                          "How far the variations stray, 0 to 1; -1: the model's default",
-                          vg_steer.MODEL_DEFAULT, 1.0, vg_steer.MODEL_DEFAULT, rw)
-    p.add_int_argument("seed", "S_eed", "Seed of the first variation (the next ones use "
-                       "seed + 1, ...); -1: a random one", vg_steer.RANDOM_SEED,
-                       vg_steer.SEED_MAX, vg_steer.RANDOM_SEED, rw)
-    p.add_string_argument("hint", "_Hint", "Optional words to steer the variations, "
-                          "e.g. autumn colours", "", rw)
+    add("string", "model", "_Model", "A model the gateway lists in /v1/models; "
+        "empty: the gateway's default", "", rw)
+    add("double", "strength", "How _different",
+        "How far the variations stray, 0 to 1; -1: the model's default",
+        vg_steer.MODEL_DEFAULT, 1.0, vg_steer.MODEL_DEFAULT, rw)
+    add("int", "seed", "S_eed", "Seed of the first variation (the next ones use "
+        "seed + 1, ...); -1: a random one", vg_steer.RANDOM_SEED, vg_steer.SEED_MAX,
+        vg_steer.RANDOM_SEED, rw)
+    add("string", "hint", "_Hint", "Optional words to steer the variations, "
+        "e.g. autumn colours", "", rw)
     # Not an argument of the call: the first seed of the last run, for "Reuse last seed".
     p.add_int_aux_argument("last-seed", "Last seed", "The first seed the last run used",
                            -1, vg_steer.SEED_MAX, -1, rw)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import vg_http
-from vg_errors import GatewayError
+from vg_errors import GatewayError, shown
 from vg_multipart import build_multipart
 
 __all__ = ["GatewayError", "VariationsResult", "call_in_background", "debug_dir",
@@ -77,7 +77,7 @@ def request_variations(
         headers["Cache-Control"] = "no-cache"
     req = vg_http.request(url, token, data=body, headers=headers, method="POST")
     raw, h = vg_http.call(req, url, timeout, ca_file=ca_file, cap=MAX_ANSWER)
-    rid = h.get("x-request-id")
+    rid = shown(h["x-request-id"]) or None if h.get("x-request-id") else None  # in records
     images, created = _images_of(raw, url, token, timeout, ca_file, rid)
     return VariationsResult(images, rid, h.get("x-cache"), created, h)
 

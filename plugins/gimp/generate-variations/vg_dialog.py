@@ -16,7 +16,7 @@ import threading
 
 import vg_autotest
 import vg_steer
-from vg_errors import GatewayError
+from vg_errors import GatewayError, shown
 
 LOADING = "Asking the gateway which controls this model honours..."
 CHOICE_ARGS = ("size", "square-mode")  # shown as combo boxes
@@ -24,7 +24,15 @@ MORE_NOTE = ("This layer is a variation: Filters > Generate More Like This makes
              "of them with the same settings and the next seeds.")
 
 
-def generate_dialog(procedure, config, settings, is_variation):
+def more_note(record):
+    """The line of the More like this dialog: what the shown settings come from."""
+    seeds = "" if record.first_seed is None else f" (seeds from {record.first_seed})"
+    return (f"More like this: the settings recorded with these variations{seeds}, the "
+            f"next seeds, from the layer '{shown(record.source_name)}'. Nothing is sent "
+            "until you press OK.")
+
+
+def generate_dialog(procedure, config, settings, note=None, title="Generate Variations"):
     """Show the dialog; on OK the steering rows go into ``config``. True for OK."""
     import gi
 
@@ -33,13 +41,13 @@ def generate_dialog(procedure, config, settings, is_variation):
     from gi.repository import GimpUi, GLib, Gtk
 
     GimpUi.init(procedure.get_name())
-    dialog = GimpUi.ProcedureDialog.new(procedure, config, "Generate Variations")
+    dialog = GimpUi.ProcedureDialog.new(procedure, config, title)
     # GIMP 3.2 draws a Choice with few values as radio buttons (and warns "no mnemonic for
     # property"); asking for a combo box before fill() keeps one in 3.0 and 3.2 alike.
     for name in CHOICE_ARGS:
         dialog.get_widget(name, Gtk.ComboBox.__gtype__)
     dialog.fill(["n", "size", "square-mode", "scale-to-source", "fresh"])
-    rows = SteerRows(Gtk, GLib, config, settings, MORE_NOTE if is_variation else None)
+    rows = SteerRows(Gtk, GLib, config, settings, note)
     rows.frame.set_margin_top(6)
     dialog.get_content_area().pack_start(rows.frame, False, False, 0)
     who = "no token set" if not settings.token else f"token {settings.masked_token()}"
@@ -55,7 +63,8 @@ def generate_dialog(procedure, config, settings, is_variation):
 
         def ready():
             # Test hook: record the dialog once the gateway's controls are shown, then OK.
-            vg_autotest.record("generate-dialog.json", {
+            kind = "more" if procedure.get_name().endswith("-more") else "generate"
+            vg_autotest.record(f"{kind}-dialog.json", {
                 "widgets": vg_autotest.widget_kinds(dialog), "steer": rows.state()})
             vg_autotest.auto_accept(dialog, Gtk.ResponseType.OK)
         rows.on_ready.append(ready)

@@ -4,7 +4,9 @@ Every failure becomes one :class:`GatewayError` whose text says what went wrong 
 do, built from the gateway's OpenAI error envelope ``{"error": {"message", "type", "param",
 "code"}}`` and its headers (:func:`error_sentence`), or from what broke below HTTP
 (:func:`transport_error`). No sentence quotes what a server sent back unasked, so nothing
-echoed (the member's token) ends up in a dialog. Standard library only.
+echoed (the member's token) ends up in a dialog; what it does quote (the envelope's
+message and param, the request id, a redirect's target) goes through :func:`shown`:
+printable characters only, at most 200 of them. Standard library only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ from typing import Any
 
 CA_FILE_ENV = "VARIATIONS_GATEWAY_CA_FILE"
 SETTINGS_HINT = "Filters > Generate Variations Settings"
+
+SHOWN_MAX = 200
+
+
+def shown(text: Any) -> str:
+    """What a server sent, fit for a sentence in a GIMP dialog: printable characters only
+    (no control, bidi-override or line-break characters that could disguise the dialog),
+    cut at :data:`SHOWN_MAX` characters (an answer may be a megabyte long)."""
+    clean = "".join(ch for ch in str(text) if ch.isprintable()).strip()
+    return clean if len(clean) <= SHOWN_MAX else clean[:SHOWN_MAX] + "..."
+
 
 class GatewayError(Exception):
     """A failed gateway call. ``str(err)`` is the sentence for the user."""
@@ -83,15 +96,19 @@ class _Answer:
 
     @property
     def message(self) -> str:
-        return str(self.envelope.get("message") or "").strip() if self.envelope else ""
+        return shown(self.envelope.get("message") or "") if self.envelope else ""
 
     @property
     def code(self) -> Any:
         return self.envelope.get("code") if self.envelope else None
 
     @property
+    def param(self) -> str:
+        return shown(self.envelope.get("param") or "") if self.envelope else ""
+
+    @property
     def rid(self) -> str | None:
-        return self.headers.get("x-request-id")
+        return self.headers.get("x-request-id") or None
 
     @property
     def ref(self) -> str:
@@ -114,7 +131,9 @@ def error_sentence(
 ) -> GatewayError:
     """Turn an HTTP error answer of the gateway into a :class:`GatewayError`. The first
     rule that fits wins: no envelope, then what the gateway refused, then what failed."""
-    a = _Answer(status, url, lower_headers(headers), _envelope(body))
+    # Headers are quoted too (retry-after, x-ratelimit-*, x-request-id): all cleaned.
+    clean = {k: shown(v) for k, v in lower_headers(headers).items()}
+    a = _Answer(status, url, clean, _envelope(body))
     if a.envelope is None:
         return _without_envelope(a)
     return _refused(a) or _failed(a)
@@ -154,8 +173,7 @@ def _refused(a: _Answer) -> GatewayError | None:
     if a.status == 429:
         return _rate_limited(a)
     if a.status == 400 or a.status == 413 or a.status == 422:
-        param = a.envelope.get("param") if a.envelope else None
-        what = f" (parameter '{param}')" if param else ""
+        what = f" (parameter '{a.param}')" if a.param else ""
         return a.make(f"The gateway refused the request{what}: {a.message}", "bad_request")
     if a.status == 404:
         return a.make(
@@ -334,8 +352,7 @@ def _redirect_target(e: urllib.error.HTTPError, url: str) -> str:
         target = urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
     except ValueError:
         return "an address that is not valid"
-    target = "".join(ch for ch in target if ch.isprintable())
-    return target if len(target) <= 200 else target[:200] + "..."
+    return shown(target)
 
 
 def redirected(e: urllib.error.HTTPError, url: str) -> GatewayError:

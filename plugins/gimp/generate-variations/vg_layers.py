@@ -109,6 +109,14 @@ def import_results(image, layer, plan, images, scale_to_source, tmpdir, name, re
 def record_of(drawable):
     """The record Generate Variations left on ``drawable`` (a result layer or its group),
     or None."""
+    return find_record(drawable)[0]
+
+
+def find_record(drawable):
+    """(record, refused): the record on ``drawable`` or its parent, else None, with
+    ``refused`` True when a ``generate-variations`` parasite was there but is not one the
+    plug-in wrote (``vg_steer.read_record`` refused it)."""
+    refused = False
     for item in (drawable, drawable.get_parent()):
         if item is None:
             continue
@@ -116,5 +124,6 @@ def record_of(drawable):
         if parasite is not None:
             record = vg_steer.read_record(bytes(parasite.get_data()))
             if record is not None:
-                return record
-    return None
+                return record, False
+            refused = True
+    return None, refused

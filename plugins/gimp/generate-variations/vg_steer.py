@@ -15,17 +15,20 @@ from __future__ import annotations
 import json
 import random
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import vg_http
 from vg_errors import GatewayError
+from vg_prepare import SIZES, SQUARE_MODES
 
 SEED_MAX = 2147483647
 RANDOM_SEED = -1  # the ``seed`` argument's "random": the plug-in draws one per run
 MODEL_DEFAULT = -1.0  # the ``strength`` argument's "the model's own default": not sent
 PROMPT_MAX = 1000
+N_MAX = 10  # images per request, as OpenAI's n
+MODEL_MAX = 100  # a model id the plug-in would have sent
 DEFAULT_MODEL = "dall-e-2"  # the gateway's route (``model`` not sent)
 PARASITE = "generate-variations"  # on every result layer and group; JSON
 PARASITE_VERSION = 1
@@ -184,7 +187,15 @@ def plan(controls: Controls, *, model: str, strength: float, seed: int, hint: st
          rng: random.Random | None = None) -> Steer:
     """What to send: only controls that are set and that the model honours. A random
     seed (``RANDOM_SEED``) is drawn here, so every result's seed is known and can be
-    reused. Raises :class:`SteerError` for values no gateway would take."""
+    reused. Raises :class:`SteerError` for values no gateway would take.
+
+    When the gateway did not say what the model honours (``/v1/models`` timed out,
+    failed, or the gateway is older), the controls the artist set are sent all the same:
+    dropping them would charge a run made without them. A gateway that cannot honour one
+    refuses the request (400, naming the parameter) before anything is charged."""
+    if not controls.known:
+        controls = Controls(strength=strength != MODEL_DEFAULT, seed=seed != RANDOM_SEED,
+                            prompt=bool((hint or "").strip()), known=False, why=controls.why)
     if strength != MODEL_DEFAULT and not 0 <= strength <= 1:
         raise SteerError(f"How different (strength) must be between 0 and 1, not "
                          f"{strength:g}.")
@@ -266,19 +277,67 @@ def records(steer: Steer, *, request_id: str | None, n: int, size: str, square_m
 
 
 def read_record(data: bytes | str | None) -> Record | None:
-    """A parasite's record, or None for anything that is not one of ours."""
+    """A parasite's record, or None for anything that is not exactly what this plug-in
+    writes. The record decides what "More like this" sends and charges, and an .xcf may
+    come from anyone: every field is checked for its type and range, so a foreign record
+    is refused with a sentence instead of choosing an expensive model, a huge count or
+    another layer, or crashing the run on a string where a number belongs."""
     if data is None:
         return None
     try:
         raw = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
-        if not isinstance(raw, dict) or raw.get("version") != PARASITE_VERSION:
-            return None
-        sel = raw.get("selection")
-        raw["selection"] = tuple(int(v) for v in sel) if sel is not None else None
-        known = set(Record.__dataclass_fields__)
-        return Record(**{k: v for k, v in raw.items() if k in known})
-    except (UnicodeDecodeError, ValueError, TypeError):
+    except (UnicodeDecodeError, ValueError):
         return None
+    if not isinstance(raw, dict) or set(raw) != set(Record.__dataclass_fields__):
+        return None
+    if not all(ok(raw[name]) for name, ok in _RECORD_CHECKS.items()):
+        return None
+    if not raw["index"] <= raw["n"] or raw["version"] != PARASITE_VERSION:
+        return None
+    sel = raw["selection"]
+    return Record(**{**raw, "selection": tuple(sel) if sel is not None else None})
+
+
+def _int(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: type(v) is int and low <= v <= high
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _text(most: int, least: int = 0) -> Callable[[Any], bool]:
+    """A string of printable characters only: no control, bidi or line-break characters,
+    since it ends up in a group name, a dialog and a request."""
+    return lambda v: isinstance(v, str) and least <= len(v) <= most and v.isprintable()
+
+
+def _strength(v: Any) -> bool:
+    return type(v) in (int, float) and 0 <= v <= 1  # NaN fails both
+
+
+def _selection(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) == 4
+            and all(type(c) is int and abs(c) <= 2 ** 30 for c in v) and v[2] > 0 < v[3])
+
+
+_RECORD_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "model": _text(MODEL_MAX, 1),
+    "strength": _optional(_strength),
+    "seed": _optional(_int(0, SEED_MAX)),
+    "hint": _optional(_text(PROMPT_MAX)),
+    "request_id": _optional(_text(200)),
+    "first_seed": _optional(_int(0, SEED_MAX)),
+    "n": _int(1, N_MAX),
+    "index": _int(0, N_MAX),
+    "size": lambda v: v in SIZES,
+    "square_mode": lambda v: v in SQUARE_MODES,
+    "scale_to_source": lambda v: type(v) is bool,
+    "source_tattoo": _optional(_int(1, 2 ** 32 - 1)),
+    "source_name": lambda v: isinstance(v, str) and len(v) <= 1000,
+    "selection": _optional(_selection),
+    "version": _int(PARASITE_VERSION, PARASITE_VERSION),
+}
 
 
 @dataclass(frozen=True)

@@ -294,6 +294,40 @@ steer_case("steer-fresh", fresh=True)
 steer_case("steer-other-strength", strength=0.9)
 
 
+def attach_record(item, data):
+    raw = json.dumps(data).encode() if not isinstance(data, bytes) else data
+    item.attach_parasite(Gimp.Parasite.new("generate-variations", 1, list(raw)))
+
+
+def foreign_record(tattoo, **changes):
+    """A record as the plug-in writes it (see vg_steer.Record), with ``changes``."""
+    return {"model": "dall-e-2", "strength": 0.4, "seed": 5, "hint": None,
+            "request_id": "req_x", "first_seed": 5, "n": 2, "index": 1, "size": "256x256",
+            "square_mode": "pad", "scale_to_source": True, "source_tattoo": tattoo,
+            "source_name": "Dusk", "selection": None, "version": 1, **changes}
+
+
+@case("more-foreign")
+def _more_foreign():
+    # A result layer from another image pasted here: its record's tattoo points at this
+    # image's "Secret" layer, which must not be uploaded.
+    img = new_image(120, 120)
+    secret = add_layer(img, "Secret", 120, 120, Gimp.ImageType.RGB_IMAGE, 3, salt=66)
+    pasted = add_layer(img, "Variation 1", 120, 120, Gimp.ImageType.RGB_IMAGE, 3, salt=67)
+    attach_record(pasted, foreign_record(secret.get_tattoo()))
+    run("more-foreign", img, pasted, procedure="python-fu-generate-variations-more")
+
+
+@case("more-hostile")
+def _more_hostile():
+    # Wrong types that crashed More like this outside its error handling.
+    img = new_image(120, 120)
+    src = add_layer(img, "Dusk", 120, 120, Gimp.ImageType.RGB_IMAGE, 3, salt=68)
+    bad = add_layer(img, "Variation 1", 120, 120, Gimp.ImageType.RGB_IMAGE, 3, salt=69)
+    attach_record(bad, foreign_record(src.get_tattoo(), first_seed="5", n="4"))
+    run("more-hostile", img, bad, procedure="python-fu-generate-variations-more")
+
+
 failing_case("quota", job["url"], job["tokens"]["carol"], 101)
 failing_case("bad-token", job["url"], "not-a-valid-token-at-all", 102)
 failing_case("unreachable", job["dead_url"], job["tokens"]["alice"], 103)

@@ -68,6 +68,21 @@ try:
     Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img,
                    Gio.File.new_for_path(os.path.join(OUT, "interactive.xcf")), None)
     res["xcf"] = "interactive.xcf"
+
+    # More like this on the first variation: its dialog shows the record's settings
+    # (the next seeds) and only OK (answered by the autotest hook) sends the request.
+    proc = Gimp.get_pdb().lookup_procedure("python-fu-generate-variations-more")
+    cfg = proc.create_config()
+    cfg.set_property("run-mode", Gimp.RunMode.INTERACTIVE)
+    cfg.set_property("image", img)
+    cfg.set_core_object_array("drawables", [group.get_children()[0]])
+    r = proc.run(cfg)
+    res["more_status"] = r.index(0).value_nick
+    res["more_message"] = r.index(1) if res["more_status"] != "success" else None
+    res["more_layers"] = [x.get_name() for x in img.get_layers()]
+    # The new group goes right above the source: below the first one.
+    p = img.get_layers()[1].get_parasite("generate-variations")
+    res["more_record"] = json.loads(bytes(p.get_data()).decode()) if p else None
 except Exception:
     import traceback
 
