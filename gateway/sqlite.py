@@ -139,11 +139,11 @@ class StateInUse(RuntimeError):
 class SoleWriter:
     """This process's claim to be the only writer of one SQLite file.
 
-    The quota ledger and the cache index keep in-memory mirrors of their files (that is
-    what makes admitting a request and a cache hit cost no SQLite read). A second process
-    on the same file would not see the first one's writes, so quotas would silently stop
-    being exact. The claim is a ``flock`` on ``<file>.lock``, which the kernel drops when
-    the process dies (``kill -9`` included): a restart never finds a stale claim.
+    The quota store keeps reservations, minute windows and in-flight counts in memory,
+    and the cache index its entry count and byte total. A second process on the same
+    file would not see them, so quotas would silently stop being exact. The claim is a
+    ``flock`` on ``<file>.lock``, which the kernel drops when the process dies (``kill
+    -9`` included): a restart never finds a stale claim.
     """
 
     def __init__(self, db_path: str | Path) -> None:
@@ -186,7 +186,10 @@ class GroupCommit:
 
     Measured gain (commit 93ebabb, wrk, 512x512 n=1 cache hits at c=16 on one pinned
     core): 3,247 -> 3,894 req/s (+20%): each request paid its own commit twice before
-    (~25 us for the ledger upsert, ~40 us for the audit insert).
+    (~25 us for the ledger upsert, ~40 us for the audit insert). On a team's mixed
+    traffic (``make bench``, ``tests/perf/bench_mixed.py``) no speed gain shows: req/s
+    -0.7% and +1.9% in two A/B runs (rounds -20..+74%), gpt-image row +1.1%. What keeps
+    it is that a locked file fails all queued writes after one busy wait, not one each.
     """
 
     def __init__(self, db: sqlite3.Connection) -> None:

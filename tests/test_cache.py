@@ -405,7 +405,8 @@ async def test_no_cache_fills_the_pool_up_to_ten_and_no_further(instrumented: St
     assert ten.headers["X-Cache"] == "HIT" and backend.calls == [6, 6, 6]
     assert images(ten) == images(first) + images(fresh[0])[:4]
     index = client.app[CACHE].index
-    pools = [await index.pool(k, 0.0) for k in list(index._pools)]
+    keys = [k for (k,) in index._db.execute("SELECT key FROM entries").fetchall()]
+    pools = [await index.pool(k, 0.0) for k in keys]
     assert [len(p) for p in pools] == [10]
     assert (await usage(client))["limits"]["images_per_day"]["used"] == 18
 

@@ -12,22 +12,16 @@ class SqliteCacheIndex:
     """:class:`gateway.cache.CacheIndex` of one process; SQLite failures that mean the
     file is unavailable raise :class:`gateway.errors.StorageUnavailable`.
 
-    Pools in memory (a kept speed trick): this process is the index's only writer (its
-    file is claimed with :class:`gateway.sqlite.SoleWriter`), so pools are also kept in
-    memory and a hit's ``last_used`` is recorded in memory, written out before each
-    eviction pass (and at close): a hit then costs no SQLite statement. A crash loses
-    only those recency updates, which makes the next eviction slightly less exact, never
-    wrong about what is stored. Measured gain (commit 8728d23, with the in-memory ledger
-    and the render memos, wrk, 512x512 n=1 hits at c=16 on one pinned core): url 2,113
-    -> 3,247 req/s.
-
-    The entry count and byte total are kept in memory too, and a pass reads only what it
-    evicts: summing and sorting the whole index on each pass cost 35 ms of held event
-    loop per miss at 80,000 images (0.12 ms now; commit 8c396f1).
+    A hit reads its pool and records its ``last_used`` in the file (keeping pools in
+    memory paid nothing measurable on a team's mixed traffic: ``make bench``, speed
+    tricks A/B). This process is the index's only writer (its file is claimed with
+    :class:`gateway.sqlite.SoleWriter`), so the entry count and byte total are kept in
+    memory, and a pass reads only what it evicts: summing and sorting the whole index
+    on each pass cost 35 ms of held event loop per miss at 80,000 images (0.12 ms now;
+    commit 8c396f1).
     """
 
     shared = False
-    MEMO_ENTRIES = 10_000
 
     def __init__(self, path: str | Path) -> None:
         self._db = open_db(path, sole_writer=True)
@@ -42,35 +36,20 @@ class SqliteCacheIndex:
             CREATE INDEX IF NOT EXISTS entries_lru ON entries (last_used);
             CREATE INDEX IF NOT EXISTS entries_created ON entries (created);
             """)
-        self._pools: dict[str, list[tuple[str, int]]] = {}
-        self._touched: dict[str, float] = {}
         (self._entries,) = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
         (self._bytes,) = self._db.execute(
             "SELECT COALESCE(SUM(bytes), 0) FROM items").fetchone()
 
     async def pool(self, key: str, now: float) -> list[tuple[str, int]]:
-        rows = self._pools.get(key)
-        if rows is None:
-            with failures_translated():
-                rows = self._db.execute(
-                    "SELECT sha, bytes FROM items WHERE key=? ORDER BY pos", (key,)).fetchall()
+        with failures_translated():
+            rows: list[tuple[str, int]] = self._db.execute(
+                "SELECT sha, bytes FROM items WHERE key=? ORDER BY pos", (key,)).fetchall()
             if rows:
-                if len(self._pools) >= self.MEMO_ENTRIES:
-                    del self._pools[next(iter(self._pools))]
-                self._pools[key] = rows
-        if rows:
-            self._touched[key] = now
-        return list(rows)
-
-    def _flush_touches(self) -> None:
-        if self._touched:
-            touched, self._touched = self._touched, {}
-            self._db.executemany("UPDATE entries SET last_used=? WHERE key=?",
-                                 [(t, k) for k, t in touched.items()])
+                self._db.execute("UPDATE entries SET last_used=? WHERE key=?", (now, key))
+        return rows
 
     async def append(self, key: str, items: list[tuple[str, int]], now: float) -> None:
         with failures_translated():
-            self._pools.pop(key, None)
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 new = self._db.execute("SELECT 1 FROM entries WHERE key=?",
@@ -86,12 +65,9 @@ class SqliteCacheIndex:
             # Counted once committed (a failed transaction changed nothing).
             self._entries += new
             self._bytes += sum(size for _, size in items)
-            self._touched.pop(key, None)
 
     def _drop(self, key: str) -> tuple[list[str], int, int]:
         """Delete ``key``'s pool: (orphaned shas, bytes freed, entries removed)."""
-        self._pools.pop(key, None)
-        self._touched.pop(key, None)
         rows = self._db.execute("SELECT sha, bytes FROM items WHERE key=?", (key,)).fetchall()
         self._db.execute("DELETE FROM items WHERE key=?", (key,))
         removed = self._db.execute("DELETE FROM entries WHERE key=?", (key,)).rowcount
@@ -114,7 +90,6 @@ class SqliteCacheIndex:
 
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._flush_touches()
                 for (key,) in self._db.execute("SELECT key FROM entries WHERE created < ?",
                                                (now - ttl_seconds,)).fetchall():
                     if key in keep:
@@ -168,8 +143,4 @@ class SqliteCacheIndex:
         return None
 
     async def close(self) -> None:
-        try:
-            with self._db:
-                self._flush_touches()
-        finally:
-            self._db.close()
+        self._db.close()

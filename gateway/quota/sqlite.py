@@ -60,13 +60,10 @@ class SqliteQuota:
 
     Reservations, the minute window and the in-flight count live in memory because they
     die with the process anyway: after a crash no reserved request can still deliver.
-
-    The in-memory ledger (a kept speed trick): this process is the ledger's only writer
-    (its file is claimed with :class:`gateway.sqlite.SoleWriter`), so the rows it has
-    read or written and the block list are kept in memory and admitting a request reads
-    no SQLite. Measured gain (commit 8728d23, with the pool memo of the cache index and
-    the render memos, wrk, 512x512 n=1 hits at c=16 on one pinned core): url 2,113 ->
-    3,247 req/s; five SQLite statements per hit were most of the 0.47 ms it cost.
+    That is why this process claims the file (:class:`gateway.sqlite.SoleWriter`): a
+    second one would not see them. Ledger rows and blocks are read from the file when
+    needed (an in-memory copy of them paid nothing measurable on a team's mixed traffic:
+    ``make bench``, speed tricks A/B).
     """
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
@@ -79,20 +76,13 @@ class SqliteQuota:
         self._reserved_cost: dict[str, float] = defaultdict(float)
         self._window: dict[str, deque[float]] = defaultdict(deque)
         self._inflight: dict[str, int] = defaultdict(int)
-        self._rows: dict[tuple[str, str], tuple[int, int, int, float]] = {}
         self._batch: _LedgerBatch | None = None
-        self._blocked = {user for (user,) in self._db.execute("SELECT user FROM blocks")}
 
     # ---- reads
     def _ledger(self, user: str, period: str) -> tuple[int, int, int, float]:
-        row = self._rows.get((user, period))
-        if row is None:
-            row = self._db.execute(
-                "SELECT images, requests, cache_hits, spend FROM ledger "
-                "WHERE user=? AND period=?", (user, period)).fetchone() or (0, 0, 0, 0.0)
-            if len(self._rows) >= 4096:  # old periods and users: re-read when needed
-                self._rows.clear()
-            self._rows[(user, period)] = row
+        row: tuple[int, int, int, float] = self._db.execute(
+            "SELECT images, requests, cache_hits, spend FROM ledger "
+            "WHERE user=? AND period=?", (user, period)).fetchone() or (0, 0, 0, 0.0)
         return row
 
     def _statuses(self, principal: Principal, now: float) -> list[LimitStatus]:
@@ -137,17 +127,17 @@ class SqliteQuota:
 
     # ---- blocks
     async def is_blocked(self, name: str) -> bool:
-        return name in self._blocked
+        with failures_translated():
+            return self._db.execute("SELECT 1 FROM blocks WHERE user=?",
+                                    (name,)).fetchone() is not None
 
     async def set_blocked(self, name: str, blocked: bool) -> None:
         with failures_translated():
             if blocked:
                 self._db.execute("INSERT OR REPLACE INTO blocks VALUES (?, ?)",
                                  (name, self.clock()))
-                self._blocked.add(name)
             else:
                 self._db.execute("DELETE FROM blocks WHERE user=?", (name,))
-                self._blocked.discard(name)
 
     # ---- admission
     @contextlib.asynccontextmanager
@@ -195,8 +185,8 @@ class SqliteQuota:
 
         Everything added during one loop turn is summed per row into one
         :class:`_LedgerBatch`, written in the transaction this turn's writes share: 16
-        cache hits of one member are two upserts, not 32. ``settle`` is released when
-        the in-memory rows take the addition, so its images are never counted twice.
+        cache hits of one member are two upserts, not 32. ``settle`` is released
+        right after the commit, so its images are never counted twice.
         """
         batch = self._batch
         if batch is None or batch.done.done():  # its commit (or failure) is over: a new one
@@ -222,11 +212,6 @@ class SqliteQuota:
             [(*key, *delta) for key, delta in batch.deltas.items()])
 
     def _apply_batch(self, batch: _LedgerBatch) -> None:
-        for key, (images, requests, hits, spend) in batch.deltas.items():
-            row = self._rows.get(key)  # rows not in memory are read from the file later
-            if row is not None:
-                self._rows[key] = (row[0] + images, row[1] + requests, row[2] + hits,
-                                   row[3] + spend)
         for reservation in batch.settles:
             self._release(reservation)
 

@@ -14,7 +14,10 @@ the commit they were measured on):
   peak RSS under 100 x 4 MB uploads, RSS growth 1k -> 20k requests, 600 held-open
   3.9 MB uploads from one member (peak RSS and RSS after), startup, idle RSS;
 - gpt-image (``tests/perf/bench_peer.py``): CPU ms per normalised answer before and
-  after, and the gateway next to LiteLLM's proxy against the same fake upstream.
+  after, and the gateway next to LiteLLM's proxy against the same fake upstream;
+- mixed traffic (``tests/perf/bench_mixed.py``): a team's requests (hits, misses,
+  usage polls, refusals) per kind, and an A/B of each kept speed trick on it and on
+  the gpt-image row.
 
 The gateway and nginx are pinned to core 0, wrk to core 1, so client and server do not
 fight for one core. Goals are printed beside the figures; nothing here asserts.
@@ -587,6 +590,19 @@ def main() -> int:
             ("gpt-image at 512x512: gateway (openai_edits) vs LiteLLM proxy "
              "(/v1/images/edits), same fake upstream; servers on core 0, wrk and fake on "
              "core 1", lambda: peer().run_peer()),
+        ]
+    if (Path(__file__).parent / "bench_mixed.py").exists():
+        def mixed() -> Any:
+            return importlib.import_module("bench_mixed")
+
+        sections += [
+            ("Mixed traffic: a team of 4 artists (+ an intern, a revoked token), 8 "
+             "clients, gpt-image (jpeg 85, 1024 px answers), SQLite state; gateway on core "
+             "0, client and fake on core 1", lambda: mixed().run_row()),
+            ("Speed tricks A/B on the mixed-traffic row: all on vs each one off, "
+             "interleaved rounds", lambda: mixed().run_ab()),
+            ("Speed tricks A/B on the gpt-image row (gateway, no-store, wrk c=16)",
+             lambda: mixed().run_ab_peer()),
         ]
     header = (f"# Benchmark report\n\nMeasured by `make bench` on commit `{commit()}`, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
