@@ -23,7 +23,7 @@ from support import TOKENS, GatewayProcess, base_config, png_bytes, start_gatewa
 
 from gateway.images.fs import ImageStore
 
-KEY = "robustness-test-signing-key"
+KEY = "robustness-test-signing-key-0123456789"
 
 
 @pytest.fixture(scope="module")
