@@ -100,7 +100,7 @@ def _int(value: str | None, param: str, default: int | None) -> int | None:
     return number
 
 
-AUDIT_PARAMS = ("user", "end_user", "since", "until", "before", "limit")
+AUDIT_PARAMS = ("user", "end_user", "action", "target", "since", "until", "before", "limit")
 
 
 async def admin_audit(request: web.Request) -> web.Response:
@@ -119,6 +119,7 @@ async def admin_audit(request: web.Request) -> web.Response:
         raise invalid(f"Invalid 'limit': expected 1 to {MAX_AUDIT_PAGE}.", "limit")
     rows = await request.app[AUDIT].search(
         member=q.get("user") or None, end_user=q.get("end_user") or None,
+        action=q.get("action") or None, target=q.get("target") or None,
         since=_time(q.get("since"), "since"), until=_time(q.get("until"), "until"),
         before_id=_int(q.get("before"), "before", None), limit=limit + 1)
     has_more = len(rows) > limit  # one row past the page says whether another follows

@@ -47,6 +47,14 @@ async def test_create_use_rotate_revoke_remove(gateway_client: Any) -> None:
                        ("user.remove", "carol"), ("user.show", "carol")]
     admins = {r["member"] for r in rows if r["action"]}
     assert len(admins) == 1 and admins.pop().startswith("admin:")
+    # "Who revoked carol's tokens, and when" is one query, newest first.
+    async with client.get("/admin/audit", headers=ADMIN,
+                          params={"action": "user.revoke", "target": "carol"}) as r:
+        revokes = (await r.json())["data"]
+    assert [(x["action"], x["target"]) for x in revokes] == [("user.revoke", "carol")] * 2
+    assert revokes[0]["id"] > revokes[1]["id"]
+    async with client.get("/admin/audit", headers=ADMIN, params={"target": "dave"}) as r:
+        assert (await r.json())["data"] == []
     # No token (nor its digest) in the audit or the logs.
     dumped = json.dumps(rows) + repr(logs)
     assert len(logs) > 10

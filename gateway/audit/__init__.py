@@ -166,6 +166,7 @@ class AuditTrail(Protocol):
         before answering). The row is taken now: later changes to ``record`` are not in it."""
 
     async def search(self, *, member: str | None = None, end_user: str | None = None,
+                     action: str | None = None, target: str | None = None,
                      since: float | None = None, until: float | None = None,
                      before_id: int | None = None, limit: int = 100
                      ) -> list[dict[str, Any]]:
