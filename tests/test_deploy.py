@@ -194,6 +194,13 @@ def test_compose_file_wires_replicas_redis_proxy_and_monitoring() -> None:
     assert config.state.kind == "redis" and config.server.host == "0.0.0.0"
     assert config.images.dir.startswith("/var/lib/variations-gateway/shared")
     assert config.cache.dir.startswith("/var/lib/variations-gateway/shared")
+    assert config.server.public_base_url == ENV["PUBLIC_BASE_URL"]
+    # No localhost default for the address image URLs are built on: remote clients
+    # would be handed links to themselves. Both the compose file and the config say so.
+    assert ":?" in gw["environment"]["PUBLIC_BASE_URL"]
+    without = {k: v for k, v in ENV.items() if k != "PUBLIC_BASE_URL"}
+    with pytest.raises(ValueError, match="set PUBLIC_BASE_URL to the address clients use"):
+        parse_config((DEPLOY / config_src).read_text(), without)
     # Issue 19, item 11: Prometheus scrapes metrics.port, which compose exposes to its
     # network only (never published); the API port nginx fronts serves no /metrics.
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
