@@ -74,3 +74,32 @@ def test_retention_deletes_only_expired_records_a_batch_at_a_time(
     with_store(dsn, purge)
     assert postgres_server.sql("SELECT request_id FROM audit", "vg_retention") == [
         ("req_recent",)]
+
+
+def test_admin_actions_are_searched_by_action_and_target(
+        postgres_server: PostgresServer) -> None:
+    """"Who revoked bob's tokens, and when": the filters /admin/audit passes through, on
+    the partial index (admin actions are a handful among requests)."""
+    dsn = postgres_server.database("vg_actions")
+
+    def admin(request_id: str, ts: float, action: str, target: str) -> tuple[object, ...]:
+        record = dataclasses.asdict(AuditRecord(request_id, ts, "/admin/users",
+                                                member="admin:ops", status=200,
+                                                action=action, target=target))
+        return tuple(record[name] for name in NAMES)
+
+    async def search(store: PostgresStore) -> None:
+        await store.insert([row("req_plain", 10.0), admin("req_a", 11.0, "user.revoke", "bob"),
+                            admin("req_b", 12.0, "user.create", "bob"),
+                            admin("req_c", 13.0, "user.revoke", "carol"),
+                            admin("req_d", 14.0, "user.revoke", "bob")])
+        found = await store.search(action="user.revoke", target="bob")
+        assert [r["request_id"] for r in found] == ["req_d", "req_a"]  # newest first
+        assert [r["request_id"] for r in await store.search(target="bob")] == [
+            "req_d", "req_b", "req_a"]
+        assert [r["request_id"] for r in await store.search(action="user.revoke")] == [
+            "req_d", "req_c", "req_a"]
+        assert await store.search(action="user.revoke", target="dave") == []
+    with_store(dsn, search)
+    assert postgres_server.sql("SELECT indexdef FROM pg_indexes WHERE indexname = "
+                               "'audit_action_id'", "vg_actions") != []
