@@ -415,7 +415,9 @@ class XinferenceFake(FakeUpstream):
             return web.json_response({"detail": "kwargs is not valid JSON"}, status=400)
         strength = kwargs.get("strength", 0.8) if isinstance(kwargs, dict) else 0.8
         if not isinstance(strength, int | float) or not 0 <= strength <= 1:
-            # diffusers img2img check_inputs raises ValueError; Xinference answers 500.
+            # diffusers pipeline_stable_diffusion_img2img.py check_inputs raises this
+            # ValueError (its message verbatim); create_variations answers any pipeline
+            # exception 500 {"detail"} (backends.md). kwargs "seed" is taken as is.
             return web.json_response({"detail": "The value of strength should in [0.0, "
                                                 f"1.0] but is {strength}"}, status=500)
         n = int(rec.fields.get("n", "1"))

@@ -337,6 +337,7 @@ def test_the_shipped_config_serves_real_variations(built: Built, served: tuple[s
 def test_sigterm_stops_it_within_dockers_stop_timeout(built: Built,
                                                       served: tuple[str, str, str]) -> None:
     _, name, _ = served
+    t0 = time.monotonic()
     built.podman.run("kill", "--signal", "TERM", name)
     # Polled: podman 4.3's `podman wait` can miss an exit that happens while it starts.
     # ("stopped" or "exited", as podman's clean-up has run or not: not running either way)
@@ -349,6 +350,8 @@ def test_sigterm_stops_it_within_dockers_stop_timeout(built: Built,
                     + built.podman.run("top", name, check=False).stdout
                     + built.podman.run("logs", "--tail", "5", name, check=False).stdout,
                     DOCKER_STOP_TIMEOUT)
+    print(f"\nSIGTERM -> exited in {time.monotonic() - t0:.1f} s (docker stop waits "
+          f"{DOCKER_STOP_TIMEOUT} s)")
     code = built.podman.run("inspect", "--format", "{{.State.ExitCode}}", name).stdout
     assert code.strip() == "0"
     log = built.podman.run("logs", name).stdout
