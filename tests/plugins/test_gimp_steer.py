@@ -49,11 +49,17 @@ def test_controls_read_from_the_model_list() -> None:
     assert none.known and not (none.strength or none.seed or none.prompt)
 
 
-def test_an_older_gateway_or_an_unknown_model_greys_everything_out_with_a_reason() -> None:
+def test_an_older_gateway_or_an_unknown_model_leaves_the_controls_editable_with_a_reason(
+        ) -> None:
+    """The gateway said nothing: plan() sends what is set, so the dialog must show it
+    (before: greyed out, yet last run's hidden values went out)."""
     old = vg_steer.parse_models({"data": [{"id": "dall-e-2", "object": "model"}]})
     c = old.of("")
     assert not c.known and not (c.strength or c.seed or c.prompt)
     assert "older than this plug-in" in (c.tooltip("seed", "dall-e-2") or "")
+    assert all(c.editable(k) for k in ("strength", "seed", "prompt"))
+    local = vg_steer.parse_models(MODELS).of("local")  # known: only what it honours
+    assert [local.editable(k) for k in ("strength", "seed", "prompt")] == [True, True, False]
     missing = vg_steer.parse_models(MODELS).of("gone")
     assert "no model 'gone'" in (missing.tooltip("strength", "gone") or "")
     # Odd values are ignored, not trusted.
@@ -298,3 +304,24 @@ def test_every_record_the_plug_in_writes_reads_back() -> None:
                                     scale_to_source=False, source_tattoo=None,
                                     source_name="", selection=None):
             assert vg_steer.read_record(rec.to_json()) == rec
+
+
+@pytest.mark.parametrize(("model", "seed", "hint"), [
+    ("", vg_steer.SEED_MAX, "autumn"),  # the gateway takes it: image i is seed + i
+    ("", 5, "family \U0001F468\u200d\U0001F469 at dusk \u202e"),  # ZWJ, bidi override
+    ("m" * vg_steer.MODEL_MAX, 0, " two\n lines "),
+])
+def test_what_plan_sends_is_always_a_record_the_plug_in_reads_back(
+        model: str, seed: int, hint: str) -> None:
+    """Review: a seed near the top, a hint with a zero-width joiner or a long request id
+    made records More like this then refused as "not one the plug-in wrote"."""
+    steer = vg_steer.plan(vg_steer.parse_models(MODELS).of(""), model=model, strength=0.5,
+                          seed=seed, hint=hint, n=10)
+    assert steer.seed == seed and steer.prompt and steer.prompt.isprintable()
+    for rec in vg_steer.records(steer, request_id="r" * 200, n=10,
+                                size="512x512", square_mode="pad", scale_to_source=True,
+                                source_tattoo=3, source_name="Dusk", selection=None):
+        assert vg_steer.read_record(rec.to_json()) == rec
+    with pytest.raises(vg_steer.SteerError, match="printable"):
+        vg_steer.plan(vg_steer.parse_models(MODELS).of(""), model="m" * 101, strength=0.5,
+                      seed=seed, hint=hint, n=1)

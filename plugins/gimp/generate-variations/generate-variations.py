@@ -78,16 +78,18 @@ def run_generate(procedure, run_mode, image, drawables, config, data):
     except Failure as e:
         return fail(procedure, str(e))
 
+    controls = None
     if run_mode == Gimp.RunMode.INTERACTIVE:
         import vg_dialog  # GTK only for interactive runs
 
         note = vg_dialog.MORE_NOTE if vg_layers.record_of(layer) is not None else None
-        if not vg_dialog.generate_dialog(procedure, config, settings, note):
+        ok, controls = vg_dialog.generate_dialog(procedure, config, settings, note)
+        if not ok:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     args = Args.of_config(config)
     b = Gimp.Selection.bounds(image)
     selection = (b[2], b[3], b[4] - b[2], b[5] - b[3]) if bool(b[1]) else None
-    rv, seed = _generate(procedure, image, layer, args, settings, selection)
+    rv, seed = _generate(procedure, image, layer, args, settings, selection, controls)
     if seed is not None:
         config.set_property("last-seed", seed)  # "Reuse last seed" in the next dialog
     return rv
@@ -125,15 +127,17 @@ def run_more(procedure, run_mode, image, drawables, config, data):
     for key, value in vars(more).items():  # the record's settings, the next seeds
         config.set_property(key.replace("_", "-"), value)
     config.set_property("fresh", False)
+    controls = None
     if run_mode == Gimp.RunMode.INTERACTIVE:
         import vg_dialog  # GTK only for interactive runs
 
         note = vg_dialog.more_note(record)
-        if not vg_dialog.generate_dialog(procedure, config, settings, note,
-                                         "Generate More Like This"):
+        ok, controls = vg_dialog.generate_dialog(procedure, config, settings, note,
+                                                 "Generate More Like This")
+        if not ok:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     return _generate(procedure, image, source, Args.of_config(config), settings,
-                     record.selection)[0]
+                     record.selection, controls)[0]
 
 
 def _source_of(image, record):
@@ -155,8 +159,10 @@ def _source_of(image, record):
     return source
 
 
-def _generate(procedure, image, layer, args, settings, selection):
-    """Upload, ask the gateway, import: (return values, the first seed sent or None)."""
+def _generate(procedure, image, layer, args, settings, selection, controls=None):
+    """Upload, ask the gateway, import: (return values, the first seed sent or None).
+    ``controls``: what the dialog showed for the model; None (a script, or the dialog's
+    question unanswered) asks the gateway here."""
     Gimp.progress_init(f"Generate Variations: preparing {layer.get_name()}...")
     try:
         with tempfile.TemporaryDirectory(prefix="generate-variations-") as tmpdir:
@@ -178,9 +184,10 @@ def _generate(procedure, image, layer, args, settings, selection):
                 os.makedirs(dbg, exist_ok=True)
                 with open(os.path.join(dbg, "upload.png"), "wb") as f:
                     f.write(png)
-            controls = in_thread(lambda: vg_steer.model_controls(
-                settings.url, settings.token, args.model, settings.timeout,
-                settings.ca_file), "Asking the gateway what the model honours...")
+            if controls is None:
+                controls = in_thread(lambda: vg_steer.model_controls(
+                    settings.url, settings.token, args.model, settings.timeout,
+                    settings.ca_file), "Asking the gateway what the model honours...")
             try:
                 steer = vg_steer.plan(controls, model=args.model, strength=args.strength,
                                       seed=args.seed, hint=args.hint, n=args.n)

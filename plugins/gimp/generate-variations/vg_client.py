@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import vg_http
-from vg_errors import GatewayError, shown
+from vg_errors import SHOWN_MAX, GatewayError, shown
 from vg_multipart import build_multipart
 
 __all__ = ["GatewayError", "VariationsResult", "call_in_background", "debug_dir",
@@ -77,7 +77,8 @@ def request_variations(
         headers["Cache-Control"] = "no-cache"
     req = vg_http.request(url, token, data=body, headers=headers, method="POST")
     raw, h = vg_http.call(req, url, timeout, ca_file=ca_file, cap=MAX_ANSWER)
-    rid = shown(h["x-request-id"]) or None if h.get("x-request-id") else None  # in records
+    # Kept in each layer's record: printable, and cut to what the record reader takes.
+    rid = shown(h.get("x-request-id") or "")[:SHOWN_MAX] or None
     images, created = _images_of(raw, url, token, timeout, ca_file, rid)
     return VariationsResult(images, rid, h.get("x-cache"), created, h)
 
@@ -131,17 +132,10 @@ def get_usage(
     base_url: str, token: str, timeout: float = 10.0, ca_file: str | None = None
 ) -> dict[str, Any]:
     """``GET /v1/usage``: the user's limits and what is left."""
-    url = vg_http.api_base(base_url) + "/usage"
-    req = vg_http.request(url, token)
-    raw, _ = vg_http.call(req, url, timeout, ca_file=ca_file, cap=vg_http.MAX_SMALL_ANSWER)
-    try:
-        data = json.loads(raw.decode("utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise GatewayError(
-            f"The gateway at {url} sent a usage answer GIMP cannot read ({e}).",
-            kind="protocol") from None
+    data = vg_http.get_json(base_url, "/usage", token, timeout, "a usage answer", ca_file)
+    if not isinstance(data, dict):
+        raise GatewayError(f"The gateway at {vg_http.api_base(base_url)}/usage sent a usage "
+                           "answer GIMP cannot read (not a JSON object).", kind="protocol")
     return data
 
 

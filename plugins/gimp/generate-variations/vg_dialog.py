@@ -33,7 +33,9 @@ def more_note(record):
 
 
 def generate_dialog(procedure, config, settings, note=None, title="Generate Variations"):
-    """Show the dialog; on OK the steering rows go into ``config``. True for OK."""
+    """Show the dialog; on OK the steering rows go into ``config``. Returns (True for OK,
+    the controls the dialog showed once the gateway answered, else None), so the run does
+    not ask the gateway a second time (the answer could differ from what was shown)."""
     import gi
 
     gi.require_version("GimpUi", "3.0")
@@ -73,7 +75,7 @@ def generate_dialog(procedure, config, settings, note=None, title="Generate Vari
         rows.store(config)
     rows.closed = True
     dialog.destroy()
-    return ok
+    return ok, rows.controls if rows.answered else None
 
 
 class SteerRows:
@@ -85,6 +87,7 @@ class SteerRows:
         self.last_seed = int(config.get_property("last-seed"))
         self.controls = vg_steer.unknown("no answer yet")
         self.models = None
+        self.answered = False  # the gateway's model list (or its failure) arrived
         self.closed = False
         self.on_ready = []  # callbacks once the gateway's answer is shown
         self._setting = False  # the slider is moved by code, not by the artist
@@ -180,23 +183,23 @@ class SteerRows:
             self._apply(self.models.of(self.model))
 
     def _seed_sensitivity(self):
-        on = self.controls.seed
+        on = self.controls.editable("seed")
         self.random.set_sensitive(on)
         self.seed.set_sensitive(on and not self.random.get_active())
         self.reuse.set_sensitive(on and self.last_seed >= 0)
 
     def _apply(self, controls):
-        """Grey out what the model cannot honour, with the reason as tooltip; the slider
-        takes the model's default unless the artist chose a strength."""
+        """Grey out what the model cannot honour, with the reason as tooltip (controls the
+        gateway said nothing about stay editable: ``vg_steer.plan`` sends them if set);
+        the slider takes the model's default unless the artist chose a strength."""
         self.controls = controls
         name = self.model or vg_steer.DEFAULT_MODEL
         for key, widgets in (("strength", (self.strength, self.strength_label)),
                              ("seed", (self.seed_box, self.seed_label)),
                              ("prompt", (self.hint, self.hint_label))):
-            why = controls.tooltip(key, name)
             for w in widgets:
-                w.set_sensitive(why is None)
-                w.set_tooltip_text(why)
+                w.set_sensitive(controls.editable(key))
+                w.set_tooltip_text(controls.tooltip(key, name))
         self._seed_sensitivity()
         if controls.strength and not self.touched:
             self._setting = True
@@ -230,6 +233,7 @@ class SteerRows:
     def _deliver(self, result):
         if self.closed:
             return False
+        self.answered = True
         if isinstance(result, str):
             self._apply(vg_steer.unknown(result))
         else:
@@ -246,15 +250,16 @@ class SteerRows:
     def store(self, config):
         """Write the rows into the procedure's arguments (GIMP remembers them). A strength
         the artist never moved stays "the model's default"; greyed-out controls keep their
-        last values but are not sent (``vg_steer.plan`` drops them)."""
+        last values but are not sent (``vg_steer.plan`` drops them: the same
+        ``Controls.editable`` rule)."""
         self.closed = True
         config.set_property("model", self.model)
-        if self.controls.strength and self.touched:
+        if self.controls.editable("strength") and self.touched:
             config.set_property("strength", round(self.strength.get_value(), 2))
-        if self.controls.seed:
+        if self.controls.editable("seed"):
             config.set_property("seed", vg_steer.RANDOM_SEED if self.random.get_active()
                                 else int(self.seed.get_value()))
-        if self.controls.prompt:
+        if self.controls.editable("prompt"):
             config.set_property("hint", self.hint.get_text())
 
     def state(self):

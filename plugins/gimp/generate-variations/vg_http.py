@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import ssl
 import sys
@@ -200,3 +201,16 @@ def request(
     return req
 
 
+
+
+def get_json(base_url: str, path: str, token: str, timeout: float, what: str,
+             ca_file: str | None = None) -> Any:
+    """``GET {base}/v1{path}``, a small JSON answer (usage, the model list); one that
+    cannot be read is a :class:`GatewayError` naming ``what`` it should have been."""
+    url = api_base(base_url) + path
+    raw, _ = call(request(url, token), url, timeout, ca_file=ca_file, cap=MAX_SMALL_ANSWER)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise GatewayError(f"The gateway at {url} sent {what} GIMP cannot read ({e}).",
+                           kind="protocol") from None

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import random
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import vg_http
-from vg_errors import GatewayError
+from vg_errors import SHOWN_MAX, GatewayError
 from vg_prepare import SIZES, SQUARE_MODES
 
 SEED_MAX = 2147483647
@@ -43,8 +42,8 @@ class SteerError(ValueError):
 @dataclass(frozen=True)
 class Controls:
     """What one gateway model honours. ``known`` is False when the gateway did not say
-    (an older gateway, or ``/v1/models`` could not be read): then nothing is sent and
-    ``why`` says so for the dialog's tooltips."""
+    (an older gateway, or ``/v1/models`` could not be read): then every control stays
+    editable and is sent if set (see :func:`plan`), and ``why`` says so in its tooltip."""
 
     strength: bool = False
     strength_default: float | None = None
@@ -57,12 +56,19 @@ class Controls:
     def honours(self, name: str) -> bool:
         return bool(getattr(self, name))
 
+    def editable(self, name: str) -> bool:
+        """The dialog lets the artist set ``name``, and :func:`plan` sends it if set: one
+        rule for both, so no value goes out that the dialog did not show."""
+        return self.honours(name) or not self.known
+
     def tooltip(self, name: str, model: str) -> str | None:
-        """Why control ``name`` is greyed out, or None when it is honoured."""
+        """Why control ``name`` is greyed out or may be refused, or None when it is
+        honoured."""
         if self.honours(name):
             return None
         if not self.known:
-            return self.why
+            return (f"{self.why} It is sent if set; a gateway that cannot honour it "
+                    "refuses the request before anything is charged.")
         return (f"The gateway's model '{model}' cannot use {CONTROL_WORDS[name]}: the "
                 "backend behind it does not honour it, so the plug-in does not send it. "
                 "Choose another model to use it.")
@@ -125,16 +131,13 @@ def parse_models(data: Any) -> Models:
 def get_models(base_url: str, token: str, timeout: float = 10.0,
                ca_file: str | None = None) -> Models:
     """``GET /v1/models`` (raises :class:`GatewayError`)."""
-    url = vg_http.api_base(base_url) + "/models"
-    req = vg_http.request(url, token)
-    raw, _ = vg_http.call(req, url, min(float(timeout), 15.0), ca_file=ca_file,
-                          cap=vg_http.MAX_SMALL_ANSWER)
+    data = vg_http.get_json(base_url, "/models", token, min(float(timeout), 15.0),
+                            "a model list", ca_file)
     try:
-        return parse_models(json.loads(raw.decode("utf-8")))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise GatewayError(
-            f"The gateway at {url} sent a model list GIMP cannot read ({e}).",
-            kind="protocol") from None
+        return parse_models(data)
+    except ValueError as e:
+        raise GatewayError(f"The gateway at {vg_http.api_base(base_url)}/models sent a "
+                           f"model list GIMP cannot read ({e}).", kind="protocol") from None
 
 
 def model_controls(base_url: str, token: str, model: str, timeout: float = 10.0,
@@ -193,6 +196,9 @@ def plan(controls: Controls, *, model: str, strength: float, seed: int, hint: st
     failed, or the gateway is older), the controls the artist set are sent all the same:
     dropping them would charge a run made without them. A gateway that cannot honour one
     refuses the request (400, naming the parameter) before anything is charged."""
+    model = model.strip()
+    if model and not _RECORD_CHECKS["model"](model):
+        raise SteerError(f"The model name must be 1 to {MODEL_MAX} printable characters.")
     if not controls.known:
         controls = Controls(strength=strength != MODEL_DEFAULT, seed=seed != RANDOM_SEED,
                             prompt=bool((hint or "").strip()), known=False, why=controls.why)
@@ -202,12 +208,13 @@ def plan(controls: Controls, *, model: str, strength: float, seed: int, hint: st
     if seed != RANDOM_SEED and not 0 <= seed <= SEED_MAX:
         raise SteerError(f"The seed must be a whole number from 0 to {SEED_MAX}, or -1 for "
                          f"a random one, not {seed}.")
-    hint = " ".join((hint or "").split())
+    # One line of printable characters, as the layer record and the group name keep it.
+    hint = "".join(c for c in " ".join((hint or "").split()) if c.isprintable())
     if controls.prompt and len(hint) > controls.prompt_max:
         raise SteerError(f"The hint is {len(hint)} characters long; the gateway takes at "
                          f"most {controls.prompt_max}. Shorten it.")
     return Steer(
-        model=model.strip() or None,
+        model=model or None,
         strength=round(float(strength), 2)
         if controls.strength and strength != MODEL_DEFAULT else None,
         seed=(seed if seed != RANDOM_SEED else random_seed(n, rng)) if controls.seed else None,
@@ -294,6 +301,9 @@ def read_record(data: bytes | str | None) -> Record | None:
         return None
     if not raw["index"] <= raw["n"] or raw["version"] != PARASITE_VERSION:
         return None
+    first = raw["first_seed"]  # a layer's seed is first + index - 1 (may pass SEED_MAX)
+    if raw["seed"] != (None if first is None else first + max(0, raw["index"] - 1)):
+        return None
     sel = raw["selection"]
     return Record(**{**raw, "selection": tuple(sel) if sel is not None else None})
 
@@ -324,9 +334,9 @@ def _selection(v: Any) -> bool:
 _RECORD_CHECKS: dict[str, Callable[[Any], bool]] = {
     "model": _text(MODEL_MAX, 1),
     "strength": _optional(_strength),
-    "seed": _optional(_int(0, SEED_MAX)),
+    "seed": _optional(_int(0, SEED_MAX + N_MAX - 1)),  # checked against first_seed below
     "hint": _optional(_text(PROMPT_MAX)),
-    "request_id": _optional(_text(200)),
+    "request_id": _optional(_text(SHOWN_MAX)),
     "first_seed": _optional(_int(0, SEED_MAX)),
     "n": _int(1, N_MAX),
     "index": _int(0, N_MAX),
@@ -366,7 +376,3 @@ def more_like_this(record: Record) -> MoreLikeThis:
         seed=seed, hint=record.hint or "", n=record.n, size=record.size,
         square_mode=record.square_mode, scale_to_source=record.scale_to_source)
 
-
-def model_path(model: str) -> str:
-    """``/v1/models/{id}`` path segment for a model id."""
-    return urllib.parse.quote(model or DEFAULT_MODEL, safe="")
