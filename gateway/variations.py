@@ -60,8 +60,12 @@ def end_user_hash(key: bytes, member: str, user: str | None) -> str | None:
     return "vgu-" + mac[:32]
 
 
-def seed_for(pixels_sha256: str, offset: int) -> int:
-    """Pool position ``offset`` of an image always gets the same seed; -1 means fresh."""
+def seed_for(pixels_sha256: str, offset: int, chosen: int | None = None) -> int:
+    """Pool position ``offset`` of an image always gets the same seed; -1 means fresh.
+    A client's ``chosen`` seed is position 0 of that seed's own pool (image i is
+    seed + i), and fresh images for it (no-cache, no-store) are positions 0.. again."""
+    if chosen is not None:
+        return chosen + max(offset, 0)
     if offset < 0:
         return int.from_bytes(hashlib.sha256(str(time.time_ns()).encode()).digest()[:4], "big")
     return (int(pixels_sha256[:8], 16) + offset) & 0x7FFFFFFF
@@ -238,10 +242,7 @@ class _Generate:
         await self.charge.reserve(count)
         image = await asyncio.get_running_loop().run_in_executor(None, self.source.make)
         app[PIXEL_HASHES].put(self.source.sha256, png.Known(self.source.info))  # checked
-        # A seeded request's pool position i is seed + i (its pool is the seed's own);
-        # fresh images for it (no-cache, no-store) are positions 0.. again.
-        seed = seed_for(self.source.pixels_sha256, offset) if form.seed is None \
-            else form.seed + max(offset, 0)
+        seed = seed_for(self.source.pixels_sha256, offset, form.seed)
         job = VariationRequest(image, count, form.size, self.end_user, record.request_id,
                                seed, form.strength, form.prompt, form.seed is not None)
         # A client that leaves now cancels this: the backend stops what it can

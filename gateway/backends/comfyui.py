@@ -170,9 +170,13 @@ class ComfyUIBackend(HttpBackend[ComfyUIOptions]):
 
     @property
     def identity(self) -> str:
+        """What the pooled images depend on. The default strength only where the workflow
+        has a ``{{strength}}`` to fill: a workflow without one keeps the key (and pools)
+        it had before controls existed."""
         o = self.options
+        strength = "" if self._controls.strength is None else f":{o.strength:g}"
         return (f"comfyui:{strip_userinfo(self.base_url)}:{self._digest}:{o.native_size}:"
-                f"{o.prompt}:{o.negative_prompt}:{o.strength:g}")
+                f"{o.prompt}:{o.negative_prompt}{strength}")
 
     def headers(self) -> dict[str, str]:
         headers = super().headers()

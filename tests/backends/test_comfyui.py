@@ -457,3 +457,22 @@ async def test_a_workflow_without_a_placeholder_does_not_honour_its_control(
             assert (await r.json())["controls"] == {"seed": {}, "prompt": {"max_length": 1000}}
     finally:
         await server.close()
+
+
+def test_the_default_strength_keys_the_pool_only_where_the_workflow_uses_it(
+        tmp_path: Any) -> None:
+    """Review: the identity (the cache key's backend part) took the default strength for
+    every workflow, so an upgrade re-keyed, and charged again, pools of workflows that
+    have no {{strength}} to fill."""
+    template, _ = load_workflow(WORKFLOW)
+    template["8"]["inputs"]["denoise"] = 0.5
+    fixed = tmp_path / "fixed-denoise.json"
+    fixed.write_text(json.dumps(template), encoding="utf-8")
+
+    def identity(workflow: str, strength: float) -> str:
+        return ComfyUIBackend("c", ComfyUIOptions(base_url="http://gpu-box:8188",
+                                                  workflow=workflow, strength=strength)
+                              ).identity
+    assert identity(str(fixed), 0.3) == identity(str(fixed), 0.9)
+    assert not identity(str(fixed), 0.3).endswith(":0.3")
+    assert identity(WORKFLOW, 0.3) != identity(WORKFLOW, 0.9)

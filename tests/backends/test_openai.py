@@ -187,6 +187,12 @@ async def test_xinference_gets_the_controls_in_kwargs(gateway_client: Any) -> No
         assert json.loads(call.fields["kwargs"]) == {"guidance_scale": 6, "strength": 0.7,
                                                      "seed": 1234}
         assert call.fields["prompt"] == f"{DEFAULT_PROMPT}, autumn colours"
+        # Strength alone (no seed) reaches the pipeline too (review: it was sent only
+        # beside a seed, so such a request ran, and was charged, at the default).
+        answer = await vary(up.client, png_bytes(64, seed=53), n=1, strength=0.3)
+        assert answer.status == 200, answer.body
+        assert json.loads(up.fake.calls()[-1].fields["kwargs"]) == {"guidance_scale": 6,
+                                                                   "strength": 0.3}
     finally:
         await server.close()
 

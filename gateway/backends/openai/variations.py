@@ -113,11 +113,12 @@ class OpenAIBackend(OpenAIEndpoint[OpenAIOptions]):
         form.add_field("size", f"{request.size}x{request.size}")
         form.add_field("response_format", "b64_json")
         kwargs = dict(o.extra)
-        # The pool position's seed, when the client chose one, or in place of a
-        # configured one (which would give every image of the pool the same seed).
-        if o.send_controls == "kwargs" and (request.seeded or "seed" in kwargs):
-            kwargs["seed"] = request.seed
-            if request.strength is not None:
+        if o.send_controls == "kwargs":
+            # The pool position's seed, when the client chose one, or in place of a
+            # configured one (which would give every image of the pool the same seed).
+            if request.seeded or "seed" in kwargs:
+                kwargs["seed"] = request.seed
+            if request.strength is not None:  # with or without a seed
                 kwargs["strength"] = request.strength
         if kwargs:
             form.add_field("kwargs", json.dumps(kwargs))
