@@ -98,6 +98,10 @@ def test_key_value_dsn_parses_and_becomes_a_url_asyncpg_takes() -> None:
     assert "a b/c#d?e@f" not in dsn.mask(text)
     assert dsn.problem("host=db password=it's") is not None  # an unquoted '
     assert dsn.problem("host=db connect_timeout=3") is not None  # asyncpg: no such key
+    # An unquoted password with a space: its second half reads as a key; never shown.
+    said = dsn.problem("host=db password=hunter2 Zebra9=xyz")
+    assert said is not None and "single quotes" in said
+    assert "Zebra9" not in said and "hunter2" not in said and "xyz" not in said
 
 
 @pytest.mark.parametrize("char", SPECIALS)

@@ -53,7 +53,9 @@ def _schema_sql() -> list[str]:
             "CREATE INDEX IF NOT EXISTS audit_end_user_hash_id ON audit (end_user_hash, id)",
             # Admin actions are a handful among millions of requests: a partial index.
             "CREATE INDEX IF NOT EXISTS audit_action_id ON audit (action, id) "
-            "WHERE action IS NOT NULL"]
+            "WHERE action IS NOT NULL",
+            "CREATE INDEX IF NOT EXISTS audit_target_id ON audit (target, id) "
+            "WHERE target IS NOT NULL"]
     return sql
 
 

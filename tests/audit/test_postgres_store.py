@@ -101,5 +101,6 @@ def test_admin_actions_are_searched_by_action_and_target(
             "req_d", "req_c", "req_a"]
         assert await store.search(action="user.revoke", target="dave") == []
     with_store(dsn, search)
-    assert postgres_server.sql("SELECT indexdef FROM pg_indexes WHERE indexname = "
-                               "'audit_action_id'", "vg_actions") != []
+    assert {r[0] for r in postgres_server.sql(
+        "SELECT indexname FROM pg_indexes WHERE indexname IN ('audit_action_id', "
+        "'audit_target_id')", "vg_actions")} == {"audit_action_id", "audit_target_id"}

@@ -155,3 +155,29 @@ def test_usage_cli_prints_the_month_from_a_running_gateway(
     assert lines[-1].split()[:4] == ["total", month, "2", "1"]
     assert main(["usage", "--month", "2024-13", "--url", g.url]) == 1
     assert "Invalid 'month'" in capsys.readouterr().err
+
+
+async def test_the_sqlite_trail_is_read_from_any_path_and_a_missing_file_is_a_503(
+        tmp_path: Any) -> None:
+    """Review: the read-only connection was built as "file:{path}?mode=ro", so a "?", "#"
+    or "%" in the path read another file, and an unreadable file was a 500."""
+    import time
+
+    from gateway.audit import AuditRecord
+    from gateway.audit.sqlite import AuditLog
+    from gateway.errors import StorageUnavailable
+
+    folder = tmp_path / "team?a#b%20c"
+    folder.mkdir()
+    trail = AuditLog(folder / "audit.sqlite3", 90)
+    try:
+        now = time.time()
+        await trail.write(AuditRecord("req_1", now, "/v1/images/variations",
+                                      member="alice", status=200, images_charged=2))
+        usage = await trail.member_usage(now - 60, now + 60)
+        assert usage["alice"].images == 2
+        (folder / "audit.sqlite3").unlink()
+        with pytest.raises(StorageUnavailable):
+            await trail.member_usage(now - 60, now + 60)
+    finally:
+        trail.close()
