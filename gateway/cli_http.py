@@ -10,6 +10,9 @@ say where the redirect led so the user can pass that URL themselves.
 from __future__ import annotations
 
 import http.client
+import json
+import os
+import urllib.error
 import urllib.parse
 import urllib.request
 from email.message import Message
@@ -46,3 +49,47 @@ def open_url(request: urllib.request.Request, timeout: float) -> http.client.HTT
     opener = urllib.request.build_opener(_RefuseRedirects())
     response: http.client.HTTPResponse = opener.open(request, timeout=timeout)
     return response
+
+
+ADMIN_TOKEN_ENV = "VARIATIONS_GATEWAY_ADMIN_TOKEN"
+URL_ENV = "VARIATIONS_GATEWAY_URL"
+DEFAULT_URL = "http://127.0.0.1:8080"
+URL_HELP = f"gateway URL (default: ${URL_ENV} or {DEFAULT_URL})"
+
+
+class AdminError(Exception):
+    """An answer other than success, or no answer; the message says which (and names the
+    gateway by its origin only: no user or password from the URL)."""
+
+
+class MissingToken(AdminError):
+    """``$VARIATIONS_GATEWAY_ADMIN_TOKEN`` is not set: nothing was sent."""
+
+
+def admin_call(url: str | None, method: str, path: str, body: object = None,
+               timeout: float = 30) -> bytes:
+    """One admin API call with the token from ``$VARIATIONS_GATEWAY_ADMIN_TOKEN``; the
+    answer's body, or :class:`AdminError` with the gateway's own message."""
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    if not token:
+        raise MissingToken(f"set {ADMIN_TOKEN_ENV} to the gateway's admin token")
+    base = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with open_url(req, timeout=timeout) as r:
+            answer: bytes = r.read()
+            return answer
+    except RedirectRefused as exc:
+        raise AdminError(str(exc)) from None
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())["error"]
+            param = f" (param: {err['param']})" if err.get("param") else ""
+            raise AdminError(f"HTTP {exc.code} [{err.get('code')}]: {err['message']}{param}"
+                             ) from None
+        except (ValueError, KeyError, TypeError):
+            raise AdminError(f"HTTP {exc.code} from {origin(base)}") from None
+    except OSError as exc:
+        raise AdminError(f"cannot reach {origin(base)}: {exc}") from None

@@ -6,17 +6,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
-import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import UTC, datetime
 
-from gateway.cli_http import RedirectRefused, open_url
-
-TOKEN_ENV = "VARIATIONS_GATEWAY_ADMIN_TOKEN"
+from gateway.cli_http import URL_HELP, AdminError, MissingToken, admin_call
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,44 +20,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        "for a month (chargeback), from the audit trail")
     u.add_argument("--month", default=datetime.now(UTC).strftime("%Y-%m"),
                    help="YYYY-MM, UTC (default: this month)")
-    u.add_argument("--url", default=None, help="gateway URL (default: "
-                   "$VARIATIONS_GATEWAY_URL or http://127.0.0.1:8080)")
+    u.add_argument("--url", default=None, help=URL_HELP)
     u.add_argument("--csv", action="store_true", help="print the CSV as the gateway sends it")
     u.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    token = os.environ.get(TOKEN_ENV)
-    if not token:
-        print(f"variations-gateway usage: set {TOKEN_ENV} to the admin token",
-              file=sys.stderr)
-        return 2
-    base = args.url or os.environ.get("VARIATIONS_GATEWAY_URL") or "http://127.0.0.1:8080"
-    url = (base.rstrip("/") + "/admin/usage.csv?"
-           + urllib.parse.urlencode({"month": args.month}))
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    path = "/admin/usage.csv?" + urllib.parse.urlencode({"month": args.month})
     try:
-        with open_url(request, timeout=60) as r:
-            text = r.read().decode("utf-8")
-    except RedirectRefused as exc:
+        text = admin_call(args.url, "GET", path, timeout=60).decode("utf-8")
+    except AdminError as exc:
         print(f"variations-gateway usage: {exc}", file=sys.stderr)
-        return 1
-    except urllib.error.HTTPError as exc:
-        print(f"variations-gateway usage: {exc.code}: {_message(exc.read())}",
-              file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"variations-gateway usage: cannot reach {base}: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, MissingToken) else 1
     print(text if args.csv else table(text), end="" if args.csv else "\n")
     return 0
-
-
-def _message(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace")[:200]
 
 
 def table(text: str) -> str:

@@ -10,47 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
 
-from gateway.cli_http import RedirectRefused, open_url
+from gateway.cli_http import ADMIN_TOKEN_ENV, URL_HELP, AdminError, admin_call
+from gateway.members import QUOTA_KEYS
 
-ENV_TOKEN = "VARIATIONS_GATEWAY_ADMIN_TOKEN"
-DEFAULT_URL = "http://127.0.0.1:8080"
-QUOTA_FLAGS = ("images_per_day", "images_per_month", "requests_per_minute",
-               "max_concurrent", "budget_usd_per_month")
+QUOTA_FLAGS = QUOTA_KEYS  # --images-per-day ..., as the admin API takes them
 
 
-class AdminError(Exception):
-    """An answer other than success, or no answer; the message says which."""
-
-
-def request(url: str, method: str, path: str, body: object = None) -> Any:
-    token = os.environ.get(ENV_TOKEN)
-    if not token:
-        raise AdminError(f"set {ENV_TOKEN} to the gateway's admin token")
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers={
-        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with open_url(req, timeout=30) as r:
-            return json.loads(r.read() or b"{}")
-    except RedirectRefused as exc:
-        raise AdminError(str(exc)) from None
-    except urllib.error.HTTPError as exc:
-        try:
-            err = json.loads(exc.read())["error"]
-            param = f" (param: {err['param']})" if err.get("param") else ""
-            raise AdminError(f"HTTP {exc.code} [{err.get('code')}]: {err['message']}{param}"
-                             ) from None
-        except (ValueError, KeyError, TypeError):
-            raise AdminError(f"HTTP {exc.code} from {url}") from None
-    except OSError as exc:
-        raise AdminError(f"cannot reach {url}: {exc}") from None
+def request(url: str | None, method: str, path: str, body: object = None) -> Any:
+    return json.loads(admin_call(url, method, path, body) or b"{}")
 
 
 def _quota(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,8 +160,8 @@ def _quota_flags(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: Any) -> None:
     u = sub.add_parser("users", help="manage members of a running gateway (admin API; "
-                       f"admin token from ${ENV_TOKEN})")
-    u.add_argument("--url", default=DEFAULT_URL, help=f"gateway URL (default {DEFAULT_URL})")
+                       f"admin token from ${ADMIN_TOKEN_ENV})")
+    u.add_argument("--url", default=None, help=URL_HELP)
     u.set_defaults(func=run)
     acts = u.add_subparsers(dest="action", required=True)
     a = acts.add_parser("add", help="make a member; prints its token once")

@@ -69,6 +69,13 @@ def test_users_commands_over_the_admin_api(gateway_process: Callable[..., Gatewa
     assert "dora" not in out
     code, _, err = users(capsys, "http://127.0.0.1:9", "list")
     assert code == 1 and "cannot reach" in err
+    # Review: the message printed the URL whole, a proxy's user:password included.
+    code, _, err = users(capsys, "http://ops:s3cret@127.0.0.1:9", "list")
+    assert code == 1 and "cannot reach http://127.0.0.1:9" in err and "s3cret" not in err
+    # Without --url, $VARIATIONS_GATEWAY_URL, as `usage` and the other commands take it.
+    monkeypatch.setenv("VARIATIONS_GATEWAY_URL", g.url)
+    assert main(["users", "list"]) == 0
+    assert "alice  config" in capsys.readouterr().out  # carol was removed above
     assert ADMIN_TOKEN not in g.log() and token.group() not in g.log()
 
 
