@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__, cli_usage, cli_users
-from gateway.config import Config, ConfigError, dump_config, exposure_problem, load_config
+from gateway.config import (
+    RESERVED_USER_NAMES,
+    USER_NAME,
+    Config,
+    ConfigError,
+    dump_config,
+    exposure_problem,
+    load_config,
+)
 from gateway.tls import TLSFileError, server_context
 
 
@@ -343,7 +351,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_add_user(args: argparse.Namespace) -> int:
-    import re
 
     from gateway.auth import new_token, token_sha256
 
@@ -353,9 +360,9 @@ def cmd_add_user(args: argparse.Namespace) -> int:
             print("add-user: --admin makes the admin token; it takes no name",
                   file=sys.stderr)
             return 2
-    elif name is None or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name):
-        print("add-user: names use letters, digits, '_', '.', '@', '-' (max 64)",
-              file=sys.stderr)
+    elif name is None or not USER_NAME.fullmatch(name) or name in RESERVED_USER_NAMES:
+        print("add-user: names use letters, digits, '_', '.', '@', '-' (max 64); "
+              f"{' and '.join(sorted(RESERVED_USER_NAMES))} are reserved", file=sys.stderr)
         return 2
     token = new_token()
     if args.admin:

@@ -128,6 +128,10 @@ def test_a_string_of_members_refuses_duplicates_emptiness_and_pasted_tokens() ->
      "route[0]: no backend named 'b'"),
     ("auth: {mode: none}\nstate: {kind: redis}\n", 2, "needs state.redis_url"),
     ("server: [1, 2\n", 1, "invalid YAML"),  # where the bracket opens, not end of file
+    # The admin API refused these names but the config took them: "anonymous" then shared
+    # the no-auth caller's metrics label and audit value.
+    (f"auth: {{mode: tokens}}\nusers:\n  anonymous: {{token_sha256: {'a' * 64}}}\n", 3,
+     "'anonymous' is reserved"),
 ])
 def test_errors_name_the_key_and_line(text: str, line: int, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:

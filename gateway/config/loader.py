@@ -18,6 +18,8 @@ from gateway.config.model import (
     _BACKEND_COMMON,
     DEFAULT_CONFIG_ENV,
     DEFAULT_YAML,
+    RESERVED_USER_NAMES,
+    USER_NAME,
     BackendConfig,
     Config,
     ConfigError,
@@ -116,7 +118,6 @@ def build_config(raw: Any, lines: Mapping[str, int] | None = None,
     return cfg
 
 
-_USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 _MEMBER_ENTRY = re.compile(r"([^=,\s]+)=([^=,\s]*)")
@@ -162,8 +163,11 @@ def _users(b: _Builder, users_raw: Any, defaults: QuotaLimits) -> dict[str, User
     users: dict[str, UserConfig] = {}
     for name, u in users_raw.items():
         path = f"users.{name}"
-        if not _USER_NAME.fullmatch(str(name)):
+        if not USER_NAME.fullmatch(str(name)):
             raise b.error("user names use letters, digits, '_', '.', '@', '-'", path)
+        if name in RESERVED_USER_NAMES:
+            raise b.error(f"'{name}' is reserved (it names the gateway's own callers in "
+                          "metrics and the audit trail): choose another name", path)
         u = u or {}
         if not isinstance(u, Mapping):
             raise b.error("expected a mapping", path)

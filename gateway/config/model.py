@@ -107,6 +107,13 @@ class QuotaLimits:
     blocked: bool = False
 
 
+# A member's name, wherever one is made (the config, the admin API, add-user): it is a
+# metrics label and an audit value. "anonymous" is the caller when auth is off and
+# "admin" names the admin token's actions in the audit trail.
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+RESERVED_USER_NAMES = frozenset({"anonymous", "admin"})
+
+
 @dataclass(frozen=True)
 class UserConfig:
     name: str

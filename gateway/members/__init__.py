@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,12 +29,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from gateway.config import Config, QuotaLimits
+from gateway.config import RESERVED_USER_NAMES, USER_NAME, Config, QuotaLimits
 from gateway.errors import ApiError, invalid
 
 MAX_TOKENS = 2
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-RESERVED_NAMES = frozenset({"anonymous", "admin"})
 # What an API member's quota may override (``blocked`` has its own admin routes).
 QUOTA_KEYS = tuple(f.name for f in dataclasses.fields(QuotaLimits) if f.name != "blocked")
 # Compare-and-set attempts before a change gives up (another admin kept winning).
@@ -142,10 +139,10 @@ class MemberStore(Protocol):
 
 
 def check_name(raw: object) -> str:
-    if not isinstance(raw, str) or not NAME.fullmatch(raw):
+    if not isinstance(raw, str) or not USER_NAME.fullmatch(raw):
         raise invalid("Invalid 'name': use 1 to 64 letters, digits, '_', '.', '@' or '-', "
                       "starting with a letter or digit.", "name")
-    if raw in RESERVED_NAMES:
+    if raw in RESERVED_USER_NAMES:
         raise invalid(f"Invalid 'name': '{raw}' is reserved.", "name")
     return raw
 
