@@ -29,6 +29,7 @@ from gateway.config import (
     dump_config,
     exposure_problem,
     load_config,
+    read_config,
 )
 from gateway.tls import TLSFileError, server_context
 
@@ -296,7 +297,6 @@ def _serve_command(args: argparse.Namespace) -> int:
 
     limit_malloc_arenas()
 
-    from gateway.reload import read_config
 
     config, sha256 = read_config(args.config)
     host: str = args.host or config.server.host

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -25,11 +24,10 @@ from aiohttp import web
 
 from gateway.config import (
     DEFAULT_CONFIG_ENV,
-    DEFAULT_YAML,
     Config,
     ConfigError,
     env_names,
-    parse_config,
+    read_config,
 )
 from gateway.keys import AUTH, LIVE, METRICS
 from gateway.live import Snapshot
@@ -40,25 +38,6 @@ log = structlog.get_logger("gateway.reload")
 # Sections the running process was built from: a reload keeps their running values.
 RESTART_SECTIONS = ("server", "state", "cache", "images", "audit", "abuse", "metrics",
                     "logging")
-
-
-def read_config(path: str | None, env: Mapping[str, str] | None = None
-                ) -> tuple[Config, str | None]:
-    """The config ``load_config`` would read (``path``, else the environment's, else the
-    built-in defaults) and the SHA-256 of the file's bytes (None for the defaults)."""
-    env = os.environ if env is None else env
-    chosen = path or env.get(DEFAULT_CONFIG_ENV) or None
-    if chosen is None:
-        return parse_config(DEFAULT_YAML, env), None
-    p = Path(chosen)
-    try:
-        data = p.read_bytes()
-        text = data.decode("utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p} is not UTF-8 (byte {exc.start})") from None
-    return parse_config(text, env, p.resolve().parent), hashlib.sha256(data).hexdigest()
 
 
 def warn_env_is_the_starting_one(path: str | None) -> None:

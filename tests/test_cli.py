@@ -50,6 +50,19 @@ def test_add_user_prints_a_token_once_and_its_hash() -> None:
 
 def test_add_user_rejects_bad_names() -> None:
     assert run("add-user", "bad name!").returncode == 2
+    out = run("add-user", "anonymous")  # reserved: the caller when auth is off
+    assert out.returncode == 2 and "reserved" in out.stderr
+
+
+def test_a_config_that_is_not_utf8_is_one_line_for_every_command(tmp_path: Path) -> None:
+    """Review: only serve and reload read the file as bytes; check-config and healthcheck
+    ended in a UnicodeDecodeError traceback (one reader for all now)."""
+    cfg = tmp_path / "g.yaml"
+    cfg.write_bytes("auth: {mode: none}\n# caf\u00e9\n".encode("latin-1"))
+    for args in (("check-config", str(cfg)), ("healthcheck", "--config", str(cfg))):
+        out = run(*args)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        assert "is not UTF-8 (byte" in out.stderr, out.stderr
 
 
 def test_check_config_masks_secrets(tmp_path: Path) -> None:

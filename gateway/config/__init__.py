@@ -14,6 +14,7 @@ from gateway.config.loader import (
     is_loopback,
     load_config,
     parse_config,
+    read_config,
     resolve_paths,
 )
 from gateway.config.model import (
@@ -74,6 +75,6 @@ __all__ = [
     "is_loopback",
     "load_config",
     "parse_config",
-    "resolve_paths",
+    "read_config", "resolve_paths",
     "to_plain",
 ]

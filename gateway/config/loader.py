@@ -4,6 +4,7 @@ several keys, and relative paths made the config file's."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -342,16 +343,26 @@ def parse_config(text: str, env: Mapping[str, str] | None = None,
 def load_config(path: str | os.PathLike[str] | None,
                 env: Mapping[str, str] | None = None) -> Config:
     """Load ``path``, else ``$VARIATIONS_GATEWAY_CONFIG``, else the built-in defaults."""
+    return read_config(path, env)[0]
+
+
+def read_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+                ) -> tuple[Config, str | None]:
+    """The config :func:`load_config` reads and the SHA-256 of the file's bytes (None for
+    the built-in defaults): ``serve`` and a reload show it in ``/readyz``."""
     env = os.environ if env is None else env
     chosen = path or env.get(DEFAULT_CONFIG_ENV) or None
     if chosen is None:
-        return parse_config(DEFAULT_YAML, env)
+        return parse_config(DEFAULT_YAML, env), None
     p = Path(chosen)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
-    return parse_config(text, env, p.resolve().parent)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p} is not UTF-8 (byte {exc.start})") from None
+    return parse_config(text, env, p.resolve().parent), hashlib.sha256(data).hexdigest()
 
 
 # Files and directories a config names, by section: relative ones are the config file's.
