@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from gateway import members
 from gateway.audit import MemberUsage, month_range
 from gateway.errors import ApiError, invalid
 from gateway.keys import AUDIT, AUDIT_RECORD, AUTH, QUOTA, snapshot
@@ -74,17 +75,7 @@ async def admin_usage(request: web.Request) -> web.Response:
 
 
 def _time(value: str | None, param: str) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise invalid(f"Invalid '{param}': expected unix seconds or an ISO 8601 time.",
-                      param) from None
+    return None if value is None or value == "" else members.instant(value, param)
 
 
 def _int(value: str | None, param: str, default: int | None) -> int | None:

@@ -18,6 +18,7 @@ replica, with pub/sub telling them of a change).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -174,6 +175,18 @@ def parse_time(raw: object, param: str, now: float) -> float | None:
     future."""
     if raw is None:
         return None
+    ts = instant(raw, param)
+    if ts <= now:
+        raise invalid(f"Invalid '{param}': {iso(ts)} is in the past.", param)
+    return ts
+
+
+def instant(raw: object, param: str) -> float:
+    """Unix seconds or ISO 8601 (a zone, else UTC), from JSON or a query string: one
+    reading for every admin route (``?since=2030-01-01T00:00`` is UTC here too)."""
+    if isinstance(raw, str):
+        with contextlib.suppress(ValueError):
+            raw = float(raw)  # a query string's unix seconds
     if isinstance(raw, bool):
         raw = "bool"  # refused below
     if isinstance(raw, (int, float)):
@@ -191,10 +204,8 @@ def parse_time(raw: object, param: str, now: float) -> float | None:
     else:
         raise invalid(f"Invalid '{param}': expected unix seconds or an ISO 8601 time.",
                       param, "invalid_type")
-    if not math.isfinite(ts) or not 0 < ts < 253402300800:  # before year 10000
+    if not math.isfinite(ts) or not 0 <= ts < 253402300800:  # before year 10000
         raise invalid(f"Invalid '{param}': out of range.", param)
-    if ts <= now:
-        raise invalid(f"Invalid '{param}': {iso(ts)} is in the past.", param)
     return ts
 
 
