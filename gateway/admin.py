@@ -57,12 +57,7 @@ async def admin_usage(request: web.Request) -> web.Response:
     with PostgreSQL away from the ledger too (``source`` says which) rather than a 503."""
     require_admin(request)
     config = snapshot(request).config
-    try:
-        team = await request.app[AUDIT].team_usage(time.time())
-    except ApiError as exc:
-        if exc.code != "audit_unavailable":
-            raise
-        team = None
+    team = await request.app[AUDIT].team_usage(time.time())
     source = "audit" if team is not None else "ledger"
     rows = team if team is not None else await request.app[QUOTA].all_usage()
     for name in [*config.users, *(p.name for p in request.app[AUTH].principals())]:
